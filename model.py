@@ -1,0 +1,302 @@
+"""A compact Llama-family transformer (Llama 2/3/3.1/3.2, Mistral, Qwen2.5, SmolLM2, Mixtral) with a static KV cache.
+
+One `forward(idx, input_pos)` serves prefill, one-token decode and multi-token verification: the KV cache is
+written at `input_pos` and the mask hides every slot after each query's own position, so stale entries left by
+a rejected speculation are never read. RoPE uses the Hugging Face "rotate half" layout, so HF weights load as
+they are.
+"""
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelArgs:
+    block_size: int = 2048
+    vocab_size: int = 32000
+    n_layer: int = 32
+    n_head: int = 32
+    dim: int = 4096
+    intermediate_size: Optional[int] = None
+    n_local_heads: int = -1  # key/value heads (grouped-query attention); -1 means n_head
+    head_dim: Optional[int] = None
+    rope_base: float = 10000
+    norm_eps: float = 1e-5
+    rope_scaling: Optional[dict] = None  # Llama-3.1 style: factor, low_freq_factor, high_freq_factor, original_max_position_embeddings
+    tie_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2 puts a bias on q, k and v
+    num_experts: int = 0  # > 0 makes every feed-forward a mixture of experts (Mixtral)
+    num_activated_experts: int = 2
+
+    def __post_init__(self):
+        if self.n_local_heads == -1:
+            self.n_local_heads = self.n_head
+        if self.intermediate_size is None:  # Llama's 2/3 * 4 * dim rounded up to a multiple of 256
+            hidden = int(2 * 4 * self.dim / 3)
+            self.intermediate_size = hidden + (-hidden % 256)
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_head
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelArgs":
+        """The preset whose name is in `name` (case-insensitive); the most specific one when several are."""
+        key = str(name).lower()
+        hits = [p for p in transformer_configs if p.lower() in key]
+        hits = [p for p in hits if not any(p.lower() in q.lower() and p != q for q in hits)]
+        if len(hits) != 1:
+            what = f"matches several presets ({', '.join(hits)})" if hits else "matches no preset"
+            raise ValueError(f"model name {name!r} {what}; name the folder after one of: "
+                             f"{', '.join(transformer_configs)}, or convert with convert_hf_checkpoint.py to get a config.json")
+        return cls(**transformer_configs[hits[0]])
+
+    @classmethod
+    def from_json(cls, path) -> "ModelArgs":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in json.loads(Path(path).read_text()).items() if k in known})
+
+    def to_json(self, path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+_LLAMA31_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+_LLAMA32_SCALING = dict(_LLAMA31_SCALING, factor=32.0)
+
+transformer_configs = {
+    "Llama-2-7B": dict(n_layer=32, n_head=32, dim=4096, block_size=4096),
+    "Llama-2-13B": dict(n_layer=40, n_head=40, dim=5120, block_size=4096),
+    "Llama-2-70B": dict(n_layer=80, n_head=64, dim=8192, n_local_heads=8, intermediate_size=28672, block_size=4096),
+    "CodeLlama-7B": dict(n_layer=32, n_head=32, dim=4096, vocab_size=32016, rope_base=1e6, block_size=16384),
+    "CodeLlama-34B": dict(n_layer=48, n_head=64, dim=8192, n_local_heads=8, intermediate_size=22016, rope_base=1e6,
+                          block_size=16384),
+    "Mistral-7B": dict(n_layer=32, n_head=32, dim=4096, n_local_heads=8, intermediate_size=14336, block_size=32768),
+    "Llama-3-8B": dict(n_layer=32, n_head=32, dim=4096, n_local_heads=8, intermediate_size=14336, vocab_size=128256,
+                       rope_base=500000, block_size=8192),
+    "Llama-3-70B": dict(n_layer=80, n_head=64, dim=8192, n_local_heads=8, intermediate_size=28672, vocab_size=128256,
+                        rope_base=500000, block_size=8192),
+    "Llama-3.1-8B": dict(n_layer=32, n_head=32, dim=4096, n_local_heads=8, intermediate_size=14336, vocab_size=128256,
+                         rope_base=500000, block_size=131072, rope_scaling=_LLAMA31_SCALING),
+    "Llama-3.1-70B": dict(n_layer=80, n_head=64, dim=8192, n_local_heads=8, intermediate_size=28672,
+                          vocab_size=128256, rope_base=500000, block_size=131072, rope_scaling=_LLAMA31_SCALING),
+    "Llama-3.1-405B": dict(n_layer=126, n_head=128, dim=16384, n_local_heads=8, intermediate_size=53248,
+                           vocab_size=128256, rope_base=500000, block_size=131072, rope_scaling=_LLAMA31_SCALING),
+    "Llama-3.2-1B": dict(n_layer=16, n_head=32, dim=2048, n_local_heads=8, intermediate_size=8192, vocab_size=128256,
+                         rope_base=500000, block_size=131072, rope_scaling=_LLAMA32_SCALING, tie_embeddings=True),
+    "Llama-3.2-3B": dict(n_layer=28, n_head=24, dim=3072, n_local_heads=8, intermediate_size=8192, vocab_size=128256,
+                         rope_base=500000, block_size=131072, rope_scaling=_LLAMA32_SCALING, tie_embeddings=True),
+    "Qwen2.5-0.5B": dict(n_layer=24, n_head=14, dim=896, n_local_heads=2, intermediate_size=4864, vocab_size=151936,
+                         rope_base=1e6, norm_eps=1e-6, block_size=32768, tie_embeddings=True, attention_bias=True),
+    "Qwen2.5-1.5B": dict(n_layer=28, n_head=12, dim=1536, n_local_heads=2, intermediate_size=8960, vocab_size=151936,
+                         rope_base=1e6, norm_eps=1e-6, block_size=32768, tie_embeddings=True, attention_bias=True),
+    "Qwen2.5-7B": dict(n_layer=28, n_head=28, dim=3584, n_local_heads=4, intermediate_size=18944, vocab_size=152064,
+                       rope_base=1e6, norm_eps=1e-6, block_size=32768, attention_bias=True),
+    "SmolLM2-135M": dict(n_layer=30, n_head=9, dim=576, n_local_heads=3, intermediate_size=1536, vocab_size=49152,
+                         rope_base=100000, block_size=8192, tie_embeddings=True),
+    "SmolLM2-360M": dict(n_layer=32, n_head=15, dim=960, n_local_heads=5, intermediate_size=2560, vocab_size=49152,
+                         rope_base=100000, block_size=8192, tie_embeddings=True),
+    "SmolLM2-1.7B": dict(n_layer=24, n_head=32, dim=2048, intermediate_size=8192, vocab_size=49152,
+                         rope_base=130000, block_size=8192, tie_embeddings=True),
+    "Mixtral-8x7B": dict(n_layer=32, n_head=32, dim=4096, n_local_heads=8, intermediate_size=14336, rope_base=1e6,
+                         block_size=32768, num_experts=8, num_activated_experts=2),
+}
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values, written in place at `input_pos`; rolling back is writing those slots again."""
+
+    def __init__(self, max_batch_size, max_seq_length, n_heads, head_dim, dtype):
+        super().__init__()
+        shape = (max_batch_size, n_heads, max_seq_length, head_dim)  # (B, H_kv, S_max, D)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(self, input_pos, k, v):
+        # input_pos: (S,), k/v: (B, H_kv, S, D); a batch smaller than the cache uses its first rows
+        B = k.shape[0]
+        self.k_cache[:B, :, input_pos] = k
+        self.v_cache[:B, :, input_pos] = v
+        return self.k_cache[:B], self.v_cache[:B]
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.max_batch_size = -1
+        self.max_seq_length = -1
+
+    def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype=None):
+        """Allocate the KV caches and RoPE tables on the device the weights live on."""
+        c = self.config
+        if max_seq_length > c.block_size:
+            raise ValueError(f"a sequence of {max_seq_length} tokens exceeds the model's context of {c.block_size}; "
+                             f"shorten the prompt or lower --max_new_tokens")
+        device = self.norm.weight.device
+        dtype = dtype or self.norm.weight.dtype
+        self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, c.n_local_heads, c.head_dim, dtype).to(device)
+        cos, sin = rope_tables(max_seq_length, c.head_dim, c.rope_base, c.rope_scaling, device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, idx, input_pos=None, left_pad=None, return_hidden=False):
+        """idx: (B, S) token ids written to cache slots `input_pos` (S,).
+
+        `left_pad` (B,) is the number of padding slots at the start of each row of a batch of unequal prompts:
+        those slots are masked out and each row's RoPE positions start at 0 after its padding, so every row
+        computes what it would alone. Without caches (training) this is a plain causal forward.
+        """
+        B, S = idx.shape
+        if input_pos is None:  # no cache: positions 0..S-1, causal
+            if self.layers[0].attention.kv_cache is not None:
+                raise ValueError("the KV cache is set up: pass input_pos")
+            input_pos = torch.arange(S, device=idx.device)
+            cos, sin = rope_tables(S, self.config.head_dim, self.config.rope_base, self.config.rope_scaling, idx.device)
+            rope, mask = (cos[None], sin[None]), None
+        else:
+            slots = torch.arange(self.max_seq_length, device=idx.device)
+            mask = slots[None, :] <= input_pos[:, None]  # (S, S_max): causal over cache slots
+            pos = input_pos[None, :]  # (1, S)
+            if left_pad is not None:
+                # padding slots are hidden; a padding query still sees itself so its softmax has no empty row
+                mask = (mask & (slots >= left_pad[:, None, None])) | (slots == input_pos[:, None])  # (B, S, S_max)
+                pos = (input_pos[None, :] - left_pad[:, None]).clamp(min=0)  # (B, S)
+                mask = mask[:, None]  # (B, 1, S, S_max)
+            rope = (self.rope_cos[pos], self.rope_sin[pos])  # each (B or 1, S, D)
+        x = self.tok_embeddings(idx)
+        for layer in self.layers:
+            x = layer(x, rope, mask, input_pos)
+        h = self.norm(x)
+        logits = self.output(h)
+        return (logits, h) if return_hidden else logits
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.attention = Attention(config)
+        self.feed_forward = MOEFeedForward(config) if config.num_experts else FeedForward(config)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(self, x, rope, mask, input_pos):
+        h = x + self.attention(self.attention_norm(x), rope, mask, input_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.n_head, self.n_kv, self.head_dim = config.n_head, config.n_local_heads, config.head_dim
+        # q, k and v in one matmul: at batch 1 a decode step is three weight reads fewer kernels
+        self.wqkv = nn.Linear(config.dim, (self.n_head + 2 * self.n_kv) * self.head_dim, bias=config.attention_bias)
+        self.wo = nn.Linear(self.n_head * self.head_dim, config.dim, bias=False)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x, rope, mask, input_pos):
+        B, S, _ = x.shape
+        q_size, kv_size = self.n_head * self.head_dim, self.n_kv * self.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, H, S, D); H is per rank under tensor parallel
+        k = k.view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, H_kv, S, D)
+        v = v.view(B, S, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, H_kv, S_max, D)
+        gqa = q.shape[1] != k.shape[1]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+        return self.wo(y.transpose(1, 2).reshape(B, S, -1))  # (B, S, H*D) -> (B, S, dim)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.intermediate_size, bias=False)  # gate
+        self.w3 = nn.Linear(config.dim, config.intermediate_size, bias=False)  # up
+        self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)  # down
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MOEFeedForward(nn.Module):
+    """Mixtral's sparse feed-forward: a router picks the top-k experts per token and mixes their SwiGLU outputs."""
+
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        E, D, I = config.num_experts, config.dim, config.intermediate_size
+        self.gate = nn.Linear(D, E, bias=False)
+        self.w1 = nn.Parameter(torch.empty(E, I, D))
+        self.w3 = nn.Parameter(torch.empty(E, I, D))
+        self.w2 = nn.Parameter(torch.empty(E, D, I))
+        self.top_k = config.num_activated_experts
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (T, D)
+        weights, experts = torch.topk(F.softmax(self.gate(x).float(), dim=-1), self.top_k, dim=-1)  # (T, A)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        if x.shape[0] <= 16:
+            # decode: read only the chosen experts' weights, which is what bounds a small batch's speed
+            w1, w3, w2 = self.w1[experts], self.w3[experts], self.w2[experts]  # (T, A, I, D), (T, A, D, I)
+            h = F.silu(torch.einsum("ti,taoi->tao", x, w1)) * torch.einsum("ti,taoi->tao", x, w3)  # (T, A, I)
+            y = torch.einsum("tai,taoi->tao", h, w2)  # (T, A, D)
+            out = torch.einsum("tao,ta->to", y, weights)
+        else:
+            # prefill: every expert on every token, weighted by a (T, E) matrix that is zero off the top-k
+            dense = torch.zeros(x.shape[0], self.w1.shape[0], dtype=x.dtype, device=x.device).scatter(1, experts, weights)
+            h = F.silu(torch.einsum("ti,eoi->teo", x, self.w1)) * torch.einsum("ti,eoi->teo", x, self.w3)  # (T, E, I)
+            out = torch.einsum("teo,te->to", torch.einsum("tei,edi->ted", h, self.w2), dense)
+        return out.reshape(shape)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()  # normalize in float32 as the reference does, then scale in the model's dtype
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rope_tables(seq_len, head_dim, base, scaling=None, device=None):
+    """cos and sin of shape (seq_len, head_dim) in float32, halves repeated for the rotate-half layout."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    if scaling is not None:
+        inv_freq = llama3_scale(inv_freq, **scaling)
+    freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)  # (S, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (S, D)
+    return emb.cos(), emb.sin()
+
+
+def llama3_scale(inv_freq, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings, **_):
+    """Llama 3.1: keep high frequencies, divide low ones by `factor`, blend smoothly in between."""
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen = original_max_position_embeddings / low_freq_factor
+    high_wavelen = original_max_position_embeddings / high_freq_factor
+    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_medium, blended, scaled)
+
+
+def apply_rope(x, rope):
+    # x: (B, H, S, D); cos/sin: (B or 1, S, D), broadcast over heads
+    cos, sin = (t[:, None].to(x.dtype) for t in rope)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
