@@ -159,10 +159,7 @@ class Transformer(nn.Module):
         computes what it would alone. Without caches (training) this is a plain causal forward.
         """
         B, S = idx.shape
-        if input_pos is None:  # no cache: positions 0..S-1, causal
-            if self.layers[0].attention.kv_cache is not None:
-                raise ValueError("the KV cache is set up: pass input_pos")
-            input_pos = torch.arange(S, device=idx.device)
+        if input_pos is None:  # positions 0..S-1, causal, the cache neither read nor written
             cos, sin = rope_tables(S, self.config.head_dim, self.config.rope_base, self.config.rope_scaling, idx.device)
             rope, mask = (cos[None], sin[None]), None
         else:
@@ -213,7 +210,7 @@ class Attention(nn.Module):
         k = k.view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, H_kv, S, D)
         v = v.view(B, S, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-        if self.kv_cache is not None:
+        if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, H_kv, S_max, D)
         gqa = q.shape[1] != k.shape[1]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)

@@ -1,0 +1,132 @@
+"""The generation loop on tiny random models: sampling, batching, compiled step, loading, errors."""
+import pytest
+import torch
+
+from generate import Sampling, decode_one_token, generate, load_model, logits_to_probs, prefill
+from model import ModelArgs, Transformer
+
+TINY = dict(block_size=256, vocab_size=101, n_layer=2, n_head=4, dim=32, intermediate_size=48, n_local_heads=2)
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(**{**TINY, **kw}))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return model.eval()
+
+
+def test_sampling_matches_transformers_warpers():
+    from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+    torch.manual_seed(0)
+    logits = torch.randn(4, 101) * 3
+    for s in [Sampling(0.7, None, 1.0), Sampling(1.3, 10, 1.0), Sampling(0.8, None, 0.9), Sampling(0.6, 20, 0.95)]:
+        ref = TemperatureLogitsWarper(s.temperature)(None, logits.clone())
+        if s.top_k:
+            ref = TopKLogitsWarper(s.top_k)(None, ref)
+        if s.top_p < 1:
+            ref = TopPLogitsWarper(s.top_p)(None, ref)
+        torch.testing.assert_close(logits_to_probs(logits, s), ref.softmax(-1), atol=1e-6, rtol=1e-5)
+    greedy = logits_to_probs(logits, Sampling(0.0))
+    assert torch.equal(greedy.argmax(-1), logits.argmax(-1)) and torch.equal(greedy.sum(-1), torch.ones(4))
+
+
+def test_sampled_tokens_follow_the_distribution():
+    from generate import sample_from
+    torch.manual_seed(0)
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    draws = sample_from(probs.expand(200_000, 5).contiguous())
+    freq = torch.bincount(draws, minlength=5).float() / draws.numel()
+    assert (freq - probs).abs().max() < 0.005 and freq[4] == 0
+
+
+@torch.no_grad()
+def test_batch_rows_equal_batch_one_runs():
+    model = tiny()
+    prompts = [[5, 9, 2, 77, 31, 8, 14, 3], [42, 7], [1, 2, 3, 4, 5]]
+    together = generate(model, prompts, 12)
+    alone = [generate(model, [p], 12)[0] for p in prompts]
+    assert together == alone
+
+
+@torch.no_grad()
+def test_greedy_generation_equals_argmax_of_full_forward():
+    model = tiny()
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    out = generate(model, [prompt], 10)[0]
+    seq = list(prompt)
+    for _ in range(10):
+        seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    assert out == seq[len(prompt):]
+
+
+@torch.no_grad()
+def test_generation_stops_at_stop_ids():
+    model = tiny()
+    out = generate(model, [[3, 1, 4]], 30)[0]
+    stop = out[4]
+    stopped = generate(model, [[3, 1, 4]], 30, stop_ids={stop})[0]
+    assert stopped == out[:out.index(stop) + 1]
+
+
+@torch.no_grad()
+def test_compiled_decode_equals_eager():
+    model = tiny()
+    prompts = [[5, 9, 2, 77, 31], [42, 7]]
+    eager = generate(model, prompts, 8)
+    compiled = torch.compile(decode_one_token, fullgraph=True)
+    assert generate(model, prompts, 8, decode_fn=compiled) == eager
+    pre = torch.compile(prefill, fullgraph=True, dynamic=True)
+    assert generate(model, prompts, 8, prefill_fn=pre, decode_fn=compiled) == eager
+
+
+def save_tiny(folder, **kw):
+    folder.mkdir(parents=True, exist_ok=True)
+    model = tiny(**kw)
+    model.config.to_json(folder / "config.json")
+    sd = {k: v for k, v in model.state_dict().items() if not (model.config.tie_embeddings and k == "output.weight")}
+    torch.save(sd, folder / "model.pth")
+    return model
+
+
+@pytest.mark.parametrize("kw", [{}, {"tie_embeddings": True}, {"num_experts": 4}])
+@torch.no_grad()
+def test_load_model_round_trip(tmp_path, kw):
+    ref = save_tiny(tmp_path / "m", **kw)
+    model = load_model(tmp_path / "m" / "model.pth")
+    x = torch.randint(0, 101, (1, 9))
+    assert torch.equal(model(x), ref(x))
+    if kw.get("tie_embeddings"):
+        assert model.output.weight is model.tok_embeddings.weight
+
+
+def test_prompt_longer_than_cache_is_a_clear_error():
+    with pytest.raises(ValueError, match="shorten the prompt or lower --max_new_tokens"):
+        generate(tiny(), [list(range(100)) * 2], 100)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="convert_hf_checkpoint.py"):
+        load_model(tmp_path / "nope" / "model.pth")
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    save_tiny(tmp_path / "m")
+    (tmp_path / "m" / "model.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        load_model(tmp_path / "m" / "model.pth")
+
+
+def test_checkpoint_not_matching_config_is_a_clear_error(tmp_path):
+    save_tiny(tmp_path / "m")
+    ModelArgs(**{**TINY, "n_layer": 3}).to_json(tmp_path / "m" / "config.json")
+    with pytest.raises(ValueError, match="does not match its config"):
+        load_model(tmp_path / "m" / "model.pth")
+
+
+def test_unknown_model_without_config_is_a_clear_error(tmp_path):
+    save_tiny(tmp_path / "mystery-model")
+    (tmp_path / "mystery-model" / "config.json").unlink()
+    with pytest.raises(ValueError, match="matches no preset"):
+        load_model(tmp_path / "mystery-model" / "model.pth")

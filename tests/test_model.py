@@ -1,0 +1,91 @@
+"""model.py on tiny random models: cache paths agree with a plain forward, presets resolve unambiguously."""
+import pytest
+import torch
+
+from model import ModelArgs, Transformer, transformer_configs
+
+
+def tiny(**kw):
+    args = dict(block_size=128, vocab_size=97, n_layer=2, n_head=4, dim=32, intermediate_size=48, n_local_heads=2)
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(**{**args, **kw}))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return model.eval()
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("kw", [{}, {"num_experts": 4, "num_activated_experts": 2}, {"attention_bias": True},
+                                {"tie_embeddings": True}])
+@torch.no_grad()
+def test_incremental_decode_equals_full_forward(kw):
+    model = tiny(**kw)
+    x = torch.randint(0, 97, (2, 40))
+    full = model(x)
+    model.setup_caches(2, 64)
+    steps = [model(x[:, :25], torch.arange(25))]
+    steps += [model(x[:, t:t + 1], torch.tensor([t])) for t in range(25, 32)]
+    steps.append(model(x[:, 32:], torch.arange(32, 40)))  # a multi-token step, as speculative verification does
+    assert rel(torch.cat(steps, 1), full) < 1e-5
+
+
+@torch.no_grad()
+def test_stale_cache_slots_are_invisible():
+    """Writing garbage past the current position (a rejected speculation) must not change later results."""
+    model = tiny()
+    x = torch.randint(0, 97, (1, 20))
+    model.setup_caches(1, 32)
+    model(x[:, :10], torch.arange(10))
+    model(torch.randint(0, 97, (1, 6)), torch.arange(10, 16))  # rejected draft
+    again = model(x[:, 10:20], torch.arange(10, 20))
+    assert rel(again, tiny()(x)[:, 10:]) < 1e-5
+
+
+@torch.no_grad()
+def test_left_padded_rows_equal_their_own_runs():
+    model = tiny()
+    a, b = torch.randint(0, 97, (1, 12)), torch.randint(0, 97, (1, 7))
+    model.setup_caches(2, 16)
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 5, dtype=torch.long), b], 1)])
+    out = model(batch, torch.arange(12), left_pad=torch.tensor([0, 5]))
+    assert rel(out[0], tiny()(a)[0]) < 1e-5
+    assert rel(out[1, 5:], tiny()(b)[0]) < 1e-5
+
+
+@torch.no_grad()
+def test_moe_decode_and_prefill_paths_agree():
+    model = tiny(num_experts=4, num_activated_experts=2)
+    ff = model.layers[0].feed_forward
+    x = torch.randn(40, 32)
+    dense = ff(x)  # 40 tokens: the all-experts path
+    gathered = torch.cat([ff(x[i:i + 8]) for i in range(0, 40, 8)])  # 8 tokens: the gather path
+    assert rel(gathered, dense) < 1e-5
+
+
+def test_presets_resolve_unambiguously():
+    for name in transformer_configs:
+        assert ModelArgs.from_name(name) == ModelArgs(**transformer_configs[name])
+    assert ModelArgs.from_name("Meta-Llama-3.1-8B-Instruct").rope_scaling is not None
+    assert ModelArgs.from_name("CodeLlama-7b-Python-hf").vocab_size == 32016
+    assert ModelArgs.from_name("Qwen2.5-0.5B-Instruct").attention_bias
+    assert ModelArgs.from_name("SmolLM2-135M-Instruct").tie_embeddings
+    assert ModelArgs.from_name("llama-2-7b-chat-hf").dim == 4096
+
+
+def test_unknown_model_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="matches no preset"):
+        ModelArgs.from_name("gpt-neox-20b")
+
+
+def test_cache_longer_than_context_is_a_clear_error():
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        tiny().setup_caches(1, 1000)
+
+
+def test_config_json_round_trip(tmp_path):
+    args = ModelArgs.from_name("Llama-3.2-1B")
+    args.to_json(tmp_path / "config.json")
+    assert ModelArgs.from_json(tmp_path / "config.json") == args
