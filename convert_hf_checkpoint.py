@@ -55,6 +55,13 @@ def _stack(ts):
 
 def config_from_hf(hf: dict) -> ModelArgs:
     """ModelArgs from a Hugging Face config.json (4.x keys rope_theta/rope_scaling or 5.x rope_parameters)."""
+    try:
+        return _config_from_hf(hf)
+    except KeyError as e:
+        raise ValueError(f"config.json has no {e.args[0]!r}; is it a complete Hugging Face config?") from None
+
+
+def _config_from_hf(hf: dict) -> ModelArgs:
     arch = (hf.get("architectures") or [None])[0]
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
@@ -576,7 +583,7 @@ def main(argv=None) -> None:
                         help="Hugging Face checkpoint folder to convert (in place), or the output folder with --gguf")
     parser.add_argument("--gguf", type=Path, default=None, help="convert this GGUF file into --checkpoint_dir")
     parser.add_argument("--out_dir", type=Path, default=None,
-                        help="write the outputs here instead of into --checkpoint_dir (Hugging Face sources only)")
+                        help="write the outputs here instead of into --checkpoint_dir")
     parser.add_argument("--model_name", type=str, default=None,
                         help="use this preset from model.py instead of the source's own config")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,

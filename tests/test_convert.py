@@ -118,6 +118,19 @@ def test_sharded_safetensors_and_bin_give_the_same_checkpoint(tmp_path):
     check_logits(tmp_path / "b", hf, SMALL["vocab_size"])
 
 
+def test_mixtral_fused_expert_layout(tmp_path):
+    """transformers 5.x's in-memory Mixtral layout (mlp.experts.gate_up_proj, down_proj), saved as it is."""
+    from safetensors.torch import save_file
+    hf = make_hf(tmp_path / "hf", "mixtral")
+    state = hf.state_dict()
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    (tmp_path / "fused").mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "fused" / "model.safetensors")
+    (tmp_path / "fused" / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    conv.convert_hf_checkpoint(tmp_path / "fused", tmp_path / "out", verbose=False)
+    check_logits(tmp_path / "out", hf, SMALL["vocab_size"])
+
+
 def test_in_place_conversion_twice_and_dtype(tmp_path, capsys):
     """Converting in place keeps the HF config as hf_config.json, so a second run works; --dtype casts."""
     hf_dir = tmp_path / "hf"
