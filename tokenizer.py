@@ -11,7 +11,8 @@ Decisions (each matches what the model's HF tokenizer does unless noted):
   special=False to keep untrusted text literal. sentencepiece never parses special text (as sentencepiece and
   Meta's reference do).
 - encode(text, bos=None) adds BOS when the HF tokenizer would: add_bos_token from tokenizer_config.json, else
-  the tokenizer.json post-processor template, else yes for sentencepiece and tiktoken Llama-3.
+  the tokenizer.json post-processor template, else yes for sentencepiece and tiktoken Llama-3. (Where the two
+  disagree, add_bos_token wins, as in llama.cpp and transformers 4; transformers 5 reads only the post-processor.)
 - decode is lossless: byte-level kinds print special tokens as their text (HF's default, and Meta's for Llama-3);
   sentencepiece drops control tokens (<s>, </s>) as sentencepiece does. No "clean_up_tokenization_spaces".
 - Chat templates are written in Python (no jinja2 at runtime); the family is chosen from the special tokens.
@@ -24,7 +25,8 @@ import unicodedata
 from pathlib import Path
 
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 # Meta's Llama-3.1 reference list; the remaining slots up to 256 are <|reserved_special_token_{2+i}|>.
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
                    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>",
@@ -80,7 +82,8 @@ class Tokenizer:
                 raise ValueError("a Llama-2 chat needs a user message after the system message")
             first = f"<<SYS>>\n{messages[0]['content']}\n<</SYS>>\n\n{messages[1]['content']}"
             messages = [{"role": messages[1]["role"], "content": first}, *messages[2:]]
-        if [m["role"] for m in messages] != ["user", "assistant"] * (len(messages) // 2) + ["user"] * (len(messages) % 2):
+        roles = [m["role"] for m in messages]
+        if roles != ["user", "assistant"] * (len(roles) // 2) + ["user"] * (len(roles) % 2):
             raise ValueError("Llama-2 chat messages must alternate user/assistant after an optional system message")
         ids = []
         for user, answer in zip(messages[::2], messages[1::2]):
@@ -121,8 +124,7 @@ class SentencePieceTokenizer(Tokenizer):
                              "re-download the model's tokenizer.model") from None
         sp, n = self.sp, self.sp.vocab_size()
         self.vocab_size, self.add_bos = n, True
-        self.special = {sp.id_to_piece(i): i for i in range(n)
-                        if sp.is_control(i) or sp.is_unknown(i)}
+        self.special = {sp.id_to_piece(i): i for i in range(n) if sp.is_control(i) or sp.is_unknown(i)}
         self.bos_id, self.eos_id, self.pad_id = (i if i >= 0 else None for i in (sp.bos_id(), sp.eos_id(), sp.pad_id()))
 
     def _encode(self, text: str, special: bool) -> list[int]:
@@ -177,7 +179,8 @@ def _tiktoken_model(path: Path) -> BPETokenizer:
             token, rank = line.split()
             ranks[base64.b64decode(token, validate=True)] = int(rank)
         except ValueError:
-            raise ValueError(f"{path} line {n} is not '<base64 token> <rank>': the file is corrupt, re-download it")
+            raise ValueError(f"{path} line {n} is not '<base64 token> <rank>': the file is corrupt, "
+                             "re-download it") from None
     n = len(ranks)
     if sorted(ranks.values()) != list(range(n)):
         raise ValueError(f"{path}: ranks are not 0..{n - 1} each once: the file is corrupt, re-download it")
@@ -222,8 +225,9 @@ def _hf_tokenizer_json(path: Path, j: dict) -> BPETokenizer:
     """Byte-level BPE from tokenizer.json as tiktoken ranks: a merged token's rank is its merge's position, so
     tiktoken (merge the adjacent pair whose concatenation ranks lowest) follows HF's merges order."""
     model, added = j["model"], {t["content"]: t["id"] for t in j.get("added_tokens", [])}
-    if (j.get("normalizer") or {}).get("type", "NFC") != "NFC":
-        raise ValueError(f"{path}: normalizer {json.dumps(j['normalizer'])[:100]} is not supported")
+    normalizer = (j.get("normalizer") or {}).get("type")
+    if normalizer not in (None, "NFC"):  # Qwen2's NFC is the only one byte-level vocabularies use
+        raise ValueError(f"{path}: normalizer {normalizer} is not supported")
     vocab, b2u = model["vocab"], _bytes_to_unicode()
     u2b = {c: b for b, c in b2u.items()}
 
@@ -250,7 +254,7 @@ def _hf_tokenizer_json(path: Path, j: dict) -> BPETokenizer:
     for token, i in added.items():
         id_bytes[i] = token.encode()
     tok = BPETokenizer(_split_pattern(j.get("pre_tokenizer")), ranks, rank_to_id, specials, id_bytes,
-                       nfc=j.get("normalizer") is not None)
+                       nfc=normalizer == "NFC")
     post = j.get("post_processor") or {}
     for p in post.get("processors", [post]):  # BOS in the single-sequence template (Llama-3 exports)
         if p.get("type") == "TemplateProcessing" and "SpecialToken" in p["single"][0]:
@@ -278,7 +282,8 @@ def get_tokenizer(checkpoint_dir: Path) -> Tokenizer:
             raise ValueError(f"{js} is not a byte-level BPE tokenizer; put the model's tokenizer.model beside it")
         tok = _hf_tokenizer_json(js, j)
     elif model.exists():
-        head = model.open("rb").readline().strip()
+        with model.open("rb") as f:
+            head = f.readline().strip()
         tiktoken_text = re.fullmatch(rb"[A-Za-z0-9+/]+=* \d+", head) is not None
         tok = _tiktoken_model(model) if tiktoken_text else SentencePieceTokenizer(model)
     else:
