@@ -1,0 +1,863 @@
+"""Multi-token prediction (FastMTP-style): one small module drafts K tokens from the target's own hidden state.
+
+    python mtp.py distill --out mtp_data.pt --num_prompts 8192 --max_new_tokens 256 --batch_size 512
+    python mtp.py vocab --data mtp_data.pt --size 8192 --out vocab.pt          # coverage of each size, printed
+    python mtp.py train --data mtp_data.pt --k 3 --steps 4000                  # -> <checkpoint dir>/mtp_head.pth
+    python generate.py --mtp --speculate_k 3 --temperature 0                   # drafts with the shipped head
+
+The head is DeepSeek-V3's MTP module used FastMTP's way: ONE module applied K times. Step 1 at position t reads
+(h_t, emb(x_{t+1})) -- h_t the target's final-normed hidden state, which predicted x_{t+1} -- and predicts x_{t+2}:
+    u = eh_proj(cat([hnorm(h), enorm(emb)]))     hidden first (MiMo's order; DeepSeek-V3's weights put emb first)
+    y = block(u)                                  one decoder layer of the model's own kind, with its own KV cache
+    logits = output(norm(y))                      embedding and output head are the frozen target's, not stored
+Step k > 1 runs at the next position on (y of step k-1, emb(token step k-1 drafted)): y is the block output before
+the final norm, as DeepSeek-V3 feeds its next depth (hnorm normalizes it anyway).
+
+One KV cache, indexed by position, as vLLM/SGLang draft with MTP layers: slot j holds the step-1 entry of (h_j,
+x_{j+1}) for every accepted position, and while drafting, slots t+1..t+K-1 hold steps 2..K of the current round
+(overwritten by the next round, hidden by the mask until then). Training reproduces exactly what drafting sees
+(`teacher_forced_logits`): a step-k query attends to step-1 entries up to its anchor t, plus steps 2..k of that same
+anchor; RoPE position t+k-1. So train and draft compute the same numbers, which tests/test_mtp.py checks.
+
+Training choices: the block starts as a copy of the target's last layer and the final norm as the target's
+(FastMTP-style warm start; enorm/hnorm start at 1, eh_proj at PyTorch's default init). Targets are "soft" by
+default: cross-entropy against the frozen target's own next-token distribution softmax(output(h_{t+k})) -- exactly
+what acceptance rewards, and free since h is there anyway -- or "hard": the distilled tokens themselves. Both only
+on response tokens, weighted alpha_k = 0.6^(k-1) normalized. The target's hidden states are computed once for the
+whole corpus (it is frozen), so a training step costs only the head. With a compressed vocabulary the draft logits
+are F.linear(h, output.weight[vocab_ids]); a target token outside the list has no logit: hard targets ignore it,
+soft targets drop its mass (it can never be drafted, only verified). Verification always uses the full vocabulary,
+so the output is unchanged: the draft only decides how many tokens each target forward yields.
+"""
+import argparse
+import ast
+import functools
+import json
+import math
+import random
+import sys
+import sysconfig
+import time
+import unicodedata
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from generate import Sampling, generate, load_model, resolve_checkpoint, sample, synchronize
+from model import KVCache, ModelArgs, RMSNorm, Transformer, TransformerBlock, rope_tables
+
+MTP_HEAD_FILE = "mtp_head.pth"  # beside model.pth; `generate.py --mtp` loads it for the embedded default
+LOSS_DECAY = 0.6  # alpha_k proportional to 0.6^(k-1), FastMTP's weighting
+DISTILL_SAMPLING = Sampling(temperature=0.6, top_k=20, top_p=0.95)  # FastMTP's self-distillation sampling
+
+
+# ------------------------------------------------------------------------------------------------------------ the head
+class MTPHead(nn.Module):
+    """hnorm, enorm, eh_proj, one TransformerBlock, norm. `share(model, n)` attaches the target's output rows."""
+
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.config = config
+        self.hnorm = RMSNorm(config.dim, config.norm_eps)
+        self.enorm = RMSNorm(config.dim, config.norm_eps)
+        self.eh_proj = nn.Linear(2 * config.dim, config.dim, bias=False)
+        self.block = TransformerBlock(config)
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.max_seq_length = -1
+        self.vocab_size = config.vocab_size
+        self.vocab_ids: Optional[torch.Tensor] = None  # (N,) full ids of the draft vocabulary; None = all
+
+    def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype=None):
+        c, device = self.config, self.norm.weight.device
+        self.max_seq_length = max_seq_length
+        self.block.attention.kv_cache = KVCache(max_batch_size, max_seq_length, c.n_local_heads, c.head_dim,
+                                                dtype or self.norm.weight.dtype).to(device)
+        cos, sin = rope_tables(max_seq_length, c.head_dim, c.rope_base, c.rope_scaling, device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def share(self, model: Transformer, vocab_ids: Optional[torch.Tensor] = None):
+        """Draft over the target's output rows `vocab_ids` (all when None). The rows are gathered once here, so
+        a draft step reads N contiguous rows instead of gathering them again."""
+        w = output_weight(model)
+        self.vocab_size = w.shape[0]
+        self.vocab_ids = None if vocab_ids is None else vocab_ids.to(w.device, torch.long)
+        self.register_buffer("draft_weight", w.detach() if vocab_ids is None else w[self.vocab_ids], persistent=False)
+        return self
+
+    def fuse(self, hidden, emb):
+        # (B, S, D) twice -> (B, S, 2D) -> (B, S, D); hidden first
+        return self.eh_proj(torch.cat([self.hnorm(hidden), self.enorm(emb)], dim=-1))
+
+    def forward(self, hidden, emb, input_pos):
+        """hidden, emb (B, S, D) written to cache slots input_pos (S,) -> block output (B, S, D), before the norm."""
+        x = self.fuse(hidden, emb)
+        mask = torch.arange(self.max_seq_length, device=x.device)[None, :] <= input_pos[:, None]  # (S, S_max)
+        rope = (self.rope_cos[input_pos][None], self.rope_sin[input_pos][None])  # each (1, S, D)
+        return self.block(x, rope, mask, input_pos)
+
+    def logits(self, y):
+        return F.linear(self.norm(y), self.draft_weight)  # (..., N)
+
+    def sample(self, y, s: Sampling):
+        """y (B, D) -> drafted full-vocabulary id (B,) and its distribution over the FULL vocabulary (B, V), zero
+        outside the draft list, so the target's accept/reject is the same as for any other drafter."""
+        token, q = sample(self.logits(y), s)  # (B,), (B, N)
+        if self.vocab_ids is None:
+            return token, q
+        full = torch.zeros(q.shape[0], self.vocab_size, dtype=q.dtype, device=q.device)
+        return self.vocab_ids[token], full.scatter_(1, self.vocab_ids.expand(q.shape[0], -1), q)
+
+
+def output_weight(model: Transformer) -> torch.Tensor:
+    """The target's output matrix (V, D) in floating point; a quantized untied output cannot be sliced."""
+    w = getattr(model.output, "weight", None)
+    if w is not None and w.is_floating_point():
+        return w
+    if model.config.tie_embeddings:
+        return model.tok_embeddings.weight
+    raise ValueError("the model's output layer is quantized, so the MTP head cannot share it; quantize without "
+                     "the output layer, or use the float checkpoint")
+
+
+def loss_weights(k: int) -> list:
+    w = [LOSS_DECAY ** i for i in range(k)]
+    return [x / sum(w) for x in w]
+
+
+# --------------------------------------------------------------------------------------------------------- checkpoint
+def new_head(model: Transformer, warm_start: bool = True) -> MTPHead:
+    """A head for `model`: block copied from its last layer and final norm from its norm (warm start)."""
+    head = MTPHead(model.config).to(model.norm.weight.device)
+    if warm_start:
+        head.block.load_state_dict({k: v.float() for k, v in model.layers[-1].state_dict().items()})
+        head.norm.weight.data.copy_(model.norm.weight.float())
+    return head
+
+
+def head_checkpoint(state: dict, config: ModelArgs, base: str, k: int, vocab_rank=None, draft_vocab: int = 0,
+                    dtype=torch.bfloat16, **info) -> dict:
+    """What mtp_head.pth holds: the head's weights, a plain config, and the corpus token ranking (most frequent
+    first) whose first `draft_vocab` ids form the draft vocabulary (0: the full vocabulary)."""
+    meta = dict(base=base, dim=config.dim, k=k, draft_vocab=int(draft_vocab), model_args=asdict(config), **info)
+    state = {n: t.detach().to("cpu", dtype) for n, t in state.items()}
+    rank = None if vocab_rank is None else torch.as_tensor(vocab_rank).to(torch.int32).cpu()
+    return {"config": meta, "state_dict": state, "vocab_rank": rank}
+
+
+def save_head(path, head: MTPHead, **kw) -> dict:
+    ckpt = head_checkpoint(head.state_dict(), head.config, **kw)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return ckpt
+
+
+def load_head(path, model: Transformer, draft_vocab: Optional[int] = None) -> MTPHead:
+    """The head in `path`, on the model's device and dtype, sharing its output rows. draft_vocab: how many of the
+    ranked ids to draft over (None: what it was trained with; 0: all)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"MTP head {path} not found; train one with `python mtp.py train` "
+                                f"(see .dev/mtp_gpu_plan.md) or pass --mtp_checkpoint_path")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        config, state, rank = ckpt["config"], ckpt["state_dict"], ckpt.get("vocab_rank")
+    except Exception as e:
+        raise ValueError(f"{path} is not an MTP head checkpoint ({type(e).__name__}); make it with "
+                         f"`python mtp.py train`") from None
+    args = ModelArgs(**config["model_args"])
+    mine, theirs = asdict(args), asdict(model.config)
+    diff = [f for f in ("dim", "vocab_size", "n_head", "n_local_heads", "head_dim", "intermediate_size")
+            if mine[f] != theirs[f]]
+    if diff:
+        raise ValueError(f"MTP head {path} was made for {config.get('base')} ({', '.join(f'{f}={mine[f]}' for f in diff)}), "
+                         f"not this model ({', '.join(f'{f}={theirs[f]}' for f in diff)}); use the head trained for it")
+    head = MTPHead(args)
+    head.load_state_dict(state)
+    w = output_weight(model)
+    head = head.to(w.device, model.norm.weight.dtype).eval()
+    n = config.get("draft_vocab", 0) if draft_vocab is None else draft_vocab
+    if n and rank is None:
+        raise ValueError(f"{path} has no vocabulary ranking, so --draft_vocab {n} cannot pick rows; use 0 (full)")
+    if n and not 0 < n <= len(rank):
+        raise ValueError(f"--draft_vocab {n} is out of range: {path} ranks {len(rank)} tokens; use 1..{len(rank)} "
+                         f"or 0 for the full vocabulary")
+    head.k = config.get("k", 1)
+    return head.share(model, rank[:n].long() if n else None)
+
+
+# ---------------------------------------------------------------------------------------------------------- drafting
+def draft(head: MTPHead, model: Transformer, hidden, tokens, input_pos, last, k: int, s: Sampling):
+    """Catch up, then draft k tokens. hidden (B, S, D): target states at slots input_pos (S,); tokens (B, S): the
+    token each of them predicted. Entry `last` (a (1,) tensor) is the newest accepted one: slots after it get
+    garbage (a fixed shape compiles to one graph) that drafting overwrites before any query can see it.
+    -> drafts (B, k) of full ids, their distributions (B, k, V)."""
+    y = head(hidden, model.tok_embeddings(tokens), input_pos).index_select(1, last)  # (B, 1, D)
+    pos = input_pos.index_select(0, last)  # (1,)
+    drafts, probs = [], []
+    for i in range(k):
+        token, q = head.sample(y[:, -1], s)
+        drafts.append(token)
+        probs.append(q)
+        if i + 1 < k:
+            pos = pos + 1
+            y = head(y, model.tok_embeddings(token[:, None]), pos)
+    return torch.stack(drafts, 1), torch.stack(probs, 1)
+
+
+class MTPDrafter:
+    """generate.py's drafter interface (setup / prefill / propose) over an MTP head and the target itself.
+
+    propose gets the m accepted tokens since the last call with the m target states that predicted them, i.e.
+    the m step-1 inputs (h_j, x_{j+1}) at positions pos-m..pos-1; 1 <= m <= k+1. They are padded to k+1 so every
+    call has one shape, and the step-1 output at the last real one starts the k drafts.
+    """
+
+    def __init__(self, head: MTPHead, model: Transformer, step=draft):
+        self.head, self.model, self.step = head, model, step
+
+    def setup(self, max_seq_length: int):
+        if self.head.max_seq_length != max_seq_length:
+            self.head.setup_caches(1, max_seq_length)
+
+    def prefill(self, prompt, hidden):
+        T = prompt.shape[1]
+        if T > 1:  # the last prompt position pairs with a token not sampled yet: it comes with the first propose
+            self.head(hidden[:, :T - 1], self.model.tok_embeddings(prompt[:, 1:]),
+                      torch.arange(T - 1, device=prompt.device))
+
+    def propose(self, tokens, hidden, pos: int, k: int, s: Sampling):
+        m, dev = hidden.shape[1], hidden.device
+        pad = k + 1 - m
+        hidden = F.pad(hidden, (0, 0, 0, pad))  # (1, k+1, D)
+        tokens = F.pad(tokens[:, 1:], (0, pad))  # (1, k+1)
+        input_pos = torch.arange(pos - m, pos - m + k + 1, device=dev)
+        last = torch.tensor([m - 1], device=dev)
+        drafts, q = self.step(self.head, self.model, hidden, tokens, input_pos, last, k, s)
+        return drafts[0].clone(), q[0].clone()  # (k,), (k, V); clone: a CUDA graph reuses its outputs
+
+
+def compile_draft(device: str):
+    mode = "reduce-overhead" if device.startswith("cuda") else None
+    return torch.compile(draft, mode=mode, fullgraph=True, dynamic=False)
+
+
+# ---------------------------------------------------------------------------------------------------------- training
+def depth_mask(L: int, k: int, device=None):
+    """(kL, kL) bool: which (step, anchor) keys a (step, anchor) query sees when drafting. Rows/cols are step-major.
+    Step 1 is causal over anchors; step a > 1 at anchor t sees step 1 at anchors <= t and steps 2..a at t."""
+    step = torch.arange(k, device=device).repeat_interleave(L)  # (kL,)
+    anchor = torch.arange(L, device=device).repeat(k)
+    qs, qa, ks, ka = step[:, None], anchor[:, None], step[None, :], anchor[None, :]
+    return ((ks == 0) & (ka <= qa)) | ((ks > 0) & (ks <= qs) & (ka == qa))
+
+
+def teacher_forced_logits(head: MTPHead, model: Transformer, hidden, x, k: int, weight):
+    """hidden (B, T, D) target states, x (B, T) tokens -> k logits (B, L, N), L = T-k-1: entry [:, t] of step i
+    (1-based) predicts x[:, t+i+1] from h_t and x[:, t+1..t+i], seeing what drafting at anchor t sees."""
+    B, T, D = hidden.shape
+    L = T - k - 1
+    c = head.config
+    cos, sin = rope_tables(T, c.head_dim, c.rope_base, c.rope_scaling, hidden.device)
+    pos = torch.cat([torch.arange(L, device=hidden.device) + i for i in range(k)])  # step i+1 at anchor t: t+i
+    mask = depth_mask(L, k, hidden.device)
+    y, inputs, out = hidden[:, :L], [], []
+    for i in range(k):
+        inputs.append(head.fuse(y, model.tok_embeddings(x[:, i + 1:i + 1 + L])))
+        n = (i + 1) * L
+        # the block reruns steps < i+1 as keys for this step (one layer: cheaper than a custom attention)
+        y = head.block(torch.cat(inputs, 1), (cos[pos[:n]][None], sin[pos[:n]][None]), mask[:n, :n], None)[:, i * L:]
+        out.append(F.linear(head.norm(y), weight))
+    return out
+
+
+def load_corpus(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"distilled data {path} not found; make it with `python mtp.py distill --out {path}`")
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if not {"ids", "offsets", "prompt_lens"} <= set(data):
+        raise ValueError(f"{path} is not an `mtp.py distill` file (needs ids, offsets, prompt_lens)")
+    return data
+
+
+@torch.no_grad()
+def corpus_hidden(model: Transformer, data: dict, batch_tokens: int = 16384, log=print):
+    """The frozen target's final-normed states for every corpus token, (N_tok, D), computed once on its device."""
+    device = model.norm.weight.device
+    offsets, ids = data["offsets"], data["ids"].long()
+    lens = (offsets[1:] - offsets[:-1]).tolist()
+    out = torch.empty(len(ids), model.config.dim, dtype=model.norm.weight.dtype, device=device)
+    order = sorted(range(len(lens)), key=lambda i: lens[i])  # similar lengths together: little padding
+    batches, rows = [], []
+    for r in order:
+        if rows and (len(rows) + 1) * lens[r] > batch_tokens:
+            batches.append(rows)
+            rows = []
+        rows.append(r)
+    batches.append(rows)
+    t0, done = time.perf_counter(), 0
+    for rows in batches:
+        T = lens[rows[-1]]
+        x = torch.zeros(len(rows), T, dtype=torch.long)
+        for b, r in enumerate(rows):
+            x[b, :lens[r]] = ids[offsets[r]:offsets[r + 1]]
+        h = model(x.to(device), return_hidden=True)[1]  # (B, T, D); right padding never affects earlier positions
+        for b, r in enumerate(rows):
+            out[offsets[r]:offsets[r + 1]] = h[b, :lens[r]]
+        done += sum(lens[r] for r in rows)
+    synchronize(str(device))
+    log(f"target hidden states: {done} tokens in {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+def make_batch(ids, hidden, offsets, prompt_lens, rows):
+    """rows (B,) of the corpus -> x (B, T), h (B, T, D), response mask (B, T); right-padded with zeros."""
+    start, n = offsets[rows], offsets[rows + 1] - offsets[rows]
+    T = int(n.max())
+    ar = torch.arange(T, device=ids.device)
+    idx = (start[:, None] + ar).clamp(max=len(ids) - 1)  # (B, T)
+    valid = ar < n[:, None]
+    x = ids[idx] * valid
+    h = hidden[idx] * valid[..., None]
+    return x, h, valid & (ar >= prompt_lens[rows][:, None])
+
+
+def mtp_loss(head, model, x, h, resp, k, weight, vocab_ids, targets="soft"):
+    """Sum of alpha_i * CE_i over response tokens (soft: as a KL divergence, same gradient), plus correct (B, L)
+    per step: the draft's top-1 equals the target's argmax."""
+    L = x.shape[1] - k - 1
+    logits = teacher_forced_logits(head, model, h, x, k, weight)
+    with torch.no_grad():
+        full = F.linear(h, output_weight(model))  # (B, T, V): the target's own next-token logits at every t
+        argmax = full.argmax(-1)  # (B, T)
+        if targets == "soft":
+            lse = torch.logsumexp(full.float(), -1, keepdim=True)
+            p = (full if vocab_ids is None else full[..., vocab_ids]).float().sub_(lse).exp_()  # (B, T, N)
+        else:
+            index = torch.full((head.vocab_size,), -100, dtype=torch.long, device=x.device)
+            index[vocab_ids if vocab_ids is not None else slice(None)] = torch.arange(weight.shape[0], device=x.device)
+    loss, correct = 0.0, []
+    for i, (lg, a) in enumerate(zip(logits, loss_weights(k))):  # step i+1 at anchor t predicts x[t+i+2]
+        m = resp[:, i + 2:i + 2 + L]  # (B, L)
+        logq = F.log_softmax(lg.float(), -1)
+        if targets == "soft":  # KL(p || q) over the list: CE minus the target's entropy, 0 when the head matches
+            pi = p[:, i + 1:i + 1 + L]
+            ce = (torch.xlogy(pi, pi) - pi * logq).sum(-1)
+        else:
+            ce = F.nll_loss(logq.transpose(1, 2), index[x[:, i + 2:i + 2 + L]], reduction="none", ignore_index=-100)
+        loss = loss + a * (ce * m).sum() / m.sum().clamp(min=1)
+        pred = lg.argmax(-1) if vocab_ids is None else vocab_ids[lg.argmax(-1)]
+        correct.append((pred == argmax[:, i + 1:i + 1 + L]) | ~m)  # a masked position counts as right: see eval
+    return loss, correct
+
+
+@torch.no_grad()
+def evaluate(head, model, ids, hidden, offsets, prompt_lens, rows, k, weight, vocab_ids, batch_size):
+    """Per-step top-1 agreement with the target's greedy token on held-out rows, and the mean accepted length a
+    greedy run would see if the distilled text were greedy (1 + sum of the fractions where steps 1..i all agree)."""
+    hits, chain, count, count_all = torch.zeros(k), torch.zeros(k), torch.zeros(k), 0.0
+    for b in range(0, len(rows), batch_size):
+        x, h, resp = make_batch(ids, hidden, offsets, prompt_lens, rows[b:b + batch_size])
+        if x.shape[1] < k + 2:
+            continue
+        L = x.shape[1] - k - 1
+        _, correct = mtp_loss(head, model, x, h, resp, k, weight, vocab_ids)
+        all_ok = torch.ones_like(correct[0])
+        every = resp[:, 2:2 + L] & resp[:, k + 1:k + 1 + L]  # anchors whose k targets are all response tokens
+        for i in range(k):
+            m = resp[:, i + 2:i + 2 + L]
+            hits[i] += (correct[i] & m).sum().item()
+            count[i] += m.sum().item()
+            all_ok &= correct[i]
+            chain[i] += (all_ok & every).sum().item()
+        count_all += every.sum().item()
+    acc = (hits / count.clamp(min=1)).tolist()
+    return acc, 1 + (chain / max(count_all, 1)).sum().item()
+
+
+def train_head(model: Transformer, head: MTPHead, data: dict, *, k: int = 3, steps: int = 1000, batch_size: int = 16,
+               lr: float = 1e-3, warmup: Optional[int] = None, weight_decay: float = 0.01, vocab_ids=None,
+               targets: str = "soft", val_frac: float = 0.05, eval_every: int = 250, seed: int = 0, log=print):
+    """Train the head's weights only (the target is frozen); returns the training losses, one per step."""
+    if targets not in ("soft", "hard"):
+        raise ValueError(f"targets must be 'soft' or 'hard', got {targets!r}")
+    device = model.norm.weight.device
+    cuda = device.type == "cuda"
+    for p in model.parameters():
+        p.requires_grad_(False)
+    hidden = corpus_hidden(model, data, log=log)
+    ids, offsets = data["ids"].to(device, torch.long), data["offsets"].to(device)
+    prompt_lens = data["prompt_lens"].to(device, torch.long)
+    n = len(offsets) - 1
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
+    n_val = min(max(1, int(n * val_frac)), n - 1) if n > 1 else 0
+    val, train = perm[:n_val], perm[n_val:]
+    vocab_ids = None if vocab_ids is None else vocab_ids.to(device, torch.long)
+    weight = output_weight(model)
+    weight = weight if vocab_ids is None else weight[vocab_ids]  # (N, D): the draft's output rows
+    warmup = max(1, steps // 20) if warmup is None else warmup
+    opt = torch.optim.AdamW([p for p in head.parameters()], lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay,
+                            fused=cuda)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup) * (
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0, i - warmup) / max(1, steps - warmup))))))
+    autocast = torch.autocast("cuda", torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    losses, t0, tokens = [], time.perf_counter(), 0
+    head.train()
+    for step in range(1, steps + 1):
+        rows = train[torch.randint(len(train), (batch_size,), device=device, generator=gen)]
+        x, h, resp = make_batch(ids, hidden, offsets, prompt_lens, rows)
+        if x.shape[1] < k + 2:
+            continue
+        with autocast:
+            loss, _ = mtp_loss(head, model, x, h, resp, k, weight, vocab_ids, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+        opt.step()
+        schedule.step()
+        losses.append(loss.item())
+        tokens += int(resp.sum())
+        if step % max(1, steps // 100) == 0 or step == steps:
+            dt = time.perf_counter() - t0
+            log(f"step {step}/{steps} | loss {sum(losses[-10:]) / len(losses[-10:]):.3f} | lr {schedule.get_last_lr()[0]:.2e} | "
+                f"{tokens / dt:,.0f} response tok/s | ETA {fmt_time(dt / step * (steps - step))}")
+        if n_val and (step % eval_every == 0 or step == steps):
+            head.eval()
+            with autocast:
+                acc, tau = evaluate(head, model, ids, hidden, offsets, prompt_lens, val, k, weight, vocab_ids,
+                                    batch_size)
+            head.train()
+            log(f"  held-out ({n_val} samples): top-1 agreement with the target per step "
+                f"{' '.join(f'{a:.3f}' for a in acc)} | est. greedy accepted length {tau:.2f} (max {k + 1})")
+    head.eval()
+    return losses
+
+
+def fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+# ------------------------------------------------------------------------------------------------------- vocabulary
+def token_ranking(data: dict, vocab_size: int) -> torch.Tensor:
+    """All ids ordered by how often they occur as RESPONSE tokens in the corpus (ties by id): what a draft must
+    predict. Its first N ids are the compressed draft vocabulary."""
+    ids, offsets, plens = data["ids"].long(), data["offsets"], data["prompt_lens"].long()
+    pos = torch.arange(len(ids))
+    row = torch.searchsorted(offsets, pos, right=True) - 1
+    resp = pos >= offsets[row] + plens[row]
+    counts = torch.bincount(ids[resp], minlength=vocab_size)
+    return torch.sort(-counts, stable=True).indices
+
+
+def coverage(data: dict, rank: torch.Tensor, sizes) -> dict:
+    ids, offsets, plens = data["ids"].long(), data["offsets"], data["prompt_lens"].long()
+    pos = torch.arange(len(ids))
+    row = torch.searchsorted(offsets, pos, right=True) - 1
+    resp = ids[pos >= offsets[row] + plens[row]]
+    where = torch.empty_like(rank)
+    where[rank] = torch.arange(len(rank))
+    r = where[resp]
+    return {n: (r < n).float().mean().item() for n in sizes}
+
+
+def parse_size(size: str, vocab_size: int) -> int:
+    if str(size).lower() == "full":
+        return 0
+    n = int(size)
+    if not 0 < n <= vocab_size:
+        raise ValueError(f"vocabulary size {n} is out of range; use 1..{vocab_size} or 'full'")
+    return 0 if n == vocab_size else n
+
+
+# ------------------------------------------------------------------------------------------------------ distillation
+# Prompts are built from text every Python install has, so the set is reproducible anywhere and unrelated to the
+# evaluation prompts: everyday things are the names of Unicode pictographs (unicodedata: "hot beverage",
+# "bicycle", "sunflower"), technical topics and paragraphs are the first sentences and paragraphs of the standard
+# library's own docstrings (read with ast, nothing imported), numbers come from a seeded RNG. Templates span the
+# four kinds of chat use: conversation/explanation, code, math, and writing/rewriting.
+EVERYDAY = [
+    "Write a short poem about a {t}.", "Tell me three surprising facts about the {t}.",
+    "Explain to a ten-year-old what a {t} is.", "Write a short story in which a {t} plays an important part.",
+    "What are the pros and cons of having a {t} at home?", "Describe a {t} in vivid detail.",
+    "Give me five creative uses for a {t}.", "Write a product description for a {t}.",
+    "Compare a {t} with a {u}: how are they alike and how do they differ?", "Write a haiku about a {t}.",
+    "Write a friendly email inviting a colleague to come and see a {t}.", "What is the history of the {t}?",
+    "Write a dialogue between a {t} and a {u}.", "Give me some tips for drawing a {t}.",
+    "Write a limerick about a {t} and a {u}.", "How would you explain what a {t} is to someone from the year 1500?",
+    "Plan a weekend activity for a family that involves a {t}.", "Write a riddle whose answer is \"{t}\".",
+    "What could go wrong when you bring a {t} on a trip, and how do you prevent it?",
+    "Write a short motivational speech that uses a {t} as a metaphor.",
+]
+TECHNICAL = [
+    "Explain what the Python {kind} `{name}` is for. Its documentation says: \"{doc}\"",
+    "In simple terms, what does this mean: \"{doc}\"?", "When would a programmer use `{name}` in Python?",
+    "Write a Python function that does the following: {doc}", "Write a JavaScript function that does this: {doc}",
+    "Write unit tests with pytest for a function described as: \"{doc}\"",
+    "What are common mistakes when using `{name}`, and how do I avoid them?",
+    "Give an example of using `{name}` in a small script, with comments.",
+]
+WRITING = [
+    "Summarize the following text in one sentence:\n\n{para}", "Rewrite the following in plain language for a "
+    "beginner:\n\n{para}", "Translate the following into French:\n\n{doc}", "Translate into Spanish: {doc}",
+    "Turn the following into a bulleted list of key points:\n\n{para}",
+    "Fix any grammar or style problems in this text and explain your changes:\n\n{para}",
+    "Write three questions a student might ask after reading this:\n\n{para}",
+    "Make this sentence more formal: {doc}",
+]
+
+
+def _math_prompt(rng: random.Random, t: str) -> str:
+    a, b, c = rng.randint(2, 99), rng.randint(2, 99), rng.randint(2, 999)
+    return rng.choice([
+        f"What is {a} + {b} * {c}? Show your steps.", f"Solve for x: {a}x + {b} = {c}.",
+        f"A shop sells a {t} for ${a}.{b:02d}. How much do {c % 20 + 2} of them cost with a {b % 40 + 5}% discount?",
+        f"A train travels {c} km at {a + 20} km/h. How long does the trip take, in hours and minutes?",
+        f"Is {c * 2 + 1} a prime number? Explain how you check.", f"Convert {a} degrees Celsius to Fahrenheit.",
+        f"What is {b}% of {c}?", f"What is the sum of the integers from 1 to {c}?",
+        f"A rectangle is {a} cm by {b} cm. What are its area and perimeter?",
+        f"If I save ${a} a week, how many weeks until I have ${c * 10}?",
+        f"Simplify the fraction {a * 6}/{b * 6}.", f"What is the average of {a}, {b} and {c}?",
+    ])
+
+
+@functools.lru_cache(maxsize=1)
+def _pictograph_names() -> tuple:
+    names = []
+    for lo, hi in [(0x1F300, 0x1F5FF), (0x1F680, 0x1F6FF), (0x1F900, 0x1F9FF), (0x1FA70, 0x1FAFF)]:
+        for cp in range(lo, hi + 1):
+            n = unicodedata.name(chr(cp), "")
+            if n and len(n.split()) <= 3 and not any(w in n for w in ("SIGN", "SYMBOL", "MARK", "FACE", "WITH",
+                                                                       "SQUARED", "TYPE", "BLACK", "WHITE", "LEFT",
+                                                                       "RIGHT", "DIGIT")):
+                names.append(n.lower())
+    return tuple(names)
+
+
+@functools.lru_cache(maxsize=1)
+def _stdlib_docs() -> tuple:
+    """(kind, name, first sentence, first paragraph) of public stdlib modules, classes and functions."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo", "ensurepip",
+            "__pycache__", "tkinter", "pydoc_data", "encodings"}
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if any(p in skip or p.startswith(("config-", "_")) for p in rel.parts[:-1]) or (
+                rel.name.startswith("_") and rel.name != "__init__.py"):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        mod = ".".join(rel.parent.parts if rel.name == "__init__.py" else rel.with_suffix("").parts)
+        nodes = [("module", mod, tree)] + [
+            ("class" if isinstance(n, ast.ClassDef) else "function", f"{mod}.{n.name}", n) for n in tree.body
+            if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and not n.name.startswith("_")]
+        for kind, name, node in nodes:
+            doc = ast.get_docstring(node) or ""
+            para = " ".join(doc.split("\n\n")[0].split())
+            sentence = para.split(". ")[0].rstrip(".") + "."
+            if 25 <= len(sentence) <= 200 and para.isascii() and "$" not in para and ">>>" not in para:
+                out.append((kind, name, sentence, para[:600]))
+    return tuple(out)
+
+
+def build_prompts(n: int, seed: int = 0) -> list:
+    """n distinct prompts: 35% everyday, 25% technical/code, 20% math, 20% writing."""
+    rng = random.Random(seed)
+    things, docs = _pictograph_names(), _stdlib_docs()
+    if len(things) < 50 or len(docs) < 50:
+        raise ValueError(f"found only {len(things)} pictograph names and {len(docs)} stdlib docstrings; this Python "
+                         f"install lacks its standard library sources")
+    out, seen = [], set()
+    for _ in range(50 * n + 1000):
+        if len(out) == n:
+            return out
+        r, t, u = rng.random(), rng.choice(things), rng.choice(things)
+        kind, name, doc, para = rng.choice(docs)
+        if r < 0.35:
+            p = rng.choice(EVERYDAY).format(t=t, u=u)
+        elif r < 0.6:
+            p = rng.choice(TECHNICAL).format(kind=kind, name=name, doc=doc)
+        elif r < 0.8:
+            p = _math_prompt(rng, t)
+        else:
+            p = rng.choice(WRITING).format(doc=doc, para=para)
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+    raise ValueError(f"could not build {n} distinct prompts; ask for fewer")
+
+
+def dev_prompts_path() -> Optional[Path]:
+    here = Path(__file__).resolve().parent
+    for p in (here.parent / "shared/prompts/dev.jsonl", here / "shared/prompts/dev.jsonl"):
+        if p.is_file():
+            return p
+    return None
+
+
+def check_no_dev_overlap(prompts: list, dev_path: Optional[Path]) -> bool:
+    """Raise if any prompt equals an evaluation prompt (the file is read for this check only)."""
+    if dev_path is None:
+        return False
+    dev = {json.loads(l)["prompt"].strip() for l in Path(dev_path).read_text().splitlines() if l.strip()}
+    same = [p for p in prompts if p.strip() in dev]
+    if same:
+        raise ValueError(f"{len(same)} distillation prompts equal evaluation prompts in {dev_path}, e.g. {same[0]!r}; "
+                         f"change --seed")
+    return True
+
+
+@torch.no_grad()
+def distill(model: Transformer, prompts: list, max_new_tokens: int, batch_size: int, stop_ids=(),
+            s: Sampling = DISTILL_SAMPLING, decode_fn=None, log=print) -> dict:
+    """Generate a response to each prompt (token ids, chat template already applied) with the model itself,
+    batch_size prompts at a time -> {ids (flat int32), offsets (N+1,), prompt_lens (N,)}."""
+    from generate import decode_one_token
+    max_seq = max(len(p) for p in prompts) + max_new_tokens  # one cache shape for every batch
+    seqs, plens, t0, new = [], [], time.perf_counter(), 0
+    n_batches = (len(prompts) + batch_size - 1) // batch_size
+    for b in range(n_batches):
+        batch = prompts[b * batch_size:(b + 1) * batch_size]
+        out = generate(model, batch, max_new_tokens, s, stop_ids=stop_ids, max_seq_length=max_seq,
+                       decode_fn=decode_fn or decode_one_token)
+        for p, r in zip(batch, out):
+            seqs.append(list(p) + r)
+            plens.append(len(p))
+            new += len(r)
+        dt = time.perf_counter() - t0
+        log(f"batch {b + 1}/{n_batches}: {new:,} response tokens | {new / dt:,.0f} tok/s | "
+            f"ETA {fmt_time(dt / (b + 1) * (n_batches - b - 1))}")
+    lens = torch.tensor([len(x) for x in seqs])
+    return {"ids": torch.tensor([t for x in seqs for t in x], dtype=torch.int32),
+            "offsets": torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]),
+            "prompt_lens": torch.tensor(plens, dtype=torch.int32)}
+
+
+# ------------------------------------------------------------------------------------------------ native MTP weights
+# Two published layouts of one MTP layer, each mapped exactly onto MTPHead (block keys are Llama/Qwen2 style):
+#   MiMo-7B   model.mtp_layers.{i}.{token_layernorm, hidden_layernorm, input_proj, final_layernorm} + the block's
+#             self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm directly
+#             under model.mtp_layers.{i}. input_proj reads cat([hidden_layernorm(h), token_layernorm(emb)]):
+#             hidden first, our order, copied as is. final_layernorm is applied before lm_head: our norm.
+#   DeepSeek-V3  model.layers.{n_layer + i}.{enorm, hnorm, eh_proj, shared_head.norm} + the block under the same
+#             prefix; embed_tokens and shared_head.head there are copies of the target's (shared, dropped).
+#             eh_proj reads cat([enorm(emb), hnorm(h)]) -- embedding FIRST, unlike the paper's notation (vLLM's
+#             deepseek_mtp.py, SGLang's deepseek_nextn.py, Megatron agree) -- so its two column halves are swapped.
+#             DeepSeek-V3's own MLA attention and MoE block are not model.py blocks and are refused.
+# Both reference implementations zero the embedding at position 0; we do not (it only touches the first anchor).
+NATIVE_NAMES = {
+    "mimo": {"hnorm": "hidden_layernorm", "enorm": "token_layernorm", "eh_proj": "input_proj", "norm": "final_layernorm"},
+    "deepseek": {"hnorm": "hnorm", "enorm": "enorm", "eh_proj": "eh_proj", "norm": "shared_head.norm"},
+}
+BLOCK_NAMES = {"attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+               "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
+               "ffn_norm": "post_attention_layernorm"}
+SHARED_NAMES = ("embed_tokens.weight", "shared_head.head.weight")
+
+
+def native_prefix(style: str, config: ModelArgs, index: int = 0) -> str:
+    return f"model.mtp_layers.{index}." if style == "mimo" else f"model.layers.{config.n_layer + index}."
+
+
+def _swap_halves(w):
+    d = w.shape[1] // 2
+    return torch.cat([w[:, d:], w[:, :d]], dim=1)
+
+
+def head_state_from_native(sd: dict, config: ModelArgs, style: str, index: int = 0) -> dict:
+    """An MTPHead state dict from one native MTP layer's keys in `sd` (other keys are ignored)."""
+    pre, names = native_prefix(style, config, index), NATIVE_NAMES[style]
+    if any(k.startswith(pre + "self_attn.q_a_proj") or k.startswith(pre + "mlp.experts.") for k in sd):
+        raise ValueError(f"{pre}* uses MLA attention or a mixture of experts; model.py has neither, so this MTP "
+                         f"layer cannot be converted")
+
+    def get(name):
+        if pre + name not in sd:
+            raise ValueError(f"native MTP layer is missing {pre + name}; is it a complete {style} checkpoint?")
+        return sd[pre + name]
+
+    out = {f"{ours}.weight": get(f"{theirs}.weight") for ours, theirs in names.items()}
+    if style == "deepseek":
+        out["eh_proj.weight"] = _swap_halves(out["eh_proj.weight"])
+    out["block.attention.wqkv.weight"] = torch.cat([get(f"self_attn.{x}_proj.weight") for x in "qkv"])
+    if config.attention_bias:
+        out["block.attention.wqkv.bias"] = torch.cat([get(f"self_attn.{x}_proj.bias") for x in "qkv"])
+    for ours, theirs in BLOCK_NAMES.items():
+        out[f"block.{ours}.weight"] = get(f"{theirs}.weight")
+    with torch.device("meta"):
+        expected = {n: tuple(t.shape) for n, t in MTPHead(config).state_dict().items()}
+    for n, shape in expected.items():
+        if tuple(out[n].shape) != shape:
+            raise ValueError(f"native MTP weight for {n} has shape {tuple(out[n].shape)}, the config says {shape}")
+    known = {pre + f"{t}.weight" for t in names.values()} | {pre + f"{t}.weight" for t in BLOCK_NAMES.values()}
+    known |= {pre + f"self_attn.{x}_proj.{p}" for x in "qkv" for p in ("weight", "bias")}
+    known |= {pre + s for s in SHARED_NAMES}
+    left = sorted(k for k in sd if k.startswith(pre) and k not in known and "rotary_emb" not in k)
+    if left:
+        raise ValueError(f"native MTP layer has keys this module does not know: {left[:3]}")
+    return out
+
+
+def head_state_to_native(state: dict, config: ModelArgs, style: str, index: int = 0) -> dict:
+    """The inverse of head_state_from_native (shared embedding/output copies not included)."""
+    pre, names = native_prefix(style, config, index), NATIVE_NAMES[style]
+    out = {pre + f"{theirs}.weight": state[f"{ours}.weight"] for ours, theirs in names.items()}
+    if style == "deepseek":
+        out[pre + "eh_proj.weight"] = _swap_halves(state["eh_proj.weight"])
+    sizes = [config.n_head * config.head_dim] + 2 * [config.n_local_heads * config.head_dim]
+    for x, w in zip("qkv", state["block.attention.wqkv.weight"].split(sizes)):
+        out[pre + f"self_attn.{x}_proj.weight"] = w
+    if config.attention_bias:
+        for x, b in zip("qkv", state["block.attention.wqkv.bias"].split(sizes)):
+            out[pre + f"self_attn.{x}_proj.bias"] = b
+    for ours, theirs in BLOCK_NAMES.items():
+        out[pre + f"{theirs}.weight"] = state[f"block.{ours}.weight"]
+    return out
+
+
+def native_style(sd: dict, config: ModelArgs) -> Optional[str]:
+    if native_prefix("mimo", config) + "input_proj.weight" in sd:
+        return "mimo"
+    if native_prefix("deepseek", config) + "eh_proj.weight" in sd:
+        return "deepseek"
+    return None
+
+
+def pop_native_mtp(sd: dict, config: ModelArgs, base: str = "") -> Optional[dict]:
+    """For convert_hf_checkpoint.py: remove every native MTP key from the HF state dict `sd` (so the main model's
+    conversion sees none left over) and return an mtp_head.pth checkpoint of the first MTP layer, or None when
+    the checkpoint has no MTP layer. Save it with torch.save(ckpt, out_dir / mtp.MTP_HEAD_FILE)."""
+    style = native_style(sd, config)
+    if style is None:
+        return None
+    state = head_state_from_native(sd, config, style)
+    n_mtp = 0
+    for key in [k for k in sd if k.startswith("model.mtp_layers.")] if style == "mimo" else [
+            k for k in sd if k.startswith("model.layers.") and int(k.split(".")[2]) >= config.n_layer]:
+        n_mtp = max(n_mtp, int(key.split(".")[2]) - (0 if style == "mimo" else config.n_layer) + 1)
+        del sd[key]
+    return head_checkpoint(state, config, base=base, k=1, dtype=state["eh_proj.weight"].dtype, source=style,
+                           native_mtp_layers=n_mtp)
+
+
+# --------------------------------------------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common(q):
+        q.add_argument("--checkpoint_path", default=None, help="target model.pth (default: the embedded SmolLM2)")
+        q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+        q.add_argument("--seed", type=int, default=0, help="random seed")
+
+    d = sub.add_parser("distill", help="generate self-distillation data with the target itself")
+    common(d)
+    d.add_argument("--out", default="mtp_data.pt", help="output file (token ids, prompt lengths)")
+    d.add_argument("--num_prompts", type=int, default=1024, help="how many prompts (built programmatically)")
+    d.add_argument("--max_new_tokens", type=int, default=256, help="response tokens per prompt at most")
+    d.add_argument("--batch_size", type=int, default=64, help="prompts generated together")
+    d.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graph); worth it for long runs")
+    d.add_argument("--exclude", default=None, help="evaluation prompts (jsonl) no distillation prompt may equal "
+                                                   "(default: ../shared/prompts/dev.jsonl when present)")
+
+    v = sub.add_parser("vocab", help="rank tokens by frequency in the distilled responses")
+    v.add_argument("--data", required=True, help="output of `mtp.py distill`")
+    v.add_argument("--size", default="8192", help="draft vocabulary size: a number or 'full'")
+    v.add_argument("--out", default="vocab.pt", help="output file (the ranking and the size)")
+
+    t = sub.add_parser("train", help="train the MTP head on distilled data")
+    common(t)
+    t.add_argument("--data", required=True, help="output of `mtp.py distill`")
+    t.add_argument("--out", default=None, help=f"head checkpoint (default: {MTP_HEAD_FILE} beside the target)")
+    t.add_argument("--k", type=int, default=3, help="draft steps trained (and drafted by default)")
+    t.add_argument("--steps", type=int, default=2000, help="optimizer steps")
+    t.add_argument("--batch_size", type=int, default=16, help="sequences per step")
+    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, warm-up then cosine to 10%%)")
+    t.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 5%% of --steps)")
+    t.add_argument("--draft_vocab", default="8192", help="draft vocabulary size (a number or 'full'), ranked "
+                                                         "from --data unless --vocab is given")
+    t.add_argument("--vocab", default=None, help="output of `mtp.py vocab` (its ranking and size)")
+    t.add_argument("--targets", choices=["soft", "hard"], default="soft",
+                   help="soft: the target's next-token distribution; hard: the distilled tokens")
+    t.add_argument("--eval_every", type=int, default=250, help="held-out accuracy every this many steps")
+    t.add_argument("--val_frac", type=float, default=0.05, help="fraction of samples held out")
+    t.add_argument("--no_warm_start", action="store_true", help="random block instead of the target's last layer")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.cmd == "vocab":
+        data = load_corpus(args.data)
+        V = int(data.get("meta", {}).get("vocab_size", int(data["ids"].max()) + 1))
+        size = parse_size(args.size, V)
+        rank = token_ranking(data, V)
+        cov = coverage(data, rank, [n for n in (1024, 4096, 8192, 16384, 32768) if n < V])
+        print("response-token coverage: " + ", ".join(f"top {n}: {c:.4f}" for n, c in cov.items()))
+        torch.save({"rank": rank.to(torch.int32), "size": size}, args.out)
+        print(f"wrote {args.out}: {size or V} of {V} ids")
+        return
+
+    torch.manual_seed(args.seed)
+    device = args.device
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    checkpoint = resolve_checkpoint(args.checkpoint_path)
+    model = load_model(checkpoint, device, dtype)
+    base = checkpoint.parent.name
+    if args.cmd == "distill":
+        from tokenizer import get_tokenizer
+        tokenizer = get_tokenizer(checkpoint.parent)
+        texts = build_prompts(args.num_prompts, args.seed)
+        dev_path = Path(args.exclude) if args.exclude else dev_prompts_path()
+        if check_no_dev_overlap(texts, dev_path):
+            print(f"checked: no prompt equals one of {dev_path}")
+        else:
+            print("warning: no evaluation prompt file found, the overlap check was skipped", file=sys.stderr)
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": x}], add_generation_prompt=True)
+                   for x in texts]
+        decode_fn = None
+        if args.compile:
+            from generate import compile_steps
+            decode_fn = compile_steps(device, False)[1]
+        data = distill(model, prompts, args.max_new_tokens, args.batch_size, tokenizer.eos_ids, decode_fn=decode_fn)
+        data["meta"] = dict(base=base, vocab_size=model.config.vocab_size, max_new_tokens=args.max_new_tokens,
+                            sampling=asdict(DISTILL_SAMPLING), seed=args.seed, num_prompts=len(prompts))
+        torch.save(data, args.out)
+        n = len(data["ids"]) - int(data["prompt_lens"].sum())
+        print(f"wrote {args.out}: {len(prompts)} samples, {n:,} response tokens")
+        return
+
+    data = load_corpus(args.data)
+    V = model.config.vocab_size
+    if args.vocab:
+        v = torch.load(args.vocab, weights_only=True)
+        rank, size = v["rank"].long(), int(v["size"])
+    else:
+        rank, size = token_ranking(data, V), parse_size(args.draft_vocab, V)
+    cov = coverage(data, rank, [size]) if size else {V: 1.0}
+    print(f"draft vocabulary: {size or V} ids, covering {next(iter(cov.values())):.4f} of response tokens")
+    head = new_head(model, warm_start=not args.no_warm_start)
+    train_head(model, head, data, k=args.k, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+               warmup=args.warmup, vocab_ids=rank[:size] if size else None, targets=args.targets,
+               val_frac=args.val_frac, eval_every=args.eval_every, seed=args.seed)
+    out = Path(args.out) if args.out else checkpoint.parent / MTP_HEAD_FILE
+    save_head(out, head, base=base, k=args.k, vocab_rank=rank, draft_vocab=size, targets=args.targets,
+              steps=args.steps, data_tokens=len(data["ids"]))
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

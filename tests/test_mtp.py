@@ -1,0 +1,305 @@
+"""The MTP head on tiny random models: drafting equals training, cache rollback, vocabulary slice, checkpoints,
+training, native weight layouts, the distillation prompt set; plus the real SmolLM2 with the shipped head."""
+import json
+import random
+
+import pytest
+import torch
+
+import mtp
+from generate import Sampling, generate
+from model import ModelArgs, Transformer
+
+TINY = dict(block_size=256, vocab_size=101, n_layer=2, n_head=4, dim=32, intermediate_size=48, n_local_heads=2)
+GREEDY, WARM = Sampling(0.0), Sampling(1.0)
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(**{**TINY, **kw}))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return model.eval()
+
+
+def tiny_head(model, seed=1, vocab_ids=None):
+    torch.manual_seed(seed)
+    head = mtp.MTPHead(model.config)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return head.eval().share(model, vocab_ids)
+
+
+@torch.no_grad()
+def test_drafting_computes_what_training_computes():
+    """Incremental drafting with the head's KV cache, caught up by rounds of 1..k+1 accepted positions, gives the
+    teacher-forced training logits at every anchor and step: the cache holds exactly the accepted prefix."""
+    model = tiny()
+    head = tiny_head(model)
+    K, T = 3, 40
+    x = torch.randint(0, 101, (1, T))
+    h = model(x, return_hidden=True)[1]
+    want = mtp.teacher_forced_logits(head, model, h, x, K, head.draft_weight)  # K x (1, T-K-1, V)
+    head.setup_caches(1, 64)
+    rng, done, checked = random.Random(0), 0, 0
+    while done < T - K - 1:
+        a0, a1 = done, min(done + rng.randint(1, K + 1), T - K - 1) - 1  # new anchors a0..a1
+        y = head(h[:, a0:a1 + 1], model.tok_embeddings(x[:, a0 + 1:a1 + 2]), torch.arange(a0, a1 + 1))[:, -1:]
+        for i in range(K):
+            torch.testing.assert_close(head.logits(y)[:, -1], want[i][:, a1], atol=1e-4, rtol=1e-4)
+            if i + 1 < K:  # step i+2 at position a1+i+1 on the token after the one step i+1 predicted
+                y = head(y, model.tok_embeddings(x[:, a1 + i + 2:a1 + i + 3]), torch.tensor([a1 + i + 1]))
+        done, checked = a1 + 1, checked + 1
+    assert checked > 5
+
+
+@pytest.mark.parametrize("s", [GREEDY, WARM])
+@torch.no_grad()
+def test_proposals_after_partial_acceptance_equal_a_fresh_replay(s):
+    """After any sequence of acceptances (0..k of k drafts, then one token of the target's), the drafter proposes
+    exactly what a fresh drafter given only the accepted prefix proposes."""
+    model, k, T = tiny(), 3, 5
+    head = tiny_head(model)
+    x = torch.randint(0, 101, (1, 80))
+    h = model(x, return_hidden=True)[1]  # the target's states along the "accepted" text x
+    drafter = mtp.MTPDrafter(head, model)
+    drafter.setup(96)
+    drafter.prefill(x[:, :T], h[:, :T])
+    tokens, hidden, pos, rng = x[:, T - 1:T + 1], h[:, T - 1:T], T, random.Random(0)
+    while pos < 70:
+        torch.manual_seed(pos)
+        got = drafter.propose(tokens, hidden, pos, k, s)
+        fresh = mtp.MTPDrafter(tiny_head(model), model)
+        fresh.setup(96)
+        fresh.prefill(x[:, :pos], h[:, :pos])
+        torch.manual_seed(pos)
+        ref = fresh.propose(x[:, pos - 1:pos + 1], h[:, pos - 1:pos], pos, k, s)
+        assert torch.equal(got[0], ref[0])
+        torch.testing.assert_close(got[1], ref[1], atol=1e-5, rtol=1e-4)
+        assert got[0].shape == (k,) and got[1].shape == (k, 101)
+        n = rng.randint(0, k)  # accepted drafts; then the target's own token
+        tokens, hidden, pos = x[:, pos:pos + n + 2], h[:, pos:pos + n + 1], pos + n + 1
+
+
+@torch.no_grad()
+def test_vocabulary_slice_drafts_like_the_full_head():
+    """With every drafted token in the list, the sliced head drafts the same tokens, and its distribution is the
+    full head's renormalized over the list (zero elsewhere)."""
+    model, k = tiny(), 3
+    x = torch.randint(0, 101, (1, 30))
+    h = model(x, return_hidden=True)[1]
+    full = mtp.MTPDrafter(tiny_head(model), model)
+    full.setup(64)
+    full.prefill(x[:, :10], h[:, :10])
+    drafts = [full.propose(x[:, p - 1:p + 1], h[:, p - 1:p], p, k, GREEDY)[0] for p in range(10, 20)]
+    used = torch.cat(drafts).unique()
+    vocab = torch.cat([used, torch.tensor([t for t in torch.randperm(101).tolist() if t not in used.tolist()][:20])])
+    assert len(vocab) < 101
+    sliced = mtp.MTPDrafter(tiny_head(model, vocab_ids=vocab), model)
+    sliced.setup(64)
+    sliced.prefill(x[:, :10], h[:, :10])
+    for p, d in zip(range(10, 20), drafts):
+        got, q = sliced.propose(x[:, p - 1:p + 1], h[:, p - 1:p], p, k, GREEDY)
+        assert torch.equal(got, d) and torch.equal(q.argmax(-1), d)
+    head_full, head_sliced = tiny_head(model), tiny_head(model, vocab_ids=vocab)
+    y = torch.randn(4, 32)
+    torch.manual_seed(0)
+    q_full = head_full.sample(y, WARM)[1]
+    q_sliced = head_sliced.sample(y, WARM)[1]
+    renorm = torch.zeros_like(q_full)
+    renorm[:, vocab] = q_full[:, vocab] / q_full[:, vocab].sum(-1, keepdim=True)
+    torch.testing.assert_close(q_sliced, renorm)
+
+
+@torch.no_grad()
+def test_head_checkpoint_round_trip(tmp_path):
+    model = tiny()
+    head = tiny_head(model)
+    rank = torch.randperm(101)
+    mtp.save_head(tmp_path / "mtp_head.pth", head, base="tiny", k=3, vocab_rank=rank, draft_vocab=40)
+    loaded = mtp.load_head(tmp_path / "mtp_head.pth", model)
+    assert loaded.k == 3 and torch.equal(loaded.vocab_ids, rank[:40])
+    for (n, a), (m, b) in zip(head.state_dict().items(), loaded.state_dict().items()):
+        assert n == m and torch.equal(a.bfloat16().float(), b)  # stored in bfloat16
+    assert mtp.load_head(tmp_path / "mtp_head.pth", model, draft_vocab=0).vocab_ids is None
+    assert torch.equal(mtp.load_head(tmp_path / "mtp_head.pth", model, draft_vocab=7).vocab_ids, rank[:7])
+    with pytest.raises(ValueError, match="out of range"):
+        mtp.load_head(tmp_path / "mtp_head.pth", model, draft_vocab=500)
+    with pytest.raises(ValueError, match="made for tiny"):
+        mtp.load_head(tmp_path / "mtp_head.pth", tiny(dim=64))
+    with pytest.raises(FileNotFoundError, match="mtp.py train"):
+        mtp.load_head(tmp_path / "nope.pth", model)
+
+
+def tiny_prompts(n, prompt_len=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 101, (prompt_len + i % 3,), generator=g).tolist() for i in range(n)]
+
+
+def tiny_corpus(model, n=24, new=24, seed=0):
+    torch.manual_seed(seed)
+    return mtp.distill(model, tiny_prompts(n, seed=seed), new, batch_size=8, s=Sampling(0.7), log=lambda *_: None)
+
+
+def test_distilled_corpus_layout():
+    model = tiny()
+    prompts = tiny_prompts(10)
+    torch.manual_seed(0)
+    data = mtp.distill(model, prompts, 12, batch_size=4, s=GREEDY, stop_ids={7}, log=lambda *_: None)
+    offsets, plens, ids = data["offsets"], data["prompt_lens"], data["ids"].tolist()
+    assert len(offsets) == 11 and offsets[-1] == len(ids) and data["ids"].dtype == torch.int32
+    for i, p in enumerate(prompts):
+        row = ids[offsets[i]:offsets[i + 1]]
+        assert plens[i] == len(p) and row[:len(p)] == p
+        assert row[len(p):] == generate(model, [p], 12, stop_ids={7})[0]
+    rank = mtp.token_ranking(data, 101)
+    assert sorted(rank.tolist()) == list(range(101))
+    cov = mtp.coverage(data, rank, [1, 10, 101])
+    assert cov[1] <= cov[10] <= cov[101] == 1.0
+
+
+@pytest.mark.parametrize("targets,vocab", [("soft", None), ("hard", 60)])
+def test_training_reduces_the_loss(targets, vocab):
+    model = tiny()
+    with torch.no_grad():
+        model.output.weight.mul_(4)  # a confident target, so the data has something to learn beyond noise
+    data = tiny_corpus(model)
+    vocab_ids = mtp.token_ranking(data, 101)[:vocab] if vocab else None
+    head = mtp.new_head(model)
+    torch.manual_seed(0)
+    losses = mtp.train_head(model, head, data, k=3, steps=30, batch_size=8, lr=3e-3, vocab_ids=vocab_ids,
+                            targets=targets, eval_every=1000, log=lambda *_: None)
+    assert len(losses) == 30 and all(map(torch.isfinite, torch.tensor(losses)))
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    assert all(p.grad is None for p in model.parameters())  # the target stays frozen
+
+
+def test_loss_weights():
+    assert [round(w, 2) for w in mtp.loss_weights(3)] == [0.51, 0.31, 0.18]
+    assert mtp.loss_weights(1) == [1.0]
+
+
+def test_depth_mask_small_case():
+    m = mtp.depth_mask(3, 2).int()  # steps x anchors: rows/cols (1,0) (1,1) (1,2) (2,0) (2,1) (2,2)
+    assert m.tolist() == [[1, 0, 0, 0, 0, 0],
+                          [1, 1, 0, 0, 0, 0],
+                          [1, 1, 1, 0, 0, 0],
+                          [1, 0, 0, 1, 0, 0],
+                          [1, 1, 0, 0, 1, 0],
+                          [1, 1, 1, 0, 0, 1]]
+
+
+# ----------------------------------------------------------------------------------------------- native MTP weights
+def native_state(style, config, seed=0):
+    """Random HF-named tensors for one native MTP layer (plus its shared copies and a main-model key)."""
+    g = torch.Generator().manual_seed(seed)
+    d, hd, I = config.dim, config.head_dim, config.intermediate_size
+    pre = mtp.native_prefix(style, config)
+    names = mtp.NATIVE_NAMES[style]
+    shapes = {f"{names['hnorm']}.weight": (d,), f"{names['enorm']}.weight": (d,), f"{names['norm']}.weight": (d,),
+              f"{names['eh_proj']}.weight": (d, 2 * d), "self_attn.q_proj.weight": (config.n_head * hd, d),
+              "self_attn.k_proj.weight": (config.n_local_heads * hd, d),
+              "self_attn.v_proj.weight": (config.n_local_heads * hd, d),
+              "self_attn.o_proj.weight": (d, config.n_head * hd), "mlp.gate_proj.weight": (I, d),
+              "mlp.up_proj.weight": (I, d), "mlp.down_proj.weight": (d, I), "input_layernorm.weight": (d,),
+              "post_attention_layernorm.weight": (d,)}
+    if config.attention_bias:
+        shapes.update({f"self_attn.{x}_proj.bias": (s[0],) for x, s in
+                       zip("qkv", [shapes[f"self_attn.{x}_proj.weight"] for x in "qkv"])})
+    sd = {pre + n: torch.randn(s, generator=g) * 0.3 for n, s in shapes.items()}
+    sd.update({pre + "embed_tokens.weight": torch.randn(config.vocab_size, d)} if style == "deepseek" else {})
+    sd["model.norm.weight"] = torch.ones(d)
+    return sd
+
+
+@pytest.mark.parametrize("style,kw", [("mimo", {"attention_bias": True}), ("deepseek", {})])
+@torch.no_grad()
+def test_native_layer_maps_exactly_and_round_trips(style, kw, tmp_path):
+    model = tiny(**kw)
+    config = model.config
+    sd = native_state(style, config)
+    pre, d = mtp.native_prefix(style, config), config.dim
+    state = mtp.head_state_from_native(sd, config, style)
+    head = mtp.MTPHead(config)
+    head.load_state_dict(state)  # strict: every key, every shape
+    head.share(model)
+    back = mtp.head_state_to_native(state, config, style)
+    assert back.keys() == {k for k in sd if k.startswith(pre) and not k.endswith(mtp.SHARED_NAMES)}
+    assert all(torch.equal(back[k], sd[k]) for k in back)
+    # the fusion reads each layout's own concatenation order
+    h, e = torch.randn(2, 5, d), torch.randn(2, 5, d)
+
+    def rms(x, w):
+        return w * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + config.norm_eps)
+    names = mtp.NATIVE_NAMES[style]
+    hn, en = rms(h, sd[pre + f"{names['hnorm']}.weight"]), rms(e, sd[pre + f"{names['enorm']}.weight"])
+    cat = torch.cat([hn, en], -1) if style == "mimo" else torch.cat([en, hn], -1)
+    torch.testing.assert_close(head.fuse(h, e), cat @ sd[pre + f"{names['eh_proj']}.weight"].T)
+    # drafting runs with it, and pop_native_mtp leaves the main model's keys alone
+    head.setup_caches(1, 16)
+    y = head(h[:1], e[:1], torch.arange(5))
+    assert head.sample(y[:, -1], GREEDY)[1].shape == (1, 101)
+    ckpt = mtp.pop_native_mtp(sd, config, base="tiny")
+    assert list(sd) == ["model.norm.weight"] and ckpt["config"]["source"] == style
+    torch.save(ckpt, tmp_path / "mtp_head.pth")
+    loaded = mtp.load_head(tmp_path / "mtp_head.pth", model)
+    assert loaded.vocab_ids is None and all(torch.equal(a, state[n]) for n, a in loaded.state_dict().items())
+
+
+@torch.no_grad()
+def test_mimo_layer_equals_transformers_qwen2_layer():
+    """MiMo's MTP layer = input_proj(cat(hidden_layernorm(h), token_layernorm(e))) -> Qwen2 decoder layer ->
+    final_layernorm (vLLM's mimo_mtp.py), built here from transformers' own Qwen2 layer as the reference."""
+    from transformers import Qwen2Config
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
+    model = tiny(attention_bias=True)
+    c = model.config
+    sd = native_state("mimo", c)
+    cfg = Qwen2Config(hidden_size=c.dim, intermediate_size=c.intermediate_size, num_attention_heads=c.n_head,
+                      num_key_value_heads=c.n_local_heads, rms_norm_eps=c.norm_eps, rope_theta=c.rope_base,
+                      vocab_size=c.vocab_size, max_position_embeddings=64)
+    cfg._attn_implementation = "sdpa"
+    pre = "model.mtp_layers.0."
+    layer = Qwen2DecoderLayer(cfg, layer_idx=0).eval()
+    block = ("self_attn.", "mlp.", "input_layernorm.", "post_attention_layernorm.")
+    layer.load_state_dict({k[len(pre):]: v for k, v in sd.items() if k[len(pre):].startswith(block)})
+    norms = {n: Qwen2RMSNorm(c.dim, c.norm_eps) for n in ("hidden_layernorm", "token_layernorm", "final_layernorm")}
+    for n, m in norms.items():
+        m.weight.copy_(sd[pre + n + ".weight"])
+    h, e = torch.randn(1, 7, c.dim), torch.randn(1, 7, c.dim)
+    u = torch.cat([norms["hidden_layernorm"](h), norms["token_layernorm"](e)], -1) @ sd[pre + "input_proj.weight"].T
+    pos = torch.arange(7)[None]
+    out = layer(u, attention_mask=None, position_ids=pos, position_embeddings=Qwen2RotaryEmbedding(cfg)(u, pos))
+    ref = norms["final_layernorm"](out[0] if isinstance(out, tuple) else out)
+    head = mtp.MTPHead(c)
+    head.load_state_dict(mtp.head_state_from_native(sd, c, "mimo"))
+    head.setup_caches(1, 16)
+    torch.testing.assert_close(head.norm(head(h, e, torch.arange(7))), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_native_layer_errors():
+    config = tiny().config
+    sd = native_state("deepseek", config)
+    del sd[mtp.native_prefix("deepseek", config) + "mlp.up_proj.weight"]
+    with pytest.raises(ValueError, match="missing model.layers.2.mlp.up_proj.weight"):
+        mtp.head_state_from_native(sd, config, "deepseek")
+    sd = native_state("deepseek", config)
+    sd["model.layers.2.self_attn.q_a_proj.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="MLA attention"):
+        mtp.head_state_from_native(sd, config, "deepseek")
+    assert mtp.pop_native_mtp({"model.norm.weight": torch.ones(3)}, config) is None
+
+
+# ---------------------------------------------------------------------------------------------- distillation prompts
+def test_distillation_prompts_are_distinct_reproducible_and_not_evaluation_prompts(tmp_path):
+    prompts = mtp.build_prompts(300, seed=0)
+    assert len(set(prompts)) == 300 and prompts == mtp.build_prompts(300, seed=0)
+    assert prompts != mtp.build_prompts(300, seed=1)
+    fake = tmp_path / "dev.jsonl"  # negative control: the check must catch an equal prompt
+    fake.write_text(json.dumps({"category": "chat", "prompt": prompts[7]}) + "\n")
+    with pytest.raises(ValueError, match="equal evaluation prompts"):
+        mtp.check_no_dev_overlap(prompts, fake)
+    dev = mtp.dev_prompts_path()
+    if dev is None:
+        pytest.skip("no ../shared/prompts/dev.jsonl here: only the negative control ran")
+    assert mtp.check_no_dev_overlap(mtp.build_prompts(3000, seed=0), dev)
