@@ -134,6 +134,219 @@ def trim_at_stop(ids: list, stop_ids) -> list:
     return ids
 
 
+# ----------------------------------------------------------------------------------------------- speculative decoding
+# A drafter proposes k tokens, the target scores all k+1 positions in one forward (`verify`), and `accept_draft`
+# keeps the drafts that rejection sampling accepts plus one token of the target's own: every emitted token follows
+# the target's distribution exactly, and under greedy the text is the target's own argmax text. Both KV caches roll
+# back by position only: a rejected slot is written again by the next forward, and the mask hides it until then.
+#
+# The drafter interface (ModelDrafter below; an MTP head implements the same three methods):
+#   setup(max_seq_length)               allocate its caches for one sequence of up to that many positions.
+#   prefill(prompt, hidden)             prompt (1, T) at positions 0..T-1; hidden (1, T, D) the target's final-normed
+#                                       states there (hidden[:, j] predicted the token at j+1).
+#   propose(tokens, hidden, pos, k, s)  -> draft (k,) for positions pos+1..pos+k, drawn from q (k, V), the
+#                                       drafter's distributions after the same Sampling `s` as the target's.
+#       tokens (1, m+1) are the tokens at positions pos-m..pos: the last one the target has been fed, then the m
+#       accepted since the previous call (the last, at `pos`, is in no cache yet); hidden (1, m, D) holds the
+#       target's states at positions pos-m..pos-1, hidden[:, i] being the one that predicted tokens[:, i+1].
+
+
+def accept_draft(draft, q, p, u=None, greedy: bool = False):
+    """Rejection sampling of k drafted tokens; leading batch dims allowed.
+
+    draft (..., k), q (..., k, V) the drafter's distributions, p (..., k+1, V) the target's, u (..., k) uniforms in
+    [0, 1) (drawn when None) -> (n accepted (...), next token (...)). Draft i is accepted with probability
+    min(1, p_i/q_i); after n acceptances the next token comes from normalize(max(0, p_n - q_n)), or from p_k (the
+    bonus) when all k pass. Under greedy p and q are one-hot, so this is exact argmax matching.
+    """
+    k = draft.shape[-1]
+    d = draft.unsqueeze(-1)  # (..., k, 1)
+    a = acceptance_probs(p[..., :k, :].gather(-1, d), q.gather(-1, d)).squeeze(-1)  # (..., k)
+    if u is None:
+        u = torch.rand(a.shape, device=a.device)
+    n = (u < a).long().cumprod(-1).sum(-1)  # (...,) drafts accepted before the first rejection
+    after = torch.cat([residual(p[..., :k, :], q), p[..., k:, :]], dim=-2)  # (..., k+1, V): what follows n accepted
+    dist = torch.take_along_dim(after, n[..., None, None], dim=-2).squeeze(-2)  # (..., V)
+    return n, dist.argmax(-1) if greedy else sample_from(dist)
+
+
+def acceptance_probs(p, q):
+    """min(1, p/q) elementwise. Where q is 0 the token is never drafted; the answer there is 1, never a NaN."""
+    return torch.where(p >= q, torch.ones_like(p), p / q)
+
+
+def residual(p, q):
+    """normalize(max(0, p - q)) over the last dim. Zero mass means p <= q everywhere, i.e. p == q, where no draft is
+    ever rejected; p is returned there so that nothing divides by zero."""
+    r = (p - q).clamp(min=0)
+    mass = r.sum(-1, keepdim=True)
+    return torch.where(mass > 0, r / mass.clamp(min=torch.finfo(r.dtype).tiny), p)
+
+
+def prefill_hidden(model, x, input_pos, s: Sampling):
+    # x: (1, T); prefill that also returns the final-normed states (1, T, D) a drafter such as an MTP head reads
+    logits, hidden = model(x, input_pos, return_hidden=True)
+    return sample(logits[:, -1], s)[0], hidden
+
+
+def decode_with_probs(model, x, input_pos, s: Sampling):
+    # x: (1, S) at cache slots input_pos (S,) -> the next token (1,) and the distribution it came from (1, V)
+    return sample(model(x, input_pos)[:, -1], s)
+
+
+def verify(model, x, input_pos, q, s: Sampling):
+    """The target's step: x (1, k+1) = [last token, k drafts] at slots input_pos (k+1,), q (k, V) the drafter's
+    distributions -> (n accepted (), next token (), final-normed hidden (1, k+1, D)). One static shape per k, so
+    it compiles to one CUDA graph like a decode step and costs about as much (the weights are read once)."""
+    logits, hidden = model(x, input_pos, return_hidden=True)  # (1, k+1, V), (1, k+1, D)
+    n, token = accept_draft(x[0, 1:], q, logits_to_probs(logits[0], s), greedy=s.temperature == 0)
+    return n, token, hidden
+
+
+def compile_spec_steps(device: str, compile_prefill: bool):
+    """Compiled prefill (optional), draft step and verify step, as compile_steps does for plain decoding. Static
+    shapes: the draft step sees one token or two (see ModelDrafter), the verify step always k+1."""
+    mode = "reduce-overhead" if device.startswith("cuda") else None
+    pre = torch.compile(prefill_hidden, fullgraph=True, dynamic=True) if compile_prefill else prefill_hidden
+    draft = torch.compile(decode_with_probs, mode=mode, fullgraph=True, dynamic=False)
+    return pre, draft, torch.compile(verify, mode=mode, fullgraph=True, dynamic=False)
+
+
+class ModelDrafter:
+    """Drafts with a second, cheaper model (a small sibling, or a quantized copy of the target) and its own cache.
+
+    Each proposal first feeds the last two tokens: when all k drafts were accepted the draft model never saw its
+    own k-th token, and otherwise rewriting a slot it already holds is harmless, so one shape covers both cases.
+    The target's hidden states are not used.
+    """
+
+    def __init__(self, model: Transformer, step=decode_with_probs):
+        self.model, self.step = model, step
+
+    def setup(self, max_seq_length: int):
+        if self.model.max_batch_size < 1 or self.model.max_seq_length != max_seq_length:
+            self.model.setup_caches(1, max_seq_length)
+
+    def prefill(self, prompt, hidden):
+        self.model(prompt, torch.arange(prompt.shape[1], device=prompt.device))
+
+    def propose(self, tokens, hidden, pos: int, k: int, s: Sampling):
+        x, input_pos = tokens[:, -2:].clone(), torch.arange(pos - 1, pos + 1, device=tokens.device)  # (1, 2), (2,)
+        drafts, probs = [], []
+        for _ in range(k):
+            token, q = self.step(self.model, x, input_pos, s)
+            drafts.append(token.clone())  # clone: a CUDA graph reuses its outputs on its next replay
+            probs.append(q.clone())
+            x, input_pos = drafts[-1].view(1, 1), input_pos[-1:] + 1
+        return torch.cat(drafts), torch.cat(probs)  # (k,), (k, V)
+
+
+@torch.no_grad()
+def speculative_generate(model: Transformer, drafter, prompts: list, max_new_tokens: int, s: Sampling = Sampling(),
+                         k: int = 5, *, stop_ids=(), callback: Optional[Callable] = None, prefill_fn=prefill_hidden,
+                         verify_fn=verify, max_seq_length: Optional[int] = None, accepted: Optional[list] = None):
+    """generate() for one prompt with a drafter: the same return value (a list holding one list of new ids) and
+    callback contract (each new token as a (1,) tensor, in order). `accepted`, when a list, gets the number of
+    drafts the target accepted at each of its steps."""
+    if len(prompts) != 1:
+        raise ValueError(f"speculative decoding takes one prompt at a time, got {len(prompts)}; "
+                         f"drop --batch_size/--prompts_file or --draft_checkpoint_path")
+    if k < 1:
+        raise ValueError(f"--speculate_k must be at least 1, got {k}")
+    if getattr(drafter, "model", None) is model:
+        raise ValueError("the draft must be its own model object (it keeps its own KV cache); load it separately")
+    prompt, device = prompts[0], model.norm.weight.device
+    T = len(prompt)
+    if T == 0:
+        raise ValueError("empty prompt: give at least one token of text")
+    total = T + max_new_tokens + k + 1  # the last verify writes up to k slots past the last token kept
+    max_seq_length = max_seq_length or total
+    if total > min(max_seq_length, model.config.block_size):
+        raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens + {k + 1} for speculation exceeds the "
+                         f"cache of {min(max_seq_length, model.config.block_size)}; shorten the prompt or lower "
+                         f"--max_new_tokens")
+    if model.max_batch_size < 1 or model.max_seq_length != max_seq_length:
+        model.setup_caches(1, max_seq_length)
+    drafter.setup(max_seq_length)
+
+    x = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
+    token, hidden = prefill_fn(model, x, torch.arange(T, device=device), s)
+    drafter.prefill(x, hidden)
+    tokens, hidden = torch.cat([x[:, -1:], token.view(1, 1)], dim=1), hidden[:, -1:].clone()  # (1, 2), (1, 1, D)
+    new, pos, out = [int(token)], T, []  # pos: where tokens[:, -1] sits; the target has not been fed it yet
+    while True:
+        for t in new:
+            out.append(t)
+            if callback:
+                callback(torch.tensor([t]))
+            if t in stop_ids or len(out) >= max_new_tokens:
+                return [out]
+        draft, q = drafter.propose(tokens, hidden, pos, k, s)
+        x = torch.cat([tokens[:, -1:], draft.view(1, k)], dim=1)  # (1, k+1)
+        n, token, hidden = verify_fn(model, x, torch.arange(pos, pos + k + 1, device=device), q, s)
+        n, *ids = torch.cat([n.view(1), draft, token.view(1)]).tolist()  # the step's one host sync
+        new = ids[:n] + ids[-1:]
+        if accepted is not None:
+            accepted.append(n)
+        tokens = torch.cat([x[:, :n + 1], token.view(1, 1)], dim=1)  # (1, n+2), positions pos..pos+n+1
+        hidden, pos = hidden[:, :n + 1].clone(), pos + n + 1  # clone: a CUDA graph reuses its outputs
+
+
+def check_draft(target: Transformer, draft: Transformer, tokenizer=None, draft_tokenizer=None):
+    """Refuse a draft that does not speak the target's vocabulary (same size is not enough: Llama-2 and Mistral
+    both have 32000 tokens), since its token ids would mean other strings."""
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise ValueError(f"the draft's vocabulary has {draft.config.vocab_size} tokens, the target's "
+                         f"{target.config.vocab_size}; use a draft with the target's tokenizer, e.g. a quantized copy "
+                         f"of the target (python quantize.py --mode int4)")
+    if tokenizer is not None and draft_tokenizer is not None:
+        probe = "Speculative decoding: 3.14 × 2 = 6.28 ¿sí? 東京 😀\n\tdef f(x):  return x"
+        if tokenizer.encode(probe) != draft_tokenizer.encode(probe):
+            raise ValueError("the draft's tokenizer encodes text differently from the target's; use a draft with "
+                             "the target's tokenizer, e.g. a quantized copy of the target (python quantize.py)")
+
+
+@dataclass
+class Speculation:
+    """What run_once needs to decode speculatively: a drafter, k, and the target's (maybe compiled) steps."""
+    drafter: object
+    k: int
+    prefill_fn: Callable = prefill_hidden
+    verify_fn: Callable = verify
+
+
+def load_speculation(args, model: Transformer, tokenizer, target_dir: Path, device: str, dtype):
+    """A Speculation for --draft_checkpoint_path (None without it): the draft, checked against the target, with its
+    steps (compiled with --compile)."""
+    if not args.draft_checkpoint_path:
+        return None
+    if args.batch_size > 1 or args.prompts_file:
+        raise ValueError("speculative decoding takes one prompt at a time; drop --batch_size/--prompts_file or "
+                         "--draft_checkpoint_path")
+    path, t = Path(args.draft_checkpoint_path), time.perf_counter()
+    draft = load_model(path, device, dtype)
+    draft_tokenizer = None
+    if path.parent.resolve() != Path(target_dir).resolve():  # a self-draft shares the target's tokenizer files
+        from tokenizer import get_tokenizer
+        with contextlib.suppress(FileNotFoundError):  # weights alone: the vocabulary size check still stands
+            draft_tokenizer = get_tokenizer(path.parent)
+    check_draft(model, draft, tokenizer, draft_tokenizer)
+    print(f"loaded draft {path} in {time.perf_counter() - t:.1f} s ({model_bytes(draft) / 1e9:.2f} GB read per "
+          f"draft step), speculating k={args.speculate_k}", file=sys.stderr)
+    pre, step, verify_fn = (compile_spec_steps(device, args.compile_prefill) if args.compile
+                            else (prefill_hidden, decode_with_probs, verify))
+    return Speculation(ModelDrafter(draft, step), args.speculate_k, pre, verify_fn)
+
+
+def acceptance_summary(accepted: list, k: int) -> str:
+    """Mean accepted drafts per target step and the histogram of accepted lengths 0..k."""
+    steps = max(len(accepted), 1)
+    mean = sum(accepted) / steps
+    hist = [accepted.count(i) for i in range(k + 1)]
+    return (f"speculative k={k}: {len(accepted)} target steps, mean accepted {mean:.2f} "
+            f"({mean + 1:.2f} tokens per step), accepted lengths 0..{k}: {hist}")
+
+
 # ------------------------------------------------------------------------------------------------------------ loading
 def load_model(checkpoint_path, device="cpu", dtype=torch.float32, use_tp=False) -> Transformer:
     """Build on the meta device, swap in quantized modules if the checkpoint says so, load with mmap + assign
@@ -228,8 +441,9 @@ class Printer:
             print(self.stream(t) if not self.stopped else "", end="", flush=True)
 
 
-def run_once(model, tokenizer, prompts, args, s, steps, device, max_seq_length=None, stream=True):
-    """One generation with its timing report; returns the new ids per row."""
+def run_once(model, tokenizer, prompts, args, s, steps, device, max_seq_length=None, stream=True,
+             spec: Optional[Speculation] = None):
+    """One generation with its timing report; returns the new ids per row. With `spec`, decodes speculatively."""
     prefill_fn, decode_fn = steps
     first = {}
 
@@ -242,8 +456,14 @@ def run_once(model, tokenizer, prompts, args, s, steps, device, max_seq_length=N
     printer = Printer(tokenizer, stream and len(prompts) == 1)
     synchronize(device)
     t0 = time.perf_counter()
-    out = generate(model, prompts, args.max_new_tokens, s, stop_ids=tokenizer.eos_ids, callback=on_token,
-                   prefill_fn=prefill_fn, decode_fn=decode_fn, max_seq_length=max_seq_length)
+    accepted = []
+    if spec is None:
+        out = generate(model, prompts, args.max_new_tokens, s, stop_ids=tokenizer.eos_ids, callback=on_token,
+                       prefill_fn=prefill_fn, decode_fn=decode_fn, max_seq_length=max_seq_length)
+    else:
+        out = speculative_generate(model, spec.drafter, prompts, args.max_new_tokens, s, spec.k,
+                                   stop_ids=tokenizer.eos_ids, callback=on_token, prefill_fn=spec.prefill_fn,
+                                   verify_fn=spec.verify_fn, max_seq_length=max_seq_length, accepted=accepted)
     synchronize(device)
     t1 = time.perf_counter()
     n_new = max(len(r) for r in out)
@@ -257,10 +477,12 @@ def run_once(model, tokenizer, prompts, args, s, steps, device, max_seq_length=N
     print(f"\n[{n_new} tokens x {len(prompts)} rows] time to first token {ttft * 1000:.1f} ms | "
           f"decode {tok_s:.1f} tok/s per row | {gbs:.1f} GB/s | peak memory {peak_memory_gb(device):.2f} GB",
           file=sys.stderr)
+    if spec is not None:  # the GB/s above counts the target's weights once per token, so it is not a bandwidth
+        print(acceptance_summary(accepted, spec.k), file=sys.stderr)
     return out
 
 
-def chat(model, tokenizer, args, s, steps, device):
+def chat(model, tokenizer, args, s, steps, device, spec=None):
     """Multi-turn chat: the whole conversation is re-encoded with the model's template each turn."""
     messages = [{"role": "system", "content": args.system}] if args.system else []
     max_seq = min(model.config.block_size, args.max_seq_length or 4096)  # fixed, so the compiled step is reused
@@ -274,12 +496,12 @@ def chat(model, tokenizer, args, s, steps, device):
             break
         messages.append({"role": "user", "content": user})
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        if len(ids) + args.max_new_tokens > max_seq:
+        if len(ids) + args.max_new_tokens + (spec.k + 1 if spec else 0) > max_seq:
             print(f"error: the conversation is {len(ids)} tokens, too long for a {max_seq}-token cache; "
                   f"start a new chat or raise --max_seq_length", file=sys.stderr)
             messages.pop()
             continue
-        out = run_once(model, tokenizer, [ids], args, s, steps, device, max_seq_length=max_seq)[0]
+        out = run_once(model, tokenizer, [ids], args, s, steps, device, max_seq_length=max_seq, spec=spec)[0]
         reply = [t for t in out if t not in tokenizer.eos_ids]
         messages.append({"role": "assistant", "content": tokenizer.decode(reply)})
 
@@ -314,6 +536,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights and activations (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--seed", type=int, default=1234, help="random seed for sampling")
+    p.add_argument("--draft_checkpoint_path", default=None,
+                   help="speculative decoding with this draft model.pth: a smaller model with the target's tokenizer, "
+                        "or a quantized copy of the target (e.g. model_int4.g128.pth beside model.pth); batch 1")
+    p.add_argument("--speculate_k", type=int, default=5, help="tokens the draft proposes per target step")
     return p.parse_args(argv)
 
 
@@ -337,15 +563,16 @@ def main(argv=None):
           f"read per step, {dtype}, {device})", file=sys.stderr)
     s = Sampling(args.temperature, args.top_k, args.top_p)
     steps = compile_steps(device, args.compile_prefill) if args.compile else (prefill, decode_one_token)
+    spec = load_speculation(args, model, tokenizer, checkpoint.parent, device, dtype)
     if args.chat:
-        return chat(model, tokenizer, args, s, steps, device)
+        return chat(model, tokenizer, args, s, steps, device, spec)
     prompts = read_prompts(args, tokenizer)
     for i in range(args.num_samples):
         profiling = args.profile and i == args.num_samples - 1
         ctx = torch.profiler.profile() if profiling else contextlib.nullcontext()
         with ctx as prof:
             print(f"\n=== sample {i + 1}/{args.num_samples}", file=sys.stderr)
-            run_once(model, tokenizer, prompts, args, s, steps, device, args.max_seq_length)
+            run_once(model, tokenizer, prompts, args, s, steps, device, args.max_seq_length, spec=spec)
         if profiling:
             prof.export_chrome_trace(args.profile)
 
