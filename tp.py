@@ -4,10 +4,11 @@ Launch with `torchrun --nproc_per_node=N generate.py ...`. In each layer q/k/v (
 along their outputs (column-parallel) and wo and w2 along their inputs (row-parallel), so attention and the
 feed-forward each end in a partial sum that one all-reduce completes: two collectives per layer, nothing between.
 Embeddings, norms, the MoE router and the output head stay whole on every rank. Quantized weights are sliced as
-they are stored (rows with their scales, columns with their groups), never quantized again.
+they are stored, never quantized again: every tensor of a linear layer, float, int8 or packed int4, keeps output
+rows on dim 0 and (when 2-D) input columns on dim 1, in whatever unit its packing uses (int4 bytes hold two
+columns, its scales and zeros one group), so one rule slices them all.
 """
 import os
-from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -15,7 +16,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 
-from model import Attention, ModelArgs, MOEFeedForward, Transformer
+from model import ModelArgs, Transformer, TransformerBlock
 
 
 def maybe_init_dist() -> Optional[int]:
@@ -35,14 +36,18 @@ def maybe_init_dist() -> Optional[int]:
 
 
 def valid_world_sizes(config: ModelArgs, groupsize: Optional[int] = None) -> list:
-    """Every process count this model splits over evenly: it must divide the heads, the KV heads and the
-    feed-forward width, and for int4 each rank's share of wo's and w2's inputs must be whole groups."""
-    totals = [config.n_head, config.n_local_heads, config.intermediate_size]
-    per_group = [config.n_head * config.head_dim, config.intermediate_size] if groupsize else []
+    """Every process count this model splits over evenly: it divides the heads, the KV heads and the
+    feed-forward width; with int4 layers each rank's share of wo's and w2's inputs is whole groups, and
+    each rank's share of wqkv's, w1's and w3's outputs a multiple of 8 (torch's int4 layout)."""
+    c = config
+    whole = [c.n_head, c.n_local_heads, c.intermediate_size]
+    groups = [c.n_head * c.head_dim, c.intermediate_size] if groupsize else []
+    rows8 = [(c.n_head + 2 * c.n_local_heads) * c.head_dim, c.intermediate_size] if groupsize else []
 
     def ok(n):
-        return all(t % n == 0 for t in totals) and all(t % (n * groupsize) == 0 for t in per_group)
-    return [1] + [n for n in range(2, config.n_local_heads + 1) if ok(n)]
+        return (all(t % n == 0 for t in whole) and all(t % (n * groupsize) == 0 for t in groups)
+                and all(t % (n * 8) == 0 for t in rows8))
+    return [1] + [n for n in range(2, c.n_local_heads + 1) if ok(n)]
 
 
 def check_tp(config: ModelArgs, world_size: int, groupsize: Optional[int] = None) -> None:
@@ -55,35 +60,42 @@ def check_tp(config: ModelArgs, world_size: int, groupsize: Optional[int] = None
                          f"use --nproc_per_node {' or '.join(map(str, valid))}")
 
 
+@torch.no_grad()
 def apply_tp(model: Transformer, group: Optional[dist.ProcessGroup] = None) -> Transformer:
     """Keep this rank's shard of every layer and add the two all-reduces per layer.
 
-    Call it on the CPU after `load_state_dict(assign=True)` and before `.to(device)`: the shards are views of
-    the mmap'd checkpoint (or copies of just the shard), so each rank only ever reads and moves its own part.
+    Call it on the CPU after `load_state_dict(assign=True)` and before `.to(device)` and
+    `quantize.prepare_for_device`: a shard of rows is a view of the mmap'd checkpoint and a shard of columns a
+    copy of just that shard, so each rank only ever reads and moves its own part. `model.config` keeps
+    describing the whole model; each Attention's n_head/n_kv say this rank's share.
     """
     group = group or dist.group.WORLD
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
-    check_tp(model.config, world_size, _int4_groupsize(model))
-    c = model.config
-    for layer in model.layers:
-        attn, ffn = layer.attention, layer.feed_forward
-        q, kv = attn.n_head * attn.head_dim, attn.n_kv * attn.head_dim
-        _split(attn.wqkv, 0, rank, world_size, parts=[q, kv, kv])
-        _split(attn.wo, 1, rank, world_size)
-        attn.n_head, attn.n_kv = attn.n_head // world_size, attn.n_kv // world_size
-        if isinstance(ffn, MOEFeedForward):  # experts split along their hidden width, the router stays whole
-            _split(ffn, 1, rank, world_size, names=("w1", "w3"))  # (E, I/N, D)
-            _split(ffn, 2, rank, world_size, names=("w2",))  # (E, D, I/N)
-        else:
-            _split(ffn.w1, 0, rank, world_size)
-            _split(ffn.w3, 0, rank, world_size)
-            _split(ffn.w2, 1, rank, world_size)
-        for module in (attn, ffn):
-            module.register_forward_hook(_all_reduce_hook(group))
-    # setup_caches reads the KV head count from the config: give this model a copy that says this rank's share
-    model.config = replace(c, n_head=c.n_head // world_size, n_local_heads=c.n_local_heads // world_size,
-                           intermediate_size=c.intermediate_size // world_size)
+    groupsize = next((m.groupsize for m in model.modules() if getattr(m, "groupsize", None)), None)  # int4
+    check_tp(model.config, world_size, groupsize)
+    for block in model.layers:
+        shard_block(block, rank, world_size, group)
     return model
+
+
+def shard_block(block: TransformerBlock, rank: int, world_size: int, group) -> None:
+    """Split one TransformerBlock in place: q/k/v by heads, the feed-forward by its hidden width."""
+    attn, ffn = block.attention, block.feed_forward
+    q, kv = attn.n_head * attn.head_dim, attn.n_kv * attn.head_dim
+    _split_linear(attn.wqkv, 0, rank, world_size, parts=[q, kv, kv])  # rows: this rank's q heads, then k, then v
+    _split_linear(attn.wo, 1, rank, world_size)
+    attn.n_head, attn.n_kv = attn.n_head // world_size, attn.n_kv // world_size
+    if hasattr(ffn, "gate"):  # MoE, float or int8: experts split along their hidden width I, the router whole
+        for name in ("w1", "w3", "w1_scales", "w3_scales"):  # (E, I, D) and scales (E, I) -> I/N
+            if hasattr(ffn, name):
+                _set(ffn, name, _narrow(getattr(ffn, name), 1, rank, world_size))
+        _set(ffn, "w2", _narrow(ffn.w2, 2, rank, world_size))  # (E, D, I) -> (E, D, I/N); its scales are per D
+    else:
+        _split_linear(ffn.w1, 0, rank, world_size)
+        _split_linear(ffn.w3, 0, rank, world_size)
+        _split_linear(ffn.w2, 1, rank, world_size)
+    for module in (attn, ffn):
+        module.register_forward_hook(_all_reduce_hook(group))
 
 
 def _all_reduce_hook(group):
@@ -94,49 +106,31 @@ def _all_reduce_hook(group):
     return hook
 
 
-# How each stored tensor of a (possibly quantized) linear maps onto its [out, in] weight: the dim that runs over
-# output features and the dim that runs over input features (None: it has none), and how many input features
-# one index along that dim stands for (int4 packs two per byte; scales/zeros hold one per group).
-def _layout(module, name, tensor):
-    if name in ("scales", "zeros", "scales_and_zeros") and tensor.dim() >= 2:  # per-group: (out, in / groupsize)
-        return 0, 1
-    if name in ("bias", "scales", "zeros"):  # per output row
-        return 0, None
-    return 0, 1  # weight, int8 or int4-packed: (out, in or in/2)
-
-
-def _split(module, dim, rank, world_size, parts=None, names=None):
-    """Keep this rank's slice of each tensor of `module` along weight dim `dim` (0 = outputs, 1 = inputs).
-
-    `parts` splits a packed projection first (wqkv is q rows, then k rows, then v rows) so each rank gets its
-    own heads of each; `names` picks plain parameters (MoE experts) whose `dim` is given directly.
-    """
-    if names is not None:
-        for name in names:
-            _set(module, name, _narrow(getattr(module, name), dim, rank, world_size))
-        return
+def _split_linear(module, dim, rank, world_size, parts=None):
+    """Keep this rank's 1/N of a linear layer (nn.Linear, Int8Linear or Int4Linear) along dim 0 (outputs: every
+    tensor) or dim 1 (inputs: the 2-D tensors; a per-output scale stays whole). `parts` splits packed rows
+    first (wqkv: q, then k, then v) so each rank gets its own heads of each."""
+    if getattr(module, "prepared_for", None):
+        raise ValueError("the int4 weights are already repacked for a device; call tp.apply_tp before "
+                         "quantize.prepare_for_device")
     for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-        out_dim, in_dim = _layout(module, name, t)
-        d = out_dim if dim == 0 else in_dim
-        if d is None:
-            continue  # a per-output tensor of a row-parallel layer is whole on every rank
-        if name == "bias" and dim == 1:
-            raise ValueError("a row-parallel layer with a bias would add it once per rank; this model has none")
-        if parts is not None and d == out_dim:
-            scale = t.shape[d] / sum(parts)
-            pieces = t.split([int(p * scale) for p in parts], d)
-            t = torch.cat([_narrow(p, d, rank, world_size) for p in pieces], d)
+        if dim == 1 and t.dim() == 1:
+            if name == "bias":
+                raise ValueError(f"{type(module).__name__} has a bias, which a row-parallel split would add once "
+                                 f"per rank")
+            continue
+        if parts is not None:
+            t = torch.cat([_narrow(p, dim, rank, world_size) for p in t.split(parts, dim)], dim)
         else:
-            t = _narrow(t, d, rank, world_size)
+            t = _narrow(t, dim, rank, world_size)
         _set(module, name, t)
-    if isinstance(module, nn.Linear) or hasattr(module, "in_features"):
-        attr = "out_features" if dim == 0 else "in_features"
-        setattr(module, attr, getattr(module, attr) // world_size)
+    attr = "out_features" if dim == 0 else "in_features"
+    setattr(module, attr, getattr(module, attr) // world_size)
 
 
 def _narrow(t, dim, rank, world_size):
-    """This rank's contiguous 1/N of `t` along `dim`: a view when the slice is contiguous (dim 0), else a copy
-    of the slice alone."""
+    """This rank's contiguous 1/N of `t` along `dim`: a view when that is contiguous (dim 0), else a copy of
+    the slice alone."""
     n = t.shape[dim] // world_size
     return t.narrow(dim, rank * n, n).contiguous()
 
@@ -147,10 +141,3 @@ def _set(module, name, t):
         setattr(module, name, nn.Parameter(t, requires_grad=old.requires_grad))
     else:
         module._buffers[name] = t
-
-
-def _int4_groupsize(model) -> Optional[int]:
-    for m in model.modules():
-        if getattr(m, "groupsize", None):
-            return m.groupsize
-    return None
