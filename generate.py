@@ -110,6 +110,7 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, s: Sampling
     stop = torch.tensor(sorted(stop_ids), device=device) if stop_ids else None
 
     token = prefill_fn(model, x, torch.arange(T, device=device), left_pad, s).clone()
+    pos = torch.tensor([T - 1], device=device)
     out, done = [token], torch.zeros(B, dtype=torch.bool, device=device)
     for i in range(1, max_new_tokens + 1):
         if callback:
@@ -120,7 +121,7 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, s: Sampling
                 break
         if i == max_new_tokens:
             break
-        pos = torch.tensor([T + i - 1], device=device)
+        pos += 1  # on the device: a host-to-device copy here would make the host wait for every step
         token = decode_fn(model, token.view(B, 1), pos, left_pad, s).clone()  # clone: a CUDA graph reuses its output
         out.append(token)
     rows = torch.stack(out, dim=1).tolist()  # (B, N)
@@ -382,6 +383,9 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.float32, use_tp=False)
     model = model.to(device=device, dtype=dtype)
     if quantization:
         quantize.prepare_for_device(model)
+    if str(device).startswith("cuda"):
+        from gemv import use_gemv
+        use_gemv(model)  # batch-1 decode matmuls through a Triton GEMV that streams weights near copy speed
     return model.eval()
 
 
@@ -431,14 +435,19 @@ class Printer:
     """Streams the first row's text to stdout as tokens arrive, up to its stop token."""
 
     def __init__(self, tokenizer, enabled: bool):
+        from tokenizer import StreamDecoder
         self.tokenizer, self.enabled, self.stopped = tokenizer, enabled, False
-        self.stream = tokenizer.stream_decoder() if enabled else None
+        self.stream = StreamDecoder(tokenizer)
 
     def __call__(self, token):
         if self.enabled and not self.stopped:
             t = int(token[0])
             self.stopped = t in self.tokenizer.eos_ids
-            print(self.stream(t) if not self.stopped else "", end="", flush=True)
+            print(self.stream.flush() if self.stopped else self.stream.put(t), end="", flush=True)
+
+    def close(self):
+        if self.enabled and not self.stopped:
+            print(self.stream.flush(), flush=True)
 
 
 def run_once(model, tokenizer, prompts, args, s, steps, device, max_seq_length=None, stream=True,
@@ -466,6 +475,7 @@ def run_once(model, tokenizer, prompts, args, s, steps, device, max_seq_length=N
                                    verify_fn=spec.verify_fn, max_seq_length=max_seq_length, accepted=accepted)
     synchronize(device)
     t1 = time.perf_counter()
+    printer.close()
     n_new = max(len(r) for r in out)
     ttft = first["t"] - t0
     tok_s = (n_new - 1) / (t1 - first["t"]) if n_new > 1 else float("nan")
