@@ -217,8 +217,8 @@ class MTPDrafter:
     call has one shape, and the step-1 output at the last real one starts the k drafts.
     """
 
-    def __init__(self, head: MTPHead, model: Transformer, step=draft):
-        self.head, self.model, self.step = head, model, step
+    def __init__(self, head: MTPHead, target: Transformer, step=draft):
+        self.head, self.target, self.step = head, target, step  # the target itself: its embedding and output rows
 
     def setup(self, max_seq_length: int):
         if self.head.max_seq_length != max_seq_length:
@@ -227,7 +227,7 @@ class MTPDrafter:
     def prefill(self, prompt, hidden):
         T = prompt.shape[1]
         if T > 1:  # the last prompt position pairs with a token not sampled yet: it comes with the first propose
-            self.head(hidden[:, :T - 1], self.model.tok_embeddings(prompt[:, 1:]),
+            self.head(hidden[:, :T - 1], self.target.tok_embeddings(prompt[:, 1:]),
                       torch.arange(T - 1, device=prompt.device))
 
     def propose(self, tokens, hidden, pos: int, k: int, s: Sampling):
@@ -237,13 +237,32 @@ class MTPDrafter:
         tokens = F.pad(tokens[:, 1:], (0, pad))  # (1, k+1)
         input_pos = torch.arange(pos - m, pos - m + k + 1, device=dev)
         last = torch.tensor([m - 1], device=dev)
-        drafts, q = self.step(self.head, self.model, hidden, tokens, input_pos, last, k, s)
+        drafts, q = self.step(self.head, self.target, hidden, tokens, input_pos, last, k, s)
         return drafts[0].clone(), q[0].clone()  # (k,), (k, V); clone: a CUDA graph reuses its outputs
 
 
 def compile_draft(device: str):
+    """The whole proposal (catch-up + k steps) as one graph: one CUDA graph replay per target step."""
     mode = "reduce-overhead" if device.startswith("cuda") else None
     return torch.compile(draft, mode=mode, fullgraph=True, dynamic=False)
+
+
+def load_speculation(args, model: Transformer, target_dir, device: str):
+    """generate.py's Speculation for --mtp / --mtp_checkpoint_path: this head drafts, the target verifies with
+    the same (compiled with --compile) prefill and verify steps as for a draft model."""
+    from generate import Speculation, compile_spec_steps, prefill_hidden, verify
+    if args.draft_checkpoint_path:
+        raise ValueError("--draft_checkpoint_path and --mtp/--mtp_checkpoint_path both name a drafter; choose one")
+    path = Path(args.mtp_checkpoint_path) if args.mtp_checkpoint_path else Path(target_dir) / MTP_HEAD_FILE
+    t = time.perf_counter()
+    head = load_head(path, model, args.draft_vocab)
+    k = args.speculate_k or head.k
+    pre, _, verify_fn = compile_spec_steps(device, args.compile_prefill) if args.compile else (
+        prefill_hidden, None, verify)
+    n = head.vocab_size if head.vocab_ids is None else len(head.vocab_ids)
+    print(f"loaded MTP head {path} in {time.perf_counter() - t:.1f} s (trained for k={head.k}, drafting over {n} "
+          f"of {head.vocab_size} tokens), speculating k={k}", file=sys.stderr)
+    return Speculation(MTPDrafter(head, model, compile_draft(device) if args.compile else draft), k, pre, verify_fn)
 
 
 # ---------------------------------------------------------------------------------------------------------- training

@@ -1,14 +1,21 @@
 """The MTP head on tiny random models: drafting equals training, cache rollback, vocabulary slice, checkpoints,
 training, native weight layouts, the distillation prompt set; plus the real SmolLM2 with the shipped head."""
+import argparse
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
+import generate as gen
 import mtp
-from generate import Sampling, generate
+from generate import Sampling, generate, load_model, speculative_generate
 from model import ModelArgs, Transformer
+from test_speculative import chi2, chi2_pvalue, next_probs
+
+SHIPPED_HEAD = Path(__file__).resolve().parents[1] / "checkpoints/SmolLM2-135M-Instruct" / mtp.MTP_HEAD_FILE
+DEV_PROMPTS = Path(__file__).resolve().parents[2] / "shared/prompts/dev.jsonl"
 
 TINY = dict(block_size=256, vocab_size=101, n_layer=2, n_head=4, dim=32, intermediate_size=48, n_local_heads=2)
 GREEDY, WARM = Sampling(0.0), Sampling(1.0)
@@ -30,6 +37,78 @@ def tiny_head(model, seed=1, vocab_ids=None):
     return head.eval().share(model, vocab_ids)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, and a busy machine cannot slow them down by oversubscription."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def sharp_and_trained():
+    """A confident tiny target and a head trained on its own text for a few steps, drafting over 60 of its 101
+    tokens: it drafts right some of the time, so runs mix full, partial and zero acceptance."""
+    model = sharp_tiny()
+    data = tiny_corpus(model)
+    vocab = mtp.token_ranking(data, 101)[:60]
+    head = mtp.new_head(model)
+    torch.manual_seed(0)
+    mtp.train_head(model, head, data, k=3, steps=40, batch_size=8, lr=3e-3, vocab_ids=vocab, eval_every=1000,
+                   log=lambda *_: None)
+    return model, head.share(model, vocab)
+
+
+def sharp_tiny(seed=0):
+    model = tiny(seed)
+    with torch.no_grad():
+        model.output.weight.mul_(4)  # a confident target, so its text has something to learn beyond noise
+    return model
+
+
+# ------------------------------------------------------------------------------------------ lossless speculation
+@pytest.mark.parametrize("k", [1, 3])
+@torch.no_grad()
+def test_greedy_output_equals_the_target_alone(k, sharp_and_trained):
+    model, trained = sharp_and_trained
+    accepted = []
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        prompt = torch.randint(0, 101, (1 + seed % 4 * 3,), generator=g).tolist()  # lengths 1, 4, 7, 10
+        want = generate(model, [prompt], 40)
+        for head in (tiny_head(model, seed), trained):
+            got = speculative_generate(model, mtp.MTPDrafter(head, model), [prompt], 40, GREEDY, k, accepted=accepted)
+            assert got == want
+    assert 0 in accepted and k in accepted  # rejections and full acceptances both happened
+
+
+@torch.no_grad()
+def mtp_loop_pvalue(n_runs):
+    """The whole loop with an MTP drafter over a 12-token list (q is zero on the other 4): the third new token of
+    many sampled runs against its exact marginal, summed over the first two tokens."""
+    V, s, ctx = 16, Sampling(0.9, top_k=12), [3, 1, 4]
+    target = tiny(1, vocab_size=V, n_layer=1)
+    p0 = next_probs(target, [ctx], s)[0]
+    p1 = next_probs(target, [[*ctx, a] for a in range(V)], s)
+    p2 = next_probs(target, [[*ctx, a, b] for a in range(V) for b in range(V)], s).view(V, V, V)
+    exact = torch.einsum("a,ab,abc->c", p0, p1, p2)
+    drafter = mtp.MTPDrafter(tiny_head(target, vocab_ids=torch.arange(12)), target)
+    torch.manual_seed(0)
+    third = [speculative_generate(target, drafter, [ctx], 3, s, 2)[0][2] for _ in range(n_runs)]
+    return chi2_pvalue(*chi2(torch.bincount(torch.tensor(third), minlength=V), n_runs * exact))
+
+
+def test_sampling_with_the_head_follows_the_target_distribution():
+    assert mtp_loop_pvalue(2000) > 1e-3
+
+
+def test_negative_control_accepting_every_draft_is_detected(monkeypatch):
+    monkeypatch.setattr(gen, "acceptance_probs", lambda p, q: torch.ones_like(p))
+    assert mtp_loop_pvalue(600) < 1e-6
+
+
+# ------------------------------------------------------------------------------------------ drafting internals
 @torch.no_grad()
 def test_drafting_computes_what_training_computes():
     """Incremental drafting with the head's KV cache, caught up by rounds of 1..k+1 accepted positions, gives the
@@ -160,9 +239,7 @@ def test_distilled_corpus_layout():
 
 @pytest.mark.parametrize("targets,vocab", [("soft", None), ("hard", 60)])
 def test_training_reduces_the_loss(targets, vocab):
-    model = tiny()
-    with torch.no_grad():
-        model.output.weight.mul_(4)  # a confident target, so the data has something to learn beyond noise
+    model = sharp_tiny()
     data = tiny_corpus(model)
     vocab_ids = mtp.token_ranking(data, 101)[:vocab] if vocab else None
     head = mtp.new_head(model)
@@ -303,3 +380,23 @@ def test_distillation_prompts_are_distinct_reproducible_and_not_evaluation_promp
     if dev is None:
         pytest.skip("no ../shared/prompts/dev.jsonl here: only the negative control ran")
     assert mtp.check_no_dev_overlap(mtp.build_prompts(3000, seed=0), dev)
+
+
+# ---------------------------------------------------------------------------------------------- the real SmolLM2
+@pytest.mark.skipif(not SHIPPED_HEAD.is_file(), reason=f"no trained head at {SHIPPED_HEAD} (see .dev/mtp_gpu_plan.md)")
+@torch.no_grad()
+def test_smollm2_shipped_head_greedy_text_equals_the_target_alone(smollm2_checkpoint):
+    """The shipped head on a few evaluation prompts (one per category), float32 on CPU: the greedy text is the
+    target's own, and the head really drafts (more than one token accepted per step on average)."""
+    from tokenizer import get_tokenizer
+    model = load_model(smollm2_checkpoint / "model.pth")
+    tokenizer = get_tokenizer(smollm2_checkpoint)
+    rows = [json.loads(line) for line in DEV_PROMPTS.read_text().splitlines() if line.strip()]
+    prompts = list({r["category"]: r["prompt"] for r in reversed(rows)}.values())
+    drafter, accepted = mtp.MTPDrafter(mtp.load_head(SHIPPED_HEAD, model), model), []
+    for text in prompts:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        want = generate(model, [ids], 48, stop_ids=tokenizer.eos_ids)
+        got = speculative_generate(model, drafter, [ids], 48, GREEDY, 3, stop_ids=tokenizer.eos_ids, accepted=accepted)
+        assert got == want, text
+    assert sum(accepted) / len(accepted) > 1.0
