@@ -317,13 +317,17 @@ class Speculation:
 
 
 def load_speculation(args, model: Transformer, tokenizer, target_dir: Path, device: str, dtype):
-    """A Speculation for --draft_checkpoint_path (None without it): the draft, checked against the target, with its
-    steps (compiled with --compile)."""
-    if not args.draft_checkpoint_path:
+    """A Speculation for --draft_checkpoint_path or --mtp/--mtp_checkpoint_path (None without them): the draft,
+    checked against the target, with its steps (compiled with --compile)."""
+    if not (args.draft_checkpoint_path or args.mtp or args.mtp_checkpoint_path):
         return None
     if args.batch_size > 1 or args.prompts_file:
         raise ValueError("speculative decoding takes one prompt at a time; drop --batch_size/--prompts_file or "
-                         "--draft_checkpoint_path")
+                         "--draft_checkpoint_path/--mtp")
+    if args.mtp or args.mtp_checkpoint_path:
+        import mtp
+        return mtp.load_speculation(args, model, target_dir, device)
+    args.speculate_k = args.speculate_k or 5
     path, t = Path(args.draft_checkpoint_path), time.perf_counter()
     draft = load_model(path, device, dtype)
     draft_tokenizer = None
@@ -340,12 +344,14 @@ def load_speculation(args, model: Transformer, tokenizer, target_dir: Path, devi
 
 
 def acceptance_summary(accepted: list, k: int) -> str:
-    """Mean accepted drafts per target step and the histogram of accepted lengths 0..k."""
+    """Mean accepted drafts per target step, the histogram of accepted lengths 0..k, and per draft position the
+    fraction of target steps that accepted it (a run of acceptances reaching that far)."""
     steps = max(len(accepted), 1)
     mean = sum(accepted) / steps
     hist = [accepted.count(i) for i in range(k + 1)]
+    per_step = " ".join(f"{sum(n > i for n in accepted) / steps:.2f}" for i in range(k))
     return (f"speculative k={k}: {len(accepted)} target steps, mean accepted {mean:.2f} "
-            f"({mean + 1:.2f} tokens per step), accepted lengths 0..{k}: {hist}")
+            f"({mean + 1:.2f} tokens per step), accepted lengths 0..{k}: {hist}, acceptance per draft step: {per_step}")
 
 
 # ------------------------------------------------------------------------------------------------------------ loading
@@ -549,7 +555,13 @@ def parse_args(argv=None):
     p.add_argument("--draft_checkpoint_path", default=None,
                    help="speculative decoding with this draft model.pth: a smaller model with the target's tokenizer, "
                         "or a quantized copy of the target (e.g. model_int4.g128.pth beside model.pth); batch 1")
-    p.add_argument("--speculate_k", type=int, default=5, help="tokens the draft proposes per target step")
+    p.add_argument("--speculate_k", type=int, default=None,
+                   help="tokens the draft proposes per target step (default: 5, or the k an MTP head was trained for)")
+    p.add_argument("--mtp", action="store_true", help="speculative decoding with the MTP head beside the checkpoint "
+                                                      "(mtp_head.pth; shipped for the embedded SmolLM2); batch 1")
+    p.add_argument("--mtp_checkpoint_path", default=None, help="speculative decoding with this MTP head (mtp.py train)")
+    p.add_argument("--draft_vocab", type=int, default=None,
+                   help="MTP head drafts over the N most frequent tokens (default: as trained; 0: all)")
     return p.parse_args(argv)
 
 
