@@ -147,21 +147,22 @@ def main(argv=None):
     decode = torch.compile(decode_one_token, mode=mode, fullgraph=True) if compile else decode_one_token
     prompt = [list(range(1, args.prompt_len + 1))]
     s = Sampling(temperature=0.0)
+    seq = args.prompt_len + args.max_new_tokens  # one cache size throughout: a new cache means a new CUDA graph
     with torch.no_grad():
         log(f"{label}: {model_bytes(model) / 1e9:.2f} GB of weights; compiling" if compile else f"{label}: eager")
         t = time.perf_counter()
-        generate(model, prompt, 8, s, decode_fn=decode)  # compile and capture the graph
+        generate(model, prompt, 8, s, decode_fn=decode, max_seq_length=seq)  # compile and capture the graph
         compile_s = time.perf_counter() - t
         log(f"ready after {compile_s:.0f} s; timing")
         runs = []
         for _ in range(3):
             synchronize(device)
             t = time.perf_counter()
-            generate(model, prompt, 1, s)
+            generate(model, prompt, 1, s, max_seq_length=seq)
             synchronize(device)
             ttft = time.perf_counter() - t
             t = time.perf_counter()
-            generate(model, prompt, args.max_new_tokens, s, decode_fn=decode)
+            generate(model, prompt, args.max_new_tokens, s, decode_fn=decode, max_seq_length=seq)
             synchronize(device)
             runs.append((args.max_new_tokens - 1) / (time.perf_counter() - t - ttft))
     tok_s = statistics.median(runs)
@@ -173,15 +174,18 @@ def main(argv=None):
             ("bytes/token (GB)", f"{step_bytes / 1e9:.3f}"), ("tok/s", f"{tok_s:.1f}"),
             ("GB/s", f"{gbs:.0f}"), ("copy GB/s", f"{copy_gbs:.0f}"), ("% of copy", f"{100 * gbs / copy_gbs:.1f}"),
             ("time to first token (ms)", f"{ttft * 1000:.1f}"), ("peak memory (GB)", f"{peak_memory_gb(device):.2f}")]
+    show(rows)
     if args.verify_k:
         one, many = verify_cost(model, device, args.verify_k, compile, args.prompt_len)
-        rows += [("decode step (ms)", f"{one * 1000:.3f}"), (f"verify {args.verify_k + 1} (ms)", f"{many * 1000:.3f}"),
-                 ("verify / step", f"{many / one:.3f}")]
+        show([("decode step (ms)", f"{one * 1000:.3f}"), (f"verify {args.verify_k + 1} (ms)", f"{many * 1000:.3f}"),
+              ("verify / step", f"{many / one:.3f}")])
     if args.hf_reference:
         hf = hf_reference(ckpt, device, dtype, args.prompt_len, args.max_new_tokens)
-        rows += [("transformers tok/s", f"{hf:.1f}"), ("speed-up", f"{tok_s / hf:.2f}x")]
-    width = max(len(k) for k, _ in rows)
-    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+        show([("transformers tok/s", f"{hf:.1f}"), ("speed-up", f"{tok_s / hf:.2f}x")])
+
+
+def show(rows):
+    print("\n".join(f"{k:<26}  {v}" for k, v in rows), flush=True)
 
 
 if __name__ == "__main__":
