@@ -236,7 +236,7 @@ class MTPDrafter:
         hidden = F.pad(hidden, (0, 0, 0, pad))  # (1, k+1, D)
         tokens = F.pad(tokens[:, 1:], (0, pad))  # (1, k+1)
         input_pos = torch.arange(pos - m, pos - m + k + 1, device=dev)
-        last = torch.tensor([m - 1], device=dev)
+        last = torch.arange(m - 1, m, device=dev)  # (1,), made on the device: no host-to-device copy
         drafts, q = self.step(self.head, self.target, hidden, tokens, input_pos, last, k, s)
         return drafts[0].clone(), q[0].clone()  # (k,), (k, V); clone: a CUDA graph reuses its outputs
 
@@ -566,7 +566,7 @@ def _stdlib_docs() -> tuple:
     skip = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo", "ensurepip",
             "__pycache__", "tkinter", "pydoc_data", "encodings"}
     out = []
-    for path in sorted(root.rglob("*.py")):
+    for path in sorted([*root.glob("*.py"), *root.glob("*/*.py")]):  # modules and packages' first level
         rel = path.relative_to(root)
         if any(p in skip or p.startswith(("config-", "_")) for p in rel.parts[:-1]) or (
                 rel.name.startswith("_") and rel.name != "__init__.py"):
@@ -802,7 +802,7 @@ def parse_args(argv=None):
     t.add_argument("--batch_size", type=int, default=16, help="sequences per step")
     t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, warm-up then cosine to 10%%)")
     t.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 5%% of --steps)")
-    t.add_argument("--draft_vocab", default="8192", help="draft vocabulary size (a number or 'full'), ranked "
+    t.add_argument("--draft_vocab", default="16384", help="draft vocabulary size (a number or 'full'), ranked "
                                                          "from --data unless --vocab is given")
     t.add_argument("--vocab", default=None, help="output of `mtp.py vocab` (its ranking and size)")
     t.add_argument("--targets", choices=["soft", "hard"], default="soft",

@@ -108,6 +108,42 @@ def test_negative_control_accepting_every_draft_is_detected(monkeypatch):
     assert mtp_loop_pvalue(600) < 1e-6
 
 
+@torch.no_grad()
+def test_the_proposal_traces_as_one_graph():
+    """fullgraph capture of the whole proposal (what --compile turns into one CUDA graph) computes the same thing;
+    the eager backend checks the capture without paying for code generation on a CPU test."""
+    torch._dynamo.reset()
+    model = tiny()
+    head = tiny_head(model, vocab_ids=torch.arange(60))
+    step = torch.compile(mtp.draft, backend="eager", fullgraph=True, dynamic=False)
+    for s in (GREEDY, WARM):
+        torch.manual_seed(0)
+        want = speculative_generate(model, mtp.MTPDrafter(head, model), [[1, 2, 3]], 30, s, 3)
+        torch.manual_seed(0)
+        assert speculative_generate(model, mtp.MTPDrafter(head, model, step), [[1, 2, 3]], 30, s, 3) == want
+
+
+@torch.no_grad()
+def test_generate_flags_load_the_head(tmp_path):
+    model = tiny()
+    mtp.save_head(tmp_path / mtp.MTP_HEAD_FILE, tiny_head(model), base="tiny", k=2, vocab_rank=torch.randperm(101),
+                  draft_vocab=50)
+    spec = gen.load_speculation(gen.parse_args(["--mtp"]), model, None, tmp_path, "cpu", torch.float32)
+    assert spec.k == 2 and len(spec.drafter.head.vocab_ids) == 50  # the trained k and vocabulary by default
+    args = gen.parse_args(["--mtp_checkpoint_path", str(tmp_path / mtp.MTP_HEAD_FILE), "--speculate_k", "4",
+                           "--draft_vocab", "0"])
+    spec = gen.load_speculation(args, model, None, tmp_path / "elsewhere", "cpu", torch.float32)
+    assert spec.k == 4 and spec.drafter.head.vocab_ids is None
+    got = speculative_generate(model, spec.drafter, [[1, 2]], 20, GREEDY, spec.k, prefill_fn=spec.prefill_fn,
+                               verify_fn=spec.verify_fn)
+    assert got == generate(model, [[1, 2]], 20)
+    with pytest.raises(ValueError, match="choose one"):
+        gen.load_speculation(gen.parse_args(["--mtp", "--draft_checkpoint_path", "x.pth"]), model, None, tmp_path,
+                             "cpu", torch.float32)
+    with pytest.raises(FileNotFoundError, match="mtp.py train"):
+        gen.load_speculation(gen.parse_args(["--mtp"]), model, None, tmp_path / "elsewhere", "cpu", torch.float32)
+
+
 # ------------------------------------------------------------------------------------------ drafting internals
 @torch.no_grad()
 def test_drafting_computes_what_training_computes():
