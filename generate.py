@@ -7,6 +7,7 @@
 import argparse
 import contextlib
 import itertools
+import os
 import resource
 import sys
 import time
@@ -329,7 +330,7 @@ def load_speculation(args, model: Transformer, tokenizer, target_dir: Path, devi
         return mtp.load_speculation(args, model, target_dir, device)
     args.speculate_k = args.speculate_k or 5
     path, t = Path(args.draft_checkpoint_path), time.perf_counter()
-    draft = load_model(path, device, dtype)
+    draft = load_model(path, device, dtype, use_tp=args.shard_draft)
     draft_tokenizer = None
     if path.parent.resolve() != Path(target_dir).resolve():  # a self-draft shares the target's tokenizer files
         from tokenizer import get_tokenizer
@@ -555,6 +556,8 @@ def parse_args(argv=None):
     p.add_argument("--draft_checkpoint_path", default=None,
                    help="speculative decoding with this draft model.pth: a smaller model with the target's tokenizer, "
                         "or a quantized copy of the target (e.g. model_int4.g128.pth beside model.pth); batch 1")
+    p.add_argument("--shard_draft", action="store_true",
+                   help="under torchrun, split the draft over the processes too (default: a whole copy on each)")
     p.add_argument("--speculate_k", type=int, default=None,
                    help="tokens the draft proposes per target step (default: 5, or the k an MTP head was trained for)")
     p.add_argument("--mtp", action="store_true", help="speculative decoding with the MTP head beside the checkpoint "
@@ -567,6 +570,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    import tp
+    rank = tp.maybe_init_dist()  # None unless launched by torchrun with 2+ processes
+    if rank is not None and args.chat:
+        raise ValueError("--chat reads the keyboard and cannot run under torchrun; use --prompt or --prompts_file")
+    if rank not in (None, 0):  # every rank runs the same steps; only rank 0 prints
+        sys.stdout = sys.stderr = open(os.devnull, "w")
     device = args.device
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     if args.compile:
@@ -579,7 +588,7 @@ def main(argv=None):
 
     checkpoint = resolve_checkpoint(args.checkpoint_path)
     t = time.perf_counter()
-    model = load_model(checkpoint, device, dtype)
+    model = load_model(checkpoint, device, dtype, use_tp=rank is not None)
     tokenizer = get_tokenizer(checkpoint.parent)
     print(f"loaded {checkpoint} in {time.perf_counter() - t:.1f} s ({model_bytes(model) / 1e9:.2f} GB of weights "
           f"read per step, {dtype}, {device})", file=sys.stderr)

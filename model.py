@@ -146,7 +146,8 @@ class Transformer(nn.Module):
         dtype = dtype or self.norm.weight.dtype
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, c.n_local_heads, c.head_dim, dtype).to(device)
+            n_kv = layer.attention.n_kv  # this process's KV heads (all of them unless tensor parallel split them)
+            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, n_kv, c.head_dim, dtype).to(device)
         cos, sin = rope_tables(max_seq_length, c.head_dim, c.rope_base, c.rope_scaling, device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

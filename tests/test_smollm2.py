@@ -1,0 +1,67 @@
+"""End to end on the real SmolLM2-135M-Instruct (float32, CPU): greedy text equals transformers' own."""
+import pytest
+import torch
+
+from generate import Sampling, generate, load_model, main
+from tokenizer import get_tokenizer
+
+MESSAGES = [{"role": "user", "content": "Write a short poem about the sea and explain its imagery."}]
+
+
+@pytest.fixture(scope="module")
+def hf_model(smollm2_gguf):
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                                              torch_dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def ours(smollm2_checkpoint):
+    return load_model(smollm2_checkpoint / "model.pth"), get_tokenizer(smollm2_checkpoint)
+
+
+@torch.no_grad()
+def test_logits_match_transformers(ours, hf_model):
+    model, tok = ours
+    ids = torch.tensor([tok.apply_chat_template(MESSAGES)])
+    ref = hf_model(ids).logits
+    assert ((model(ids) - ref).norm() / ref.norm()).item() < 1e-4
+
+
+@torch.no_grad()
+def test_greedy_64_tokens_equal_transformers(ours, hf_model):
+    model, tok = ours
+    ids = tok.apply_chat_template(MESSAGES)
+    x = torch.tensor([ids])  # the ChatML prompt holds <|im_end|>, which is also the pad id: say nothing is padding
+    ref = hf_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=64, do_sample=False,
+                            eos_token_id=None, pad_token_id=tok.pad_id)[0, len(ids):].tolist()
+    out = generate(model, [ids], 64, Sampling(temperature=0.0))[0]
+    assert len(ref) == 64 and out == ref, (tok.decode(out), tok.decode(ref))
+
+
+@torch.no_grad()
+def test_batch_of_distinct_prompts_equals_one_by_one(ours):
+    model, tok = ours
+    prompts = [tok.encode(t) for t in ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a"]]
+    together = generate(model, prompts, 12)
+    assert together == [generate(model, [p], 12)[0] for p in prompts]
+
+
+def test_cli_streams_the_same_text(smollm2_checkpoint, ours, capsys):
+    model, tok = ours
+    prompt = "The three primary colors are"
+    expected = tok.decode(generate(model, [tok.encode(prompt)], 20, Sampling(temperature=0.0))[0])
+    main(["--checkpoint_path", str(smollm2_checkpoint / "model.pth"), "--prompt", prompt, "--temperature", "0",
+          "--max_new_tokens", "20"])
+    out = capsys.readouterr()
+    assert expected.strip() in out.out and "tok/s" in out.err and "time to first token" in out.err
+
+
+def test_cli_prompt_too_long_is_one_clear_line(smollm2_checkpoint, capsys):
+    import subprocess, sys
+    from pathlib import Path
+    r = subprocess.run([sys.executable, "generate.py", "--checkpoint_path", str(smollm2_checkpoint / "model.pth"),
+                        "--prompt", "word " * 9000, "--max_new_tokens", "8"], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in r.stderr
