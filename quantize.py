@@ -219,9 +219,9 @@ def int4_gemv(x, weight, scales_and_zeros, groupsize: int, block_nt: int = 2, ks
     NT, KO, _, J = weight.shape
     N, ikt, K = NT * 8, 2 * J, x.shape[-1]
     ks = ks or max(1, 32 // ikt)
-    xf = x.float().reshape(KO, J, 4, 4, 2)  # (KO, jj, p%4, c, p//4): column 32*jj + 8*(p%4) + 2*c + p//4
-    mult = torch.tensor([128.0, 2048.0, 128.0, 2048.0], device=x.device).view(4, 1, 1)  # 2**(23-b): b = 16, 12
-    xp = (xf * mult).permute(0, 4, 2, 3, 1).contiguous()  # (KO, p//4, p%4, c, jj) = (KO, 8, WORDS)
+    xf = x.float().reshape(KO, J, 2, 2, 4, 2)  # (KO, jj, a, b, c, p//4): column 32*jj + 8*(2a+b) + 2*c + p//4
+    xp = torch.cat([xf[:, :, :, :1] * 128, xf[:, :, :, 1:] * 2048], dim=3)  # x * 2**(23-bit): even p at 16, odd at 12
+    xp = xp.permute(0, 5, 2, 3, 4, 1).contiguous()  # (KO, p//4, a, b, c, jj) = (KO, 8, WORDS), p = 4*(p//4) + 2a + b
     xs = torch.stack([xf.reshape(KO, -1).sum(-1), xp.reshape(KO, -1).sum(-1)], dim=-1)  # (KO, 2)
     even = NT % block_nt == 0 and KO % (ks * split_k) == 0
     out = torch.zeros(N, device=x.device, dtype=torch.float32) if split_k > 1 else x.new_empty(N)
@@ -238,9 +238,9 @@ def int8_gemv(x, weight, scales, block_n: int = 16, block_kw: int = 128, split_k
     (rows per program), block_kw (int32 words = 4 weights per row per loop step), split_k, num_warps, num_stages."""
     N, K = weight.shape
     KW = K // 4
-    mult = torch.tensor([256.0, 32768.0, 256.0, 256.0], device=x.device)  # 2**(23-b): b = 15, 8, 15, 15
     xf = x.float().reshape(KW, 4)
-    xp = (xf * mult).t().contiguous()  # (4, KW): x' of byte j of every word
+    xt = xf.t() * 256  # (4, KW): byte j of every word; x * 2**(23-bit), bytes at bit 15 but byte 1 at bit 8
+    xp = torch.cat([xt[:1], xt[1:2] * 128, xt[2:]])
     xs = (xp.sum() + 128 * xf.sum()).reshape(1)
     even = N % block_n == 0 and KW % (block_kw * split_k) == 0
     out = torch.zeros(N, device=x.device, dtype=torch.float32) if split_k > 1 else x.new_empty(N)
@@ -271,7 +271,7 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def prepare(self, use_triton: bool):
-        usable = use_triton and self.weight.is_cuda and self.in_features % 4 == 0
+        usable = use_triton and self.weight.is_cuda and self.weight.shape[1] % 4 == 0
         self.gemv = dict(self.gemv or {}) if usable else None
 
 
@@ -313,6 +313,12 @@ class Int4Linear(nn.Module):
     @torch.no_grad()
     def prepare(self, use_triton: bool):
         """Repack the stored tensors for this device and drop them (a prepared module is for inference only)."""
+        if self.prepared_for is not None:
+            if self.prepared_for != self.packed.device.type:
+                raise RuntimeError(f"this int4 layer was prepared for {self.prepared_for} and then moved; "
+                                   f"move the model before prepare_for_device, never after")
+            self.gemv = dict(self.gemv or {}) if use_triton and self.prepared_for == "cuda" else None
+            return
         device, dtype = self.weight.device, self.scales.dtype
         self.padded_in = self.weight.shape[1] * 2  # derived from the tensors: tensor parallel may have sliced them
         sz = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).contiguous()  # (K/g, N, 2)
@@ -439,9 +445,9 @@ def _plan(model: Transformer, mode: str, groupsize: int, pad: bool, quantize_out
 
 
 @torch.no_grad()
-def _quantized_module(old, kind, groupsize, config, q=None, scales=None, zeros=None):
-    """A quantized module holding `old`'s weights: round-to-nearest unless GPTQ's q/scales/zeros are given."""
-    new = _empty_like_quantized(old, kind, groupsize, config, device="cpu")
+def _quantized_module(old, kind, groupsize, config, packed=None, scales=None, zeros=None):
+    """A quantized module holding `old`'s weights: round-to-nearest unless GPTQ's packed/scales/zeros are given."""
+    new = _empty_like_quantized(old, kind, groupsize, config, device=next(iter(old.parameters())).device)
     if kind == "int8-experts":
         new.gate.weight.copy_(old.gate.weight)
         for n in ("w1", "w3", "w2"):
@@ -449,17 +455,17 @@ def _quantized_module(old, kind, groupsize, config, q=None, scales=None, zeros=N
             getattr(new, n).copy_(qn)
             getattr(new, n + "_scales").copy_(s)
         return new
-    w = old.weight.detach().float().cpu()
+    w = old.weight.detach().float()
     if kind == "int8":
         qn, s = quantize_int8(w)
         new.weight.copy_(qn)
         new.scales.copy_(s)
     else:
-        if q is None:
+        if packed is None:
             w = F.pad(w, (0, new.weight.shape[1] * 2 - w.shape[1]))
             scales, zeros = int4_qparams(w, groupsize)
-            q = quantize_int4(w, scales, zeros, groupsize)
-        new.weight.copy_(pack_int4(q))
+            packed = pack_int4(quantize_int4(w, scales, zeros, groupsize))
+        new.weight.copy_(packed)
         new.scales.copy_(scales)
         new.zeros.copy_(zeros)
     if old.bias is not None:
@@ -484,7 +490,7 @@ def quantize_model(model: Transformer, mode: str, groupsize: int = 128, calibrat
                    quantize_output: bool = False, percdamp: float = 0.01, act_order: bool = False,
                    device=None, verbose: bool = True):
     """Quantize a float model in place: -> (model, info). `calibration` (samples, seq) token ids is needed for
-    int4-gptq only. Quantized modules end up on the CPU, unprepared (call prepare_for_device after moving)."""
+    int4-gptq only. Quantized modules stay where the float ones were, unprepared: call prepare_for_device next."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
     if mode != "int8" and groupsize not in GROUPSIZES:
@@ -495,8 +501,7 @@ def quantize_model(model: Transformer, mode: str, groupsize: int = 128, calibrat
     quantized, skipped = _plan(model, mode, groupsize, pad, quantize_output)
     if verbose and skipped:
         print("left in float: " + "; ".join(f"{n} ({why})" for n, why in skipped.items()), file=sys.stderr)
-    kind4 = "int4" if mode != "int8" else None
-    info = dict(format=FORMAT, mode=mode, groupsize=groupsize if kind4 else None, quantized=quantized,
+    info = dict(format=FORMAT, mode=mode, groupsize=groupsize if mode != "int8" else None, quantized=quantized,
                 skipped=skipped, quantize_output=quantize_output, pad=pad)
     if any(k == "int8-experts" for k in quantized.values()):
         info["experts"] = "int8 per channel"
@@ -510,8 +515,8 @@ def quantize_model(model: Transformer, mode: str, groupsize: int = 128, calibrat
     blocks = [n.split(".")[:2] for n in names]  # ["layers", "3"]: one progress line per transformer block
     progress = _Progress(len({".".join(b) for b in blocks}), "quantizing blocks") if verbose else None
     for i, name in enumerate(names):
-        q, s, z = gptq_results.get(name, (None, None, None))
-        module = _quantized_module(model.get_submodule(name), quantized[name], groupsize, model.config, q, s, z)
+        packed, s, z = gptq_results.get(name, (None, None, None))
+        module = _quantized_module(model.get_submodule(name), quantized[name], groupsize, model.config, packed, s, z)
         _set_module(model, name, module)
         if progress and (i + 1 == len(names) or blocks[i + 1] != blocks[i]):
             progress(len({".".join(b) for b in blocks[:i + 1]}), ".".join(blocks[i]))
@@ -534,15 +539,16 @@ def gptq_quantize(w, H, groupsize: int, percdamp: float = 0.01, act_order: bool 
     dead = torch.diag(H) == 0  # inputs that were always zero: any weight works, use zero
     H[dead, dead] = 1
     W[:, dead] = 0
-    scales, zeros = int4_qparams(W, groupsize) if act_order else (torch.empty(N, K // groupsize), torch.empty(N, K // groupsize))
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K)
+    empty = torch.empty(N, K // groupsize, device=W.device)
+    scales, zeros = int4_qparams(W, groupsize) if act_order else (empty, empty.clone())
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
     Hinv = _inverse_cholesky(H, percdamp)
-    Q = torch.zeros(N, K, dtype=torch.int32)
+    Q = torch.zeros(N, K, dtype=torch.int32, device=W.device)
     blocksize = max(blocksize // groupsize, 1) * groupsize  # whole groups per block
     for i1 in range(0, K, blocksize):
         i2 = min(i1 + blocksize, K)
-        W1, Hinv1, Err1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2], torch.zeros(N, i2 - i1)
+        W1, Hinv1, Err1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2], torch.zeros(N, i2 - i1, device=W.device)
         for i in range(i2 - i1):
             col = int(perm[i1 + i])
             g = col // groupsize
@@ -560,7 +566,7 @@ def gptq_quantize(w, H, groupsize: int, percdamp: float = 0.01, act_order: bool 
 
 def _inverse_cholesky(H, percdamp):
     """Upper Cholesky factor of (H + damp*I)^-1, raising the damping until it is positive definite."""
-    eye = torch.eye(H.shape[0])
+    eye = torch.eye(H.shape[0], device=H.device)
     damp = percdamp * torch.diag(H).mean()
     for _ in range(6):
         L, bad = torch.linalg.cholesky_ex(H + damp * eye)
@@ -574,7 +580,7 @@ def _inverse_cholesky(H, percdamp):
 @torch.no_grad()
 def gptq_calibrate(model: Transformer, tokens, names, groupsize: int, percdamp: float = 0.01, act_order: bool = False,
                    device=None, batch_size: int = 8, verbose: bool = True) -> dict:
-    """Run GPTQ block by block: {linear name: (q, scales, zeros)} for every name in `names`.
+    """Run GPTQ block by block: {linear name: (packed int4, scales, zeros)} for every name in `names`.
 
     Only one block's inputs live at once. Inside a block the linears go in forward order (wqkv, wo, then w1
     and w3 together, w2): each group's Hessian comes from inputs computed with the already-quantized weights
@@ -585,13 +591,14 @@ def gptq_calibrate(model: Transformer, tokens, names, groupsize: int, percdamp: 
     wanted, results = set(names), {}
     c = model.config
     S = tokens.shape[1]
-    x = model.tok_embeddings.to(device)(tokens.to(device)).float()  # (samples, S, D): the first block's inputs
+    emb = model.tok_embeddings.weight
+    x = F.embedding(tokens.to(emb.device), emb).to(device=device, dtype=torch.float32)  # (samples, S, D): block 0's inputs
     cos, sin = rope_tables(S, c.head_dim, c.rope_base, c.rope_scaling, device)
     rope = (cos[None], sin[None])
     blocks = [(f"layers.{i}", layer) for i, layer in enumerate(model.layers)]
     progress = _Progress(len(blocks) + ("output" in wanted), "GPTQ blocks") if verbose else None
     for i, (prefix, block) in enumerate(blocks):
-        dtype = block.attention_norm.weight.dtype
+        home, dtype = block.attention_norm.weight.device, block.attention_norm.weight.dtype
         block_dev = block.to(device=device, dtype=torch.float32)  # in place: this block only, back below
         ffn = ["feed_forward.w1", "feed_forward.w3"]
         for group in (["attention.wqkv"], ["attention.wo"], ffn, ["feed_forward.w2"]):
@@ -601,18 +608,19 @@ def gptq_calibrate(model: Transformer, tokens, names, groupsize: int, percdamp: 
                              lambda b: block_dev(b, rope, None, torch.arange(S, device=device)))
                 for n in group:
                     lin = block_dev.get_submodule(n)
-                    q, s, z = _gptq_linear(lin, H, groupsize, percdamp, act_order)
-                    results[f"{prefix}.{n}"] = (q, s, z)
+                    results[f"{prefix}.{n}"] = _gptq_linear(lin, H, groupsize, percdamp, act_order)
         x = torch.cat([block_dev(b, rope, None, torch.arange(S, device=device)) for b in x.split(batch_size)])
-        block.to(device="cpu", dtype=dtype)
+        block.to(device=home, dtype=dtype)
         if progress:
             progress(i + 1, prefix)
     if "output" in wanted:
-        dtype = model.norm.weight.dtype
+        if model.output.weight is model.tok_embeddings.weight:  # tied: GPTQ writes into the head, not the embeddings
+            model.output.weight = nn.Parameter(model.output.weight.detach().clone())
+        home, dtype = model.norm.weight.device, model.norm.weight.dtype
         norm, out = model.norm.to(device=device, dtype=torch.float32), model.output.to(device=device, dtype=torch.float32)
         H = _hessian(out, x, batch_size, lambda b: out(norm(b)))
         results["output"] = _gptq_linear(out, H, groupsize, percdamp, act_order)
-        norm.to(device="cpu", dtype=dtype), out.to(device="cpu", dtype=dtype)
+        norm.to(device=home, dtype=dtype), out.to(device=home, dtype=dtype)
         if progress:
             progress(len(blocks) + 1, "output")
     return results
@@ -634,19 +642,19 @@ def _hessian(linear, x, batch_size, run):
             run(b)
     finally:
         handle.remove()
-    return (H / count).float().cpu()
+    return (H / count).float()
 
 
 def _gptq_linear(lin, H, groupsize, percdamp, act_order):
     """GPTQ one linear (padded to whole groups) and write its dequantized weights back, so the forward passes
     that follow see the quantized layer."""
-    w = lin.weight.float().cpu()
+    w = lin.weight.float()
     K = w.shape[1]
     k = -(-K // groupsize) * groupsize
     w, H = F.pad(w, (0, k - K)), F.pad(H, (0, k - K, 0, k - K))
     q, s, z = gptq_quantize(w, H, groupsize, percdamp, act_order)
     lin.weight.copy_(dequantize_int4(q, s, z, groupsize)[:, :K].to(lin.weight))
-    return q, s, z
+    return pack_int4(q).cpu(), s.cpu(), z.cpu()
 
 
 # ------------------------------------------------------------------------------------------- calibration text

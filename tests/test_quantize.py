@@ -106,15 +106,18 @@ def save_checkpoint(tmp_path, model, info, name):
     return tmp_path / name
 
 
-@pytest.mark.parametrize("mode,groupsize,kw", [("int8", None, {}), ("int4", 64, {}), ("int4", 128, dict(dim=192)),
-                                               ("int4-gptq", 64, {}), ("int8", None, dict(tie_embeddings=True))])
-def test_save_load_round_trip(tmp_path, mode, groupsize, kw):
+@pytest.mark.parametrize("mode,groupsize,quantize_output,kw", [
+    ("int8", None, True, {}), ("int4", 64, False, {}), ("int4", 128, True, dict(dim=192)),
+    ("int4-gptq", 64, False, {}), ("int4-gptq", 64, True, dict(tie_embeddings=True)),
+    ("int8", None, False, dict(tie_embeddings=True))])
+def test_save_load_round_trip(tmp_path, mode, groupsize, quantize_output, kw):
     model = tiny_model(**kw)
+    embeddings = model.tok_embeddings.weight.clone()
     tokens = torch.randint(0, 256, (2, 16))
     pad = model.config.dim % (groupsize or 1) != 0  # dim 192 with groups of 128: zero-padded
-    quantize_output = mode != "int4-gptq"
     model, info = Q.quantize_model(model, mode, groupsize or 128, tokens if mode == "int4-gptq" else None, pad=pad,
                                    quantize_output=quantize_output, verbose=False)
+    assert torch.equal(model.tok_embeddings.weight, embeddings)  # a tied head is quantized apart from them
     assert json.loads(json.dumps(info)) == info  # plain data, nothing torch-specific
     assert set(info["quantized"]) >= {"layers.0.attention.wqkv", "layers.1.feed_forward.w2"}
     assert ("output" in info["quantized"]) == quantize_output
