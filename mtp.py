@@ -174,8 +174,9 @@ def load_head(path, model: Transformer, draft_vocab: Optional[int] = None) -> MT
     diff = [f for f in ("dim", "vocab_size", "n_head", "n_local_heads", "head_dim", "intermediate_size")
             if mine[f] != theirs[f]]
     if diff:
-        raise ValueError(f"MTP head {path} was made for {config.get('base')} ({', '.join(f'{f}={mine[f]}' for f in diff)}), "
-                         f"not this model ({', '.join(f'{f}={theirs[f]}' for f in diff)}); use the head trained for it")
+        ours, model_has = (", ".join(f"{f}={d[f]}" for f in diff) for d in (mine, theirs))
+        raise ValueError(f"MTP head {path} was made for {config.get('base')} ({ours}), not this model ({model_has}); "
+                         f"use the head trained for it")
     head = MTPHead(args)
     head.load_state_dict(state)
     w = output_weight(model)
@@ -402,7 +403,8 @@ def evaluate(head, model, ids, hidden, offsets, prompt_lens, rows, k, weight, vo
 def train_head(model: Transformer, head: MTPHead, data: dict, *, k: int = 3, steps: int = 1000, batch_size: int = 16,
                lr: float = 1e-3, warmup: Optional[int] = None, weight_decay: float = 0.01, vocab_ids=None,
                targets: str = "soft", val_frac: float = 0.05, eval_every: int = 250, seed: int = 0, log=print):
-    """Train the head's weights only (the target is frozen); returns the training losses, one per step."""
+    """Train the head's weights only (the target is frozen). Returns the training losses (one per step) and the
+    held-out evaluations [(step, per-step agreement, est. greedy accepted length)]."""
     if targets not in ("soft", "hard"):
         raise ValueError(f"targets must be 'soft' or 'hard', got {targets!r}")
     device = model.norm.weight.device
@@ -426,7 +428,7 @@ def train_head(model: Transformer, head: MTPHead, data: dict, *, k: int = 3, ste
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0, i - warmup) / max(1, steps - warmup))))))
     autocast = torch.autocast("cuda", torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     gen = torch.Generator(device=device).manual_seed(seed)
-    losses, t0, tokens = [], time.perf_counter(), 0
+    losses, evals, t0, tokens = [], [], time.perf_counter(), 0
     head.train()
     for step in range(1, steps + 1):
         rows = train[torch.randint(len(train), (batch_size,), device=device, generator=gen)]
@@ -444,7 +446,8 @@ def train_head(model: Transformer, head: MTPHead, data: dict, *, k: int = 3, ste
         tokens += int(resp.sum())
         if step % max(1, steps // 100) == 0 or step == steps:
             dt = time.perf_counter() - t0
-            log(f"step {step}/{steps} | loss {sum(losses[-10:]) / len(losses[-10:]):.3f} | lr {schedule.get_last_lr()[0]:.2e} | "
+            recent = losses[-10:]
+            log(f"step {step}/{steps} | loss {sum(recent) / len(recent):.3f} | lr {schedule.get_last_lr()[0]:.2e} | "
                 f"{tokens / dt:,.0f} response tok/s | ETA {fmt_time(dt / step * (steps - step))}")
         if n_val and (step % eval_every == 0 or step == steps):
             head.eval()
@@ -452,10 +455,11 @@ def train_head(model: Transformer, head: MTPHead, data: dict, *, k: int = 3, ste
                 acc, tau = evaluate(head, model, ids, hidden, offsets, prompt_lens, val, k, weight, vocab_ids,
                                     batch_size)
             head.train()
+            evals.append((step, acc, tau))
             log(f"  held-out ({n_val} samples): top-1 agreement with the target per step "
                 f"{' '.join(f'{a:.3f}' for a in acc)} | est. greedy accepted length {tau:.2f} (max {k + 1})")
     head.eval()
-    return losses
+    return losses, evals
 
 
 def fmt_time(seconds: float) -> str:
@@ -674,7 +678,8 @@ def distill(model: Transformer, prompts: list, max_new_tokens: int, batch_size: 
 #             DeepSeek-V3's own MLA attention and MoE block are not model.py blocks and are refused.
 # Both reference implementations zero the embedding at position 0; we do not (it only touches the first anchor).
 NATIVE_NAMES = {
-    "mimo": {"hnorm": "hidden_layernorm", "enorm": "token_layernorm", "eh_proj": "input_proj", "norm": "final_layernorm"},
+    "mimo": {"hnorm": "hidden_layernorm", "enorm": "token_layernorm", "eh_proj": "input_proj",
+             "norm": "final_layernorm"},
     "deepseek": {"hnorm": "hnorm", "enorm": "enorm", "eh_proj": "eh_proj", "norm": "shared_head.norm"},
 }
 BLOCK_NAMES = {"attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
@@ -784,7 +789,8 @@ def parse_args(argv=None):
     d.add_argument("--num_prompts", type=int, default=1024, help="how many prompts (built programmatically)")
     d.add_argument("--max_new_tokens", type=int, default=256, help="response tokens per prompt at most")
     d.add_argument("--batch_size", type=int, default=64, help="prompts generated together")
-    d.add_argument("--compile", action="store_true", help="compile the decode step (CUDA graph); worth it for long runs")
+    d.add_argument("--compile", action="store_true",
+                   help="compile the decode step (a CUDA graph); pays off only for long runs")
     d.add_argument("--exclude", default=None, help="evaluation prompts (jsonl) no distillation prompt may equal "
                                                    "(default: ../shared/prompts/dev.jsonl when present)")
 
@@ -865,12 +871,13 @@ def main(argv=None):
     cov = coverage(data, rank, [size]) if size else {V: 1.0}
     print(f"draft vocabulary: {size or V} ids, covering {next(iter(cov.values())):.4f} of response tokens")
     head = new_head(model, warm_start=not args.no_warm_start)
-    train_head(model, head, data, k=args.k, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-               warmup=args.warmup, vocab_ids=rank[:size] if size else None, targets=args.targets,
-               val_frac=args.val_frac, eval_every=args.eval_every, seed=args.seed)
+    _, evals = train_head(model, head, data, k=args.k, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                          warmup=args.warmup, vocab_ids=rank[:size] if size else None, targets=args.targets,
+                          val_frac=args.val_frac, eval_every=args.eval_every, seed=args.seed)
     out = Path(args.out) if args.out else checkpoint.parent / MTP_HEAD_FILE
+    heldout = dict(heldout_agreement=evals[-1][1], heldout_est_accepted_length=evals[-1][2]) if evals else {}
     save_head(out, head, base=base, k=args.k, vocab_rank=rank, draft_vocab=size, targets=args.targets,
-              steps=args.steps, data_tokens=len(data["ids"]))
+              steps=args.steps, data_tokens=len(data["ids"]), **heldout)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
 
 

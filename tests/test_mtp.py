@@ -1,6 +1,5 @@
 """The MTP head on tiny random models: drafting equals training, cache rollback, vocabulary slice, checkpoints,
 training, native weight layouts, the distillation prompt set; plus the real SmolLM2 with the shipped head."""
-import argparse
 import json
 import random
 from pathlib import Path
@@ -280,11 +279,13 @@ def test_training_reduces_the_loss(targets, vocab):
     vocab_ids = mtp.token_ranking(data, 101)[:vocab] if vocab else None
     head = mtp.new_head(model)
     torch.manual_seed(0)
-    losses = mtp.train_head(model, head, data, k=3, steps=30, batch_size=8, lr=3e-3, vocab_ids=vocab_ids,
-                            targets=targets, eval_every=1000, log=lambda *_: None)
+    losses, evals = mtp.train_head(model, head, data, k=3, steps=30, batch_size=8, lr=3e-3, vocab_ids=vocab_ids,
+                                   targets=targets, eval_every=1000, log=lambda *_: None)
     assert len(losses) == 30 and all(map(torch.isfinite, torch.tensor(losses)))
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
     assert all(p.grad is None for p in model.parameters())  # the target stays frozen
+    step, acc, tau = evals[-1]  # the held-out evaluation at the last step
+    assert step == 30 and len(acc) == 3 and all(0 <= a <= 1 for a in acc) and 1 <= tau <= 4
 
 
 def test_loss_weights():
