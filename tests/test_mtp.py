@@ -36,7 +36,7 @@ def tiny_head(model, seed=1, vocab_ids=None):
     return head.eval().share(model, vocab_ids)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny models run faster on one thread, and a busy machine cannot slow them down by oversubscription."""
     n = torch.get_num_threads()
