@@ -700,17 +700,18 @@ def _swap_halves(w):
     return torch.cat([w[:, d:], w[:, :d]], dim=1)
 
 
-def head_state_from_native(sd: dict, config: ModelArgs, style: str, index: int = 0) -> dict:
-    """An MTPHead state dict from one native MTP layer's keys in `sd` (other keys are ignored)."""
-    pre, names = native_prefix(style, config, index), NATIVE_NAMES[style]
-    if any(k.startswith(pre + "self_attn.q_a_proj") or k.startswith(pre + "mlp.experts.") for k in sd):
+def head_state_from_native(source, config: ModelArgs, style: str, index: int = 0) -> dict:
+    """An MTPHead state dict from one native MTP layer. `source` has keys() and get(key) -> tensor: a dict, or
+    convert_hf_checkpoint's lazy HFSource (only this layer's tensors are read)."""
+    pre, names, keys = native_prefix(style, config, index), NATIVE_NAMES[style], set(source.keys())
+    if any(k.startswith(pre + "self_attn.q_a_proj") or k.startswith(pre + "mlp.experts.") for k in keys):
         raise ValueError(f"{pre}* uses MLA attention or a mixture of experts; model.py has neither, so this MTP "
                          f"layer cannot be converted")
 
     def get(name):
-        if pre + name not in sd:
+        if pre + name not in keys:
             raise ValueError(f"native MTP layer is missing {pre + name}; is it a complete {style} checkpoint?")
-        return sd[pre + name]
+        return source.get(pre + name)
 
     out = {f"{ours}.weight": get(f"{theirs}.weight") for ours, theirs in names.items()}
     if style == "deepseek":
@@ -728,7 +729,7 @@ def head_state_from_native(sd: dict, config: ModelArgs, style: str, index: int =
     known = {pre + f"{t}.weight" for t in names.values()} | {pre + f"{t}.weight" for t in BLOCK_NAMES.values()}
     known |= {pre + f"self_attn.{x}_proj.{p}" for x in "qkv" for p in ("weight", "bias")}
     known |= {pre + s for s in SHARED_NAMES}
-    left = sorted(k for k in sd if k.startswith(pre) and k not in known and "rotary_emb" not in k)
+    left = sorted(k for k in keys if k.startswith(pre) and k not in known and "rotary_emb" not in k)
     if left:
         raise ValueError(f"native MTP layer has keys this module does not know: {left[:3]}")
     return out
@@ -751,29 +752,40 @@ def head_state_to_native(state: dict, config: ModelArgs, style: str, index: int 
     return out
 
 
-def native_style(sd: dict, config: ModelArgs) -> Optional[str]:
-    if native_prefix("mimo", config) + "input_proj.weight" in sd:
+def native_style(keys, config: ModelArgs) -> Optional[str]:
+    keys = set(keys)
+    if native_prefix("mimo", config) + "input_proj.weight" in keys:
         return "mimo"
-    if native_prefix("deepseek", config) + "eh_proj.weight" in sd:
+    if native_prefix("deepseek", config) + "eh_proj.weight" in keys:
         return "deepseek"
     return None
 
 
-def pop_native_mtp(sd: dict, config: ModelArgs, base: str = "") -> Optional[dict]:
-    """For convert_hf_checkpoint.py: remove every native MTP key from the HF state dict `sd` (so the main model's
-    conversion sees none left over) and return an mtp_head.pth checkpoint of the first MTP layer, or None when
-    the checkpoint has no MTP layer. Save it with torch.save(ckpt, out_dir / mtp.MTP_HEAD_FILE)."""
-    style = native_style(sd, config)
+def native_mtp_keys(keys, config: ModelArgs) -> set:
+    """Every key of every native MTP layer (only the first is converted): what the main model's conversion must
+    treat as neither missing nor left over."""
+    return {k for k in keys if k.startswith("model.mtp_layers.") or (
+        k.startswith("model.layers.") and k.split(".")[2].isdigit() and int(k.split(".")[2]) >= config.n_layer)}
+
+
+def native_head_checkpoint(source, config: ModelArgs, base: str = "") -> Optional[dict]:
+    """For convert_hf_checkpoint.py: an mtp_head.pth checkpoint of the source's first native MTP layer, or None
+    when it has none. `source` has keys() and get(key). Save it with torch.save(ckpt, out / mtp.MTP_HEAD_FILE)."""
+    style = native_style(source.keys(), config)
     if style is None:
         return None
-    state = head_state_from_native(sd, config, style)
-    n_mtp = 0
-    for key in [k for k in sd if k.startswith("model.mtp_layers.")] if style == "mimo" else [
-            k for k in sd if k.startswith("model.layers.") and int(k.split(".")[2]) >= config.n_layer]:
-        n_mtp = max(n_mtp, int(key.split(".")[2]) - (0 if style == "mimo" else config.n_layer) + 1)
-        del sd[key]
+    state = head_state_from_native(source, config, style)
+    n_mtp = len({k.split(".")[2] for k in native_mtp_keys(source.keys(), config)})
     return head_checkpoint(state, config, base=base, k=1, dtype=state["eh_proj.weight"].dtype, source=style,
                            native_mtp_layers=n_mtp)
+
+
+def pop_native_mtp(sd: dict, config: ModelArgs, base: str = "") -> Optional[dict]:
+    """native_head_checkpoint for a plain state dict, which also loses every native MTP key."""
+    ckpt = native_head_checkpoint(sd, config, base)
+    for k in native_mtp_keys(sd.keys(), config):
+        del sd[k]
+    return ckpt
 
 
 # --------------------------------------------------------------------------------------------------------------- main

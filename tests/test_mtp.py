@@ -391,6 +391,30 @@ def test_mimo_layer_equals_transformers_qwen2_layer():
     torch.testing.assert_close(head.norm(head(h, e, torch.arange(7))), ref, atol=1e-5, rtol=1e-4)
 
 
+def test_native_head_from_a_lazy_source():
+    """convert_hf_checkpoint reads tensors lazily: only the first MTP layer's are read, and every MTP layer's keys
+    are set aside from the main model's conversion."""
+    config = tiny().config
+    sd = native_state("mimo", config)
+    sd["model.mtp_layers.1.input_proj.weight"] = torch.zeros(1)
+
+    class Lazy:
+        read = []
+
+        def keys(self):
+            return sd.keys()
+
+        def get(self, key):
+            self.read.append(key)
+            return sd[key]
+    ckpt = mtp.native_head_checkpoint(Lazy(), config, base="tiny")
+    assert ckpt["config"]["native_mtp_layers"] == 2 and ckpt["config"]["base"] == "tiny"
+    assert Lazy.read and all(k.startswith("model.mtp_layers.0.") for k in Lazy.read)
+    assert mtp.native_mtp_keys(sd.keys(), config) == set(sd) - {"model.norm.weight"}
+    assert mtp.native_mtp_keys(["model.layers.1.mlp.up_proj.weight", "model.layers.2.eh_proj.weight"], config) == {
+        "model.layers.2.eh_proj.weight"}  # tiny has 2 layers: index 2 is DeepSeek's MTP layer
+
+
 def test_native_layer_errors():
     config = tiny().config
     sd = native_state("deepseek", config)
