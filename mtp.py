@@ -819,8 +819,8 @@ def parse_args(argv=None):
     t.add_argument("--data", required=True, help="output of `mtp.py distill`")
     t.add_argument("--out", default=None, help=f"head checkpoint (default: {MTP_HEAD_FILE} beside the target)")
     t.add_argument("--k", type=int, default=3, help="draft steps trained (and drafted by default)")
-    t.add_argument("--steps", type=int, default=2000, help="optimizer steps")
-    t.add_argument("--batch_size", type=int, default=16, help="sequences per step")
+    t.add_argument("--steps", type=int, default=3000, help="optimizer steps")
+    t.add_argument("--batch_size", type=int, default=32, help="sequences per step")
     t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, warm-up then cosine to 10%%)")
     t.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 5%% of --steps)")
     t.add_argument("--draft_vocab", default="16384", help="draft vocabulary size (a number or 'full'), ranked "
@@ -849,6 +849,7 @@ def main(argv=None):
         return
 
     torch.manual_seed(args.seed)
+    data = load_corpus(args.data) if args.cmd == "train" else None  # a wrong path fails before the model loads
     device = args.device
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     checkpoint = resolve_checkpoint(args.checkpoint_path)
@@ -877,8 +878,11 @@ def main(argv=None):
         print(f"wrote {args.out}: {len(prompts)} samples, {n:,} response tokens")
         return
 
-    data = load_corpus(args.data)
     V = model.config.vocab_size
+    made_by = data.get("meta", {}).get("base")
+    if made_by not in (None, base):
+        print(f"warning: {args.data} was distilled from {made_by}, not {base}: the head learns another model's text",
+              file=sys.stderr)
     if args.vocab:
         v = torch.load(args.vocab, weights_only=True)
         rank, size = v["rank"].long(), int(v["size"])
