@@ -278,8 +278,8 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     """int4 groupwise weight, stored packed (out, in_padded/2) uint8 with scales and zeros (out, in_padded/g).
 
-    `prepare` repacks for the device: torch's tensor-core layout on CUDA, its CPU layout on CPU. Inputs wider
-    than in_features (padding to a multiple of the group size) are zero-padded on the fly.
+    `prepare` repacks for the device: torch's tensor-core layout on CUDA, its CPU layout on CPU, scales and zeros
+    in bfloat16 as both kernels want. Inputs narrower than the padded width are zero-padded on the fly.
     """
 
     def __init__(self, in_features, out_features, groupsize, bias=False, device=None, dtype=None):
@@ -302,11 +302,10 @@ class Int4Linear(nn.Module):
             x2 = F.pad(x2, (0, self.padded_in - x2.shape[-1]))
         if self.gemv is not None and x2.shape[0] == 1:  # decode at batch 1
             y = int4_gemv(x2, self.packed, self.scales_and_zeros, self.groupsize, **self.gemv)
-        elif self.prepared_for == "cuda":  # torch's CUDA kernel takes bfloat16 only
-            y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16), self.packed, self.groupsize,
-                                                   self.scales_and_zeros).to(x.dtype)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.groupsize, self.scales_and_zeros)
+        else:  # torch's kernels in bfloat16: CUDA's takes nothing else, the CPU one is ~30x slower in float32
+            mm = torch.ops.aten._weight_int4pack_mm if self.prepared_for == "cuda" else \
+                torch.ops.aten._weight_int4pack_mm_for_cpu
+            y = mm(x2.to(torch.bfloat16), self.packed, self.groupsize, self.scales_and_zeros).to(x.dtype)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
@@ -319,21 +318,19 @@ class Int4Linear(nn.Module):
                                    f"move the model before prepare_for_device, never after")
             self.gemv = dict(self.gemv or {}) if use_triton and self.prepared_for == "cuda" else None
             return
-        device, dtype = self.weight.device, self.scales.dtype
+        device = self.weight.device
         self.padded_in = self.weight.shape[1] * 2  # derived from the tensors: tensor parallel may have sliced them
-        sz = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).contiguous()  # (K/g, N, 2)
+        sz = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()  # (K/g, N, 2)
         ikt = inner_k_tiles(self.groupsize)
         if device.type == "cuda":
             packed = torch.ops.aten._convert_weight_to_int4pack(self.weight.contiguous(), ikt)
-            sz = sz.to(torch.bfloat16)
         elif device.type == "cpu":
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight), ikt)
         else:
             raise ValueError(f"int4 layers run on CPU and CUDA, not {device.type}; use --mode int8 there")
         del self.weight, self.scales, self.zeros
         self.register_buffer("packed", packed, persistent=False)
-        self.register_buffer("scales_and_zeros", sz.to(dtype if device.type == "cpu" else torch.bfloat16),
-                             persistent=False)
+        self.register_buffer("scales_and_zeros", sz, persistent=False)
         self.prepared_for = device.type
         self.gemv = dict(self.gemv or {}) if use_triton and device.type == "cuda" else None
 

@@ -1,9 +1,10 @@
 """quantize.py on tiny random models (CPU): kernels against dequantized references, quality against the float
 layer, save/load round trips, greedy equality, MoE, the Triton GEMVs under Triton's interpreter, and bad input.
 
-Error bounds (float32): a quantized layer matches x @ dequantized(W).T within 1e-4 relative (max-abs over max-abs)
-on torch's kernels and 1e-3 on the Triton GEMVs, whose exact bit-trick conversion leaves about 1e-4 of float32
-rounding. Against the float layer: SQNR > 20 dB for int8 and for int4 at groups of 32 and 64 (Gaussian weights put
+Error bounds, relative (max-abs error over max-abs output): int8 layers (float32 here) match x @ dequantized(W).T
+within 1e-4; int4 layers run torch's kernels in bfloat16, so they match the reference built from bfloat16-rounded
+inputs, scales and zeros within 5e-3 (the bfloat16 output alone rounds at 2e-3); the Triton GEMVs (float32
+accumulation) within 1e-3, their exact bit-trick conversion leaving about 1e-4 of float32 rounding. Against the float layer: SQNR > 20 dB for int8 and for int4 at groups of 32 and 64 (Gaussian weights put
 int4-g128 at 20.1 dB by arithmetic: its step is the group's range over 15).
 """
 import importlib.util
@@ -43,10 +44,11 @@ def sqnr(y, ref):
 
 
 def dequantized_weight(m):
+    """The float weights a quantized layer stands for (int4: with the bfloat16 scales and zeros its kernels use)."""
     if isinstance(m, Q.Int8Linear):
         return m.weight.float() * m.scales.float()[:, None]
-    q = Q.unpack_int4(m.weight)
-    return Q.dequantize_int4(q, m.scales, m.zeros, m.groupsize)[:, :m.in_features]
+    q, bf16 = Q.unpack_int4(m.weight), lambda t: t.to(torch.bfloat16).float()
+    return Q.dequantize_int4(q, bf16(m.scales), bf16(m.zeros), m.groupsize)[:, :m.in_features]
 
 
 def quantized_linear(w, mode, groupsize=64, bias=None):
@@ -66,7 +68,10 @@ def test_linear_matches_dequantized_reference(mode, N, K, g):
     ref_w = dequantized_weight(lin)
     Q.prepare_for_device(lin)
     x = torch.randn(3, 5, K)
-    assert rel_err(lin(x), x @ ref_w.T + lin.bias) < 1e-4
+    if mode == "int8":
+        assert rel_err(lin(x), x @ ref_w.T + lin.bias) < 1e-4
+    else:
+        assert rel_err(lin(x), x.to(torch.bfloat16).float() @ ref_w.T + lin.bias) < 5e-3
 
 
 def test_sqnr_against_float_linear():
@@ -151,10 +156,11 @@ def test_greedy_output_equals_dequantized_model(mode, groupsize):
     assert torch.equal(*outs)
 
 
-def test_moe_quantizes_and_runs():
+@pytest.mark.parametrize("mode,bound", [("int8", 1e-4), ("int4", 1e-2)])  # int4 attention runs in bfloat16
+def test_moe_quantizes_and_runs(mode, bound):
     model = tiny_model(num_experts=4, num_activated_experts=2)
     reference = tiny_model(num_experts=4, num_activated_experts=2)
-    model, info = Q.quantize_model(model, "int4", 64, verbose=False)
+    model, info = Q.quantize_model(model, mode, 64, verbose=False)
     assert info["quantized"]["layers.0.feed_forward"] == "int8-experts"
     assert "layers.0.feed_forward.gate" in info["skipped"]
     with torch.no_grad():
@@ -169,7 +175,7 @@ def test_moe_quantizes_and_runs():
     Q.prepare_for_device(model)
     for length in (5, 24):  # decode path (<= 16 tokens) and prefill path
         x = torch.randint(0, 256, (1, length))
-        assert rel_err(model(x), reference(x)) < 1e-4
+        assert rel_err(model(x), reference(x)) < bound
 
 
 def test_bad_input_is_refused_clearly(tmp_path):
