@@ -10,7 +10,8 @@ without guessing: `apply_quantization` on the meta model, `load_state_dict(assig
 `prepare_for_device`. The stored format does not depend on the device: int8 weights with one float scale per
 output row; int4 values packed two per byte (even column in the high nibble) with a float scale and zero per
 group of `groupsize` input columns, w = (q - 8) * scale + zero (the zero in the float domain, as gpt-fast and
-torchao do). `prepare_for_device` repacks int4 for torch's kernel on that device.
+torchao do). `prepare_for_device` repacks int4 for torch's kernel on that device; those kernels compute in
+bfloat16 (CUDA's takes nothing else; the CPU one is ~30x slower in float32), whatever the model's dtype.
 
 Decode at batch 1 reads every weight once per token, so it runs as fast as those bytes stream. On CUDA a
 single-row input goes to the Triton GEMVs below (dequantization fused into the dot product; torch's own int4
@@ -232,7 +233,7 @@ def int4_gemv(x, weight, scales_and_zeros, groupsize: int, block_nt: int = 2, ks
     return out.view(1, N).to(x.dtype)
 
 
-def int8_gemv(x, weight, scales, block_n: int = 16, block_kw: int = 128, split_k: int = 1, num_warps: int = 4,
+def int8_gemv(x, weight, scales, block_n: int = 16, block_kw: int = 64, split_k: int = 1, num_warps: int = 4,
               num_stages: int = 2):
     """y (1, N) = (x (1, K) @ weight.T) * scales for int8 `weight` (N, K), K a multiple of 4. Tunables: block_n
     (rows per program), block_kw (int32 words = 4 weights per row per loop step), split_k, num_warps, num_stages."""
