@@ -109,147 +109,93 @@ def tinygemm_layout(packed, ikt: int):
 
 
 # --------------------------------------------------------------------------------------------------- Triton GEMVs
-# One program reads BLOCK_N rows (int4: 8 * BLOCK_NT) of the weight along all of K (or 1/SPLIT_K of it) with
-# 16-byte loads, dequantizes in registers and accumulates in float32. Each 4- or 8-bit field is turned into a
-# float without a conversion instruction: its bits are moved to mantissa bits b..b+3 (b+7) and OR-ed with the bits
-# of 1.0f, giving exactly 1 + q * 2**(b-23). The input comes pre-multiplied by 2**(23-b) (so each product is
-# x' + q*x) and pre-permuted into the order the fields sit in memory; the x' sums are subtracted once at the end.
-# ONE (= 0x3F800000) is a run-time argument so ptxas keeps it in a register and fuses mask-and-or into one LOP3.
-# About 3.3 (int4) and 3.8 (int8) instructions per weight on sm_90 by the SASS; memory does the rest.
+# Like gemv.py: one program owns BLOCK_N weight rows and walks K in wide chunks (16-byte loads per thread), turning
+# the int8 or int4 values into float32 in registers. Up to MAX_ROWS input rows (decode, speculative verify) share
+# each loaded weight tile; the accumulator is (rows, BLOCK_N, BLOCK_K), so BLOCK_K shrinks as rows grow.
+INT8_BLOCK_N, INT8_BLOCK_K, INT8_WARPS = 4, 2048, 4  # BLOCK_K in weights = bytes
+INT4_BLOCK_N, INT4_BLOCK_K, INT4_WARPS = 4, 4096, 4  # BLOCK_K in weights (half as many bytes), a multiple of the group
+MAX_ROWS = 8
 
 if triton is not None:
     @triton.jit
-    def _int4_gemv_kernel(xp_ptr, xs_ptr, w_ptr, sz_ptr, out_ptr, N, ONE, KO: tl.constexpr,
-                          GROUPSIZE: tl.constexpr, IKT: tl.constexpr, BLOCK_NT: tl.constexpr, KS: tl.constexpr,
-                          SPLIT_K: tl.constexpr, EVEN: tl.constexpr):
-        WORDS: tl.constexpr = 2 * IKT  # int32 words per row per k-tile
-        KT: tl.constexpr = 16 * IKT  # columns per k-tile
-        nt = tl.program_id(0) * BLOCK_NT + tl.arange(0, BLOCK_NT)
-        r = tl.arange(0, 8)
-        ks = tl.arange(0, KS)
-        cw = tl.arange(0, WORDS)
-        n = nt[:, None] * 8 + r[None, :]  # (BNT, 8) output rows
-        nt_ok = nt < N // 8
-        row = nt[:, None, None, None] * (KO * 8 * WORDS) + r[None, None, :, None] * WORDS + cw[None, None, None, :]
-        acc = tl.zeros([BLOCK_NT, KS, 8, WORDS], dtype=tl.float32)
-        acc_z = tl.zeros([BLOCK_NT, KS, 8], dtype=tl.float32)
-        for i in range(tl.cdiv(KO, KS * SPLIT_K)):
-            ko = (i * SPLIT_K + tl.program_id(1)) * KS + ks  # (KS,) k-tiles
-            ok = ko < KO
-            w_ptrs = w_ptr + row + (ko * (8 * WORDS))[None, :, None, None]  # (BNT, KS, 8, WORDS)
-            if EVEN:
-                w = tl.load(w_ptrs)
-            else:
-                w = tl.load(w_ptrs, mask=nt_ok[:, None, None, None] & ok[None, :, None, None], other=0)
-            for p in tl.static_range(8):  # nibble p sits at bits 4p: move pairs of them to bits 12-15 and 16-19
-                if p == 0:
-                    src = w << 16
-                elif p < 3:
-                    src = w << 8
-                elif p < 5:
-                    src = w
-                elif p < 7:
-                    src = w >> 8
-                else:
-                    src = w >> 16
-                f = ((src & (0xF << (16 - 4 * (p % 2)))) | ONE).to(tl.float32, bitcast=True)
-                x_ptrs = xp_ptr + (ko * (8 * WORDS) + p * WORDS)[:, None] + cw[None, :]  # (KS, WORDS)
-                xv = tl.load(x_ptrs) if EVEN else tl.load(x_ptrs, mask=ok[:, None], other=0.0)
-                if p == 0:
-                    part = f * xv[None, :, None, :]
-                else:
-                    part += f * xv[None, :, None, :]
-            sz = sz_ptr + ((ko * KT) // GROUPSIZE)[None, :, None] * (2 * N) + 2 * n[:, None, :]  # (BNT, KS, 8)
-            sz_ok = nt_ok[:, None, None] & ok[None, :, None]
-            s = tl.load(sz, mask=sz_ok, other=0.0).to(tl.float32)
-            z = tl.load(sz + 1, mask=sz_ok, other=0.0).to(tl.float32)
-            x_sum = tl.load(xs_ptr + 2 * ko, mask=ok, other=0.0)[None, :, None]  # sum of x over the k-tile
-            xp_sum = tl.load(xs_ptr + 2 * ko + 1, mask=ok, other=0.0)[None, :, None]  # sum of x' over it
-            acc += part * s[:, :, :, None]
-            acc_z += (z - 8.0 * s) * x_sum - s * xp_sum
-        y = tl.sum(tl.sum(acc, axis=3), axis=1) + tl.sum(acc_z, axis=1)  # (BNT, 8)
-        if SPLIT_K == 1:
-            tl.store(out_ptr + n, y, mask=nt_ok[:, None])
-        else:
-            tl.atomic_add(out_ptr + n, y, mask=nt_ok[:, None])
+    def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, M, K: tl.constexpr, M_PAD: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # y (M, N) = (x (M, K) @ w (N, K).T) * s (N,) + b; fp32 accumulation, one reduction at the end
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ms = tl.arange(0, M_PAD)
+        cols = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((M_PAD, BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            in_k = (k + cols < K) if K % BLOCK_K else cols >= 0
+            w = tl.load(w_ptr + rows[:, None] * K + (k + cols)[None, :], mask=(rows[:, None] < N) & in_k[None, :],
+                        other=0, eviction_policy="evict_first")  # (BLOCK_N, BLOCK_K) int8, read once
+            x = tl.load(x_ptr + ms[:, None] * K + (k + cols)[None, :], mask=(ms[:, None] < M) & in_k[None, :],
+                        other=0.0)  # (M_PAD, BLOCK_K)
+            acc += w.to(tl.float32)[None, :, :] * x.to(tl.float32)[:, None, :]
+        y = tl.sum(acc, axis=2) * tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + ms[:, None] * N + rows[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=(ms[:, None] < M) & (rows[None, :] < N))
 
     @triton.jit
-    def _int8_gemv_kernel(xp_ptr, xs_ptr, w_ptr, s_ptr, out_ptr, N, ONE, KW: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr, EVEN: tl.constexpr):
-        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = n < N
-        kb = tl.arange(0, BLOCK_KW)
-        acc = tl.zeros([BLOCK_N, BLOCK_KW], dtype=tl.float32)
-        for i in range(tl.cdiv(KW, BLOCK_KW * SPLIT_K)):
-            k = (i * SPLIT_K + tl.program_id(1)) * BLOCK_KW + kb  # (BKW,) int32 words = 4 int8 weights each
-            if EVEN:
-                w = tl.load(w_ptr + n[:, None] * KW + k[None, :])
-            else:
-                w = tl.load(w_ptr + n[:, None] * KW + k[None, :], mask=n_ok[:, None] & (k < KW)[None, :], other=0)
-            w = w ^ -2139062144  # 0x80808080: each signed byte b becomes the unsigned b + 128
-            for j in tl.static_range(4):  # byte j sits at bits 8j: move it to bits 8-15 (j=1) or 15-22
-                if j == 0:
-                    f = ((w << 15) & 0x7F8000) | ONE
-                elif j == 1:
-                    f = (w & 0xFF00) | ONE
-                elif j == 2:
-                    f = ((w >> 1) & 0x7F8000) | ONE
-                else:
-                    f = ((w >> 9) & 0x7F8000) | ONE
-                f = f.to(tl.float32, bitcast=True)
-                xv = tl.load(xp_ptr + j * KW + k) if EVEN else tl.load(xp_ptr + j * KW + k, mask=k < KW, other=0.0)
-                acc += f * xv[None, :]
-        first = (tl.program_id(1) == 0).to(tl.float32)  # one split subtracts the offsets
-        y = tl.sum(acc, axis=1) - first * tl.load(xs_ptr)  # sum of x' + 128 * sum of x
-        y *= tl.load(s_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
-        if SPLIT_K == 1:
-            tl.store(out_ptr + n, y, mask=n_ok)
-        else:
-            tl.atomic_add(out_ptr + n, y, mask=n_ok)
+    def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, M, K: tl.constexpr, K_IN: tl.constexpr,
+                          GROUPSIZE: tl.constexpr, M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # y (M, N) = x (M, K_IN) @ W.T + b with W (N, K) packed two per byte (column 2j in the high nibble) and
+        # w = (q - 8) * s + z per group: sum over groups of s * (sum q x - 8 sum x) + z * sum x
+        NG: tl.constexpr = BLOCK_K // GROUPSIZE  # groups per chunk
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ms = tl.arange(0, M_PAD)
+        cols = tl.arange(0, BLOCK_K)
+        nbytes = tl.arange(0, BLOCK_K // 2)
+        groups = tl.arange(0, NG)
+        acc = tl.zeros((M_PAD, BLOCK_N, NG), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            b_ok = (k // 2 + nbytes < K // 2) if K % BLOCK_K else nbytes >= 0
+            b = tl.load(w_ptr + rows[:, None] * (K // 2) + (k // 2 + nbytes)[None, :],
+                        mask=(rows[:, None] < N) & b_ok[None, :], other=0, eviction_policy="evict_first")
+            q = tl.join(b >> 4, b & 15).reshape(BLOCK_N, NG, GROUPSIZE).to(tl.float32)  # columns in order
+            x = tl.load(x_ptr + ms[:, None] * K_IN + (k + cols)[None, :],
+                        mask=(ms[:, None] < M) & (k + cols < K_IN)[None, :], other=0.0)
+            x = x.to(tl.float32).reshape(M_PAD, NG, GROUPSIZE)
+            g_off = rows[:, None] * (K // GROUPSIZE) + (k // GROUPSIZE + groups)[None, :]  # (BLOCK_N, NG)
+            g_ok = (rows[:, None] < N) & (k // GROUPSIZE + groups < K // GROUPSIZE)[None, :]
+            s = tl.load(s_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)[None, :, :]
+            z = tl.load(z_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)[None, :, :]
+            qx = tl.sum(q[None, :, :, :] * x[:, None, :, :], axis=3)  # (M_PAD, BLOCK_N, NG)
+            xs = tl.sum(x, axis=2)[:, None, :]  # (M_PAD, 1, NG)
+            acc += s * (qx - 8.0 * xs) + z * xs
+        y = tl.sum(acc, axis=2)  # (M_PAD, BLOCK_N)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + ms[:, None] * N + rows[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=(ms[:, None] < M) & (rows[None, :] < N))
 
 
-def _float_bits_one() -> int:
-    return 0x3F800000
+def int8_gemv(x, weight, scales, bias=None):
+    """x (M, K) contiguous, M <= MAX_ROWS; int8 weight (N, K), scales (N,) -> (M, N) in x's dtype."""
+    (M, K), N = x.shape, weight.shape[0]
+    m_pad = triton.next_power_of_2(M)
+    y = x.new_empty(M, N)
+    _int8_gemv_kernel[(triton.cdiv(N, INT8_BLOCK_N),)](
+        x, weight, scales, bias if bias is not None else scales, y, N, M, K=K, M_PAD=m_pad, HAS_BIAS=bias is not None,
+        BLOCK_N=INT8_BLOCK_N, BLOCK_K=max(INT8_BLOCK_K // m_pad, 64), num_warps=INT8_WARPS)
+    return y
 
 
-def int4_gemv(x, weight, scales_and_zeros, groupsize: int, block_nt: int = 2, ks: Optional[int] = None,
-              split_k: int = 1, num_warps: int = 4, num_stages: int = 2):
-    """y (1, N) = x (1, K) @ W.T for W in torch's CUDA int4 layout `weight` [N/8, K/(16*ikt), 32, ikt/2] with
-    `scales_and_zeros` [K/g, N, 2]. Tunables: block_nt (8 rows each per program), ks (k-tiles per loop step;
-    default 64 words per row), split_k (programs along K, summed with atomics), num_warps, num_stages."""
-    NT, KO, _, J = weight.shape
-    N, ikt, K = NT * 8, 2 * J, x.shape[-1]
-    ks = ks or max(1, 32 // ikt)
-    xf = x.float().reshape(KO, J, 2, 2, 4, 2)  # (KO, jj, a, b, c, p//4): column 32*jj + 8*(2a+b) + 2*c + p//4
-    xp = torch.cat([xf[:, :, :, :1] * 128, xf[:, :, :, 1:] * 2048], dim=3)  # x * 2**(23-bit): even p at 16, odd at 12
-    xp = xp.permute(0, 5, 2, 3, 4, 1).contiguous()  # (KO, p//4, a, b, c, jj) = (KO, 8, WORDS), p = 4*(p//4) + 2a + b
-    xs = torch.stack([xf.reshape(KO, -1).sum(-1), xp.reshape(KO, -1).sum(-1)], dim=-1)  # (KO, 2)
-    even = NT % block_nt == 0 and KO % (ks * split_k) == 0
-    out = torch.zeros(N, device=x.device, dtype=torch.float32) if split_k > 1 else x.new_empty(N)
-    grid = (triton.cdiv(NT, block_nt), split_k)
-    _int4_gemv_kernel[grid](xp, xs, weight, scales_and_zeros, out, N, _float_bits_one(), KO=KO, GROUPSIZE=groupsize,
-                            IKT=ikt, BLOCK_NT=block_nt, KS=ks, SPLIT_K=split_k, EVEN=even,
-                            num_warps=num_warps, num_stages=num_stages)
-    return out.view(1, N).to(x.dtype)
-
-
-def int8_gemv(x, weight, scales, block_n: int = 16, block_kw: int = 64, split_k: int = 1, num_warps: int = 4,
-              num_stages: int = 2):
-    """y (1, N) = (x (1, K) @ weight.T) * scales for int8 `weight` (N, K), K a multiple of 4. Tunables: block_n
-    (rows per program), block_kw (int32 words = 4 weights per row per loop step), split_k, num_warps, num_stages."""
-    N, K = weight.shape
-    KW = K // 4
-    xf = x.float().reshape(KW, 4)
-    xt = xf.t() * 256  # (4, KW): byte j of every word; x * 2**(23-bit), bytes at bit 15 but byte 1 at bit 8
-    xp = torch.cat([xt[:1], xt[1:2] * 128, xt[2:]])
-    xs = (xp.sum() + 128 * xf.sum()).reshape(1)
-    even = N % block_n == 0 and KW % (block_kw * split_k) == 0
-    out = torch.zeros(N, device=x.device, dtype=torch.float32) if split_k > 1 else x.new_empty(N)
-    grid = (triton.cdiv(N, block_n), split_k)
-    _int8_gemv_kernel[grid](xp, xs, weight.view(torch.int32), scales, out, N, _float_bits_one(), KW=KW,
-                            BLOCK_N=block_n, BLOCK_KW=block_kw, SPLIT_K=split_k, EVEN=even,
-                            num_warps=num_warps, num_stages=num_stages)
-    return out.view(1, N).to(x.dtype)
+def int4_gemv(x, weight, scales, zeros, groupsize: int, bias=None):
+    """x (M, K_in) contiguous, M <= MAX_ROWS; packed weight (N, K/2) uint8 with scales, zeros (N, K/g), K >= K_in
+    padded to whole groups -> (M, N) in x's dtype."""
+    M, K_in = x.shape
+    N, K = weight.shape[0], weight.shape[1] * 2
+    m_pad = triton.next_power_of_2(M)
+    y = x.new_empty(M, N)
+    _int4_gemv_kernel[(triton.cdiv(N, INT4_BLOCK_N),)](
+        x, weight, scales, zeros, bias if bias is not None else scales, y, N, M, K=K, K_IN=K_in, GROUPSIZE=groupsize,
+        M_PAD=m_pad, HAS_BIAS=bias is not None, BLOCK_N=INT4_BLOCK_N,
+        BLOCK_K=max(INT4_BLOCK_K // m_pad, groupsize), num_warps=INT4_WARPS)
+    return y
 
 
 # ---------------------------------------------------------------------------------------------- quantized modules
@@ -262,25 +208,24 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
-        self.gemv = None  # kwargs for int8_gemv when prepare_for_device enabled it (tunable per module)
+        self.use_triton = False  # set by prepare_for_device
 
     def forward(self, x):
-        if self.gemv is not None and x.numel() == x.shape[-1]:  # one row: decode at batch 1
-            y = int8_gemv(x.reshape(1, -1), self.weight, self.scales, **self.gemv).view(*x.shape[:-1], -1)
-        else:
-            y = F.linear(x, self.weight.to(x.dtype)) * self.scales
+        x2 = x.reshape(-1, x.shape[-1])  # (B*S, K)
+        if self.use_triton and x.is_cuda and x2.shape[0] <= MAX_ROWS:  # decode and verify: stream the int8 once
+            return int8_gemv(x2.contiguous(), self.weight, self.scales, self.bias).view(*x.shape[:-1], -1)
+        y = F.linear(x, self.weight.to(x.dtype)) * self.scales
         return y if self.bias is None else y + self.bias
 
     def prepare(self, use_triton: bool):
-        usable = use_triton and self.weight.is_cuda and self.weight.shape[1] % 4 == 0
-        self.gemv = dict(self.gemv or {}) if usable else None
+        self.use_triton = use_triton and self.weight.is_cuda
 
 
 class Int4Linear(nn.Module):
     """int4 groupwise weight, stored packed (out, in_padded/2) uint8 with scales and zeros (out, in_padded/g).
 
-    `prepare` repacks for the device: torch's tensor-core layout on CUDA, its CPU layout on CPU, scales and zeros
-    in bfloat16 as both kernels want. Inputs narrower than the padded width are zero-padded on the fly.
+    On CUDA the stored tensors are used as they are: the Triton GEMV for up to MAX_ROWS input rows, else the
+    weights dequantized on the fly for F.linear (prefill). On the CPU `prepare` repacks them for torch's CPU kernel.
     """
 
     def __init__(self, in_features, out_features, groupsize, bias=False, device=None, dtype=None):
@@ -291,49 +236,50 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales", torch.empty(out_features, k // groupsize, dtype=dtype, device=device))
         self.register_buffer("zeros", torch.empty(out_features, k // groupsize, dtype=dtype, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
-        self.prepared_for = None  # device type the packed weight is laid out for
-        self.gemv = None
+        self.prepared_for = None  # device type the tensors are laid out for
+        self.use_triton = False
 
     def forward(self, x):
         if self.prepared_for != x.device.type:
             raise RuntimeError(f"this int4 layer is laid out for {self.prepared_for or 'no device yet'}, the input is on "
                                f"{x.device.type}; call quantize.prepare_for_device(model) after moving the model")
         x2 = x.reshape(-1, x.shape[-1])  # (B*S, K)
-        if self.padded_in != x2.shape[-1]:
-            x2 = F.pad(x2, (0, self.padded_in - x2.shape[-1]))
-        if self.gemv is not None and x2.shape[0] == 1:  # decode at batch 1
-            y = int4_gemv(x2, self.packed, self.scales_and_zeros, self.groupsize, **self.gemv)
-        else:  # torch's kernels in bfloat16: CUDA's takes nothing else, the CPU one is ~30x slower in float32
-            mm = torch.ops.aten._weight_int4pack_mm if self.prepared_for == "cuda" else \
-                torch.ops.aten._weight_int4pack_mm_for_cpu
-            y = mm(x2.to(torch.bfloat16), self.packed, self.groupsize, self.scales_and_zeros).to(x.dtype)
+        if self.prepared_for == "cuda":
+            if self.use_triton and x2.shape[0] <= MAX_ROWS:
+                y = int4_gemv(x2.contiguous(), self.weight, self.scales, self.zeros, self.groupsize, self.bias)
+                return y.view(*x.shape[:-1], self.out_features)
+            q = torch.stack([self.weight >> 4, self.weight & 15], dim=-1).view(self.out_features, -1, self.groupsize)
+            w = (q.to(x.dtype) - 8) * self.scales[..., None] + self.zeros[..., None]  # (N, K/g, g)
+            y = F.linear(x2, w.view(self.out_features, -1)[:, :x2.shape[-1]])
+        else:
+            if self.padded_in != x2.shape[-1]:
+                x2 = F.pad(x2, (0, self.padded_in - x2.shape[-1]))
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(  # in bfloat16: ~30x faster than in float32
+                x2.to(torch.bfloat16), self.packed, self.groupsize, self.scales_and_zeros).to(x.dtype)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     @torch.no_grad()
     def prepare(self, use_triton: bool):
-        """Repack the stored tensors for this device and drop them (a prepared module is for inference only)."""
-        if self.prepared_for is not None:
-            if self.prepared_for != self.packed.device.type:
-                raise RuntimeError(f"this int4 layer was prepared for {self.prepared_for} and then moved; "
-                                   f"move the model before prepare_for_device, never after")
-            self.gemv = dict(self.gemv or {}) if use_triton and self.prepared_for == "cuda" else None
+        """CPU: repack the stored tensors for torch's kernel and drop them (inference only). CUDA: nothing to do."""
+        device = (self.packed if self.prepared_for == "cpu" else self.weight).device
+        if self.prepared_for is not None and self.prepared_for != device.type:
+            raise RuntimeError(f"this int4 layer was prepared for {self.prepared_for} and then moved; "
+                               f"move the model before prepare_for_device, never after")
+        self.use_triton = use_triton and device.type == "cuda"
+        if self.prepared_for is not None or device.type == "cuda":
+            self.prepared_for = device.type
             return
-        device = self.weight.device
+        if device.type != "cpu":
+            raise ValueError(f"int4 layers run on CPU and CUDA, not {device.type}; use --mode int8 there")
         self.padded_in = self.weight.shape[1] * 2  # derived from the tensors: tensor parallel may have sliced them
         sz = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()  # (K/g, N, 2)
-        ikt = inner_k_tiles(self.groupsize)
-        if device.type == "cuda":
-            packed = torch.ops.aten._convert_weight_to_int4pack(self.weight.contiguous(), ikt)
-        elif device.type == "cpu":
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight), ikt)
-        else:
-            raise ValueError(f"int4 layers run on CPU and CUDA, not {device.type}; use --mode int8 there")
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight),
+                                                                     inner_k_tiles(self.groupsize))
         del self.weight, self.scales, self.zeros
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("scales_and_zeros", sz, persistent=False)
-        self.prepared_for = device.type
-        self.gemv = dict(self.gemv or {}) if use_triton and device.type == "cuda" else None
+        self.prepared_for = "cpu"
 
 
 class Int8MOEFeedForward(nn.Module):

@@ -4,7 +4,7 @@ layer, save/load round trips, greedy equality, MoE, the Triton GEMVs under Trito
 Error bounds, relative (max-abs error over max-abs output): int8 layers (float32 here) match x @ dequantized(W).T
 within 1e-4; int4 layers run torch's kernels in bfloat16, so they match the reference built from bfloat16-rounded
 inputs, scales and zeros within 5e-3 (the bfloat16 output alone rounds at 2e-3); the Triton GEMVs (float32
-accumulation) within 1e-3, their exact bit-trick conversion leaving about 1e-4 of float32 rounding. Against the float layer: SQNR > 20 dB for int8 and for int4 at groups of 32 and 64 (Gaussian weights put
+accumulation, under the interpreter) within 1e-5 in float32, 2e-2 with bfloat16 activations. Against the float layer: SQNR > 20 dB for int8 and for int4 at groups of 32 and 64 (Gaussian weights put
 int4-g128 at 20.1 dB by arithmetic: its step is the group's range over 15).
 """
 import importlib.util
@@ -214,39 +214,44 @@ def test_tinygemm_layout_round_trips_nibbles():
 _INTERPRETER_SCRIPT = textwrap.dedent("""
     import torch, quantize as Q
     torch.manual_seed(0)
-    worst = 0.0
-    for N, K, g in [(64, 256, 128), (40, 96, 32), (24, 512, 256)]:
-        w = torch.randn(N, K)
-        s, z = Q.int4_qparams(w, g)
-        q = Q.quantize_int4(w, s, z, g)
-        packed = Q.tinygemm_layout(Q.pack_int4(q), Q.inner_k_tiles(g))
-        sz = torch.stack([s, z], -1).transpose(0, 1).contiguous()
-        x = torch.randn(1, K)
-        ref = x @ Q.dequantize_int4(q, s, z, g).T
-        for kw in [dict(), dict(block_nt=1, ks=1), dict(block_nt=4, ks=2, split_k=2)]:
-            y = Q.int4_gemv(x, packed, sz, g, **kw)
-            worst = max(worst, ((y - ref).abs().max() / ref.abs().max()).item())
-    for N, K in [(64, 256), (33, 132)]:
-        q8, s8 = Q.quantize_int8(torch.randn(N, K))
-        x = torch.randn(1, K)
-        ref = x @ (q8.float() * s8[:, None]).T
-        for kw in [dict(), dict(block_n=8, block_kw=16, split_k=2)]:
-            y = Q.int8_gemv(x, q8, s8, **kw)
-            worst = max(worst, ((y - ref).abs().max() / ref.abs().max()).item())
+    worst = {}
+    def check(name, y, ref, dtype):
+        err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+        worst[name, str(dtype)] = max(worst.get((name, str(dtype)), 0.0), err)
+    for dtype in (torch.float32, torch.bfloat16):
+        for N, K, M, bias in [(64, 256, 1, False), (33, 200, 3, True), (8, 4100, 1, True), (20, 96, 8, False)]:
+            q8, s8 = Q.quantize_int8(torch.randn(N, K))
+            b = torch.randn(N) if bias else None
+            x = torch.randn(M, K).to(dtype)
+            ref = x.double() @ (q8.double() * s8.double()[:, None]).T + (0 if b is None else b.double())
+            check("int8", Q.int8_gemv(x, q8, s8.to(dtype), None if b is None else b.to(dtype)), ref, dtype)
+        for N, K_in, g, M, bias in [(64, 256, 128, 1, False), (40, 96, 32, 3, True), (24, 512, 256, 8, False), (16, 128, 32, 1, False),
+                                     (16, 4160, 64, 1, True), (8, 200, 64, 2, False)]:  # 4160, 200: ragged chunks
+            K = -(-K_in // g) * g
+            w = torch.nn.functional.pad(torch.randn(N, K_in), (0, K - K_in))
+            s, z = Q.int4_qparams(w, g)
+            q = Q.quantize_int4(w, s, z, g)
+            b = torch.randn(N) if bias else None
+            x = torch.randn(M, K_in).to(dtype)
+            ref = x.double() @ Q.dequantize_int4(q, s, z, g)[:, :K_in].double().T + (0 if b is None else b.double())
+            y = Q.int4_gemv(x, Q.pack_int4(q), s.to(dtype), z.to(dtype), g, None if b is None else b.to(dtype))
+            check("int4", y, ref, dtype)
     print(worst)
+    assert all(e < (1e-5 if "float32" in d else 2e-2) for (_, d), e in worst.items()), worst
 """)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_triton_gemvs_under_interpreter():
     """The GEMV kernels run on CPU tensors under TRITON_INTERPRET=1, which triton reads at import: so in a fresh
-    process. Shapes cover ragged row and k-tile counts (masked paths), unmasked ones and split-K."""
+    process. Against the dequantized weights in float64: max-abs error over max-abs below 1e-5 with float32
+    activations, 2e-2 with bfloat16 ones (scales, bias and output rounded to bfloat16). Shapes cover ragged rows and
+    chunks (masked paths), exact chunks, 1..8 input rows, bias, and every group size."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     root = Path(__file__).resolve().parent.parent
     run = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT], capture_output=True, text=True, env=env, cwd=root,
                          timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert float(run.stdout.strip().splitlines()[-1]) < 1e-3
+    assert run.returncode == 0, run.stdout[-1000:] + run.stderr[-2000:]
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -254,16 +259,15 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 
 @gpu
 @pytest.mark.parametrize("g", [32, 64, 128, 256])
-def test_cuda_int4_layout_and_kernels_agree(g):
-    """Torch still packs int4 the way the Triton GEMV reads it, and both kernels match the dequantized weights."""
+def test_cuda_int4_kernels_match_dequantized(g):
+    """The Triton GEMV (1 and 5 rows) and the dequantize-then-matmul path (20 rows) on the stored uint8 layout."""
     torch.manual_seed(0)
     N, K = 256, 1024
     lin = quantized_linear(torch.randn(N, K), "int4", g)
     ref_w = dequantized_weight(lin).cuda()
-    expected = Q.tinygemm_layout(lin.weight, Q.inner_k_tiles(g)).cuda()
     lin = Q.prepare_for_device(lin.cuda().to(torch.bfloat16))
-    assert torch.equal(lin.packed, expected)
-    for rows in (1, 5):  # Triton GEMV, torch's kernel
+    assert lin.use_triton == (Q.triton is not None)
+    for rows in (1, 5, 20):
         x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
         assert rel_err(lin(x).float(), x.float() @ ref_w.T) < 2e-2
 
@@ -274,7 +278,7 @@ def test_cuda_int8_gemv_matches_dequantized():
     lin = quantized_linear(torch.randn(512, 1024), "int8")
     ref_w = dequantized_weight(lin).cuda()
     lin = Q.prepare_for_device(lin.cuda().to(torch.bfloat16))
-    assert lin.gemv is not None
-    for rows in (1, 5):
+    assert lin.use_triton == (Q.triton is not None)
+    for rows in (1, 5, 20):
         x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
         assert rel_err(lin(x).float(), x.float() @ ref_w.T) < 2e-2
