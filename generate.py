@@ -201,7 +201,11 @@ def verify(model, x, input_pos, q, s: Sampling):
     distributions -> (n accepted (), next token (), final-normed hidden (1, k+1, D)). One static shape per k, so
     it compiles to one CUDA graph like a decode step and costs about as much (the weights are read once)."""
     logits, hidden = model(x, input_pos, return_hidden=True)  # (1, k+1, V), (1, k+1, D)
-    n, token = accept_draft(x[0, 1:], q, logits_to_probs(logits[0], s), greedy=s.temperature == 0)
+    if s.temperature == 0:  # accept_draft over one-hots, without building (k+1, V) of them: same n, same token
+        best = logits[0].argmax(-1)  # (k+1,)
+        n = (x[0, 1:] == best[:-1]).long().cumprod(-1).sum(-1)  # drafts matching the target's argmax, in a row
+        return n, best.index_select(0, n.view(1)).squeeze(0), hidden
+    n, token = accept_draft(x[0, 1:], q, logits_to_probs(logits[0], s))
     return n, token, hidden
 
 
