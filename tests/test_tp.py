@@ -153,9 +153,11 @@ def results(tmp_path_factory):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_tp2_matches_tp1(results, case):
+    # torch's CPU int4 kernel computes in bfloat16 (quantize.py), so split partial sums round differently there
+    bound = 1e-2 if CASES[case].get("quant", {}).get("mode") == "int4" else 1e-5
     for r in results:
         res = r[case]
-        assert res["err"] < 1e-5, f"rank {r['rank']}: logits differ by {res['err']:.2e} relative"
+        assert res["err"] < bound, f"rank {r['rank']}: logits differ by {res['err']:.2e} relative"
         assert res["same_tokens"], f"rank {r['rank']}: greedy tokens differ"
         assert res["kv_heads"] * WORLD == res["kv_heads_ref"], "the KV cache is not split by heads"
         assert res["config_whole"], "apply_tp changed model.config, which must keep describing the whole model"
