@@ -18,11 +18,10 @@ single-row input goes to the Triton GEMVs below (dequantization fused into the d
 kernel streams at about 57% of the copy bandwidth on an H100); anything else goes to torch's kernels.
 Decisions: embeddings, the output head (unless --quantize_output) and the MoE router stay float; MoE experts are
 int8 per channel in every mode (an int4 expert would need one kernel call per chosen expert); int4 layers whose
-output width is not a multiple of 16 (torch's CPU kernel; CUDA needs 8) stay float and are listed; an input width that the
-group size does not divide is refused unless --pad zero-pads it to a multiple of the group size.
+output width is not a multiple of 16 (torch's CPU kernel; CUDA needs 8) stay float and are listed; an input width
+that the group size does not divide is refused unless --pad zero-pads it to a multiple of the group size.
 """
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -112,7 +111,7 @@ def tinygemm_layout(packed, ikt: int):
 # Like gemv.py: one program owns BLOCK_N weight rows and walks K in wide chunks (16-byte loads per thread), turning
 # the int8 or int4 values into float32 in registers. Up to MAX_ROWS input rows (decode, speculative verify) share
 # each loaded weight tile; the accumulator is (rows, BLOCK_N, BLOCK_K), so BLOCK_K shrinks as rows grow.
-INT8_BLOCK_N, INT8_BLOCK_K, INT8_WARPS = 4, 2048, 4  # BLOCK_K in weights = bytes
+INT8_BLOCK_N, INT8_BLOCK_K, INT8_WARPS = 2, 1024, 4  # best of .dev/quant_probe.py on an H200 (BENCHMARKS.md)
 INT4_BLOCK_N, INT4_BLOCK_K, INT4_WARPS = 4, 4096, 4  # BLOCK_K in weights (half as many bytes), a multiple of the group
 MAX_ROWS = 8
 

@@ -4,8 +4,9 @@ layer, save/load round trips, greedy equality, MoE, the Triton GEMVs under Trito
 Error bounds, relative (max-abs error over max-abs output): int8 layers (float32 here) match x @ dequantized(W).T
 within 1e-4; int4 layers run torch's kernels in bfloat16, so they match the reference built from bfloat16-rounded
 inputs, scales and zeros within 5e-3 (the bfloat16 output alone rounds at 2e-3); the Triton GEMVs (float32
-accumulation, under the interpreter) within 1e-5 in float32, 2e-2 with bfloat16 activations. Against the float layer: SQNR > 20 dB for int8 and for int4 at groups of 32 and 64 (Gaussian weights put
-int4-g128 at 20.1 dB by arithmetic: its step is the group's range over 15).
+accumulation, under the interpreter) within 1e-5 in float32, 2e-2 with bfloat16 activations. Against the float
+layer: SQNR > 20 dB for int8 and for int4 at groups of 32 and 64 (Gaussian weights put int4-g128 at 20.1 dB by
+arithmetic: its step is the group's range over 15).
 """
 import importlib.util
 import json
