@@ -8,14 +8,14 @@ The new checkpoint (model_int8.pth, model_int4.g64.pth, model_int4-gptq.g64.pth 
 dict with quantized tensors plus one entry "quantization" that says which modules hold what, so a loader rebuilds it
 without guessing: `apply_quantization` on the meta model, `load_state_dict(assign=True)`, `.to(device, dtype)`,
 `prepare_for_device`. The stored format does not depend on the device: int8 weights with one float scale per
-output row; int4 values packed two per byte (even column in the high nibble) with a float scale and zero per
-group of `groupsize` input columns, w = (q - 8) * scale + zero (the zero in the float domain, as gpt-fast and
-torchao do). `prepare_for_device` repacks int4 for torch's kernel on that device; those kernels compute in
-bfloat16 (CUDA's takes nothing else; the CPU one is ~30x slower in float32), whatever the model's dtype.
+output row; int4 values packed two per byte (see pack_int4) with a float scale and zero per group of `groupsize`
+input columns, w = (q - 8) * scale + zero (the zero in the float domain, as gpt-fast and torchao do).
 
-Decode at batch 1 reads every weight once per token, so it runs as fast as those bytes stream. On CUDA a
-single-row input goes to the Triton GEMVs below (dequantization fused into the dot product; torch's own int4
-kernel streams at about 57% of the copy bandwidth on an H100); anything else goes to torch's kernels.
+Decode at batch 1 reads every weight once per token, so it runs as fast as those bytes stream. On CUDA inputs of up
+to MAX_ROWS rows (decode, speculative verify) go to the Triton GEMVs below, which dequantize in registers (torch's
+own int4 kernel streams at about 57% of the copy bandwidth on an H100); longer inputs (prefill) dequantize the
+weights for F.linear. On the CPU `prepare_for_device` repacks int4 for torch's `_weight_int4pack_mm_for_cpu`, which
+computes in bfloat16 (~30x faster than its float32 path), whatever the model's dtype.
 Decisions: embeddings, the output head (unless --quantize_output) and the MoE router stay float; MoE experts are
 int8 per channel in every mode (an int4 expert would need one kernel call per chosen expert); int4 layers whose
 output width is not a multiple of 16 (torch's CPU kernel; CUDA needs 8) stay float and are listed; an input width
@@ -41,7 +41,7 @@ except ImportError:  # CPU-only installs: torch's kernels do all the work
 
 MODES = ("int8", "int4", "int4-gptq")
 GROUPSIZES = (32, 64, 128, 256)  # what torch's int4 kernels accept
-FORMAT = 1
+FORMAT = 2  # 2: pack_int4's half-group nibble order (1 put even columns in the high nibble)
 
 
 # ------------------------------------------------------------------------------------------------ quantization math
@@ -76,62 +76,59 @@ def dequantize_int4(q, scales, zeros, groupsize: int):
     return ((g - 8) * scales.float()[..., None] + zeros.float()[..., None]).reshape(q.shape)
 
 
-def pack_int4(q):
-    """(N, K) integers 0..15 -> (N, K/2) uint8, column 2j in the high nibble: what _convert_weight_to_int4pack takes."""
-    q = q.to(torch.uint8)
-    return (q[:, ::2] << 4) | q[:, 1::2]
+def pack_int4(q, groupsize: int):
+    """(N, K) integers 0..15 -> (N, K/2) uint8. Byte j of each group holds column j in the low nibble and column
+    j + groupsize/2 in the high one: the GEMV then reads both halves of x with contiguous loads, no shuffles."""
+    N, K = q.shape
+    q = q.to(torch.uint8).view(N, K // groupsize, 2, groupsize // 2)  # (N, groups, half, column in half)
+    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(N, K // 2)
 
 
-def unpack_int4(packed):
-    """(N, K/2) uint8 -> (N, K) int32."""
-    return torch.stack([packed >> 4, packed & 15], dim=-1).reshape(packed.shape[0], -1).to(torch.int32)
+def unpack_int4(packed, groupsize: int):
+    """(N, K/2) uint8 -> (N, K) int32; the inverse of pack_int4."""
+    b = packed.view(packed.shape[0], -1, groupsize // 2)  # (N, groups, half a group)
+    return torch.cat([b & 15, b >> 4], dim=-1).reshape(packed.shape[0], -1).to(torch.int32)
 
 
 def inner_k_tiles(groupsize: int) -> int:
-    """torch's int4 layout packs K in tiles of 16 * inner_k_tiles; keeping a tile inside one group lets the
-    Triton GEMV load one scale per row per tile. 8 (16-byte loads) whenever the group allows."""
+    """torch's CPU int4 layout packs K in tiles of 16 * inner_k_tiles: 8 whenever the group allows."""
     return min(8, groupsize // 16)
 
 
-def tinygemm_layout(packed, ikt: int):
-    """The int32 layout [N/8, K/(16*ikt), 32, ikt/2] that torch's CUDA `_convert_weight_to_int4pack` produces,
-    computed with plain tensor ops. Word (n-tile, k-tile, lane 4r+c, jj) holds the 8 nibbles of row 8*ntile+r at
-    columns 32*jj + 2*c + 8*(p%4) + p//4 of that k-tile, nibble p at bits 4p. Used to test the Triton kernel on CPU
-    and to check on the GPU that torch still packs this way."""
-    q = unpack_int4(packed)
-    N, K = q.shape
-    KO, J = K // (16 * ikt), ikt // 2
-    q = q.view(N // 8, 8, KO, J, 4, 4, 2).permute(0, 2, 1, 5, 3, 6, 4)  # (NT, KO, r, c, jj, p//4, p%4)
-    q = q.reshape(N // 8, KO, 32, J, 8).long()
-    words = (q << (4 * torch.arange(8))).sum(-1)  # (NT, KO, 32, J), 0 .. 2**32-1
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-
 # --------------------------------------------------------------------------------------------------- Triton GEMVs
-# Like gemv.py: one program owns BLOCK_N weight rows and walks K in wide chunks (16-byte loads per thread), turning
-# the int8 or int4 values into float32 in registers. Up to MAX_ROWS input rows (decode, speculative verify) share
-# each loaded weight tile; the accumulator is (rows, BLOCK_N, BLOCK_K), so BLOCK_K shrinks as rows grow.
-INT8_BLOCK_N, INT8_BLOCK_K, INT8_WARPS = 2, 1024, 4  # best of .dev/quant_probe.py on an H200 (BENCHMARKS.md)
-INT4_BLOCK_N, INT4_BLOCK_K, INT4_WARPS = 4, 4096, 4  # BLOCK_K in weights (half as many bytes), a multiple of the group
+# Like gemv.py: one program owns BLOCK_N weight rows and walks K in wide chunks (16-byte loads per thread). Integers
+# become floats without the slow int->float conversion: OR-ing a small integer into the mantissa of 2**23 gives the
+# float 2**23 + i, and one subtraction leaves i exactly. With one input row (decode) the products accumulate in a
+# (BLOCK_N, BLOCK_K) register tile reduced once at the end; with 2..MAX_ROWS rows (speculative verify) each chunk is
+# reduced as it goes, so the tile does not grow with the rows.
+INT8_CONFIG = dict(BLOCK_N=2, BLOCK_K=4096, num_warps=4)  # best of a sweep on an H100 (BENCHMARKS.md)
+INT8_ROWS_CONFIG = dict(BLOCK_N=2, BLOCK_K=4096, num_warps=4)
+INT4_CONFIG = dict(BLOCK_N=4, BLOCK_K=2048, num_warps=4)  # BLOCK_K in weights (half as many bytes)
+INT4_ROWS_CONFIG = dict(BLOCK_N=2, BLOCK_K=2048, num_warps=4)
 MAX_ROWS = 8
 
 if triton is not None:
     @triton.jit
     def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, M, K: tl.constexpr, M_PAD: tl.constexpr,
                           HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # y (M, N) = (x (M, K) @ w (N, K).T) * s (N,) + b; fp32 accumulation, one reduction at the end
+        # y (M, N) = (x (M, K) @ w (N, K).T) * s (N,) + b, float32 accumulation
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         ms = tl.arange(0, M_PAD)
         cols = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((M_PAD, BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_K) if M_PAD == 1 else (M_PAD, BLOCK_N), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
             in_k = (k + cols < K) if K % BLOCK_K else cols >= 0
             w = tl.load(w_ptr + rows[:, None] * K + (k + cols)[None, :], mask=(rows[:, None] < N) & in_k[None, :],
                         other=0, eviction_policy="evict_first")  # (BLOCK_N, BLOCK_K) int8, read once
+            w = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0  # 2**23 + 128 + w - that
             x = tl.load(x_ptr + ms[:, None] * K + (k + cols)[None, :], mask=(ms[:, None] < M) & in_k[None, :],
-                        other=0.0)  # (M_PAD, BLOCK_K)
-            acc += w.to(tl.float32)[None, :, :] * x.to(tl.float32)[:, None, :]
-        y = tl.sum(acc, axis=2) * tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
+                        other=0.0).to(tl.float32)  # (M_PAD, BLOCK_K)
+            if M_PAD == 1:
+                acc += w * x
+            else:
+                acc += tl.sum(w[None, :, :] * x[:, None, :], axis=2)
+        y = acc if M_PAD > 1 else tl.sum(acc, axis=1)[None, :]  # (M_PAD, BLOCK_N)
+        y = y * tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + ms[:, None] * N + rows[None, :], y.to(y_ptr.dtype.element_ty),
@@ -141,31 +138,36 @@ if triton is not None:
     def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, M, K: tl.constexpr, K_IN: tl.constexpr,
                           GROUPSIZE: tl.constexpr, M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # y (M, N) = x (M, K_IN) @ W.T + b with W (N, K) packed two per byte (column 2j in the high nibble) and
-        # w = (q - 8) * s + z per group: sum over groups of s * (sum q x - 8 sum x) + z * sum x
+        # y (M, N) = x (M, K_IN) @ W.T + b, W (N, K) in pack_int4's layout, dequantized as w = (q - 8) * s + z
+        H: tl.constexpr = GROUPSIZE // 2
         NG: tl.constexpr = BLOCK_K // GROUPSIZE  # groups per chunk
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         ms = tl.arange(0, M_PAD)
-        cols = tl.arange(0, BLOCK_K)
-        nbytes = tl.arange(0, BLOCK_K // 2)
+        j = tl.arange(0, BLOCK_K // 2)  # byte in the chunk
+        lo_col = (j // H) * GROUPSIZE + j % H  # its low nibble's column; the high one's is H further
         groups = tl.arange(0, NG)
-        acc = tl.zeros((M_PAD, BLOCK_N, NG), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_K // 2) if M_PAD == 1 else (M_PAD, BLOCK_N), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
-            b_ok = (k // 2 + nbytes < K // 2) if K % BLOCK_K else nbytes >= 0
-            b = tl.load(w_ptr + rows[:, None] * (K // 2) + (k // 2 + nbytes)[None, :],
-                        mask=(rows[:, None] < N) & b_ok[None, :], other=0, eviction_policy="evict_first")
-            q = tl.join(b >> 4, b & 15).reshape(BLOCK_N, NG, GROUPSIZE).to(tl.float32)  # columns in order
-            x = tl.load(x_ptr + ms[:, None] * K_IN + (k + cols)[None, :],
-                        mask=(ms[:, None] < M) & (k + cols < K_IN)[None, :], other=0.0)
-            x = x.to(tl.float32).reshape(M_PAD, NG, GROUPSIZE)
+            b_ok = (k // 2 + j < K // 2) if K % BLOCK_K else j >= 0
+            b = tl.load(w_ptr + rows[:, None] * (K // 2) + (k // 2 + j)[None, :],
+                        mask=(rows[:, None] < N) & b_ok[None, :], other=0, eviction_policy="evict_first").to(tl.int32)
             g_off = rows[:, None] * (K // GROUPSIZE) + (k // GROUPSIZE + groups)[None, :]  # (BLOCK_N, NG)
             g_ok = (rows[:, None] < N) & (k // GROUPSIZE + groups < K // GROUPSIZE)[None, :]
-            s = tl.load(s_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)[None, :, :]
-            z = tl.load(z_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)[None, :, :]
-            qx = tl.sum(q[None, :, :, :] * x[:, None, :, :], axis=3)  # (M_PAD, BLOCK_N, NG)
-            xs = tl.sum(x, axis=2)[:, None, :]  # (M_PAD, 1, NG)
-            acc += s * (qx - 8.0 * xs) + z * xs
-        y = tl.sum(acc, axis=2)  # (M_PAD, BLOCK_N)
+            s = tl.load(s_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)[:, :, None]  # one per byte of its group
+            s = tl.reshape(tl.broadcast_to(s, (BLOCK_N, NG, H)), (BLOCK_N, BLOCK_K // 2))
+            z = tl.load(z_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)[:, :, None]
+            z = tl.reshape(tl.broadcast_to(z, (BLOCK_N, NG, H)), (BLOCK_N, BLOCK_K // 2))
+            w_lo = (((b & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0) * s + z  # 2**23 + 8
+            w_hi = (((b >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0) * s + z
+            x_ptrs = x_ptr + ms[:, None] * K_IN + (k + lo_col)[None, :]
+            x_lo = tl.load(x_ptrs, mask=(ms[:, None] < M) & (k + lo_col < K_IN)[None, :], other=0.0).to(tl.float32)
+            x_hi = tl.load(x_ptrs + H, mask=(ms[:, None] < M) & (k + lo_col + H < K_IN)[None, :], other=0.0)
+            x_hi = x_hi.to(tl.float32)  # (M_PAD, BLOCK_K / 2) each
+            if M_PAD == 1:
+                acc += w_lo * x_lo + w_hi * x_hi
+            else:
+                acc += tl.sum(w_lo[None, :, :] * x_lo[:, None, :] + w_hi[None, :, :] * x_hi[:, None, :], axis=2)
+        y = acc if M_PAD > 1 else tl.sum(acc, axis=1)[None, :]  # (M_PAD, BLOCK_N)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + ms[:, None] * N + rows[None, :], y.to(y_ptr.dtype.element_ty),
@@ -175,11 +177,11 @@ if triton is not None:
 def int8_gemv(x, weight, scales, bias=None):
     """x (M, K) contiguous, M <= MAX_ROWS; int8 weight (N, K), scales (N,) -> (M, N) in x's dtype."""
     (M, K), N = x.shape, weight.shape[0]
-    m_pad = triton.next_power_of_2(M)
+    cfg = INT8_CONFIG if M == 1 else INT8_ROWS_CONFIG
     y = x.new_empty(M, N)
-    _int8_gemv_kernel[(triton.cdiv(N, INT8_BLOCK_N),)](
-        x, weight, scales, bias if bias is not None else scales, y, N, M, K=K, M_PAD=m_pad, HAS_BIAS=bias is not None,
-        BLOCK_N=INT8_BLOCK_N, BLOCK_K=max(INT8_BLOCK_K // m_pad, 64), num_warps=INT8_WARPS)
+    _int8_gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
+        x, weight, scales, bias if bias is not None else scales, y, N, M, K=K, M_PAD=triton.next_power_of_2(M),
+        HAS_BIAS=bias is not None, **cfg)
     return y
 
 
@@ -188,12 +190,12 @@ def int4_gemv(x, weight, scales, zeros, groupsize: int, bias=None):
     padded to whole groups -> (M, N) in x's dtype."""
     M, K_in = x.shape
     N, K = weight.shape[0], weight.shape[1] * 2
-    m_pad = triton.next_power_of_2(M)
+    cfg = dict(INT4_CONFIG if M == 1 else INT4_ROWS_CONFIG)
+    cfg["BLOCK_K"] = max(cfg["BLOCK_K"], groupsize)
     y = x.new_empty(M, N)
-    _int4_gemv_kernel[(triton.cdiv(N, INT4_BLOCK_N),)](
+    _int4_gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
         x, weight, scales, zeros, bias if bias is not None else scales, y, N, M, K=K, K_IN=K_in, GROUPSIZE=groupsize,
-        M_PAD=m_pad, HAS_BIAS=bias is not None, BLOCK_N=INT4_BLOCK_N,
-        BLOCK_K=max(INT4_BLOCK_K // m_pad, groupsize), num_warps=INT4_WARPS)
+        M_PAD=triton.next_power_of_2(M), HAS_BIAS=bias is not None, **cfg)
     return y
 
 
@@ -247,7 +249,7 @@ class Int4Linear(nn.Module):
             if self.use_triton and x2.shape[0] <= MAX_ROWS:
                 y = int4_gemv(x2.contiguous(), self.weight, self.scales, self.zeros, self.groupsize, self.bias)
                 return y.view(*x.shape[:-1], self.out_features)
-            q = torch.stack([self.weight >> 4, self.weight & 15], dim=-1).view(self.out_features, -1, self.groupsize)
+            q = unpack_int4(self.weight, self.groupsize).view(self.out_features, -1, self.groupsize)
             w = (q.to(x.dtype) - 8) * self.scales[..., None] + self.zeros[..., None]  # (N, K/g, g)
             y = F.linear(x2, w.view(self.out_features, -1)[:, :x2.shape[-1]])
         else:
@@ -273,7 +275,7 @@ class Int4Linear(nn.Module):
             raise ValueError(f"int4 layers run on CPU and CUDA, not {device.type}; use --mode int8 there")
         self.padded_in = self.weight.shape[1] * 2  # derived from the tensors: tensor parallel may have sliced them
         sz = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()  # (K/g, N, 2)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight),
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight, self.groupsize),
                                                                      inner_k_tiles(self.groupsize))
         del self.weight, self.scales, self.zeros
         self.register_buffer("packed", packed, persistent=False)
@@ -341,6 +343,8 @@ def apply_quantization(model: Transformer, info: dict) -> Transformer:
     `load_state_dict(state, assign=True)` takes the quantized tensors as saved. Call it on the meta model."""
     if info.get("format", FORMAT) > FORMAT:
         raise ValueError(f"the checkpoint's quantization format {info['format']} is newer than this quantize.py reads")
+    if info.get("format", 1) < 2 and "int4" in info["quantized"].values():
+        raise ValueError("this int4 checkpoint packs nibbles in an older order; quantize the float model.pth again")
     for name, kind in info["quantized"].items():
         old = model.get_submodule(name)
         device = next(iter(old.parameters())).device
@@ -407,7 +411,7 @@ def _quantized_module(old, kind, groupsize, config, packed=None, scales=None, ze
         if packed is None:
             w = F.pad(w, (0, new.weight.shape[1] * 2 - w.shape[1]))
             scales, zeros = int4_qparams(w, groupsize)
-            packed = pack_int4(quantize_int4(w, scales, zeros, groupsize))
+            packed = pack_int4(quantize_int4(w, scales, zeros, groupsize), groupsize)
         new.weight.copy_(packed)
         new.scales.copy_(scales)
         new.zeros.copy_(zeros)
@@ -597,7 +601,7 @@ def _gptq_linear(lin, H, groupsize, percdamp, act_order):
     w, H = F.pad(w, (0, k - K)), F.pad(H, (0, k - K, 0, k - K))
     q, s, z = gptq_quantize(w, H, groupsize, percdamp, act_order)
     lin.weight.copy_(dequantize_int4(q, s, z, groupsize)[:, :K].to(lin.weight))
-    return pack_int4(q).cpu(), s.cpu(), z.cpu()
+    return pack_int4(q, groupsize).cpu(), s.cpu(), z.cpu()
 
 
 # ------------------------------------------------------------------------------------------- calibration text

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from generate import (Sampling, decode_one_token, generate, kv_bytes_per_position, load_model, model_bytes,  # noqa: E402
-                      peak_memory_gb, prefill, resolve_checkpoint, synchronize)
+from generate import (Sampling, compile_steps, decode_one_token, generate, kv_bytes_per_position,  # noqa: E402
+                      load_model, model_bytes, peak_memory_gb, resolve_checkpoint, synchronize)
 from model import ModelArgs, Transformer  # noqa: E402
 
 
@@ -146,8 +146,7 @@ def main(argv=None):
     label += f" {args.quant if args.quant != 'none' else str(dtype).replace('torch.', '')}"
     label += " stock-linear" if args.no_gemv else ""
 
-    mode = "reduce-overhead" if device.startswith("cuda") else None
-    decode = torch.compile(decode_one_token, mode=mode, fullgraph=True) if compile else decode_one_token
+    decode = compile_steps(device, compile_prefill=False)[1] if compile else decode_one_token
     prompt = [list(range(1, args.prompt_len + 1))]
     s = Sampling(temperature=0.0)
     seq = args.prompt_len + args.max_new_tokens  # one cache size throughout: a new cache means a new CUDA graph

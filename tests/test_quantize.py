@@ -48,7 +48,7 @@ def dequantized_weight(m):
     """The float weights a quantized layer stands for (int4: with the bfloat16 scales and zeros its kernels use)."""
     if isinstance(m, Q.Int8Linear):
         return m.weight.float() * m.scales.float()[:, None]
-    q, bf16 = Q.unpack_int4(m.weight), lambda t: t.to(torch.bfloat16).float()
+    q, bf16 = Q.unpack_int4(m.weight, m.groupsize), lambda t: t.to(torch.bfloat16).float()
     return Q.dequantize_int4(q, bf16(m.scales), bf16(m.zeros), m.groupsize)[:, :m.in_features]
 
 
@@ -202,14 +202,14 @@ def test_bad_input_is_refused_clearly(tmp_path):
     assert isinstance(unprepared.layers[0].attention.wo, Q.Int8Linear)
 
 
-def test_tinygemm_layout_round_trips_nibbles():
+def test_int4_packing_round_trips_and_pairs_half_groups():
     torch.manual_seed(0)
-    q = torch.randint(0, 16, (16, 256), dtype=torch.int32)
-    words = Q.tinygemm_layout(Q.pack_int4(q), 8)  # (N/8, K/128, 32, 4)
-    assert words.shape == (2, 2, 32, 4)
-    # row 8*nt + r, column 128*ko + 32*jj + 2*c + 8*(p%4) + p//4 sits in word [nt, ko, 4*r + c, jj] at bits 4p
-    nt, ko, r, c, jj, p = 1, 1, 5, 2, 3, 6
-    assert (int(words[nt, ko, 4 * r + c, jj]) >> (4 * p)) & 15 == q[8 * nt + r, 128 * ko + 32 * jj + 2 * c + 8 * (p % 4) + p // 4]
+    q = torch.randint(0, 16, (4, 256), dtype=torch.int32)
+    packed = Q.pack_int4(q, 64)
+    assert packed.shape == (4, 128) and packed.dtype == torch.uint8
+    assert torch.equal(Q.unpack_int4(packed, 64), q)
+    # byte 32 * g + j holds column 64 * g + j (low nibble) and 64 * g + 32 + j (high nibble)
+    assert int(packed[2, 32 * 3 + 5]) == int(q[2, 64 * 3 + 5]) | (int(q[2, 64 * 3 + 32 + 5]) << 4)
 
 
 _INTERPRETER_SCRIPT = textwrap.dedent("""
@@ -235,7 +235,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
             b = torch.randn(N) if bias else None
             x = torch.randn(M, K_in).to(dtype)
             ref = x.double() @ Q.dequantize_int4(q, s, z, g)[:, :K_in].double().T + (0 if b is None else b.double())
-            y = Q.int4_gemv(x, Q.pack_int4(q), s.to(dtype), z.to(dtype), g, None if b is None else b.to(dtype))
+            y = Q.int4_gemv(x, Q.pack_int4(q, g), s.to(dtype), z.to(dtype), g, None if b is None else b.to(dtype))
             check("int4", y, ref, dtype)
     print(worst)
     assert all(e < (1e-5 if "float32" in d else 2e-2) for (_, d), e in worst.items()), worst
