@@ -241,7 +241,10 @@ class ModelDrafter:
         self.model(prompt, torch.arange(prompt.shape[1], device=prompt.device))
 
     def propose(self, tokens, hidden, pos: int, k: int, s: Sampling):
-        x, input_pos = tokens[:, -2:].clone(), torch.arange(pos - 1, pos + 1, device=tokens.device)  # (1, 2), (2,)
+        # (1, 2) with strides (2, 1) whatever tokens' length: a slice of tokens keeps its row stride, which
+        # torch.compile guards on, so every accepted length would compile the draft step anew
+        x = tokens[0, -2:].clone().view(1, 2)
+        input_pos = torch.arange(pos - 1, pos + 1, device=tokens.device)  # (2,)
         drafts, probs = [], []
         for _ in range(k):
             token, q = self.step(self.model, x, input_pos, s)

@@ -151,6 +151,21 @@ def test_greedy_output_equals_the_target_alone(k):
     assert seen == set(range(k + 1)), f"runs of accepted drafts of every length 0..{k} were exercised, got {seen}"
 
 
+def test_the_compiled_draft_step_compiles_once_per_shape():
+    """The draft step sees (1, 2) then (1, 1) inputs; however many drafts a step accepted, nothing else may change
+    (a stride that followed the accepted length once recompiled it up to k+1 times, minutes on a real model)."""
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    target = tiny(5)
+    step = torch.compile(gen.decode_with_probs, backend=counter, fullgraph=True, dynamic=False)
+    drafter, accepted = ModelDrafter(perturbed(target, 0.05, 5), step), []
+    for prompt in ([1, 2, 3], [4, 5, 6, 7, 8]):
+        speculative_generate(target, drafter, [prompt], 40, Sampling(), 4, accepted=accepted, max_seq_length=64)
+    assert len(set(accepted)) >= 3, f"the runs should accept drafts of several lengths, got {set(accepted)}"
+    assert counter.frame_count == 2, f"the draft step compiled {counter.frame_count} times, expected 2 (two shapes)"
+
+
 @pytest.mark.parametrize("k", [1, 3, 5])
 @pytest.mark.parametrize("s", [Sampling(), Sampling(temperature=1.0)], ids=["greedy", "sampled"])
 def test_a_draft_equal_to_the_target_is_almost_always_accepted(k, s):
