@@ -238,7 +238,8 @@ class MTPDrafter:
         m, dev = hidden.shape[1], hidden.device
         pad = k + 1 - m
         hidden = F.pad(hidden, (0, 0, 0, pad))  # (1, k+1, D)
-        tokens = F.pad(tokens[:, 1:], (0, pad))  # (1, k+1)
+        tokens = F.pad(tokens[0, 1:], (0, pad)).view(1, k + 1)  # strides (k+1, 1) even when pad is 0: compile
+        # guards on strides, and a slice of tokens would carry its row stride into the graph's guards
         input_pos = torch.arange(pos - m, pos - m + k + 1, device=dev)
         last = torch.arange(m - 1, m, device=dev)  # (1,), made on the device: no host-to-device copy
         drafts, q = self.step(self.head, self.target, hidden, tokens, input_pos, last, k, s)

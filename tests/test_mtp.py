@@ -123,6 +123,23 @@ def test_the_proposal_traces_as_one_graph():
 
 
 @torch.no_grad()
+def test_the_compiled_proposal_compiles_once(sharp_and_trained):
+    """Full, partial and zero acceptances all reuse one graph (a stride that depended on them used to recompile)."""
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    model, head = sharp_and_trained
+    step = torch.compile(mtp.draft, backend=counter, fullgraph=True, dynamic=False)
+    accepted = []
+    for seed in range(6):
+        prompt = torch.randint(0, 101, (1 + seed % 4 * 3,), generator=torch.Generator().manual_seed(seed)).tolist()
+        speculative_generate(model, mtp.MTPDrafter(head, model, step), [prompt], 40, GREEDY, 3, accepted=accepted,
+                             max_seq_length=64)
+    assert 0 in accepted and 3 in accepted, f"runs should mix zero and full acceptance, got {set(accepted)}"
+    assert counter.frame_count == 1, f"the proposal compiled {counter.frame_count} times, expected once"
+
+
+@torch.no_grad()
 def test_generate_flags_load_the_head(tmp_path):
     model = tiny()
     mtp.save_head(tmp_path / mtp.MTP_HEAD_FILE, tiny_head(model), base="tiny", k=2, vocab_rank=torch.randperm(101),
