@@ -9,6 +9,7 @@ import torch
 
 import generate as gen
 import mtp
+import mtp_train
 from generate import Sampling, generate, load_model, speculative_generate
 from model import ModelArgs, Transformer
 from test_speculative import chi2, chi2_pvalue, next_probs
@@ -51,10 +52,10 @@ def sharp_and_trained():
     tokens: it drafts right some of the time, so runs mix full, partial and zero acceptance."""
     model = sharp_tiny()
     data = tiny_corpus(model)
-    vocab = mtp.token_ranking(data, 101)[:60]
+    vocab = mtp_train.token_ranking(data, 101)[:60]
     head = mtp.new_head(model)
     torch.manual_seed(0)
-    mtp.train_head(model, head, data, k=3, steps=40, batch_size=8, lr=3e-3, vocab_ids=vocab, eval_every=1000,
+    mtp_train.train_head(model, head, data, k=3, steps=40, batch_size=8, lr=3e-3, vocab_ids=vocab, eval_every=1000,
                    log=lambda *_: None)
     return model, head.share(model, vocab)
 
@@ -170,7 +171,7 @@ def test_drafting_computes_what_training_computes():
     K, T = 3, 40
     x = torch.randint(0, 101, (1, T))
     h = model(x, return_hidden=True)[1]
-    want = mtp.teacher_forced_logits(head, model, h, x, K, head.draft_weight)  # K x (1, T-K-1, V)
+    want = mtp_train.teacher_forced_logits(head, model, h, x, K, head.draft_weight)  # K x (1, T-K-1, V)
     head.setup_caches(1, 64)
     rng, done, checked = random.Random(0), 0, 0
     while done < T - K - 1:
@@ -269,23 +270,23 @@ def tiny_prompts(n, prompt_len=6, seed=0):
 
 def tiny_corpus(model, n=24, new=24, seed=0):
     torch.manual_seed(seed)
-    return mtp.distill(model, tiny_prompts(n, seed=seed), new, batch_size=8, s=Sampling(0.7), log=lambda *_: None)
+    return mtp_train.distill(model, tiny_prompts(n, seed=seed), new, batch_size=8, s=Sampling(0.7), log=lambda *_: None)
 
 
 def test_distilled_corpus_layout():
     model = tiny()
     prompts = tiny_prompts(10)
     torch.manual_seed(0)
-    data = mtp.distill(model, prompts, 12, batch_size=4, s=GREEDY, stop_ids={7}, log=lambda *_: None)
+    data = mtp_train.distill(model, prompts, 12, batch_size=4, s=GREEDY, stop_ids={7}, log=lambda *_: None)
     offsets, plens, ids = data["offsets"], data["prompt_lens"], data["ids"].tolist()
     assert len(offsets) == 11 and offsets[-1] == len(ids) and data["ids"].dtype == torch.int32
     for i, p in enumerate(prompts):
         row = ids[offsets[i]:offsets[i + 1]]
         assert plens[i] == len(p) and row[:len(p)] == p
         assert row[len(p):] == generate(model, [p], 12, stop_ids={7})[0]
-    rank = mtp.token_ranking(data, 101)
+    rank = mtp_train.token_ranking(data, 101)
     assert sorted(rank.tolist()) == list(range(101))
-    cov = mtp.coverage(data, rank, [1, 10, 101])
+    cov = mtp_train.coverage(data, rank, [1, 10, 101])
     assert cov[1] <= cov[10] <= cov[101] == 1.0
 
 
@@ -293,10 +294,10 @@ def test_distilled_corpus_layout():
 def test_training_reduces_the_loss(targets, vocab):
     model = sharp_tiny()
     data = tiny_corpus(model)
-    vocab_ids = mtp.token_ranking(data, 101)[:vocab] if vocab else None
+    vocab_ids = mtp_train.token_ranking(data, 101)[:vocab] if vocab else None
     head = mtp.new_head(model)
     torch.manual_seed(0)
-    losses, evals = mtp.train_head(model, head, data, k=3, steps=30, batch_size=8, lr=3e-3, vocab_ids=vocab_ids,
+    losses, evals = mtp_train.train_head(model, head, data, k=3, steps=30, batch_size=8, lr=3e-3, vocab_ids=vocab_ids,
                                    targets=targets, eval_every=1000, log=lambda *_: None)
     assert len(losses) == 30 and all(map(torch.isfinite, torch.tensor(losses)))
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
@@ -311,7 +312,7 @@ def test_loss_weights():
 
 
 def test_depth_mask_small_case():
-    m = mtp.depth_mask(3, 2).int()  # steps x anchors: rows/cols (1,0) (1,1) (1,2) (2,0) (2,1) (2,2)
+    m = mtp_train.depth_mask(3, 2).int()  # steps x anchors: rows/cols (1,0) (1,1) (1,2) (2,0) (2,1) (2,2)
     assert m.tolist() == [[1, 0, 0, 0, 0, 0],
                           [1, 1, 0, 0, 0, 0],
                           [1, 1, 1, 0, 0, 0],
@@ -447,17 +448,17 @@ def test_native_layer_errors():
 
 # ---------------------------------------------------------------------------------------------- distillation prompts
 def test_distillation_prompts_are_distinct_reproducible_and_not_evaluation_prompts(tmp_path):
-    prompts = mtp.build_prompts(300, seed=0)
-    assert len(set(prompts)) == 300 and prompts == mtp.build_prompts(300, seed=0)
-    assert prompts != mtp.build_prompts(300, seed=1)
+    prompts = mtp_train.build_prompts(300, seed=0)
+    assert len(set(prompts)) == 300 and prompts == mtp_train.build_prompts(300, seed=0)
+    assert prompts != mtp_train.build_prompts(300, seed=1)
     fake = tmp_path / "dev.jsonl"  # negative control: the check must catch an equal prompt
     fake.write_text(json.dumps({"category": "chat", "prompt": prompts[7]}) + "\n")
     with pytest.raises(ValueError, match="equal evaluation prompts"):
-        mtp.check_no_dev_overlap(prompts, fake)
-    dev = mtp.dev_prompts_path()
+        mtp_train.check_no_dev_overlap(prompts, fake)
+    dev = mtp_train.dev_prompts_path()
     if dev is None:
         pytest.skip("no ../shared/prompts/dev.jsonl here: only the negative control ran")
-    assert mtp.check_no_dev_overlap(mtp.build_prompts(3000, seed=0), dev)
+    assert mtp_train.check_no_dev_overlap(mtp_train.build_prompts(3000, seed=0), dev)
 
 
 # ---------------------------------------------------------------------------------------------- the real SmolLM2
