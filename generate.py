@@ -74,15 +74,21 @@ def decode_one_token(model, x, input_pos, left_pad, s: Sampling):
     return sample(logits[:, -1], s)[0]
 
 
-def compile_steps(device: str, compile_prefill: bool):
-    """Compiled versions of the two steps. CUDA graphs (reduce-overhead) remove the per-kernel launch cost that
-    dominates batch-1 decode. On the CPU there is no such graph; freezing instead lets inductor treat the weights as
-    constants and prepack them for oneDNN's matmuls (about 1.25x faster decode on 2 cores)."""
-    mode = "reduce-overhead" if device.startswith("cuda") else None
-    if device == "cpu":
+def compile_step(fn, device: str, **kw):
+    """torch.compile for a step that runs many times at one shape. On CUDA as a CUDA graph (reduce-overhead removes
+    the per-kernel launch cost that dominates batch-1 decode); on the CPU with freezing, which lets inductor treat
+    the weights as constants and prepack them for oneDNN's matmuls (about 1.25x faster decode on 2 cores)."""
+    if device.startswith("cuda"):
+        return torch.compile(fn, mode="reduce-overhead", fullgraph=True, **kw)
+    if device == "cpu":  # a process-wide switch: torch.compile(options={"freezing": True}) does not reach the pass
         import torch._inductor.config as inductor_config
         inductor_config.freezing = True
-    decode = torch.compile(decode_one_token, mode=mode, fullgraph=True)
+    return torch.compile(fn, fullgraph=True, **kw)
+
+
+def compile_steps(device: str, compile_prefill: bool):
+    """Compiled versions of the two steps (prefill with dynamic shapes, only on request)."""
+    decode = compile_step(decode_one_token, device)
     pre = torch.compile(prefill, fullgraph=True, dynamic=True) if compile_prefill else prefill
     return pre, decode
 
@@ -216,10 +222,9 @@ def verify(model, x, input_pos, q, s: Sampling):
 def compile_spec_steps(device: str, compile_prefill: bool):
     """Compiled prefill (optional), draft step and verify step, as compile_steps does for plain decoding. Static
     shapes: the draft step sees one token or two (see ModelDrafter), the verify step always k+1."""
-    mode = "reduce-overhead" if device.startswith("cuda") else None
     pre = torch.compile(prefill_hidden, fullgraph=True, dynamic=True) if compile_prefill else prefill_hidden
-    draft = torch.compile(decode_with_probs, mode=mode, fullgraph=True, dynamic=False)
-    return pre, draft, torch.compile(verify, mode=mode, fullgraph=True, dynamic=False)
+    draft = compile_step(decode_with_probs, device, dynamic=False)
+    return pre, draft, compile_step(verify, device, dynamic=False)
 
 
 class ModelDrafter:

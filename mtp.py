@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from generate import Sampling, sample
+from generate import Sampling, compile_step, sample
 from model import KVCache, ModelArgs, RMSNorm, Transformer, TransformerBlock, rope_tables
 
 MTP_HEAD_FILE = "mtp_head.pth"  # beside model.pth; `generate.py --mtp` loads it for the embedded default
@@ -229,8 +229,7 @@ class MTPDrafter:
 
 def compile_draft(device: str):
     """The whole proposal (catch-up + k steps) as one graph: one CUDA graph replay per target step."""
-    mode = "reduce-overhead" if device.startswith("cuda") else None
-    return torch.compile(draft, mode=mode, fullgraph=True, dynamic=False)
+    return compile_step(draft, device, dynamic=False)
 
 
 def load_speculation(args, model: Transformer, target_dir, device: str):

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from generate import (Sampling, compile_steps, decode_one_token, generate, kv_bytes_per_position,  # noqa: E402
-                      load_model, model_bytes, peak_memory_gb, resolve_checkpoint, synchronize)
+from generate import (Sampling, compile_step, compile_steps, decode_one_token, generate,  # noqa: E402
+                      kv_bytes_per_position, load_model, model_bytes, peak_memory_gb, resolve_checkpoint, synchronize)
 from model import ModelArgs, Transformer  # noqa: E402
 
 
@@ -76,10 +76,9 @@ def time_steps(fn, device, n=50, warmup=5) -> float:
 
 def verify_cost(model, device, k: int, compile: bool, prompt_len: int):
     """Seconds for one decode step and for one forward over k+1 positions, both as compiled graphs."""
-    mode = "reduce-overhead" if device.startswith("cuda") and compile else None
     step = (lambda m, x, p: m(x, p))
-    fn = torch.compile(step, mode=mode, fullgraph=True) if compile else step
-    fn_k = torch.compile(step, mode=mode, fullgraph=True) if compile else step
+    fn = compile_step(step, device) if compile else step
+    fn_k = compile_step(step, device) if compile else step
     model.setup_caches(1, prompt_len + 64)
     x1, xk = torch.zeros(1, 1, dtype=torch.long, device=device), torch.zeros(1, k + 1, dtype=torch.long, device=device)
     p1 = torch.tensor([prompt_len], device=device)
