@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from generate import (Sampling, compile_step, compile_steps, decode_one_token, generate,  # noqa: E402
+from generate import (Sampling, compile_step, decode_one_token, generate,  # noqa: E402
                       kv_bytes_per_position, load_model, model_bytes, peak_memory_gb, resolve_checkpoint, synchronize)
 from model import ModelArgs, Transformer  # noqa: E402
 
@@ -145,7 +145,7 @@ def main(argv=None):
     label += f" {args.quant if args.quant != 'none' else str(dtype).replace('torch.', '')}"
     label += " stock-linear" if args.no_gemv else ""
 
-    decode = compile_steps(device, compile_prefill=False)[1] if compile else decode_one_token
+    decode = compile_step(decode_one_token, device) if compile else decode_one_token
     prompt = [list(range(1, args.prompt_len + 1))]
     s = Sampling(temperature=0.0)
     seq = args.prompt_len + args.max_new_tokens  # one cache size throughout: a new cache means a new CUDA graph
