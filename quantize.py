@@ -95,6 +95,11 @@ def inner_k_tiles(groupsize: int) -> int:
     return min(8, groupsize // 16)
 
 
+def cuda_inner_k_tiles(k: int) -> int:
+    """tinygemm (CUDA) packs K in tiles of 16 * inner_k_tiles, 8 of them for 16-byte loads where K allows."""
+    return next(t for t in (8, 4, 2) if k % (16 * t) == 0)
+
+
 # --------------------------------------------------------------------------------------------------- Triton GEMVs
 # Like gemv.py: one program owns BLOCK_N weight rows and walks K in wide chunks (16-byte loads per thread). Integers
 # become floats without the slow int->float conversion: OR-ing a small integer into the mantissa of 2**23 gives the
@@ -225,8 +230,10 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     """int4 groupwise weight, stored packed (out, in_padded/2) uint8 with scales and zeros (out, in_padded/g).
 
-    On CUDA the stored tensors are used as they are: the Triton GEMV for up to MAX_ROWS input rows, else the
-    weights dequantized on the fly for F.linear (prefill). On the CPU `prepare` repacks them for torch's CPU kernel.
+    `prepare` lays the tensors out for the kernel that will run them: by default torch's packed-int4 matmul on
+    either device (`_weight_int4pack_mm`, tinygemm, on CUDA; `_weight_int4pack_mm_for_cpu` on the CPU), which
+    takes up to 16 rows for the price of one; or, on CUDA with kernel="triton", the stored tensors as they are,
+    for our Triton GEMV (up to MAX_ROWS rows) and dequantize-then-F.linear above that.
     """
 
     def __init__(self, in_features, out_features, groupsize, bias=False, device=None, dtype=None):
@@ -245,8 +252,8 @@ class Int4Linear(nn.Module):
             raise RuntimeError(f"this int4 layer is laid out for {self.prepared_for or 'no device yet'}, the input is on "
                                f"{x.device.type}; call quantize.prepare_for_device(model) after moving the model")
         x2 = x.reshape(-1, x.shape[-1])  # (B*S, K)
-        if self.prepared_for == "cuda":
-            if self.use_triton and x2.shape[0] <= MAX_ROWS:
+        if self.use_triton:
+            if x2.shape[0] <= MAX_ROWS:
                 y = int4_gemv(x2.contiguous(), self.weight, self.scales, self.zeros, self.groupsize, self.bias)
                 return y.view(*x.shape[:-1], self.out_features)
             q = unpack_int4(self.weight, self.groupsize).view(self.out_features, -1, self.groupsize)
@@ -255,32 +262,38 @@ class Int4Linear(nn.Module):
         else:
             if self.padded_in != x2.shape[-1]:
                 x2 = F.pad(x2, (0, self.padded_in - x2.shape[-1]))
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(  # in bfloat16: ~30x faster than in float32
-                x2.to(torch.bfloat16), self.packed, self.groupsize, self.scales_and_zeros).to(x.dtype)
+            mm = torch.ops.aten._weight_int4pack_mm if x.is_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+            y = mm(x2.to(torch.bfloat16).contiguous(), self.packed, self.groupsize, self.scales_and_zeros).to(x.dtype)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     @torch.no_grad()
-    def prepare(self, use_triton: bool):
-        """CPU: repack the stored tensors for torch's kernel and drop them (inference only). CUDA: nothing to do."""
-        device = (self.packed if self.prepared_for == "cpu" else self.weight).device
-        if self.prepared_for is not None and self.prepared_for != device.type:
-            raise RuntimeError(f"this int4 layer was prepared for {self.prepared_for} and then moved; "
-                               f"move the model before prepare_for_device, never after")
-        self.use_triton = use_triton and device.type == "cuda"
-        if self.prepared_for is not None or device.type == "cuda":
-            self.prepared_for = device.type
+    def prepare(self, kernel: str = "torch"):
+        """Lay the tensors out for this device's kernel; for torch's, repack and drop the stored ones (inference
+        only). Both torch kernels compute in bfloat16 (on the CPU ~30x faster than float32), whatever the dtype."""
+        device = (self.weight if self.prepared_for is None or self.use_triton else self.packed).device
+        if self.prepared_for is not None:
+            if self.prepared_for != device.type:
+                raise RuntimeError(f"this int4 layer was prepared for {self.prepared_for} and then moved; "
+                                   f"move the model before prepare_for_device, never after")
             return
-        if device.type != "cpu":
+        if device.type not in ("cpu", "cuda"):
             raise ValueError(f"int4 layers run on CPU and CUDA, not {device.type}; use --mode int8 there")
-        self.padded_in = self.weight.shape[1] * 2  # derived from the tensors: tensor parallel may have sliced them
+        self.prepared_for = device.type
+        self.use_triton = kernel == "triton" and device.type == "cuda" and triton is not None
+        if self.use_triton:
+            return
+        q = unpack_int4(self.weight, self.groupsize)  # (N, K) 0..15
+        self.padded_in = q.shape[1]  # derived from the tensors: tensor parallel may have sliced them
+        if device.type == "cpu":
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, inner_k_tiles(self.groupsize))
+        else:  # tinygemm reads two columns per byte, the even one in the high nibble
+            pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+            packed = torch.ops.aten._convert_weight_to_int4pack(pairs, cuda_inner_k_tiles(q.shape[1]))
         sz = torch.stack([self.scales, self.zeros], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()  # (K/g, N, 2)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight, self.groupsize),
-                                                                     inner_k_tiles(self.groupsize))
         del self.weight, self.scales, self.zeros
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("scales_and_zeros", sz, persistent=False)
-        self.prepared_for = "cpu"
 
 
 class Int8MOEFeedForward(nn.Module):
@@ -352,13 +365,19 @@ def apply_quantization(model: Transformer, info: dict) -> Transformer:
     return model
 
 
-def prepare_for_device(model, use_triton: Optional[bool] = None):
-    """After `model.to(device, dtype)` (and tensor-parallel slicing): repack int4 for this device's kernel and turn
-    on the Triton GEMVs for single-row inputs on CUDA (use_triton None: whenever triton imports)."""
-    use_triton = triton is not None if use_triton is None else use_triton and triton is not None
+def prepare_for_device(model, int8_kernel: str = "triton", int4_kernel: str = "torch"):
+    """After `model.to(device, dtype)` (and tensor-parallel slicing): lay the quantized tensors out for their
+    kernels. On CUDA int8 runs our Triton GEMV for up to MAX_ROWS rows ("triton") or dequantizes in the matmul
+    ("torch"); int4 runs torch's packed-int4 matmul ("torch", both devices) or our Triton GEMV ("triton", CUDA).
+    The defaults are the faster ones on an H100 (BENCHMARKS.md); without triton installed, torch's are used."""
+    for name, kernel in (("int8_kernel", int8_kernel), ("int4_kernel", int4_kernel)):
+        if kernel not in ("torch", "triton"):
+            raise ValueError(f"{name} must be 'torch' or 'triton', not {kernel!r}")
     for m in model.modules():
-        if isinstance(m, (Int8Linear, Int4Linear)):
-            m.prepare(use_triton)
+        if isinstance(m, Int8Linear):
+            m.prepare(int8_kernel == "triton" and triton is not None)
+        elif isinstance(m, Int4Linear):
+            m.prepare(int4_kernel)
     return model
 
 

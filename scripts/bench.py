@@ -43,7 +43,8 @@ def copy_bandwidth(device: str, gib: float = 2.0) -> float:
     return 2 * n * 4 / statistics.median(times) / 1e9
 
 
-def random_model(name: str, device: str, dtype, quant: str, groupsize: int, gemv: bool = True) -> Transformer:
+def random_model(name: str, device: str, dtype, quant: str, groupsize: int, gemv: bool = True,
+                 kernel: str = "default") -> Transformer:
     """A preset's shapes with random weights made on the device (no checkpoint needed)."""
     with torch.device(device):
         model = Transformer(ModelArgs.from_name(name)).to(dtype)
@@ -52,7 +53,7 @@ def random_model(name: str, device: str, dtype, quant: str, groupsize: int, gemv
     if quant != "none":
         import quantize
         model, _ = quantize.quantize_model(model, quant, groupsize)
-        quantize.prepare_for_device(model)
+        quantize.prepare_for_device(model, **({} if kernel == "default" else {f"{quant}_kernel": kernel}))
     if device.startswith("cuda") and gemv:
         from gemv import use_gemv
         use_gemv(model)
@@ -115,6 +116,8 @@ def main(argv=None):
     p.add_argument("--checkpoint_path", default=None, help="a real checkpoint instead (default: embedded SmolLM2)")
     p.add_argument("--quant", default="none", choices=["none", "int8", "int4"], help="quantize random weights first")
     p.add_argument("--groupsize", type=int, default=128, help="int4 group size")
+    p.add_argument("--kernel", default="default", choices=["default", "torch", "triton"],
+                   help="with --quant: torch's kernel or our Triton GEMV (default: quantize.prepare_for_device's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--dtype", default=None, help="bfloat16 (CUDA default) or float32 (CPU default)")
     p.add_argument("--prompt_len", type=int, default=16, help="prompt tokens before decoding")
@@ -138,12 +141,14 @@ def main(argv=None):
     copy_gbs = copy_bandwidth(device)
     log(f"copy bandwidth {copy_gbs:.0f} GB/s")
     if args.model:
-        model, label = random_model(args.model, device, dtype, args.quant, args.groupsize, not args.no_gemv), f"{args.model} random"
+        model, label = random_model(args.model, device, dtype, args.quant, args.groupsize, not args.no_gemv,
+                                    args.kernel), f"{args.model} random"
     else:
         ckpt = resolve_checkpoint(args.checkpoint_path)
         model, label = load_model(ckpt, device, dtype), str(ckpt.parent.name)
     label += f" {args.quant if args.quant != 'none' else str(dtype).replace('torch.', '')}"
     label += " stock-linear" if args.no_gemv else ""
+    label += f" {args.kernel}-kernel" if args.kernel != "default" else ""
 
     decode = compile_step(decode_one_token, device) if compile else decode_one_token
     prompt = [list(range(1, args.prompt_len + 1))]

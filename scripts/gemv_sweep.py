@@ -1,9 +1,12 @@
-"""Sweep quantize.py's int8 / int4 GEMV tile configs (1 input row: decode; 6 rows: speculative verify) over
-Llama-2-7B-shaped random weights, all 160 matmuls of a step replayed as one CUDA graph, against the device-to-device
-copy bandwidth measured in the same run. Counts the bytes the quantized weights and their scales occupy.
+"""Time quantize.py's int8 / int4 Triton GEMVs and torch's int4 kernel (tinygemm) at 1 input row (decode) and 6
+(speculative verify) over Llama-2-7B-shaped random weights, all 160 matmuls of a step replayed as one CUDA graph,
+against the device-to-device copy bandwidth measured in the same run. Counts the bytes the quantized weights and
+their scales occupy. --sweep also tries a grid of tile configs for the Triton kernels.
 
-    python scripts/gemv_sweep.py     # about 3 minutes on an H100; the best configs go into quantize.py by hand
+    python scripts/gemv_sweep.py           # under a minute on an H100
+    python scripts/gemv_sweep.py --sweep   # about 3 minutes; the best configs go into quantize.py by hand
 """
+import argparse
 import itertools
 import sys
 import time
@@ -45,6 +48,9 @@ def copy_bandwidth(nbytes=2 * 2**30):
 
 
 def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sweep", action="store_true", help="also sweep the Triton kernels' tile configs")
+    sweep = p.parse_args().sweep
     d, g = 4096, 128
     shapes = [(12288, d), (d, d), (11008, d), (11008, d), (d, 11008)] * 32
     torch.manual_seed(0)
@@ -59,13 +65,27 @@ def main():
     x = torch.randn(8, 11008, device="cuda", dtype=torch.bfloat16)
     print(f"copy {copy:.0f} GB/s", flush=True)
 
+    tiny = [(torch.ops.aten._convert_weight_to_int4pack(w, Q.cuda_inner_k_tiles(k)),
+             torch.stack([s, z], -1).transpose(0, 1).contiguous()) for (w, s, z), (_, k) in zip(w4, shapes)]
+
     def run(kind, rows):
         xs = [x[:rows, :k].contiguous() for _, k in shapes]
         if kind == "int8":
             fn = lambda: [Q.int8_gemv(xi, w, s) for xi, (w, s) in zip(xs, w8)]  # noqa: E731
-        else:
+        elif kind == "int4":
             fn = lambda: [Q.int4_gemv(xi, w, s, z, g) for xi, (w, s, z) in zip(xs, w4)]  # noqa: E731
+        else:
+            fn = lambda: [torch.ops.aten._weight_int4pack_mm(xi, w, g, sz) for xi, (w, sz) in zip(xs, tiny)]  # noqa: E731
         return (bytes8 if kind == "int8" else bytes4) / graph_time(fn) / 1e9
+
+    table = []
+    for kind, rows in itertools.product(["int8", "int4", "int4-tinygemm"], [1, 6]):
+        gbs = run(kind, rows)
+        table.append(f"{kind:13s} rows={rows} default config       {gbs:7.0f} GB/s {100 * gbs / copy:5.1f}%")
+        print(table[-1], flush=True)
+    if not sweep:
+        print("\n".join(table))
+        return
 
     grids = {("int8", 1): itertools.product([2, 4, 8], [2048, 4096], [4, 8]),
              ("int4", 1): itertools.product([2, 4, 8], [2048, 4096, 8192], [4, 8]),
@@ -73,7 +93,6 @@ def main():
              ("int4", 6): itertools.product([1, 2, 4, 8], [512, 1024, 2048, 4096], [4, 8])}
     names = {("int8", 1): "INT8_CONFIG", ("int4", 1): "INT4_CONFIG", ("int8", 6): "INT8_ROWS_CONFIG",
              ("int4", 6): "INT4_ROWS_CONFIG"}
-    table = []
     for (kind, rows), grid in grids.items():
         t0, res = time.time(), []
         default = dict(getattr(Q, names[kind, rows]))

@@ -259,18 +259,22 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 
 
 @gpu
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
 @pytest.mark.parametrize("g", [32, 64, 128, 256])
-def test_cuda_int4_kernels_match_dequantized(g):
-    """The Triton GEMV (1 and 5 rows) and the dequantize-then-matmul path (20 rows) on the stored uint8 layout."""
+def test_cuda_int4_kernels_match_dequantized(g, kernel):
+    """torch's tinygemm repacking, or the Triton GEMV (1 and 5 rows) and dequantize-then-matmul (20 rows) on the
+    stored layout, against the dequantized weights; K = 576 (SmolLM2's width) takes tinygemm's 4-tile layout."""
     torch.manual_seed(0)
-    N, K = 256, 1024
-    lin = quantized_linear(torch.randn(N, K), "int4", g)
-    ref_w = dequantized_weight(lin).cuda()
-    lin = Q.prepare_for_device(lin.cuda().to(torch.bfloat16))
-    assert lin.use_triton == (Q.triton is not None)
-    for rows in (1, 5, 20):
-        x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
-        assert rel_err(lin(x).float(), x.float() @ ref_w.T) < 2e-2
+    for N, K in ((256, 1024), (192, 576)):
+        if K % g:
+            continue
+        lin = quantized_linear(torch.randn(N, K), "int4", g)
+        ref_w = dequantized_weight(lin).cuda()
+        lin = Q.prepare_for_device(lin.cuda().to(torch.bfloat16), int4_kernel=kernel)
+        assert lin.use_triton == (kernel == "triton" and Q.triton is not None)
+        for rows in (1, 5, 20):
+            x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
+            assert rel_err(lin(x).float(), x.float() @ ref_w.T) < 2e-2
 
 
 @gpu
