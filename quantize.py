@@ -11,11 +11,13 @@ without guessing: `apply_quantization` on the meta model, `load_state_dict(assig
 output row; int4 values packed two per byte (see pack_int4) with a float scale and zero per group of `groupsize`
 input columns, w = (q - 8) * scale + zero (the zero in the float domain, as gpt-fast and torchao do).
 
-Decode at batch 1 reads every weight once per token, so it runs as fast as those bytes stream. On CUDA inputs of up
-to MAX_ROWS rows (decode, speculative verify) go to the Triton GEMVs below, which dequantize in registers (torch's
-own int4 kernel streams at about 57% of the copy bandwidth on an H100); longer inputs (prefill) dequantize the
-weights for F.linear. On the CPU `prepare_for_device` repacks int4 for torch's `_weight_int4pack_mm_for_cpu`, which
-computes in bfloat16 (~30x faster than its float32 path), whatever the model's dtype.
+Decode at batch 1 reads every weight once per token, so it runs as fast as those bytes stream. `prepare_for_device`
+picks each layer's kernel, by default the faster one measured on an H100 (BENCHMARKS.md): int8 on CUDA runs the
+Triton GEMV below for up to MAX_ROWS rows (decode, speculative verify; 2177 GB/s alone, 73% of copy) and
+dequantizes into F.linear above that (prefill); int4 is repacked for torch's packed-int4 matmul on either device,
+`_weight_int4pack_mm` (tinygemm: 1636 GB/s at one row, 6 rows in 1.75x the time of one) on CUDA and
+`_weight_int4pack_mm_for_cpu` on the CPU, both computing in bfloat16 (on the CPU ~30x faster than float32). Our
+Triton int4 GEMV (1106 GB/s) stays selectable with int4_kernel="triton".
 Decisions: embeddings, the output head (unless --quantize_output) and the MoE router stay float; MoE experts are
 int8 per channel in every mode (an int4 expert would need one kernel call per chosen expert); int4 layers whose
 output width is not a multiple of 16 (torch's CPU kernel; CUDA needs 8) stay float and are listed; an input width
@@ -25,7 +27,6 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn as nn
