@@ -287,3 +287,9 @@ def test_cuda_int8_gemv_matches_dequantized():
     for rows in (1, 5, 20):
         x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
         assert rel_err(lin(x).float(), x.float() @ ref_w.T) < 2e-2
+
+
+def test_unknown_kernel_name_is_refused():
+    lin = quantized_linear(torch.randn(32, 64), "int4", 32)
+    with pytest.raises(ValueError, match="int4_kernel must be 'torch' or 'triton'"):
+        Q.prepare_for_device(lin, int4_kernel="tinygemm")
