@@ -177,9 +177,15 @@ def evaluate(head, model, ids, hidden, offsets, prompt_lens, rows, k, weight, vo
 
 def train_head(model: Transformer, head: MTPHead, data: dict, *, k: int = 3, steps: int = 1000, batch_size: int = 16,
                lr: float = 1e-3, warmup: Optional[int] = None, weight_decay: float = 0.01, vocab_ids=None,
-               targets: str = "soft", val_frac: float = 0.05, eval_every: int = 250, seed: int = 0, log=print):
-    """Train the head's weights only (the target is frozen). Returns the training losses (one per step) and the
-    held-out evaluations [(step, per-step agreement, est. greedy accepted length)]."""
+               targets: str = "soft", val_frac: float = 0.05, eval_every: int = 250, seed: int = 0, log=print,
+               state: Optional[dict] = None, time_limit: Optional[float] = None):
+    """Train the head's weights only (the target is frozen). Returns the training losses (one per step run here)
+    and the held-out evaluations [(step, per-step agreement, est. greedy accepted length)].
+
+    Resumable, so a run can span several sessions of limited length: `state` (a dict, usually {}) receives the
+    optimizer, schedule and step when the run stops, after `steps` or once `time_limit` seconds have passed; pass
+    it back (with the head as it was left) to continue. Batch i is drawn from a generator seeded by (seed, i), so
+    a resumed run sees the batches an uninterrupted one would."""
     if targets not in ("soft", "hard"):
         raise ValueError(f"targets must be 'soft' or 'hard', got {targets!r}")
     device = model.norm.weight.device
@@ -202,10 +208,22 @@ def train_head(model: Transformer, head: MTPHead, data: dict, *, k: int = 3, ste
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0, i - warmup) / max(1, steps - warmup))))))
     autocast = torch.autocast("cuda", torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator(device=device)
+    first = 1
+    if state:
+        opt.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        first = state["step"] + 1
+        log(f"resuming at step {first}/{steps}")
     losses, evals, t0, tokens = [], [], time.perf_counter(), 0
     head.train()
-    for step in range(1, steps + 1):
+    step = first - 1
+    for step in range(first, steps + 1):
+        if time_limit is not None and time.perf_counter() - t0 > time_limit:
+            step -= 1
+            log(f"time limit of {time_limit:.0f} s reached after step {step}/{steps}; resume to go on")
+            break
+        gen.manual_seed(seed * 1_000_003 + step)
         rows = train[torch.randint(len(train), (batch_size,), device=device, generator=gen)]
         x, h, resp = make_batch(ids, hidden, offsets, prompt_lens, rows)
         if x.shape[1] < k + 2:
@@ -223,7 +241,7 @@ def train_head(model: Transformer, head: MTPHead, data: dict, *, k: int = 3, ste
             dt = time.perf_counter() - t0
             recent = losses[-10:]
             log(f"step {step}/{steps} | loss {sum(recent) / len(recent):.3f} | lr {schedule.get_last_lr()[0]:.2e} | "
-                f"{tokens / dt:,.0f} response tok/s | ETA {fmt_time(dt / step * (steps - step))}")
+                f"{tokens / dt:,.0f} response tok/s | ETA {fmt_time(dt / (step - first + 1) * (steps - step))}")
         if n_val and (step % eval_every == 0 or step == steps):
             head.eval()
             with autocast:
@@ -234,6 +252,8 @@ def train_head(model: Transformer, head: MTPHead, data: dict, *, k: int = 3, ste
             log(f"  held-out ({n_val} samples): top-1 agreement with the target per step "
                 f"{' '.join(f'{a:.3f}' for a in acc)} | est. greedy accepted length {tau:.2f} (max {k + 1})")
     head.eval()
+    if state is not None:
+        state.update(optimizer=opt.state_dict(), schedule=schedule.state_dict(), step=step)
     return losses, evals
 
 
@@ -484,6 +504,9 @@ def parse_args(argv=None):
     t.add_argument("--val_frac", type=float, default=0.05, help="fraction of samples held out")
     t.add_argument("--warm_start", action="store_true",
                    help="start the block from the target's last layer (FastMTP-style) instead of random init")
+    t.add_argument("--time_limit", type=float, default=None,
+                   help="stop after this many seconds of training, saving the head and a .resume file beside it")
+    t.add_argument("--resume", action="store_true", help="continue the run that --out's .resume file holds")
     return p.parse_args(argv)
 
 
@@ -543,14 +566,33 @@ def main(argv=None):
     cov = coverage(data, rank, [size]) if size else {V: 1.0}
     print(f"draft vocabulary: {size or V} ids, covering {next(iter(cov.values())):.4f} of response tokens")
     head = new_head(model, warm_start=args.warm_start)
+    out = Path(args.out) if args.out else checkpoint.parent / MTP_HEAD_FILE
+    resume_file = out.with_name(out.name + ".resume")
+    run = {n: getattr(args, n) for n in ("data", "k", "steps", "batch_size", "lr", "warmup", "draft_vocab", "vocab",
+                                         "targets", "val_frac", "seed")}  # what a resumed run must repeat
+    state = {}
+    if args.resume:
+        if not resume_file.is_file():
+            raise FileNotFoundError(f"no {resume_file} to resume; start the run without --resume")
+        saved = torch.load(resume_file, map_location=device, weights_only=True)
+        if saved["run"] != run:
+            diff = [f"--{n} {saved['run'][n]} (now {run[n]})" for n in run if saved["run"][n] != run[n]]
+            raise ValueError(f"{resume_file} was started with other settings: {', '.join(diff)}; repeat them")
+        head.load_state_dict(saved["head"])
+        state = saved["state"]
     _, evals = train_head(model, head, data, k=args.k, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                           warmup=args.warmup, vocab_ids=rank[:size] if size else None, targets=args.targets,
-                          val_frac=args.val_frac, eval_every=args.eval_every, seed=args.seed)
-    out = Path(args.out) if args.out else checkpoint.parent / MTP_HEAD_FILE
+                          val_frac=args.val_frac, eval_every=args.eval_every, seed=args.seed, state=state,
+                          time_limit=args.time_limit)
     heldout = dict(heldout_agreement=evals[-1][1], heldout_est_accepted_length=evals[-1][2]) if evals else {}
     save_head(out, head, base=base, k=args.k, vocab_rank=rank, draft_vocab=size, targets=args.targets,
-              steps=args.steps, data_tokens=len(data["ids"]), **heldout)
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+              steps=state["step"], data_tokens=len(data["ids"]), **heldout)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) after {state['step']} of {args.steps} steps")
+    if state["step"] < args.steps:
+        torch.save({"run": run, "head": head.state_dict(), "state": state}, resume_file)
+        print(f"wrote {resume_file}; continue with the same command plus --resume")
+    elif resume_file.is_file():
+        resume_file.unlink()
 
 
 def cli():

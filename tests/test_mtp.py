@@ -306,6 +306,37 @@ def test_training_reduces_the_loss(targets, vocab):
     assert step == 30 and len(acc) == 3 and all(0 <= a <= 1 for a in acc) and 1 <= tau <= 4
 
 
+def test_training_resumes_where_it_stopped(monkeypatch):
+    """Stopped by its time limit after 3 of 6 steps and resumed from the returned state, training ends with the
+    weights of an uninterrupted run, exactly."""
+    model = sharp_tiny()
+    data = tiny_corpus(model)
+    kw = dict(k=3, steps=6, batch_size=8, lr=3e-3, eval_every=1000)
+    torch.manual_seed(0)
+    straight = mtp.new_head(model)
+    mtp_train.train_head(model, straight, data, log=lambda *_: None, **kw)
+
+    clock = [0.0]  # a fake clock: one second per logged training step, a microsecond per reading
+
+    def now():
+        clock[0] += 1e-6
+        return clock[0]
+
+    monkeypatch.setattr(mtp_train.time, "perf_counter", now)
+
+    def tick(msg):
+        clock[0] += msg.startswith("step ")
+
+    torch.manual_seed(0)
+    head, state = mtp.new_head(model), {}
+    first, _ = mtp_train.train_head(model, head, data, log=tick, state=state, time_limit=2.5, **kw)
+    assert len(first) == 3 and state["step"] == 3
+    second, _ = mtp_train.train_head(model, head, data, log=tick, state=state, **kw)
+    assert len(second) == 3 and state["step"] == 6
+    for (name, a), b in zip(straight.state_dict().items(), head.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_loss_weights():
     assert [round(w, 2) for w in mtp.loss_weights(3)] == [0.51, 0.31, 0.18]
     assert mtp.loss_weights(1) == [1.0]
