@@ -224,17 +224,17 @@ class Int8Linear(nn.Module):
         y = F.linear(x, self.weight.to(x.dtype)) * self.scales
         return y if self.bias is None else y + self.bias
 
-    def prepare(self, use_triton: bool):
-        self.use_triton = use_triton and self.weight.is_cuda
+    def prepare(self, kernel: str = "triton"):
+        self.use_triton = kernel == "triton" and self.weight.is_cuda and triton is not None
 
 
 class Int4Linear(nn.Module):
     """int4 groupwise weight, stored packed (out, in_padded/2) uint8 with scales and zeros (out, in_padded/g).
 
     `prepare` lays the tensors out for the kernel that will run them: by default torch's packed-int4 matmul on
-    either device (`_weight_int4pack_mm`, tinygemm, on CUDA; `_weight_int4pack_mm_for_cpu` on the CPU), which
-    takes up to 16 rows for the price of one; or, on CUDA with kernel="triton", the stored tensors as they are,
-    for our Triton GEMV (up to MAX_ROWS rows) and dequantize-then-F.linear above that.
+    either device (`_weight_int4pack_mm`, tinygemm, on CUDA; `_weight_int4pack_mm_for_cpu` on the CPU); or, on
+    CUDA with kernel="triton", the stored tensors as they are, for our Triton GEMV (up to MAX_ROWS rows) and
+    dequantize-then-F.linear above that.
     """
 
     def __init__(self, in_features, out_features, groupsize, bias=False, device=None, dtype=None):
@@ -376,7 +376,7 @@ def prepare_for_device(model, int8_kernel: str = "triton", int4_kernel: str = "t
             raise ValueError(f"{name} must be 'torch' or 'triton', not {kernel!r}")
     for m in model.modules():
         if isinstance(m, Int8Linear):
-            m.prepare(int8_kernel == "triton" and triton is not None)
+            m.prepare(int8_kernel)
         elif isinstance(m, Int4Linear):
             m.prepare(int4_kernel)
     return model
