@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import quantize as Q  # noqa: E402
+from bench import copy_bandwidth  # noqa: E402  (scripts/ is on the path: this file's folder)
 
 
 def graph_time(fn, n=20):
@@ -40,23 +41,6 @@ def graph_time(fn, n=20):
     return sorted(times)[2]
 
 
-def copy_bandwidth(nbytes=2 * 2**30):
-    """GB/s of a device-to-device copy of random float32 data (bytes read + written), timed outside a graph as
-    bench.py does (the graph-replayed copy of uninitialized memory used before read 2442 GB/s on an H100 where
-    bench.py read 2979 GB/s in the same call)."""
-    src = torch.randn(nbytes // 4, device="cuda")
-    dst = torch.empty_like(src)
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for i in range(13):
-        e0.record()
-        dst.copy_(src)
-        e1.record(); torch.cuda.synchronize()
-        if i >= 3:
-            times.append(e0.elapsed_time(e1) / 1000)
-    return 2 * nbytes / sorted(times)[len(times) // 2] / 1e9
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", action="store_true", help="also sweep the Triton kernels' tile configs")
@@ -71,7 +55,7 @@ def main():
            torch.rand(n, k // g, device="cuda", dtype=torch.bfloat16)) for n, k in shapes]
     bytes8 = sum(w.numel() + s.numel() * 2 for w, s in w8)
     bytes4 = sum(w.numel() + 2 * s.numel() * 2 for w, s, _ in w4)
-    copy = copy_bandwidth()
+    copy = copy_bandwidth("cuda")  # the same measurement as bench.py's
     x = torch.randn(8, 11008, device="cuda", dtype=torch.bfloat16)
     print(f"copy {copy:.0f} GB/s", flush=True)
 
