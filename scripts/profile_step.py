@@ -1,0 +1,81 @@
+"""Where the time of one decode step and of one k+1-token verify step goes, kernel by kernel.
+
+    python scripts/profile_step.py --model Llama-2-7B --verify_k 5
+    python scripts/profile_step.py --model SmolLM2-135M --quant int4 --groupsize 64
+
+Both steps are compiled without CUDA graphs (so the profiler sees each kernel) and profiled over many calls; the
+table lists each kernel's GPU time per call for the two steps side by side, largest difference first. The wall
+time of the same steps as CUDA graphs (what generation runs) is printed too, so the part of the difference that
+is GPU work can be told from launch overhead.
+"""
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import random_model, time_steps, verify_cost  # noqa: E402
+
+
+def kernel_times(fn, calls: int):
+    """GPU microseconds per call of each kernel name, and kernels launched per call, over `calls` calls of fn."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    out, launches = defaultdict(float), 0
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0 and e.device_type == torch.autograd.DeviceType.CUDA:
+            out[e.key] += t / calls
+            launches += e.count / calls
+    return dict(out), launches
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="Llama-2-7B", help="a preset name (random weights of its shape)")
+    p.add_argument("--quant", default="none", choices=["none", "int8", "int4"])
+    p.add_argument("--groupsize", type=int, default=128)
+    p.add_argument("--verify_k", type=int, default=5)
+    p.add_argument("--prompt_len", type=int, default=100, help="cache positions already filled")
+    p.add_argument("--top", type=int, default=15, help="kernels shown")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("profile_step.py needs a CUDA GPU")
+    torch.manual_seed(0)
+    model = random_model(args.model, "cuda", torch.bfloat16, args.quant, args.groupsize)
+    one_graph, many_graph = verify_cost(model, "cuda", args.verify_k, True, args.prompt_len)
+
+    step = torch.compile(lambda m, x, pos: m(x, pos), fullgraph=True)
+    step_k = torch.compile(lambda m, x, pos: m(x, pos), fullgraph=True)
+    n, L = args.verify_k + 1, args.prompt_len
+    x1, xk = torch.zeros(1, 1, dtype=torch.long, device="cuda"), torch.zeros(1, n, dtype=torch.long, device="cuda")
+    p1, pk = torch.tensor([L], device="cuda"), torch.arange(L, L + n, device="cuda")
+    with torch.no_grad():
+        one, launches_one = kernel_times(lambda: step(model, x1, p1), 20)
+        many, launches_many = kernel_times(lambda: step_k(model, xk, pk), 20)
+        one_eager = time_steps(lambda: step(model, x1, p1), "cuda")
+        many_eager = time_steps(lambda: step_k(model, xk, pk), "cuda")
+
+    names = sorted(set(one) | set(many), key=lambda k: -abs(many.get(k, 0) - one.get(k, 0)))
+    print(f"{'kernel (GPU us per call)':<70} {'decode':>9} {f'verify {n}':>9} {'diff':>9}")
+    for k in names[:args.top]:
+        a, b = one.get(k, 0.0), many.get(k, 0.0)
+        print(f"{k[:70]:<70} {a:9.1f} {b:9.1f} {b - a:9.1f}")
+    rows = [("sum of kernels (us)", sum(one.values()), sum(many.values())),
+            ("kernels per call", launches_one, launches_many),
+            ("wall, compiled no graph (us)", one_eager * 1e6, many_eager * 1e6),
+            ("wall, CUDA graph (us)", one_graph * 1e6, many_graph * 1e6)]
+    for label, a, b in rows:
+        print(f"{label:<70} {a:9.1f} {b:9.1f} {b - a:9.1f}")
+    print(f"model {args.model} {args.quant}; torch {torch.__version__}; {torch.cuda.get_device_name()}")
+
+
+if __name__ == "__main__":
+    main()
