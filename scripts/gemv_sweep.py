@@ -1,10 +1,11 @@
-"""Time quantize.py's int8 / int4 Triton GEMVs and torch's int4 kernel (tinygemm) at 1 input row (decode) and 6
-(speculative verify) over Llama-2-7B-shaped random weights, all 160 matmuls of a step replayed as one CUDA graph,
+"""Time gemv.py's bf16 kernels, cuBLAS, quantize.py's int8 / int4 Triton GEMVs and torch's int4 kernel (tinygemm) at
+1 input row (decode) and 6 (speculative verify) over Llama-2-7B-shaped random weights, all 160 matmuls of a step replayed as one CUDA graph,
 against the device-to-device copy bandwidth measured in the same run. Counts the bytes the quantized weights and
 their scales occupy. --sweep also tries a grid of tile configs for the Triton kernels.
 
     python scripts/gemv_sweep.py           # under a minute on an H100
-    python scripts/gemv_sweep.py --sweep   # about 3 minutes; the best configs go into quantize.py by hand
+    python scripts/gemv_sweep.py --sweep   # about 4 minutes; the best configs go into gemv.py / quantize.py by hand
+    python scripts/gemv_sweep.py --sweep bf16
 """
 import argparse
 import itertools
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import gemv as G  # noqa: E402
 import quantize as Q  # noqa: E402
 from bench import copy_bandwidth  # noqa: E402  (scripts/ is on the path: this file's folder)
 
@@ -43,7 +45,8 @@ def graph_time(fn, n=20):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sweep", action="store_true", help="also sweep the Triton kernels' tile configs")
+    p.add_argument("--sweep", nargs="*", default=None, metavar="KIND",
+                   help="also sweep the Triton kernels' tile configs (all, or the kinds named: bf16 int8 int4)")
     sweep = p.parse_args().sweep
     d, g = 4096, 128
     shapes = [(12288, d), (d, d), (11008, d), (11008, d), (d, 11008)] * 32
@@ -53,6 +56,8 @@ def main():
     w4 = [(torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda"),
            torch.rand(n, k // g, device="cuda", dtype=torch.bfloat16),
            torch.rand(n, k // g, device="cuda", dtype=torch.bfloat16)) for n, k in shapes]
+    wb = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for n, k in shapes]
+    bytes16 = sum(w.numel() * 2 for w in wb)
     bytes8 = sum(w.numel() + s.numel() * 2 for w, s in w8)
     bytes4 = sum(w.numel() + 2 * s.numel() * 2 for w, s, _ in w4)
     copy = copy_bandwidth("cuda")  # the same measurement as bench.py's
@@ -64,44 +69,51 @@ def main():
 
     def run(kind, rows):
         xs = [x[:rows, :k].contiguous() for _, k in shapes]
-        if kind == "int8":
+        if kind == "bf16":
+            fn = lambda: [G.gemv(xi, w) if rows == 1 else G.gemm_rows(xi, w) for xi, w in zip(xs, wb)]  # noqa: E731
+        elif kind == "bf16-cublas":
+            fn = lambda: [torch.nn.functional.linear(xi, w) for xi, w in zip(xs, wb)]  # noqa: E731
+        elif kind == "int8":
             fn = lambda: [Q.int8_gemv(xi, w, s) for xi, (w, s) in zip(xs, w8)]  # noqa: E731
         elif kind == "int4":
             fn = lambda: [Q.int4_gemv(xi, w, s, z, g) for xi, (w, s, z) in zip(xs, w4)]  # noqa: E731
         else:
             fn = lambda: [torch.ops.aten._weight_int4pack_mm(xi, w, g, sz) for xi, (w, sz) in zip(xs, tiny)]  # noqa: E731
-        return (bytes8 if kind == "int8" else bytes4) / graph_time(fn) / 1e9
+        return {"int8": bytes8, "bf16": bytes16, "bf16-cublas": bytes16}.get(kind, bytes4) / graph_time(fn) / 1e9
 
     table = []
-    for kind, rows in itertools.product(["int8", "int4", "int4-tinygemm"], [1, 6]):
+    for kind, rows in itertools.product(["bf16", "bf16-cublas", "int8", "int4", "int4-tinygemm"], [1, 6]):
         gbs = run(kind, rows)
         table.append(f"{kind:13s} rows={rows} default config       {gbs:7.0f} GB/s {100 * gbs / copy:5.1f}%")
         print(table[-1], flush=True)
-    if not sweep:
+    if sweep is None:
         print("\n".join(table))
         return
 
-    grids = {("int8", 1): itertools.product([2, 4, 8], [2048, 4096], [4, 8]),
+    grids = {("bf16", 6): itertools.product([16, 32, 64], [64, 128, 256], [4], [3, 4, 6]),
+             ("int8", 1): itertools.product([2, 4, 8], [2048, 4096], [4, 8]),
              ("int4", 1): itertools.product([2, 4, 8], [2048, 4096, 8192], [4, 8]),
              ("int8", 6): itertools.product([1, 2, 4, 8], [512, 1024, 2048, 4096], [4, 8]),
              ("int4", 6): itertools.product([1, 2, 4, 8], [512, 1024, 2048, 4096], [4, 8])}
-    names = {("int8", 1): "INT8_CONFIG", ("int4", 1): "INT4_CONFIG", ("int8", 6): "INT8_ROWS_CONFIG",
-             ("int4", 6): "INT4_ROWS_CONFIG"}
+    names = {("bf16", 6): "ROWS_CONFIG", ("int8", 1): "INT8_CONFIG", ("int4", 1): "INT4_CONFIG",
+             ("int8", 6): "INT8_ROWS_CONFIG", ("int4", 6): "INT4_ROWS_CONFIG"}
     for (kind, rows), grid in grids.items():
-        t0, res = time.time(), []
-        default = dict(getattr(Q, names[kind, rows]))
-        for bn, bk, warps in grid:
+        if sweep and kind not in sweep:
+            continue
+        t0, res, mod = time.time(), [], G if kind == "bf16" else Q
+        default = dict(getattr(mod, names[kind, rows]))
+        for cfg in grid:
             if time.time() - t0 > 45:
                 break
-            setattr(Q, names[kind, rows], dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=warps))
+            setattr(mod, names[kind, rows], dict(zip(["BLOCK_N", "BLOCK_K", "num_warps", "num_stages"], cfg)))
             try:
-                res.append(((bn, bk, warps), run(kind, rows)))
+                res.append((cfg, run(kind, rows)))
             except Exception as e:  # noqa: BLE001
-                print(kind, rows, (bn, bk, warps), "failed", type(e).__name__, flush=True)
-        setattr(Q, names[kind, rows], default)
+                print(kind, rows, cfg, "failed", type(e).__name__, flush=True)
+        setattr(mod, names[kind, rows], default)
         res.sort(key=lambda r: -r[1])
         for cfg, gbs in res[:4]:
-            table.append(f"{kind} rows={rows} BN,BK,warps={str(cfg):18s} {gbs:7.0f} GB/s {100 * gbs / copy:5.1f}%")
+            table.append(f"{kind} rows={rows} BN,BK,warps(,stages)={str(cfg):18s} {gbs:7.0f} GB/s {100 * gbs / copy:5.1f}%")
         print(table[-4], flush=True)
     print("\n".join(table))
 

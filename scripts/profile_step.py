@@ -19,15 +19,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import random_model, time_steps, verify_cost  # noqa: E402
 
 
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
 def kernel_times(fn, calls: int):
     """GPU microseconds per call of each kernel name, and kernels launched per call, over `calls` calls of fn."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
+    log("profiling")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
+    log("profiled")
     out, launches = defaultdict(float), 0
     for e in prof.key_averages():
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
