@@ -21,7 +21,7 @@ except ImportError:  # CPU-only installs: GemvLinear then always uses F.linear
 
 BLOCK_N, BLOCK_K, NUM_WARPS = 2, 1024, 4  # tuned on an H200 over Llama-2-7B shapes (.dev notes in BENCHMARKS.md)
 MAX_ROWS = 16  # the rows kernel pads to 16 (tl.dot's smallest tile): 2..16 rows cost the same
-ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4)  # scripts/gemv_sweep.py --sweep
+ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=6)  # best of gemv_sweep.py --sweep bf16, H100
 
 if triton is not None:
     @triton.jit
