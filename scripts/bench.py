@@ -125,6 +125,7 @@ def main(argv=None):
     p.add_argument("--no_compile", action="store_true", help="eager decode step (default: compiled)")
     p.add_argument("--no_gemv", action="store_true", help="stock F.linear instead of the Triton GEMV (random weights)")
     p.add_argument("--verify_k", type=int, default=0, help="also time one forward over k+1 positions vs one step")
+    p.add_argument("--verify_only", action="store_true", help="with --verify_k: skip the tok/s run (two compiles fewer)")
     p.add_argument("--hf_reference", action="store_true", help="also time transformers' generate() (SmolLM2 only)")
     p.add_argument("--gguf", default=None, help="with --hf_reference: the SmolLM2 GGUF (default: the wheel's)")
     args = p.parse_args(argv)
@@ -150,6 +151,11 @@ def main(argv=None):
     label += " stock-linear" if args.no_gemv else ""
     label += f" {args.kernel}-kernel" if args.kernel != "default" else ""
 
+    if args.verify_only and args.verify_k:
+        one, many = verify_cost(model, device, args.verify_k, compile, args.prompt_len)
+        show([("model", label), ("torch", torch.__version__), ("decode step (ms)", f"{one * 1000:.3f}"),
+              (f"verify {args.verify_k + 1} (ms)", f"{many * 1000:.3f}"), ("verify / step", f"{many / one:.3f}")])
+        return
     decode = compile_step(decode_one_token, device) if compile else decode_one_token
     prompt = [list(range(1, args.prompt_len + 1))]
     s = Sampling(temperature=0.0)
