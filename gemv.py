@@ -21,7 +21,10 @@ except ImportError:  # CPU-only installs: GemvLinear then always uses F.linear
 
 BLOCK_N, BLOCK_K, NUM_WARPS = 2, 1024, 4  # tuned on an H200 over Llama-2-7B shapes (.dev notes in BENCHMARKS.md)
 MAX_ROWS = 16  # the rows kernel pads to 16 (tl.dot's smallest tile): 2..16 rows cost the same
-ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=6)  # best of gemv_sweep.py --sweep bf16, H100
+# best of `scripts/gemv_sweep.py --sweep bf16` on an H100: 32 weight rows a program over Llama-2-7B's layers (K >= 4096),
+# 16 over SmolLM2-135M's (K <= 1536), where the grid needs more programs to keep the memory busy
+ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=6)
+SMALL_ROWS_CONFIG = dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=6)  # K < 4096
 
 if triton is not None:
     @triton.jit
@@ -81,7 +84,7 @@ def gemm_rows(x, weight, bias=None):
     N, K = weight.shape
     x2 = x.reshape(-1, K).contiguous()
     y = torch.empty(x2.shape[0], N, dtype=x.dtype, device=x.device)
-    cfg = ROWS_CONFIG
+    cfg = ROWS_CONFIG if K >= 4096 else SMALL_ROWS_CONFIG
     _rows_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x2, weight, bias if bias is not None else weight, y, x2.shape[0],
                                                      N, K, HAS_BIAS=bias is not None, **cfg)
     return y.view(*x.shape[:-1], N)

@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gemv as G  # noqa: E402
 import quantize as Q  # noqa: E402
+from model import ModelArgs  # noqa: E402
 from bench import copy_bandwidth  # noqa: E402  (scripts/ is on the path: this file's folder)
 
 
@@ -47,9 +48,16 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", nargs="*", default=None, metavar="KIND",
                    help="also sweep the Triton kernels' tile configs (all, or the kinds named: bf16 int8 int4)")
-    sweep = p.parse_args().sweep
-    d, g = 4096, 128
-    shapes = [(12288, d), (d, d), (11008, d), (11008, d), (d, 11008)] * 32
+    p.add_argument("--model", default="Llama-2-7B", help="whose layer shapes (a model.py preset name)")
+    p.add_argument("--groupsize", type=int, default=128, help="int4 group size")
+    p.add_argument("--rows", default="1,6", help="input rows to time, comma-separated")
+    p.add_argument("--kinds", default="bf16,bf16-cublas,int8,int4,int4-tinygemm", help="kernels to time")
+    args = p.parse_args()
+    sweep, g, row_counts = args.sweep, args.groupsize, [int(r) for r in args.rows.split(",")]
+    c = ModelArgs.from_name(args.model)
+    d, qkv = c.dim, (c.n_head + 2 * c.n_local_heads) * c.head_dim
+    shapes = [(qkv, d), (d, c.n_head * c.head_dim), (c.intermediate_size, d), (c.intermediate_size, d),
+              (d, c.intermediate_size)] * c.n_layer
     torch.manual_seed(0)
     w8 = [(torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda"),
            torch.rand(n, device="cuda", dtype=torch.bfloat16)) for n, k in shapes]
@@ -61,7 +69,7 @@ def main():
     bytes8 = sum(w.numel() + s.numel() * 2 for w, s in w8)
     bytes4 = sum(w.numel() + 2 * s.numel() * 2 for w, s, _ in w4)
     copy = copy_bandwidth("cuda")  # the same measurement as bench.py's
-    x = torch.randn(8, 11008, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(max(row_counts), max(k for _, k in shapes), device="cuda", dtype=torch.bfloat16)
     print(f"copy {copy:.0f} GB/s", flush=True)
 
     tiny = [(torch.ops.aten._convert_weight_to_int4pack(w, Q.cuda_inner_k_tiles(k)),
@@ -82,7 +90,7 @@ def main():
         return {"int8": bytes8, "bf16": bytes16, "bf16-cublas": bytes16}.get(kind, bytes4) / graph_time(fn) / 1e9
 
     table = []
-    for kind, rows in itertools.product(["bf16", "bf16-cublas", "int8", "int4", "int4-tinygemm"], [1, 6]):
+    for kind, rows in itertools.product(args.kinds.split(","), row_counts):
         gbs = run(kind, rows)
         table.append(f"{kind:13s} rows={rows} default config       {gbs:7.0f} GB/s {100 * gbs / copy:5.1f}%")
         print(table[-1], flush=True)
@@ -90,27 +98,28 @@ def main():
         print("\n".join(table))
         return
 
-    grids = {("bf16", 6): itertools.product([16, 32, 64], [64, 128, 256], [4], [3, 4, 6]),
+    grids = {("bf16", 6): itertools.product([16, 32, 64], [64, 128, 256, 512], [4], [2, 3, 4, 6]),
              ("int8", 1): itertools.product([2, 4, 8], [2048, 4096], [4, 8]),
              ("int4", 1): itertools.product([2, 4, 8], [2048, 4096, 8192], [4, 8]),
              ("int8", 6): itertools.product([1, 2, 4, 8], [512, 1024, 2048, 4096], [4, 8]),
              ("int4", 6): itertools.product([1, 2, 4, 8], [512, 1024, 2048, 4096], [4, 8])}
-    names = {("bf16", 6): "ROWS_CONFIG", ("int8", 1): "INT8_CONFIG", ("int4", 1): "INT4_CONFIG",
+    names = {("bf16", 6): "ROWS_CONFIG" if shapes[0][1] >= 4096 else "SMALL_ROWS_CONFIG", ("int8", 1): "INT8_CONFIG", ("int4", 1): "INT4_CONFIG",
              ("int8", 6): "INT8_ROWS_CONFIG", ("int4", 6): "INT4_ROWS_CONFIG"}
-    for (kind, rows), grid in grids.items():
+    for (kind, key), grid in grids.items():
         if sweep and kind not in sweep:
             continue
+        rows = 1 if key == 1 else max(row_counts)
         t0, res, mod = time.time(), [], G if kind == "bf16" else Q
-        default = dict(getattr(mod, names[kind, rows]))
+        default = dict(getattr(mod, names[kind, key]))
         for cfg in grid:
-            if time.time() - t0 > 45:
+            if time.time() - t0 > 90:
                 break
-            setattr(mod, names[kind, rows], dict(zip(["BLOCK_N", "BLOCK_K", "num_warps", "num_stages"], cfg)))
+            setattr(mod, names[kind, key], dict(zip(["BLOCK_N", "BLOCK_K", "num_warps", "num_stages"], cfg)))
             try:
                 res.append((cfg, run(kind, rows)))
             except Exception as e:  # noqa: BLE001
                 print(kind, rows, cfg, "failed", type(e).__name__, flush=True)
-        setattr(mod, names[kind, rows], default)
+        setattr(mod, names[kind, key], default)
         res.sort(key=lambda r: -r[1])
         for cfg, gbs in res[:4]:
             table.append(f"{kind} rows={rows} BN,BK,warps(,stages)={str(cfg):18s} {gbs:7.0f} GB/s {100 * gbs / copy:5.1f}%")
