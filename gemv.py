@@ -1,8 +1,8 @@
 """A faster matmul for batch-1 decode on CUDA: y = W x as a Triton GEMV that streams W once, near copy speed.
 
 At batch 1 every linear layer is a matrix-vector product bound by how fast the weights stream from memory.
-cuBLAS reaches about 82% of the device-to-device copy bandwidth over Llama-2-7B-shaped weights on an H200; this
-kernel reaches about 91% (scripts/bench.py and BENCHMARKS.md have the measurements). Speculative verification
+Over Llama-2-7B-shaped weights cuBLAS streams at about 82% (H200) and 89% (H100) of the device-to-device copy
+bandwidth; this kernel at 91% and 98% (scripts/gemv_sweep.py; BENCHMARKS.md has the runs). Speculative verification
 multiplies a handful of rows (k+1) by the same weights: there cuBLAS's kernels took 10% (7B) to 65% (SmolLM2)
 longer than one GEMV (scripts/profile_step.py), so 2..MAX_ROWS rows go through a second kernel that also reads
 each weight tile once and multiplies it on the tensor cores. `use_gemv(model)` swaps every float nn.Linear for
