@@ -102,7 +102,8 @@ def cuda_inner_k_tiles(k: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------------- Triton GEMVs
-# Like gemv.py: one program owns BLOCK_N weight rows and walks K in wide chunks (16-byte loads per thread). Integers
+# Like gemv.py's kernels, which the int8 ones repeat with a scale added (a copy, so that this file stands alone):
+# one program owns BLOCK_N weight rows and walks K in wide chunks (16-byte loads per thread). Integers
 # become floats without the slow int->float conversion: OR-ing a small integer into the mantissa of 2**23 gives the
 # float 2**23 + i, and one subtraction leaves i exactly. With one input row (decode) the products accumulate in a
 # (BLOCK_N, BLOCK_K) register tile reduced once at the end. With 2..MAX_ROWS rows (speculative verify) a second
