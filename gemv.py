@@ -21,8 +21,8 @@ except ImportError:  # CPU-only installs: GemvLinear then always uses F.linear
 
 BLOCK_N, BLOCK_K, NUM_WARPS = 2, 1024, 4  # tuned on an H200 over Llama-2-7B shapes (.dev notes in BENCHMARKS.md)
 MAX_ROWS = 16  # the rows kernel pads to 16 (tl.dot's smallest tile): 2..16 rows cost the same
-# best of `scripts/gemv_sweep.py --sweep bf16` on an H100: 32 weight rows a program over Llama-2-7B's layers (K >= 4096),
-# 16 over SmolLM2-135M's (K <= 1536), where the grid needs more programs to keep the memory busy
+# best of `scripts/gemv_sweep.py --sweep bf16` on an H100: 32 weight rows a program over Llama-2-7B's layers
+# (K >= 4096), 16 over SmolLM2-135M's (K <= 1536), where the grid needs more programs to keep the memory busy
 ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=6)
 SMALL_ROWS_CONFIG = dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=6)  # K < 4096
 

@@ -14,10 +14,11 @@ input columns, w = (q - 8) * scale + zero (the zero in the float domain, as gpt-
 Decode at batch 1 reads every weight once per token, so it runs as fast as those bytes stream. `prepare_for_device`
 picks each layer's kernel, by default the faster one measured on an H100 (BENCHMARKS.md): int8 on CUDA runs the
 Triton GEMV below for one row (decode; 2462 GB/s alone, 84% of copy), a Triton rows kernel for 2..MAX_ROWS
-(speculative verify; 2186 GB/s at 6 rows) and dequantizes into F.linear above that (prefill); int4 is repacked for torch's packed-int4 matmul on either device,
-`_weight_int4pack_mm` (tinygemm: 1636 GB/s at one row, 6 rows in 1.75x the time of one) on CUDA and
-`_weight_int4pack_mm_for_cpu` on the CPU, both computing in bfloat16 (on the CPU ~30x faster than float32). Our
-Triton int4 GEMV (1106 GB/s) stays selectable with int4_kernel="triton".
+(speculative verify; 2186 GB/s at 6 rows) and dequantizes into F.linear above that (prefill); int4 is repacked for
+torch's packed-int4 matmul on either device, `_weight_int4pack_mm` (tinygemm: 1636 GB/s at one row, 6 rows in
+1.75x the time of one) on CUDA and `_weight_int4pack_mm_for_cpu` on the CPU, both computing in bfloat16 (on the
+CPU ~30x faster than float32). Our Triton int4 kernels (1154 GB/s at one row, 353 at six) stay selectable with
+int4_kernel="triton".
 Decisions: embeddings, the output head (unless --quantize_output) and the MoE router stay float; MoE experts are
 int8 per channel in every mode (an int4 expert would need one kernel call per chosen expert); int4 layers whose
 output width is not a multiple of 16 (torch's CPU kernel; CUDA needs 8) stay float and are listed; an input width

@@ -125,7 +125,8 @@ def main(argv=None):
     p.add_argument("--no_compile", action="store_true", help="eager decode step (default: compiled)")
     p.add_argument("--no_gemv", action="store_true", help="stock F.linear instead of the Triton GEMV (random weights)")
     p.add_argument("--verify_k", type=int, default=0, help="also time one forward over k+1 positions vs one step")
-    p.add_argument("--verify_only", action="store_true", help="with --verify_k: skip the tok/s run (two compiles fewer)")
+    p.add_argument("--verify_only", action="store_true",
+                   help="with --verify_k: skip the tok/s run (two compiles fewer)")
     p.add_argument("--hf_reference", action="store_true", help="also time transformers' generate() (SmolLM2 only)")
     p.add_argument("--gguf", default=None, help="with --hf_reference: the SmolLM2 GGUF (default: the wheel's)")
     args = p.parse_args(argv)

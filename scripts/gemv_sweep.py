@@ -1,11 +1,12 @@
 """Time gemv.py's bf16 kernels, cuBLAS, quantize.py's int8 / int4 Triton GEMVs and torch's int4 kernel (tinygemm) at
-1 input row (decode) and 6 (speculative verify) over Llama-2-7B-shaped random weights, all 160 matmuls of a step replayed as one CUDA graph,
-against the device-to-device copy bandwidth measured in the same run. Counts the bytes the quantized weights and
-their scales occupy. --sweep also tries a grid of tile configs for the Triton kernels.
+1 input row (decode) and 6 (speculative verify) over a model's layer shapes (Llama-2-7B by default) with random
+weights, all matmuls of a step replayed as one CUDA graph, against the device-to-device copy bandwidth measured in
+the same run. Counts the bytes the quantized weights and their scales occupy. --sweep also tries a grid of tile
+configs for the Triton kernels.
 
     python scripts/gemv_sweep.py           # under a minute on an H100
-    python scripts/gemv_sweep.py --sweep   # about 4 minutes; the best configs go into gemv.py / quantize.py by hand
-    python scripts/gemv_sweep.py --sweep bf16
+    python scripts/gemv_sweep.py --sweep   # about 5 minutes; the best configs go into gemv.py / quantize.py by hand
+    python scripts/gemv_sweep.py --sweep bf16 --model SmolLM2-135M --groupsize 64 --rows 1,4 --kinds bf16,bf16-cublas
 """
 import argparse
 import itertools
@@ -125,7 +126,8 @@ def main():
         setattr(mod, names[kind, key], default)
         res.sort(key=lambda r: -r[1])
         for cfg, gbs in res[:4]:
-            table.append(f"{kind} rows={rows} {names[kind, key]}={str(cfg):18s} {gbs:7.0f} GB/s {100 * gbs / copy:5.1f}%")
+            table.append(f"{kind} rows={rows} {names[kind, key]}={str(cfg):18s} {gbs:7.0f} GB/s "
+                         f"{100 * gbs / copy:5.1f}%")
         print(table[-4], flush=True)
     print("\n".join(table))
 

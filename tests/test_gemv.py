@@ -55,7 +55,8 @@ def test_cuda_gemv_kernels_match_linear():
         lin = GemvLinear(K, N, bias=bias, device="cuda", dtype=torch.bfloat16)
         for M in [1, 2, 6, MAX_ROWS]:
             x = torch.randn(1, M, K, device="cuda", dtype=torch.bfloat16)
-            ref = torch.nn.functional.linear(x.double(), lin.weight.double(), None if bias is False else lin.bias.double())
+            b = lin.bias.double() if bias else None
+            ref = torch.nn.functional.linear(x.double(), lin.weight.double(), b)
             y = lin(x)
             err = ((y.double() - ref).norm() / ref.norm()).item()
             assert y.shape == ref.shape and err < 1e-2, (N, K, M, err)
