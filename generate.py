@@ -76,13 +76,18 @@ def decode_one_token(model, x, input_pos, left_pad, s: Sampling):
 
 def compile_step(fn, device: str, **kw):
     """torch.compile for a step that runs many times at one shape. On CUDA as a CUDA graph (reduce-overhead removes
-    the per-kernel launch cost that dominates batch-1 decode); on the CPU with freezing, which lets inductor treat
-    the weights as constants and prepack them for oneDNN's matmuls (about 1.25x faster decode on 2 cores)."""
+    the per-kernel launch cost that dominates batch-1 decode). On the CPU with freezing (inductor treats the weights
+    as constants) and max-autotune, which lets inductor pick its own C++ matmul kernels over MKL's where they time
+    faster: SmolLM2's float32 decode on 2 cores went from 27 to 49 tok/s (BENCHMARKS.md), for a compile ~30 s longer."""
     if device.startswith("cuda"):
         return torch.compile(fn, mode="reduce-overhead", fullgraph=True, **kw)
     if device == "cpu":  # a process-wide switch: torch.compile(options={"freezing": True}) does not reach the pass
         import torch._inductor.config as inductor_config
         inductor_config.freezing = True
+        for name, value in (("autotune_num_choices_displayed", 0), ("max_autotune_report_choices_stats", False)):
+            if hasattr(inductor_config, name):  # else every matmul's autotuning table goes to stderr
+                setattr(inductor_config, name, value)
+        return torch.compile(fn, mode="max-autotune-no-cudagraphs", fullgraph=True, **kw)
     return torch.compile(fn, fullgraph=True, **kw)
 
 
