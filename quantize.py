@@ -12,13 +12,13 @@ output row; int4 values packed two per byte (see pack_int4) with a float scale a
 input columns, w = (q - 8) * scale + zero (the zero in the float domain, as gpt-fast and torchao do).
 
 Decode at batch 1 reads every weight once per token, so it runs as fast as those bytes stream. `prepare_for_device`
-picks each layer's kernel, by default the faster one measured on an H100 (BENCHMARKS.md): int8 on CUDA runs the
-Triton GEMV below for one row (decode; 2462 GB/s alone, 84% of copy), a Triton rows kernel for 2..MAX_ROWS
+picks each layer's kernel, by default the faster one measured on an H100 (BENCHMARKS.md): int8 on CUDA runs
+gemv.py's Triton GEMV for one row (decode; 2462 GB/s alone, 84% of copy), its rows kernel for 2..MAX_ROWS
 (speculative verify; 2186 GB/s at 6 rows) and dequantizes into F.linear above that (prefill); int4 is repacked for
 torch's packed-int4 matmul on either device, `_weight_int4pack_mm` (tinygemm: 1636 GB/s at one row, 6 rows in
 1.75x the time of one) on CUDA and `_weight_int4pack_mm_for_cpu` on the CPU, both computing in bfloat16 (on the
-CPU ~30x faster than float32). Our Triton int4 kernels (1154 GB/s at one row, 353 at six) stay selectable with
-int4_kernel="triton".
+CPU ~30x faster than float32). gemv.py's Triton int4 kernels (1154 GB/s at one row, 353 at six) stay selectable
+with int4_kernel="triton".
 Decisions: embeddings, the output head (unless --quantize_output) and the MoE router stay float; MoE experts are
 int8 per channel in every mode (an int4 expert would need one kernel call per chosen expert); int4 layers whose
 output width is not a multiple of 16 (torch's CPU kernel; CUDA needs 8) stay float and are listed; an input width
@@ -35,10 +35,9 @@ import torch.nn.functional as F
 
 from model import MOEFeedForward, Transformer, rope_tables
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: torch's kernels do all the work
+try:  # our Triton kernels for CUDA decode and verify; without gemv.py or triton, torch's kernels do all the work
+    from gemv import MAX_ROWS, int4_gemv, int8_gemv, triton
+except ImportError:
     triton = None
 
 MODES = ("int8", "int4", "int4-gptq")
@@ -100,162 +99,6 @@ def inner_k_tiles(groupsize: int) -> int:
 def cuda_inner_k_tiles(k: int) -> int:
     """tinygemm (CUDA) packs K in tiles of 16 * inner_k_tiles, 8 of them for 16-byte loads where K allows."""
     return next(t for t in (8, 4, 2) if k % (16 * t) == 0)
-
-
-# --------------------------------------------------------------------------------------------------- Triton GEMVs
-# Like gemv.py's kernels, which the int8 ones repeat with a scale added (a copy, so that this file stands alone):
-# one program owns BLOCK_N weight rows and walks K in wide chunks (16-byte loads per thread). Integers
-# become floats without the slow int->float conversion: OR-ing a small integer into the mantissa of 2**23 gives the
-# float 2**23 + i, and one subtraction leaves i exactly. With one input row (decode) the products accumulate in a
-# (BLOCK_N, BLOCK_K) register tile reduced once at the end. With 2..MAX_ROWS rows (speculative verify) a second
-# kernel per format multiplies each weight tile, as exact small integers in x's dtype, by the rows padded to 16 on
-# the tensor cores (tl.dot) and applies the scales to the float32 sums: int8 once per output row at the end, int4
-# once per group, y = sum_g s_g * (x_g . (q_g - 8)) + z_g * sum(x_g).
-INT8_CONFIG = dict(BLOCK_N=2, BLOCK_K=4096, num_warps=4)  # best of a sweep on an H100 (BENCHMARKS.md)
-INT4_CONFIG = dict(BLOCK_N=4, BLOCK_K=2048, num_warps=4)  # BLOCK_K in weights (half as many bytes)
-INT8_ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=6)  # as gemv.py's bf16 rows kernel
-INT4_ROWS_CONFIG = dict(BLOCK_N=32, num_warps=4, num_stages=6)  # one group per step
-MAX_ROWS = 16
-
-if triton is not None:
-    @triton.jit
-    def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # y (N,) = (w (N, K) @ x (K,)) * s (N,) + b, float32 accumulation
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            in_k = (k + cols < K) if K % BLOCK_K else cols >= 0
-            w = tl.load(w_ptr + rows[:, None] * K + (k + cols)[None, :], mask=(rows[:, None] < N) & in_k[None, :],
-                        other=0, eviction_policy="evict_first")  # (BLOCK_N, BLOCK_K) int8, read once
-            w = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0  # 2**23 + 128 + w - that
-            x = tl.load(x_ptr + k + cols, mask=in_k, other=0.0).to(tl.float32)
-            acc += w * x[None, :]
-        y = tl.sum(acc, axis=1) * tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
-
-    @triton.jit
-    def _int8_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, M, K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # y (M, N) = (x (M, K) @ w (N, K).T) * s (N,) + b for M <= 16
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        ms = tl.arange(0, 16)
-        cols = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            in_k = k + cols < K
-            x = tl.load(x_ptr + ms[:, None] * K + (k + cols)[None, :], mask=(ms[:, None] < M) & in_k[None, :],
-                        other=0.0)
-            w = tl.load(w_ptr + rows[:, None] * K + (k + cols)[None, :], mask=(rows[:, None] < N) & in_k[None, :],
-                        other=0, eviction_policy="evict_first")
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)  # int8 is exact in 16 bits
-        y = acc * tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
-        if HAS_BIAS:
-            y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + ms[:, None] * N + rows[None, :], y.to(y_ptr.dtype.element_ty),
-                 mask=(ms[:, None] < M) & (rows[None, :] < N))
-
-    @triton.jit
-    def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K: tl.constexpr, K_IN: tl.constexpr,
-                          GROUPSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
-        # y (N,) = W x (K_IN,) + b, W (N, K) in pack_int4's layout, dequantized as w = (q - 8) * s + z
-        H: tl.constexpr = GROUPSIZE // 2
-        NG: tl.constexpr = BLOCK_K // GROUPSIZE  # groups per chunk
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        j = tl.arange(0, BLOCK_K // 2)  # byte in the chunk
-        lo_col = (j // H) * GROUPSIZE + j % H  # its low nibble's column; the high one's is H further
-        groups = tl.arange(0, NG)
-        acc = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            b_ok = (k // 2 + j < K // 2) if K % BLOCK_K else j >= 0
-            b = tl.load(w_ptr + rows[:, None] * (K // 2) + (k // 2 + j)[None, :],
-                        mask=(rows[:, None] < N) & b_ok[None, :], other=0, eviction_policy="evict_first").to(tl.int32)
-            g_off = rows[:, None] * (K // GROUPSIZE) + (k // GROUPSIZE + groups)[None, :]  # (BLOCK_N, NG)
-            g_ok = (rows[:, None] < N) & (k // GROUPSIZE + groups < K // GROUPSIZE)[None, :]
-            s = tl.load(s_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)[:, :, None]  # one per byte of its group
-            s = tl.reshape(tl.broadcast_to(s, (BLOCK_N, NG, H)), (BLOCK_N, BLOCK_K // 2))
-            z = tl.load(z_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)[:, :, None]
-            z = tl.reshape(tl.broadcast_to(z, (BLOCK_N, NG, H)), (BLOCK_N, BLOCK_K // 2))
-            w_lo = (((b & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0) * s + z  # 2**23 + 8
-            w_hi = (((b >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0) * s + z
-            x_lo = tl.load(x_ptr + k + lo_col, mask=k + lo_col < K_IN, other=0.0).to(tl.float32)
-            x_hi = tl.load(x_ptr + k + lo_col + H, mask=k + lo_col + H < K_IN, other=0.0).to(tl.float32)
-            acc += w_lo * x_lo[None, :] + w_hi * x_hi[None, :]
-        y = tl.sum(acc, axis=1)
-        if HAS_BIAS:
-            y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
-
-    @triton.jit
-    def _int4_rows_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, M, K: tl.constexpr, K_IN: tl.constexpr,
-                          GROUPSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                          BLOCK_N: tl.constexpr):
-        # y (M, N) = x (M, K_IN) @ W.T + b for M <= 16, one group of W (pack_int4's layout) per step
-        H: tl.constexpr = GROUPSIZE // 2
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        ms = tl.arange(0, 16)
-        j = tl.arange(0, H)  # byte j of a group: column j in its low nibble, j + H in its high one
-        acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-        for g in range(0, K // GROUPSIZE):
-            b = tl.load(w_ptr + rows[:, None] * (K // 2) + (g * H + j)[None, :], mask=rows[:, None] < N, other=0,
-                        eviction_policy="evict_first").to(tl.int32)  # (BLOCK_N, H)
-            c = g * GROUPSIZE + j
-            x_lo = tl.load(x_ptr + ms[:, None] * K_IN + c[None, :], mask=(ms[:, None] < M) & (c < K_IN)[None, :],
-                           other=0.0)  # (16, H)
-            x_hi = tl.load(x_ptr + ms[:, None] * K_IN + (c + H)[None, :],
-                           mask=(ms[:, None] < M) & (c + H < K_IN)[None, :], other=0.0)
-            d = tl.dot(x_lo, tl.trans(((b & 15) - 8).to(x_lo.dtype)), input_precision=PRECISION)  # (16, BLOCK_N)
-            d = tl.dot(x_hi, tl.trans(((b >> 4) - 8).to(x_lo.dtype)), d, input_precision=PRECISION)
-            x_sum = tl.sum(x_lo.to(tl.float32), axis=1) + tl.sum(x_hi.to(tl.float32), axis=1)  # (16,)
-            s = tl.load(s_ptr + rows * (K // GROUPSIZE) + g, mask=rows < N, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + rows * (K // GROUPSIZE) + g, mask=rows < N, other=0.0).to(tl.float32)
-            acc += d * s[None, :] + x_sum[:, None] * z[None, :]
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + ms[:, None] * N + rows[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=(ms[:, None] < M) & (rows[None, :] < N))
-
-
-def int8_gemv(x, weight, scales, bias=None):
-    """x (M, K) contiguous, M <= MAX_ROWS; int8 weight (N, K), scales (N,) -> (M, N) in x's dtype."""
-    (M, K), N = x.shape, weight.shape[0]
-    y = x.new_empty(M, N)
-    b = bias if bias is not None else scales
-    if M == 1:
-        grid = (triton.cdiv(N, INT8_CONFIG["BLOCK_N"]),)
-        _int8_gemv_kernel[grid](x, weight, scales, b, y, N, K=K, HAS_BIAS=bias is not None, **INT8_CONFIG)
-    else:
-        grid = (triton.cdiv(N, INT8_ROWS_CONFIG["BLOCK_N"]),)
-        _int8_rows_kernel[grid](x, weight, scales, b, y, N, M, K=K, HAS_BIAS=bias is not None,
-                                PRECISION=_precision(x), **INT8_ROWS_CONFIG)
-    return y
-
-
-def int4_gemv(x, weight, scales, zeros, groupsize: int, bias=None):
-    """x (M, K_in) contiguous, M <= MAX_ROWS; packed weight (N, K/2) uint8 with scales, zeros (N, K/g), K >= K_in
-    padded to whole groups -> (M, N) in x's dtype."""
-    M, K_in = x.shape
-    N, K = weight.shape[0], weight.shape[1] * 2
-    y = x.new_empty(M, N)
-    b = bias if bias is not None else scales
-    if M == 1:
-        cfg = dict(INT4_CONFIG, BLOCK_K=max(INT4_CONFIG["BLOCK_K"], groupsize))
-        _int4_gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
-            x, weight, scales, zeros, b, y, N, K=K, K_IN=K_in, GROUPSIZE=groupsize, HAS_BIAS=bias is not None, **cfg)
-    else:
-        _int4_rows_kernel[(triton.cdiv(N, INT4_ROWS_CONFIG["BLOCK_N"]),)](
-            x, weight, scales, zeros, b, y, N, M, K=K, K_IN=K_in, GROUPSIZE=groupsize, HAS_BIAS=bias is not None,
-            PRECISION=_precision(x), **INT4_ROWS_CONFIG)
-    return y
-
-
-def _precision(x) -> str:
-    """tl.dot's input precision: float32 inputs exactly ("ieee", not rounded to tf32); 16-bit ones as they are."""
-    return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
 # ---------------------------------------------------------------------------------------------- quantized modules

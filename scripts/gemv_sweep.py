@@ -1,11 +1,11 @@
-"""Time gemv.py's bf16 kernels, cuBLAS, quantize.py's int8 / int4 Triton GEMVs and torch's int4 kernel (tinygemm) at
+"""Time gemv.py's Triton kernels (bf16, int8, int4), cuBLAS and torch's int4 kernel (tinygemm) at
 1 input row (decode) and 6 (speculative verify) over a model's layer shapes (Llama-2-7B by default) with random
 weights, all matmuls of a step replayed as one CUDA graph, against the device-to-device copy bandwidth measured in
 the same run. Counts the bytes the quantized weights and their scales occupy. --sweep also tries a grid of tile
 configs for the Triton kernels.
 
     python scripts/gemv_sweep.py           # under a minute on an H100
-    python scripts/gemv_sweep.py --sweep   # about 5 minutes; the best configs go into gemv.py / quantize.py by hand
+    python scripts/gemv_sweep.py --sweep   # about 5 minutes; the best configs go into gemv.py by hand
     python scripts/gemv_sweep.py --sweep bf16 --model SmolLM2-135M --groupsize 64 --rows 1,4 --kinds bf16,bf16-cublas
 """
 import argparse
@@ -83,9 +83,9 @@ def main():
         elif kind == "bf16-cublas":
             fn = lambda: [torch.nn.functional.linear(xi, w) for xi, w in zip(xs, wb)]  # noqa: E731
         elif kind == "int8":
-            fn = lambda: [Q.int8_gemv(xi, w, s) for xi, (w, s) in zip(xs, w8)]  # noqa: E731
+            fn = lambda: [G.int8_gemv(xi, w, s) for xi, (w, s) in zip(xs, w8)]  # noqa: E731
         elif kind == "int4":
-            fn = lambda: [Q.int4_gemv(xi, w, s, z, g) for xi, (w, s, z) in zip(xs, w4)]  # noqa: E731
+            fn = lambda: [G.int4_gemv(xi, w, s, z, g) for xi, (w, s, z) in zip(xs, w4)]  # noqa: E731
         else:
             fn = lambda: [torch.ops.aten._weight_int4pack_mm(xi, w, g, sz) for xi, (w, sz) in zip(xs, tiny)]  # noqa: E731
         return {"int8": bytes8, "bf16": bytes16, "bf16-cublas": bytes16}.get(kind, bytes4) / graph_time(fn) / 1e9
@@ -113,7 +113,7 @@ def main():
         if (sweep and kind not in sweep) or (key == 1 and 1 not in row_counts):
             continue
         rows = 1 if key == 1 else max(row_counts)
-        t0, res, mod = time.time(), [], G if kind == "bf16" else Q
+        t0, res, mod = time.time(), [], G
         default = dict(getattr(mod, names[kind, key]))
         for cfg in grid:
             if time.time() - t0 > 60:

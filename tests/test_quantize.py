@@ -213,7 +213,7 @@ def test_int4_packing_round_trips_and_pairs_half_groups():
 
 
 _INTERPRETER_SCRIPT = textwrap.dedent("""
-    import torch, quantize as Q
+    import torch, gemv as G, quantize as Q
     torch.manual_seed(0)
     worst = {}
     def check(name, y, ref, dtype):
@@ -229,7 +229,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
             b = torch.randn(N) if bias else None
             x = torch.randn(M, K).to(dtype)
             ref = x.double() @ (q8.double() * s8.double()[:, None]).T + (0 if b is None else b.double())
-            check("int8", Q.int8_gemv(x, q8, s8.to(dtype), None if b is None else b.to(dtype)), ref, dtype)
+            check("int8", G.int8_gemv(x, q8, s8.to(dtype), None if b is None else b.to(dtype)), ref, dtype)
         for N, K_in, g, M, bias in [(64, 256, 128, 1, False), (40, 96, 32, 3, True), (24, 512, 256, 8, False), (16, 128, 32, 1, False),
                                      (16, 4160, 64, 1, True), (8, 200, 64, 2, False), (50, 200, 64, 16, True)]:
             if skip(M):  # 4160, 200: ragged chunks
@@ -241,7 +241,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
             b = torch.randn(N) if bias else None
             x = torch.randn(M, K_in).to(dtype)
             ref = x.double() @ Q.dequantize_int4(q, s, z, g)[:, :K_in].double().T + (0 if b is None else b.double())
-            y = Q.int4_gemv(x, Q.pack_int4(q, g), s.to(dtype), z.to(dtype), g, None if b is None else b.to(dtype))
+            y = G.int4_gemv(x, Q.pack_int4(q, g), s.to(dtype), z.to(dtype), g, None if b is None else b.to(dtype))
             check("int4", y, ref, dtype)
     print(worst)
     assert all(e < (1e-5 if "float32" in d else 2e-2) for (_, d), e in worst.items()), worst
