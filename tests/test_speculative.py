@@ -358,7 +358,7 @@ def test_bad_speculation_requests_are_clear_errors():
 
 
 # ------------------------------------------------------------------------------------------------ the real SmolLM2
-REAL_NEW_TOKENS = 32  # 48 dev prompts x 32 tokens, target alone + int4 self-draft: about 3 minutes on 2 CPU cores
+REAL_NEW_TOKENS = 32  # 48 dev prompts x 32 tokens, target alone + int4 self-draft: the suite's longest test
 REAL_K = 5
 
 
@@ -426,7 +426,8 @@ def first_per_category(cases):
 
 
 def test_smollm2_int4_self_draft_gives_the_targets_greedy_text(smollm2_reference, two_threads):
-    """Every dev prompt (about 2.5 minutes on 2 idle cores)."""
+    """Every dev prompt, eager (3 minutes on 2 idle cores of one machine, 11 on a slower one whose copy
+    bandwidth was half as high)."""
     assert_self_draft_is_lossless(smollm2_reference, *self_draft(smollm2_reference[0], "int4"))
 
 
