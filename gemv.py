@@ -7,11 +7,11 @@ verification multiplies a handful of rows (k+1) by the same weights: there cuBLA
 (SmolLM2) longer than one GEMV (scripts/profile_step.py), so 2..MAX_ROWS rows go through a second kernel that also
 reads each weight tile once and multiplies it on the tensor cores.
 
-One kernel per weight format and row count: a GEMV for one row (a (BLOCK_N, BLOCK_K) register tile reduced once at
-the end) and a rows kernel for 2..16 (`tl.dot` against the rows padded to 16). int8 and int4 weights are the ones
-quantize.py writes: int8 with a scale per output row, int4 packed by `quantize.pack_int4` with a scale and zero per
-group. Integers become floats without the slow int->float conversion: OR-ing a small integer into the mantissa of
-2**23 gives the float 2**23 + i, and one subtraction leaves i exactly. The rows kernels multiply the weights as
+For one row, a GEMV per weight format (a (BLOCK_N, BLOCK_K) register tile reduced once at the end); for 2..16, a
+rows kernel for float and int8 weights and one for int4 (`tl.dot` against the rows padded to 16). int8 and int4 are
+the formats quantize.py writes: int8 with a scale per output row, int4 packed by `quantize.pack_int4` with a scale
+and zero per group. Integers become floats without the slow int->float conversion: OR-ing a small integer into the
+mantissa of 2**23 gives the float 2**23 + i, and one subtraction leaves i exactly. The rows kernels multiply the weights as
 exact small integers in x's dtype and apply the scales to the float32 sums: int8 once per output row at the end,
 int4 once per group, y = sum_g s_g * (x_g . (q_g - 8)) + z_g * sum(x_g).
 
