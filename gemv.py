@@ -11,9 +11,9 @@ For one row, a GEMV per weight format (a (BLOCK_N, BLOCK_K) register tile reduce
 rows kernel for float and int8 weights and one for int4 (`tl.dot` against the rows padded to 16). int8 and int4 are
 the formats quantize.py writes: int8 with a scale per output row, int4 packed by `quantize.pack_int4` with a scale
 and zero per group. Integers become floats without the slow int->float conversion: OR-ing a small integer into the
-mantissa of 2**23 gives the float 2**23 + i, and one subtraction leaves i exactly. The rows kernels multiply the weights as
-exact small integers in x's dtype and apply the scales to the float32 sums: int8 once per output row at the end,
-int4 once per group, y = sum_g s_g * (x_g . (q_g - 8)) + z_g * sum(x_g).
+mantissa of 2**23 gives the float 2**23 + i, and one subtraction leaves i exactly. The rows kernels multiply the
+weights as exact small integers in x's dtype and apply the scales to the float32 sums: int8 once per output row at
+the end, int4 once per group, y = sum_g s_g * (x_g . (q_g - 8)) + z_g * sum(x_g).
 
 `use_gemv(model)` swaps every float nn.Linear for `GemvLinear`, which takes these paths on CUDA and is F.linear
 otherwise (prefill, the CPU); quantize.py's Int8Linear and Int4Linear call `int8_gemv` / `int4_gemv`. Triton
