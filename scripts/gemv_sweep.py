@@ -113,17 +113,17 @@ def main():
         if (sweep and kind not in sweep) or (key == 1 and 1 not in row_counts):
             continue
         rows = 1 if key == 1 else max(row_counts)
-        t0, res, mod = time.time(), [], G
-        default = dict(getattr(mod, names[kind, key]))
+        t0, res = time.time(), []
+        default = dict(getattr(G, names[kind, key]))
         for cfg in grid:
             if time.time() - t0 > 60:
                 break
-            setattr(mod, names[kind, key], cfg)
+            setattr(G, names[kind, key], cfg)
             try:
                 res.append((tuple(cfg.values()), run(kind, rows)))
             except Exception as e:  # noqa: BLE001
                 print(kind, rows, cfg, "failed", type(e).__name__, flush=True)
-        setattr(mod, names[kind, key], default)
+        setattr(G, names[kind, key], default)
         res.sort(key=lambda r: -r[1])
         for cfg, gbs in res[:4]:
             table.append(f"{kind} rows={rows} {names[kind, key]}={str(cfg):18s} {gbs:7.0f} GB/s "
