@@ -414,6 +414,43 @@ def build_prompts(n: int, seed: int = 0) -> list:
     raise ValueError(f"could not build {n} distinct prompts; ask for fewer")
 
 
+USER_TURN_SAMPLING = Sampling(temperature=1.0, top_p=0.95)
+
+
+def user_turn_prefix(tokenizer) -> list:
+    """The chat template's ids up to where a user message's text begins: the common prefix of two one-message
+    chats that differ only in that text (works for ChatML, Llama-3 headers and Llama-2 [INST] alike)."""
+    a, b = (tokenizer.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=False)
+            for c in ("A", "B"))
+    n = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    return a[:n]
+
+
+@torch.no_grad()
+def model_prompts(model: Transformer, tokenizer, n: int, batch_size: int = 64, max_tokens: int = 96,
+                  decode_fn=None, log=print) -> list:
+    """n distinct user messages written by the model itself: it continues the template's opening of a user turn
+    and stops where the turn ends (Magpie, arXiv 2406.08464). They follow the kind of request the chat model
+    was tuned on, which built templates only approximate; a message that ran past max_tokens is dropped."""
+    from generate import decode_one_token
+    prefix, stop = user_turn_prefix(tokenizer), set(tokenizer.eos_ids)
+    out, seen, t0, tries = [], set(), time.perf_counter(), 0
+    while len(out) < n:
+        if tries > 20 * n:
+            raise ValueError(f"the model wrote only {len(out)} distinct usable messages in {tries} tries; ask for fewer")
+        rows = generate(model, [prefix] * batch_size, max_tokens, USER_TURN_SAMPLING, stop_ids=stop,
+                        decode_fn=decode_fn or decode_one_token)
+        tries += batch_size
+        for r in rows:
+            text = tokenizer.decode([t for t in r if t not in stop]).strip()
+            if r and r[-1] in stop and 10 <= len(text) and text not in seen and len(out) < n:
+                seen.add(text)
+                out.append(text)
+        dt = time.perf_counter() - t0
+        log(f"model-written prompts: {len(out)}/{n} kept of {tries} | {tries / dt:.1f} tries/s")
+    return out
+
+
 def dev_prompts_path() -> Optional[Path]:
     here = Path(__file__).resolve().parent
     for p in (here.parent / "shared/prompts/dev.jsonl", here / "shared/prompts/dev.jsonl"):
@@ -473,7 +510,10 @@ def parse_args(argv=None):
     d = sub.add_parser("distill", help="generate self-distillation data with the target itself")
     common(d)
     d.add_argument("--out", default="mtp_data.pt", help="output file (token ids, prompt lengths)")
-    d.add_argument("--num_prompts", type=int, default=1024, help="how many prompts (built programmatically)")
+    d.add_argument("--num_prompts", type=int, default=1024, help="how many prompts")
+    d.add_argument("--prompt_source", choices=["built", "model", "mixed"], default="built",
+                   help="built: templates over stdlib text; model: user messages the model writes itself; "
+                        "mixed: half each")
     d.add_argument("--max_new_tokens", type=int, default=256, help="response tokens per prompt at most")
     d.add_argument("--batch_size", type=int, default=64, help="prompts generated together")
     d.add_argument("--compile", action="store_true",
@@ -533,7 +573,15 @@ def main(argv=None):
     if args.cmd == "distill":
         from tokenizer import get_tokenizer
         tokenizer = get_tokenizer(checkpoint.parent)
-        texts = build_prompts(args.num_prompts, args.seed)
+        decode_fn = None
+        if args.compile:
+            from generate import compile_steps
+            decode_fn = compile_steps(device, False)[1]
+        n_model = {"built": 0, "model": args.num_prompts, "mixed": args.num_prompts // 2}[args.prompt_source]
+        texts = build_prompts(args.num_prompts - n_model, args.seed)
+        if n_model:
+            torch.manual_seed(args.seed)
+            texts += model_prompts(model, tokenizer, n_model, args.batch_size, decode_fn=decode_fn)
         dev_path = Path(args.exclude) if args.exclude else dev_prompts_path()
         if check_no_dev_overlap(texts, dev_path):
             print(f"checked: no prompt equals one of {dev_path}")
@@ -541,13 +589,10 @@ def main(argv=None):
             print("warning: no evaluation prompt file found, the overlap check was skipped", file=sys.stderr)
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": x}], add_generation_prompt=True)
                    for x in texts]
-        decode_fn = None
-        if args.compile:
-            from generate import compile_steps
-            decode_fn = compile_steps(device, False)[1]
         data = distill(model, prompts, args.max_new_tokens, args.batch_size, tokenizer.eos_ids, decode_fn=decode_fn)
         data["meta"] = dict(base=base, vocab_size=model.config.vocab_size, max_new_tokens=args.max_new_tokens,
-                            sampling=asdict(DISTILL_SAMPLING), seed=args.seed, num_prompts=len(prompts))
+                            sampling=asdict(DISTILL_SAMPLING), seed=args.seed, num_prompts=len(prompts),
+                            prompt_source=args.prompt_source)
         torch.save(data, args.out)
         n = len(data["ids"]) - int(data["prompt_lens"].sum())
         print(f"wrote {args.out}: {len(prompts)} samples, {n:,} response tokens")
