@@ -631,7 +631,8 @@ def main(argv=None):
                           time_limit=args.time_limit)
     heldout = dict(heldout_agreement=evals[-1][1], heldout_est_accepted_length=evals[-1][2]) if evals else {}
     save_head(out, head, base=base, k=args.k, vocab_rank=rank, draft_vocab=size, targets=args.targets,
-              steps=state["step"], data_tokens=len(data["ids"]), **heldout)
+              steps=state["step"], data_tokens=len(data["ids"]),
+              prompt_source=data.get("meta", {}).get("prompt_source", "built"), **heldout)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) after {state['step']} of {args.steps} steps")
     if state["step"] < args.steps:
         torch.save({"run": run, "head": head.state_dict(), "state": state}, resume_file)

@@ -492,6 +492,37 @@ def test_distillation_prompts_are_distinct_reproducible_and_not_evaluation_promp
     assert mtp_train.check_no_dev_overlap(mtp_train.build_prompts(3000, seed=0), dev)
 
 
+class CharChat:
+    """A stand-in tokenizer for TINY's 101 ids: a chat is [1, 2, 3] + the message's characters + [7] (turn end)."""
+    eos_ids = {7}
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        return [1, 2, 3] + [ord(c) % 50 + 20 for c in messages[0]["content"]] + [7]
+
+    def decode(self, ids):
+        return "".join(chr(65 + i % 26) for i in ids)
+
+
+def test_model_written_prompts_are_finished_distinct_and_reproducible():
+    tok, model = CharChat(), tiny(seed=3)
+    assert mtp_train.user_turn_prefix(tok) == [1, 2, 3]
+    torch.manual_seed(0)
+    first = mtp_train.model_prompts(model, tok, 6, batch_size=8, max_tokens=40, log=lambda *_: None)
+    torch.manual_seed(0)
+    again = mtp_train.model_prompts(model, tok, 6, batch_size=8, max_tokens=40, log=lambda *_: None)
+    assert first == again and len(set(first)) == 6 and all(len(t) >= 10 for t in first)
+    tok.eos_ids = set()  # negative control: no message ever ends its turn, so none may be kept
+    with pytest.raises(ValueError, match="usable messages"):
+        mtp_train.model_prompts(model, tok, 2, batch_size=8, max_tokens=8, log=lambda *_: None)
+
+
+def test_user_turn_prefix_of_the_smollm2_template(smollm2_checkpoint):
+    from tokenizer import get_tokenizer
+    tok = get_tokenizer(smollm2_checkpoint)
+    text = tok.decode(mtp_train.user_turn_prefix(tok))
+    assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_end|>\n<|im_start|>user\n"), text
+
+
 # ---------------------------------------------------------------------------------------------- the real SmolLM2
 @pytest.mark.skipif(not SHIPPED_HEAD.is_file(), reason=f"no trained head at {SHIPPED_HEAD} (see .dev/mtp_gpu_plan.md)")
 @torch.no_grad()
