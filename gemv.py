@@ -40,7 +40,7 @@ SMALL_ROWS_CONFIG = dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=6)  # 
 INT8_CONFIG = dict(BLOCK_N=2, BLOCK_K=4096, num_warps=4)
 INT4_CONFIG = dict(BLOCK_N=4, BLOCK_K=2048, num_warps=4)  # BLOCK_K in weights (half as many bytes)
 INT8_ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=6)
-INT4_ROWS_CONFIG = dict(BLOCK_N=16, GROUPS=4, num_warps=4, num_stages=3)
+INT4_ROWS_CONFIG = dict(BLOCK_N=32, num_warps=4, num_stages=6)  # one group per step
 
 if triton is not None:
     @triton.jit
@@ -140,37 +140,31 @@ if triton is not None:
     @triton.jit
     def _int4_rows_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, M, K: tl.constexpr, K_IN: tl.constexpr,
                           GROUPSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                          BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
-        # y (M, N) = x (M, K_IN) @ W.T + b for M <= 16, GROUPS groups of W (pack_int4's layout) per step. The weight
-        # tile is the dot's left operand as loaded, (BLOCK_N, H), so only the small x tile is transposed; the
-        # groups of a step are unrolled so that each pipeline stage has several loads in flight
+                          BLOCK_N: tl.constexpr):
+        # y (M, N) = x (M, K_IN) @ W.T + b for M <= 16, one group of W (pack_int4's layout) per step
         H: tl.constexpr = GROUPSIZE // 2
-        NG: tl.constexpr = K // GROUPSIZE
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         ms = tl.arange(0, 16)
         j = tl.arange(0, H)  # byte j of a group: column j in its low nibble, j + H in its high one
-        acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
-        for g0 in range(0, NG, GROUPS):
-            for gi in tl.static_range(GROUPS):
-                g = g0 + gi
-                b = tl.load(w_ptr + rows[:, None] * (K // 2) + (g * H + j)[None, :],
-                            mask=(rows[:, None] < N) & (g < NG), other=0, eviction_policy="evict_first").to(tl.int32)
-                c = g * GROUPSIZE + j
-                x_lo = tl.load(x_ptr + ms[None, :] * K_IN + c[:, None], mask=(ms < M)[None, :] & (c < K_IN)[:, None],
-                               other=0.0)  # (H, 16): x transposed
-                x_hi = tl.load(x_ptr + ms[None, :] * K_IN + (c + H)[:, None],
-                               mask=(ms < M)[None, :] & (c + H < K_IN)[:, None], other=0.0)
-                d = tl.dot(((b & 15) - 8).to(x_lo.dtype), x_lo, input_precision=PRECISION)  # (BLOCK_N, 16)
-                d = tl.dot(((b >> 4) - 8).to(x_lo.dtype), x_hi, d, input_precision=PRECISION)
-                x_sum = tl.sum(x_lo.to(tl.float32), axis=0) + tl.sum(x_hi.to(tl.float32), axis=0)  # (16,)
-                sz_ok = (rows < N) & (g < NG)  # a step past the last group adds 0: its scale and zero load as 0
-                s = tl.load(s_ptr + rows * NG + g, mask=sz_ok, other=0.0).to(tl.float32)
-                z = tl.load(z_ptr + rows * NG + g, mask=sz_ok, other=0.0).to(tl.float32)
-                acc += d * s[:, None] + z[:, None] * x_sum[None, :]
+        acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        for g in range(0, K // GROUPSIZE):
+            b = tl.load(w_ptr + rows[:, None] * (K // 2) + (g * H + j)[None, :], mask=rows[:, None] < N, other=0,
+                        eviction_policy="evict_first").to(tl.int32)  # (BLOCK_N, H)
+            c = g * GROUPSIZE + j
+            x_lo = tl.load(x_ptr + ms[:, None] * K_IN + c[None, :], mask=(ms[:, None] < M) & (c < K_IN)[None, :],
+                           other=0.0)  # (16, H)
+            x_hi = tl.load(x_ptr + ms[:, None] * K_IN + (c + H)[None, :],
+                           mask=(ms[:, None] < M) & (c + H < K_IN)[None, :], other=0.0)
+            d = tl.dot(x_lo, tl.trans(((b & 15) - 8).to(x_lo.dtype)), input_precision=PRECISION)  # (16, BLOCK_N)
+            d = tl.dot(x_hi, tl.trans(((b >> 4) - 8).to(x_lo.dtype)), d, input_precision=PRECISION)
+            x_sum = tl.sum(x_lo.to(tl.float32), axis=1) + tl.sum(x_hi.to(tl.float32), axis=1)  # (16,)
+            s = tl.load(s_ptr + rows * (K // GROUPSIZE) + g, mask=rows < N, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + rows * (K // GROUPSIZE) + g, mask=rows < N, other=0.0).to(tl.float32)
+            acc += d * s[None, :] + x_sum[:, None] * z[None, :]
         if HAS_BIAS:
-            acc += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
-        tl.store(y_ptr + ms[None, :] * N + rows[:, None], acc.to(y_ptr.dtype.element_ty),
-                 mask=(ms[None, :] < M) & (rows[:, None] < N))
+            acc += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + ms[:, None] * N + rows[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=(ms[:, None] < M) & (rows[None, :] < N))
 
 
 def gemv(x, weight, bias=None):

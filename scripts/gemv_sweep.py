@@ -106,7 +106,7 @@ def main():
              ("int8", 1): configs(tile, [2, 4, 8], [2048, 4096], [4, 8]),
              ("int4", 1): configs(tile, [2, 4, 8], [2048, 4096, 8192], [4, 8]),
              ("int8", 6): configs(rows_tile, [16, 32, 64], [64, 128, 256], [4], [3, 4, 6]),
-             ("int4", 6): configs(["BLOCK_N", "GROUPS", "num_warps", "num_stages"], [16, 32], [2, 4, 8], [4], [2, 3, 4])}
+             ("int4", 6): configs(["BLOCK_N", "num_warps", "num_stages"], [16, 32, 64], [4, 8], [3, 4, 6])}
     names = {("bf16", 6): "ROWS_CONFIG" if shapes[0][1] >= 4096 else "SMALL_ROWS_CONFIG", ("int8", 1): "INT8_CONFIG",
              ("int4", 1): "INT4_CONFIG", ("int8", 6): "INT8_ROWS_CONFIG", ("int4", 6): "INT4_ROWS_CONFIG"}
     for (kind, key), grid in grids.items():
