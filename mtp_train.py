@@ -1,21 +1,21 @@
 """Training the MTP head of mtp.py: self-distilled data, the compressed draft vocabulary, the training loop.
 
-    python mtp.py distill --out mtp_data.pt --num_prompts 8192 --max_new_tokens 256 --batch_size 512
+    python mtp.py distill --out mtp_data.pt --num_prompts 8192 --max_new_tokens 256 --prompt_source mixed
     python mtp.py vocab --data mtp_data.pt --size 16384 --out vocab.pt         # coverage of each size, printed
     python mtp.py train --data mtp_data.pt --k 3 --steps 3000 --batch_size 32  # -> <checkpoint dir>/mtp_head.pth
 
-(`python mtp_train.py ...` is the same.) Training choices: the head starts from PyTorch's default init (norms at 1). A warm start -- block copied from the
-target's last layer, final norm from the target's (--warm_start) -- trained slower in two short CPU runs on
-SmolLM2 (higher loss and lower held-out agreement at every evaluation): that layer expects the target's residual
-stream, not eh_proj's output, and has to unlearn it first. Targets are "soft" by default: cross-entropy against the
-frozen target's own next-token distribution softmax(output(h_{t+k})), exactly what acceptance rewards and free
-since h is there anyway (logged as KL(p || q): same gradient, 0 at a perfect match); or "hard": the distilled
-tokens. Both only on response tokens, weighted alpha_k = 0.6^(k-1) normalized. The target's hidden states are
-computed once for the whole corpus (it is frozen), so a training step costs only the head. With a compressed
-vocabulary the draft logits are F.linear(h, output.weight[vocab_ids]); a target token outside the list has no
-logit: hard targets ignore it, soft targets drop its mass (it can never be drafted, only verified). Verification
-always uses the full vocabulary, so the output is unchanged: the draft only decides how many tokens each target
-forward yields.
+(`python mtp_train.py ...` is the same.) Training choices: the head starts from PyTorch's default init (norms at 1).
+A warm start -- block copied from the target's last layer, final norm from the target's (--warm_start) -- trained
+slower in two short CPU runs on SmolLM2 (higher loss and lower held-out agreement at every evaluation): that layer
+expects the target's residual stream, not eh_proj's output, and has to unlearn it first. Targets are "soft" by
+default: cross-entropy against the frozen target's own next-token distribution softmax(output(h_{t+k})), exactly
+what acceptance rewards and free since h is there anyway (logged as KL(p || q): same gradient, 0 at a perfect
+match); or "hard": the distilled tokens. Both only on response tokens, weighted alpha_k = 0.6^(k-1) normalized. The
+target's hidden states are computed once for the whole corpus (it is frozen), so a training step costs only the
+head. With a compressed vocabulary the draft logits are F.linear(h, output.weight[vocab_ids]); a target token
+outside the list has no logit: hard targets ignore it, soft targets drop its mass (it can never be drafted, only
+verified). Verification always uses the full vocabulary, so the output is unchanged: the draft only decides how many
+tokens each target forward yields.
 """
 import argparse
 import ast
@@ -300,6 +300,8 @@ def parse_size(size: str, vocab_size: int) -> int:
 # "bicycle", "sunflower"), technical topics and paragraphs are the first sentences and paragraphs of the standard
 # library's own docstrings (read with ast, nothing imported), numbers come from a seeded RNG. Templates span the
 # four kinds of chat use: conversation/explanation, code, math, and writing/rewriting.
+# `--prompt_source model|mixed` adds user messages the model writes itself (model_prompts): the shipped SmolLM2
+# head was trained on half of each, which lifted its acceptance on chat-style evaluation prompts (BENCHMARKS.md).
 EVERYDAY = [
     "Write a short poem about a {t}.", "Tell me three surprising facts about the {t}.",
     "Explain to a ten-year-old what a {t} is.", "Write a short story in which a {t} plays an important part.",
@@ -437,7 +439,8 @@ def model_prompts(model: Transformer, tokenizer, n: int, batch_size: int = 64, m
     out, seen, t0, tries = [], set(), time.perf_counter(), 0
     while len(out) < n:
         if tries > 20 * n:
-            raise ValueError(f"the model wrote only {len(out)} distinct usable messages in {tries} tries; ask for fewer")
+            raise ValueError(f"the model wrote only {len(out)} distinct usable messages in {tries} tries; "
+                             f"ask for fewer")
         rows = generate(model, [prefix] * batch_size, max_tokens, USER_TURN_SAMPLING, stop_ids=stop,
                         decode_fn=decode_fn or decode_one_token)
         tries += batch_size
