@@ -421,7 +421,7 @@ USER_TURN_SAMPLING = Sampling(temperature=1.0, top_p=0.95)
 
 def user_turn_prefix(tokenizer) -> list:
     """The chat template's ids up to where a user message's text begins: the common prefix of two one-message
-    chats that differ only in that text (works for ChatML, Llama-3 headers and Llama-2 [INST] alike)."""
+    chats that differ only in that text, so no template is spelled out here."""
     a, b = (tokenizer.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=False)
             for c in ("A", "B"))
     n = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
