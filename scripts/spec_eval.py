@@ -10,8 +10,9 @@ prompt whose speculative text differs from the target's, the target's top-2 logi
 bf16 on the GPU, verifying k+1 tokens runs other matmul shapes than one-token decode and can flip a near-tie; a
 gap beyond bf16 rounding there is a bug), then the measured cost of one target step, one verify step and one
 proposal with the speed-up they predict, and last a table per category (speed-up: all tokens over all time;
-median: the median over prompts of the per-prompt speed-up). The dev prompts are for evaluation only: never
-train on them.
+median: the median over prompts of the per-prompt speed-up). `--recheck run.json` recomputes the near-tie report
+of an earlier run with this machine's model (say a GPU run in float32 on the CPU). The dev prompts are for
+evaluation only: never train on them.
 """
 import argparse
 import json
@@ -127,6 +128,20 @@ def step_costs(model, spec, steps, L, s, device, reps):
     return c_target, c_verify, c_propose
 
 
+def recheck(path: Path, model, tokenizer):
+    """The near-tie report of an earlier greedy run, recomputed with this model: in float32 it shows how close the
+    top-2 logits really were where a bf16 run left the target's own text."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; pass the --json file of an earlier greedy run")
+    results = json.loads(path.read_text())
+    differ = [(i, r) for i, r in enumerate(results) if not r["equal"]]
+    dtype = model.norm.weight.dtype
+    print(f"{len(differ)} of {len(results)} prompts differ in {path}; the target's top-2 logits in {dtype}:")
+    for i, r in differ:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)
+        print(f"  #{i} ({r['category']}) {near_tie(model, ids, r['ref'], r['out'])}")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint_path", default=None, help="the target model.pth (default: the embedded SmolLM2)")
@@ -149,12 +164,15 @@ def parse_args(argv=None):
     p.add_argument("--cost_reps", type=int, default=50, help="repetitions when timing single steps (0: skip)")
     p.add_argument("--seed", type=int, default=1234, help="sampling seed (prompt i uses seed + i for both runs)")
     p.add_argument("--json", type=Path, default=None, help="also write the per-prompt results here")
+    p.add_argument("--recheck", type=Path, default=None,
+                   help="no run: recompute here (--device, --dtype) the target's top-2 logits at every greedy "
+                        "difference in this --json of an earlier run, e.g. a bf16 GPU run in float32 on the CPU")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if not (args.draft_checkpoint_path or args.mtp or args.mtp_checkpoint_path):
+    if not (args.draft_checkpoint_path or args.mtp or args.mtp_checkpoint_path or args.recheck):
         raise ValueError("nothing to draft with: pass --draft_checkpoint_path, --mtp or --mtp_checkpoint_path")
     if not args.prompts.is_file():
         raise FileNotFoundError(f"prompts file {args.prompts} not found; pass --prompts")
@@ -167,6 +185,8 @@ def main(argv=None):
     model = load_model(checkpoint, device, dtype)
     tokenizer = get_tokenizer(checkpoint.parent)
     args.eos_ids = tokenizer.eos_ids
+    if args.recheck:
+        return recheck(args.recheck, model, tokenizer)
     drafting = generate_args([])  # generate.py's defaults for every flag load_speculation reads, then ours
     for name in ("draft_checkpoint_path", "mtp", "mtp_checkpoint_path", "draft_vocab", "speculate_k", "compile"):
         setattr(drafting, name, getattr(args, name))

@@ -357,6 +357,29 @@ def test_bad_speculation_requests_are_clear_errors():
         speculative_generate(target, ModelDrafter(tiny(1)), [[1, 2]], 5, k=0)
 
 
+def test_spec_eval_recheck_reports_every_greedy_difference(tmp_path, capsys):
+    """scripts/spec_eval.py --recheck: each differing prompt of an earlier run gets the target's top-2 logits at the
+    first token where the two texts part; identical prompts are left out."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import spec_eval
+
+    class Tok:
+        def apply_chat_template(self, messages, add_generation_prompt=True):
+            return [1, 2, 3]
+
+    model = tiny(0)
+    ref = generate(model, [[1, 2, 3]], 6)[0]
+    out = ref[:2] + [(ref[2] + 1) % TINY["vocab_size"]] + ref[3:]
+    rows = [dict(category="chat", prompt="p", ref=ref, out=out, equal=False),
+            dict(category="code", prompt="q", ref=ref, out=ref, equal=True)]
+    (tmp_path / "run.json").write_text(json.dumps(rows))
+    spec_eval.recheck(tmp_path / "run.json", model, Tok())
+    text = capsys.readouterr().out
+    assert "1 of 2 prompts differ" in text and "#0 (chat) first difference at new token 2" in text
+    assert f"target alone chose {ref[2]}" in text and "#1" not in text
+
+
 # ------------------------------------------------------------------------------------------------ the real SmolLM2
 REAL_NEW_TOKENS = 32  # 48 dev prompts x 32 tokens, target alone + int4 self-draft: the suite's longest test
 REAL_K = 5
