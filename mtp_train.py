@@ -439,8 +439,8 @@ def model_prompts(model: Transformer, tokenizer, n: int, batch_size: int = 64, m
     out, seen, t0, tries = [], set(), time.perf_counter(), 0
     while len(out) < n:
         if tries > 20 * n:
-            raise ValueError(f"the model wrote only {len(out)} distinct usable messages in {tries} tries; "
-                             f"ask for fewer")
+            raise ValueError(f"the model wrote only {len(out)} distinct usable messages in {tries} tries (a base "
+                             f"model may never end a user turn); ask for fewer or use --prompt_source built")
         rows = generate(model, [prefix] * batch_size, max_tokens, USER_TURN_SAMPLING, stop_ids=stop,
                         decode_fn=decode_fn or decode_one_token)
         tries += batch_size

@@ -449,7 +449,7 @@ def first_per_category(cases):
 
 
 def test_smollm2_int4_self_draft_gives_the_targets_greedy_text(smollm2_reference, two_threads):
-    """Every dev prompt, eager (about 2.5 minutes on 2 idle cores of one machine, 11 on a slower one whose copy
+    """Every dev prompt, eager (about 2.5 minutes on 2 idle cores of one machine, 7 on a slower one whose copy
     bandwidth was half as high)."""
     assert_self_draft_is_lossless(smollm2_reference, *self_draft(smollm2_reference[0], "int4"))
 
