@@ -368,7 +368,9 @@ def load_speculation(args, model: Transformer, tokenizer, target_dir: Path, devi
 def acceptance_summary(accepted: list, k: int) -> str:
     """Mean accepted drafts per target step, the histogram of accepted lengths 0..k, and per draft position the
     fraction of target steps that accepted it (a run of acceptances reaching that far)."""
-    steps = max(len(accepted), 1)
+    if not accepted:
+        return f"speculative k={k}: no target step (the answer ended before one)"
+    steps = len(accepted)
     mean = sum(accepted) / steps
     hist = [accepted.count(i) for i in range(k + 1)]
     per_step = " ".join(f"{sum(n > i for n in accepted) / steps:.2f}" for i in range(k))
@@ -506,15 +508,18 @@ def run_once(model, tokenizer, prompts, args, s, steps, device, max_seq_length=N
     printer.close()
     n_new = max(len(r) for r in out)
     ttft = first["t"] - t0
-    tok_s = (n_new - 1) / (t1 - first["t"]) if n_new > 1 else float("nan")
     avg_len = max(len(p) for p in prompts) + n_new / 2
-    gbs = (model_bytes(model) + kv_bytes_per_position(model, len(prompts)) * avg_len) * tok_s / 1e9
+    if n_new > 1:  # the first token comes out of prefill: decode speed is over the rest
+        tok_s = (n_new - 1) / (t1 - first["t"])
+        gbs = (model_bytes(model) + kv_bytes_per_position(model, len(prompts)) * avg_len) * tok_s / 1e9
+        speed = f"decode {tok_s:.1f} tok/s per row | {gbs:.1f} GB/s"
+    else:
+        speed = "no decode step after the first token"
     if not printer.enabled:
         for p, r in zip(prompts, out):
             print(f"--- {tokenizer.decode(p)!r}\n{tokenizer.decode(r)}")
-    print(f"\n[{n_new} tokens x {len(prompts)} rows] time to first token {ttft * 1000:.1f} ms | "
-          f"decode {tok_s:.1f} tok/s per row | {gbs:.1f} GB/s | peak memory {peak_memory_gb(device):.2f} GB",
-          file=sys.stderr)
+    print(f"\n[{n_new} tokens x {len(prompts)} rows] time to first token {ttft * 1000:.1f} ms | {speed} | "
+          f"peak memory {peak_memory_gb(device):.2f} GB", file=sys.stderr)
     if spec is not None:  # the GB/s above counts the target's weights once per token, so it is not a bandwidth
         print(acceptance_summary(accepted, spec.k), file=sys.stderr)
     return out

@@ -58,6 +58,17 @@ def test_cli_streams_the_same_text(smollm2_checkpoint, ours, capsys):
     assert expected.strip() in out.out and "tok/s" in out.err and "time to first token" in out.err
 
 
+def test_cli_answer_of_one_token_reports_no_decode_speed(smollm2_checkpoint, ours, capsys):
+    """As raw text this question makes the chat model end its turn at once: no decode step, so no speed (not nan)."""
+    model, tok = ours
+    prompt = "What is the capital of France?"
+    assert len(generate(model, [tok.encode(prompt)], 5, stop_ids=tok.eos_ids)[0]) == 1
+    main(["--checkpoint_path", str(smollm2_checkpoint / "model.pth"), "--prompt", prompt, "--temperature", "0",
+          "--max_new_tokens", "5"])
+    err = capsys.readouterr().err
+    assert "no decode step after the first token" in err and "nan" not in err
+
+
 def test_cli_prompt_too_long_is_one_clear_line(smollm2_checkpoint, capsys):
     import subprocess, sys
     from pathlib import Path

@@ -357,6 +357,13 @@ def test_bad_speculation_requests_are_clear_errors():
         speculative_generate(target, ModelDrafter(tiny(1)), [[1, 2]], 5, k=0)
 
 
+def test_acceptance_summary():
+    text = gen.acceptance_summary([3, 0, 1], 3)
+    assert "3 target steps, mean accepted 1.33 (2.33 tokens per step)" in text and "[1, 1, 0, 1]" in text
+    assert "acceptance per draft step: 0.67 0.33 0.33" in text
+    assert gen.acceptance_summary([], 3) == "speculative k=3: no target step (the answer ended before one)"
+
+
 def test_spec_eval_recheck_reports_every_greedy_difference(tmp_path, capsys):
     """scripts/spec_eval.py --recheck: each differing prompt of an earlier run gets the target's top-2 logits at the
     first token where the two texts part; identical prompts are left out."""
