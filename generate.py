@@ -349,7 +349,7 @@ def load_speculation(args, model: Transformer, tokenizer, target_dir: Path, devi
     if args.mtp or args.mtp_checkpoint_path:
         import mtp
         return mtp.load_speculation(args, model, target_dir, device)
-    args.speculate_k = args.speculate_k or 5
+    args.speculate_k = 5 if args.speculate_k is None else args.speculate_k
     path, t = Path(args.draft_checkpoint_path), time.perf_counter()
     draft = load_model(path, device, dtype, use_tp=args.shard_draft)
     draft_tokenizer = None
@@ -551,6 +551,9 @@ def chat(model, tokenizer, args, s, steps, device, spec=None):
 
 def read_prompts(args, tokenizer) -> list:
     if args.prompts_file:
+        if not Path(args.prompts_file).is_file():
+            raise FileNotFoundError(f"prompts file {args.prompts_file} not found; pass a text file with one prompt "
+                                    f"per line")
         lines = [l for l in Path(args.prompts_file).read_text().splitlines() if l.strip()]
         if not lines:
             raise ValueError(f"{args.prompts_file} has no prompts; write one prompt per line")

@@ -146,7 +146,7 @@ def load_head(path, model: Transformer, draft_vocab: Optional[int] = None) -> MT
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"MTP head {path} not found; train one with `python mtp.py train` "
-                                f"(see .dev/mtp_gpu_plan.md) or pass --mtp_checkpoint_path")
+                                f"(README.md, MTP head) or pass --mtp_checkpoint_path")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         config, state, rank = ckpt["config"], ckpt["state_dict"], ckpt.get("vocab_rank")
@@ -241,7 +241,7 @@ def load_speculation(args, model: Transformer, target_dir, device: str):
     path = Path(args.mtp_checkpoint_path) if args.mtp_checkpoint_path else Path(target_dir) / MTP_HEAD_FILE
     t = time.perf_counter()
     head = load_head(path, model, args.draft_vocab)
-    k = args.speculate_k or head.k
+    k = head.k if args.speculate_k is None else args.speculate_k
     pre, _, verify_fn = compile_spec_steps(device, args.compile_prefill) if args.compile else (
         prefill_hidden, None, verify)
     n = head.vocab_size if head.vocab_ids is None else len(head.vocab_ids)

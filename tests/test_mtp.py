@@ -524,7 +524,7 @@ def test_user_turn_prefix_of_the_smollm2_template(smollm2_checkpoint):
 
 
 # ---------------------------------------------------------------------------------------------- the real SmolLM2
-@pytest.mark.skipif(not SHIPPED_HEAD.is_file(), reason=f"no trained head at {SHIPPED_HEAD} (see .dev/mtp_gpu_plan.md)")
+@pytest.mark.skipif(not SHIPPED_HEAD.is_file(), reason=f"no trained head at {SHIPPED_HEAD}")
 @torch.no_grad()
 def test_smollm2_shipped_head_greedy_text_equals_the_target_alone(smollm2_checkpoint):
     """The shipped head on a few evaluation prompts (one per category), float32 on CPU: the greedy text is the

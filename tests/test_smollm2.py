@@ -76,3 +76,19 @@ def test_cli_prompt_too_long_is_one_clear_line(smollm2_checkpoint, capsys):
                         "--prompt", "word " * 9000, "--max_new_tokens", "8"], capture_output=True, text=True,
                        cwd=Path(__file__).resolve().parents[1], timeout=300)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--draft_checkpoint_path", "{model}", "--speculate_k", "0"], "--speculate_k must be at least 1"),
+    (["--prompts_file", "/nonexistent/prompts.txt"], "prompts file /nonexistent/prompts.txt not found"),
+    (["--mtp_checkpoint_path", "/nonexistent/head.pth"], "MTP head /nonexistent/head.pth not found"),
+])
+def test_cli_bad_flags_are_one_clear_line(smollm2_checkpoint, flags, message):
+    import subprocess, sys
+    from pathlib import Path
+    model = str(smollm2_checkpoint / "model.pth")
+    r = subprocess.run([sys.executable, "generate.py", "--checkpoint_path", model, "--max_new_tokens", "4",
+                        *(f.format(model=model) for f in flags)], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1], timeout=300)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and last.startswith("error: ") and message in last and "Traceback" not in r.stderr
