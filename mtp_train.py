@@ -555,6 +555,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.cmd == "distill" and args.num_prompts < 1:
+        raise ValueError(f"--num_prompts must be at least 1, got {args.num_prompts}")
     if args.cmd == "vocab":
         data = load_corpus(args.data)
         V = int(data.get("meta", {}).get("vocab_size", int(data["ids"].max()) + 1))

@@ -130,6 +130,8 @@ def main(argv=None):
     p.add_argument("--hf_reference", action="store_true", help="also time transformers' generate() (SmolLM2 only)")
     p.add_argument("--gguf", default=None, help="with --hf_reference: the SmolLM2 GGUF (default: the wheel's)")
     args = p.parse_args(argv)
+    if args.model:
+        ModelArgs.from_name(args.model)  # an unknown name fails here, not after the copy measurement
     device = args.device
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     compile = not args.no_compile
@@ -202,4 +204,8 @@ def show(rows):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -87,6 +87,9 @@ def main(argv=None):
     try:
         if not 0 < args.stride <= args.window:
             raise ValueError(f"--stride {args.stride} must be between 1 and --window {args.window}")
+        missing = [str(c) for c in args.checkpoint_path if not c.is_file()]
+        if missing:
+            raise FileNotFoundError(f"checkpoint {', '.join(missing)} not found; convert or quantize it first")
         text = license_text(EVAL_FILES)
         sha = hashlib.sha256(text.encode()).hexdigest()
         same = "the reference text" if sha == DEBIAN12_SHA256 else "NOT the Debian 12 text: compare only with runs of this sha"

@@ -172,6 +172,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {args.limit}")
     if not (args.draft_checkpoint_path or args.mtp or args.mtp_checkpoint_path or args.recheck):
         raise ValueError("nothing to draft with: pass --draft_checkpoint_path, --mtp or --mtp_checkpoint_path")
     if not args.prompts.is_file():

@@ -130,3 +130,23 @@ def test_unknown_model_without_config_is_a_clear_error(tmp_path):
     (tmp_path / "mystery-model" / "config.json").unlink()
     with pytest.raises(ValueError, match="matches no preset"):
         load_model(tmp_path / "mystery-model" / "model.pth")
+
+
+def test_scripts_refuse_bad_flags_before_any_work(capsys):
+    """Bad numbers and paths given to the training and evaluation scripts stop them with their own message."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import bench
+    import eval_ppl
+    import mtp_train
+    import spec_eval
+    with pytest.raises(ValueError, match="--num_prompts must be at least 1"):
+        mtp_train.main(["distill", "--num_prompts", "0"])
+    with pytest.raises(ValueError, match="--limit must be at least 1"):
+        spec_eval.main(["--mtp", "--limit", "0"])
+    with pytest.raises(ValueError, match="matches no preset"):
+        bench.main(["--model", "Llama-9B", "--device", "cpu"])
+    with pytest.raises(SystemExit):
+        eval_ppl.main(["--checkpoint_path", "/nonexistent/model.pth"])
+    assert "checkpoint /nonexistent/model.pth not found" in capsys.readouterr().err
