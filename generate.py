@@ -30,6 +30,14 @@ class Sampling:
     top_k: Optional[int] = None
     top_p: float = 1.0
 
+    def __post_init__(self):  # a negative temperature would invert the distribution: refuse, never sample it
+        if self.temperature < 0:
+            raise ValueError(f"--temperature must be 0 (greedy) or positive, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"--top_k must be at least 1, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top_p must be in (0, 1], got {self.top_p}")
+
 
 def logits_to_probs(logits, s: Sampling):
     """Next-token distribution after temperature, top-k then top-p (HF's order); one-hot argmax when greedy."""
@@ -597,8 +605,19 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_args(args):
+    """The numbers and the device, before any loading."""
+    for name in ("max_new_tokens", "batch_size", "num_samples"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
+    Sampling(args.temperature, args.top_k, args.top_p)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    check_args(args)
     import tp
     rank = tp.maybe_init_dist()  # None unless launched by torchrun with 2+ processes
     if rank is not None and args.chat:

@@ -150,3 +150,16 @@ def test_scripts_refuse_bad_flags_before_any_work(capsys):
     with pytest.raises(SystemExit):
         eval_ppl.main(["--checkpoint_path", "/nonexistent/model.pth"])
     assert "checkpoint /nonexistent/model.pth not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "-1"], "--temperature must be 0 (greedy) or positive"),
+    (["--top_k", "0"], "--top_k must be at least 1"),
+    (["--top_p", "1.5"], "--top_p must be in (0, 1]"),
+    (["--max_new_tokens", "0"], "--max_new_tokens must be at least 1"),
+    (["--batch_size", "0"], "--batch_size must be at least 1"),
+])
+def test_generate_refuses_bad_numbers_before_loading(flags, message):
+    import generate as gen
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        gen.main(["--checkpoint_path", "/nonexistent/model.pth", *flags])  # checked before the missing file
