@@ -606,18 +606,18 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """The numbers and the device, before any loading."""
+    """The counts and the device, before any loading (Sampling checks the sampling flags)."""
     for name in ("max_new_tokens", "batch_size", "num_samples"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
-    Sampling(args.temperature, args.top_k, args.top_p)
 
 
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
+    s = Sampling(args.temperature, args.top_k, args.top_p)  # checks itself: a bad value stops us before loading
     import tp
     rank = tp.maybe_init_dist()  # None unless launched by torchrun with 2+ processes
     if rank is not None and args.chat:
@@ -640,7 +640,6 @@ def main(argv=None):
     tokenizer = get_tokenizer(checkpoint.parent)
     print(f"loaded {checkpoint} in {time.perf_counter() - t:.1f} s ({model_bytes(model) / 1e9:.2f} GB of weights "
           f"read per step, {dtype}, {device})", file=sys.stderr)
-    s = Sampling(args.temperature, args.top_k, args.top_p)
     steps = compile_steps(device, args.compile_prefill) if args.compile else (prefill, decode_one_token)
     spec = load_speculation(args, model, tokenizer, checkpoint.parent, device, dtype)
     if args.chat:
