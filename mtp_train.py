@@ -445,8 +445,10 @@ def model_prompts(model: Transformer, tokenizer, n: int, batch_size: int = 64, m
                         decode_fn=decode_fn or decode_one_token)
         tries += batch_size
         for r in rows:
-            text = tokenizer.decode([t for t in r if t not in stop]).strip()
-            if r and r[-1] in stop and 10 <= len(text) and text not in seen and len(out) < n:
+            if not (r and r[-1] in stop):  # generate() ends a row at its first stop id: no stop, no finished turn
+                continue
+            text = tokenizer.decode(r[:-1]).strip()
+            if 10 <= len(text) and text not in seen and len(out) < n:
                 seen.add(text)
                 out.append(text)
         dt = time.perf_counter() - t0
