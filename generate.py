@@ -422,8 +422,10 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.float32, use_tp=False)
     if quantization:
         quantize.prepare_for_device(model)
     if str(device).startswith("cuda"):
+        from decode_attention import use_decode_attention
         from gemv import use_gemv
         use_gemv(model)  # batch-1 decode matmuls through a Triton GEMV that streams weights near copy speed
+        use_decode_attention(model)  # and attention that reads the cache only up to the current position
     return model.eval()
 
 

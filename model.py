@@ -202,6 +202,7 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(config.dim, (self.n_head + 2 * self.n_kv) * self.head_dim, bias=config.attention_bias)
         self.wo = nn.Linear(self.n_head * self.head_dim, config.dim, bias=False)
         self.kv_cache: Optional[KVCache] = None
+        self.decode_attention = None  # CUDA kernel for a few new positions: decode_attention.use_decode_attention
 
     def forward(self, x, rope, mask, input_pos):
         B, S, _ = x.shape
@@ -213,6 +214,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, H_kv, S_max, D)
+            if self.decode_attention is not None and q.is_cuda and S <= 16:  # decode, verification
+                return self.wo(self.decode_attention(q, k, v, mask, input_pos))  # (B, S, H*D)
         gqa = q.shape[1] != k.shape[1]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(B, S, -1))  # (B, S, H*D) -> (B, S, dim)

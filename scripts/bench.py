@@ -44,7 +44,7 @@ def copy_bandwidth(device: str, gib: float = 2.0) -> float:
 
 
 def random_model(name: str, device: str, dtype, quant: str, groupsize: int, gemv: bool = True,
-                 kernel: str = "default") -> Transformer:
+                 kernel: str = "default", attention: bool = True) -> Transformer:
     """A preset's shapes with random weights made on the device (no checkpoint needed)."""
     with torch.device(device):
         model = Transformer(ModelArgs.from_name(name)).to(dtype)
@@ -57,6 +57,9 @@ def random_model(name: str, device: str, dtype, quant: str, groupsize: int, gemv
     if device.startswith("cuda") and gemv:
         from gemv import use_gemv
         use_gemv(model)
+    if device.startswith("cuda") and attention:
+        from decode_attention import use_decode_attention
+        use_decode_attention(model)
     return model.eval()
 
 
@@ -124,6 +127,8 @@ def main(argv=None):
     p.add_argument("--max_new_tokens", type=int, default=200, help="tokens decoded per timed run")
     p.add_argument("--no_compile", action="store_true", help="eager decode step (default: compiled)")
     p.add_argument("--no_gemv", action="store_true", help="stock F.linear instead of the Triton GEMV (random weights)")
+    p.add_argument("--sdpa", action="store_true",
+                   help="PyTorch's SDPA for decode attention instead of decode_attention.py's kernel")
     p.add_argument("--verify_k", type=int, default=0, help="also time one forward over k+1 positions vs one step")
     p.add_argument("--verify_only", action="store_true",
                    help="with --verify_k: skip the tok/s run (two compiles fewer)")
@@ -146,12 +151,16 @@ def main(argv=None):
     log(f"copy bandwidth {copy_gbs:.0f} GB/s")
     if args.model:
         model, label = random_model(args.model, device, dtype, args.quant, args.groupsize, not args.no_gemv,
-                                    args.kernel), f"{args.model} random"
+                                    args.kernel, not args.sdpa), f"{args.model} random"
     else:
         ckpt = resolve_checkpoint(args.checkpoint_path)
         model, label = load_model(ckpt, device, dtype), str(ckpt.parent.name)
+        if args.sdpa:
+            for layer in model.layers:
+                layer.attention.decode_attention = None
     label += f" {args.quant if args.quant != 'none' else str(dtype).replace('torch.', '')}"
     label += " stock-linear" if args.no_gemv else ""
+    label += " sdpa" if args.sdpa else ""
     label += f" {args.kernel}-kernel" if args.kernel != "default" else ""
 
     if args.verify_only and args.verify_k:

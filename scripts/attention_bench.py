@@ -1,0 +1,75 @@
+"""Time decode_attention.py's kernel against PyTorch's SDPA (with the boolean mask model.py passes) over every layer
+of a model preset, as one CUDA graph: 1 query (decode) and k+1 (verification) at a given cache length and position.
+
+    python scripts/attention_bench.py --model Llama-2-7B --cache 216 --pos 116
+    python scripts/attention_bench.py --model SmolLM2-135M --cache 4096 --pos 500 --sweep   # tile configs too
+"""
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import decode_attention as A  # noqa: E402
+from gemv_sweep import graph_time  # noqa: E402
+from model import ModelArgs  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="Llama-2-7B", help="a model.py preset: its heads, head size and layers")
+    p.add_argument("--cache", type=int, default=216, help="KV cache length (max_seq_length)")
+    p.add_argument("--pos", type=int, default=116, help="position of the first new query")
+    p.add_argument("--k", type=int, default=5, help="verification of k+1 queries is timed too")
+    p.add_argument("--sweep", action="store_true", help="also try CHUNK, BLOCK_L and num_warps settings")
+    args = p.parse_args()
+    c = ModelArgs.from_name(args.model)
+    torch.manual_seed(0)
+    kv = [(torch.randn(1, c.n_local_heads, args.cache, c.head_dim, device="cuda", dtype=torch.bfloat16),
+           torch.randn(1, c.n_local_heads, args.cache, c.head_dim, device="cuda", dtype=torch.bfloat16))
+          for _ in range(c.n_layer)]
+    kv_bytes = 2 * (args.pos + args.k + 1) * c.n_local_heads * c.head_dim * 2 * c.n_layer  # slots in use, K and V
+
+    def timed(S, kernel):
+        q = torch.randn(1, c.n_head, S, c.head_dim, device="cuda", dtype=torch.bfloat16)
+        pos = torch.arange(args.pos, args.pos + S, device="cuda")
+        mask = torch.arange(args.cache, device="cuda")[None, :] <= pos[:, None]
+        if kernel:
+            fn = lambda: [A.decode_attention(q, k, v, mask, pos) for k, v in kv]  # noqa: E731
+        else:
+            fn = lambda: [F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=c.n_head != c.n_local_heads)  # noqa: E731
+                          .transpose(1, 2).reshape(1, S, -1) for k, v in kv]
+        return graph_time(fn)
+
+    print(f"{args.model}: {c.n_layer} layers, {c.n_head} query / {c.n_local_heads} KV heads of {c.head_dim}; cache "
+          f"{args.cache}, queries at {args.pos}", flush=True)
+    rows = []
+    for S in (1, args.k + 1):
+        sdpa, ours = timed(S, False), timed(S, True)
+        rows.append(f"{S} queries: SDPA {sdpa * 1e6:7.1f} us  kernel {ours * 1e6:7.1f} us  ({sdpa / ours:.2f}x; "
+                    f"{kv_bytes / ours / 1e9:.0f} GB/s of cache)  per layer {ours / c.n_layer * 1e6:.2f} us")
+        print(rows[-1], flush=True)
+    if args.sweep:
+        default = (A.CHUNK, A.BLOCK_L, A.NUM_WARPS)
+        res = []
+        for chunk, block, warps in itertools.product([64, 128, 256, 512], [32, 64, 128], [4, 8]):
+            if block > chunk:
+                continue
+            A.CHUNK, A.BLOCK_L, A.NUM_WARPS = chunk, block, warps
+            try:
+                res.append(((chunk, block, warps), timed(1, True), timed(args.k + 1, True)))
+            except Exception as e:  # noqa: BLE001
+                print(chunk, block, warps, "failed", type(e).__name__, flush=True)
+        A.CHUNK, A.BLOCK_L, A.NUM_WARPS = default
+        res.sort(key=lambda r: r[1] + r[2])
+        for cfg, t1, tk in res[:5]:
+            rows.append(f"CHUNK, BLOCK_L, warps = {cfg}: 1 query {t1 * 1e6:.1f} us, {args.k + 1} queries {tk * 1e6:.1f} us")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
