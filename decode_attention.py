@@ -24,8 +24,9 @@ except ImportError:  # CPU-only installs: the model keeps SDPA
     triton = None
 
 MAX_QUERIES = 16  # new positions per call (decode: 1, verification: k+1)
+# tiles: best of `scripts/attention_bench.py --sweep` on an H100 for Llama-2-7B's verification (BENCHMARKS.md)
 CHUNK = 256  # cache slots per program; caches longer than this are split and the chunks merged
-BLOCK_L = 64  # slots per step inside a chunk
+BLOCK_L = 128  # slots per step inside a chunk
 NUM_WARPS = 4
 
 if triton is not None:
@@ -111,7 +112,7 @@ def decode_attention(q, k_cache, v_cache, mask, input_pos):
     while R < G * S:
         R *= 2
     n_chunks = triton.cdiv(S_max, CHUNK)
-    m = (mask if mask.stride(-1) == 1 else mask.contiguous()).view(torch.uint8)
+    m = mask if mask.stride(-1) == 1 else mask.contiguous()  # bool, read by the kernel as bytes
     sm_b, sm_s = (m.stride(0), m.stride(2)) if m.dim() == 4 else (0, m.stride(0))
     out = torch.empty(B, S, H * D, dtype=q.dtype, device=q.device)
     part_acc = torch.empty(B * n_kv * n_chunks * R * D if n_chunks > 1 else 1, dtype=torch.float32, device=q.device)
