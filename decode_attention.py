@@ -32,8 +32,8 @@ NUM_WARPS = 4
 if triton is not None:
     @triton.jit
     def _attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, o_ptr, acc_ptr, ml_ptr,
-                          sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sm_b, sm_s, n_kv, S, scale,
-                          G: tl.constexpr, D: tl.constexpr, R: tl.constexpr, CHUNK: tl.constexpr,
+                          sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sm_b, sm_s, n_kv, S,
+                          SCALE: tl.constexpr, G: tl.constexpr, D: tl.constexpr, R: tl.constexpr, CHUNK: tl.constexpr,
                           BLOCK_L: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
         # one program: KV head `hk` of batch row `b` over cache slots [chunk * CHUNK, (chunk + 1) * CHUNK)
         # rows r = g * S + s: query s of the g-th query head sharing KV head `hk`
@@ -55,7 +55,7 @@ if triton is not None:
             slots = start + i * BLOCK_L + tl.arange(0, BLOCK_L)
             in_range = slots < end
             k = tl.load(k_ptr + kv + slots[:, None] * sk_s + d[None, :], mask=in_range[:, None], other=0.0)
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (R, BLOCK_L), float32
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * SCALE  # (R, BLOCK_L), float32
             seen = tl.load(mask_ptr + b * sm_b + s[:, None] * sm_s + slots[None, :],
                            mask=valid[:, None] & in_range[None, :], other=0)
             scores = tl.where(seen != 0, scores, float("-inf"))
@@ -120,8 +120,8 @@ def decode_attention(q, k_cache, v_cache, mask, input_pos):
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     _attention_kernel[(B * n_kv, n_chunks)](
         q, k_cache, v_cache, m, input_pos, out, part_acc, part_ml, q.stride(0), q.stride(1), q.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), sm_b, sm_s, n_kv, S, 1.0 / math.sqrt(D),
-        G=G, D=D, R=R, CHUNK=CHUNK, BLOCK_L=BLOCK_L, SPLIT=n_chunks > 1, PRECISION=precision, num_warps=NUM_WARPS)
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), sm_b, sm_s, n_kv, S,
+        SCALE=1.0 / math.sqrt(D), G=G, D=D, R=R, CHUNK=CHUNK, BLOCK_L=BLOCK_L, SPLIT=n_chunks > 1, PRECISION=precision, num_warps=NUM_WARPS)
     if n_chunks > 1:
         _merge_kernel[(B * n_kv,)](part_acc, part_ml, out, n_kv, S, N_CHUNKS=n_chunks, G=G, D=D, R=R, num_warps=4)
     return out
