@@ -121,7 +121,8 @@ def decode_attention(q, k_cache, v_cache, mask, input_pos):
     _attention_kernel[(B * n_kv, n_chunks)](
         q, k_cache, v_cache, m, input_pos, out, part_acc, part_ml, q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), sm_b, sm_s, n_kv, S,
-        SCALE=1.0 / math.sqrt(D), G=G, D=D, R=R, CHUNK=CHUNK, BLOCK_L=BLOCK_L, SPLIT=n_chunks > 1, PRECISION=precision, num_warps=NUM_WARPS)
+        SCALE=1.0 / math.sqrt(D), G=G, D=D, R=R, CHUNK=CHUNK, BLOCK_L=BLOCK_L, SPLIT=n_chunks > 1,
+        PRECISION=precision, num_warps=NUM_WARPS)
     if n_chunks > 1:
         _merge_kernel[(B * n_kv,)](part_acc, part_ml, out, n_kv, S, N_CHUNKS=n_chunks, G=G, D=D, R=R, num_warps=4)
     return out
