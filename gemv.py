@@ -44,46 +44,75 @@ INT4_ROWS_CONFIG = dict(BLOCK_N=32, num_warps=4, num_stages=6)  # one group per 
 
 if triton is not None:
     @triton.jit
-    def _gemv_kernel(w_ptr, x_ptr, b_ptr, y_ptr, N, K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
+    def _epilogue(y, offs, ok, gate_ptr, res_ptr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr):
+        # float32 matmul results y at output offsets `offs`: times SiLU(gate), plus the residual (SwiGLU's up
+        # projection, the adds after wo and w2)
+        if HAS_GATE:
+            g = tl.load(gate_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            y *= g / (1.0 + tl.exp(-g))
+        if HAS_RES:
+            y += tl.load(res_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        return y
+
+    @triton.jit
+    def _gemv_kernel(w_ptr, x_ptr, b_ptr, y_ptr, nw_ptr, gate_ptr, res_ptr, N, K: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, EPS: tl.constexpr, HAS_GATE: tl.constexpr,
+                     HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # each program owns BLOCK_N rows of W (N, K) and walks K in wide, coalesced chunks; fp32 accumulation.
         # K is a compile-time constant: one specialization per layer width, with a static loop
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
             in_k = k + cols < K
             w = tl.load(w_ptr + rows[:, None] * K + (k + cols)[None, :], mask=(rows[:, None] < N) & in_k[None, :],
                         other=0.0, eviction_policy="evict_first")  # weights are read once: keep them out of L2
-            x = tl.load(x_ptr + k + cols, mask=in_k, other=0.0)
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            x = tl.load(x_ptr + k + cols, mask=in_k, other=0.0).to(tl.float32)
+            if HAS_NORM:
+                ss += x * x
+                x *= tl.load(nw_ptr + k + cols, mask=in_k, other=0.0).to(tl.float32)
+            acc += w.to(tl.float32) * x[None, :]
         y = tl.sum(acc, axis=1)
+        if HAS_NORM:
+            y *= tl.rsqrt(tl.sum(ss, axis=0) / K + EPS)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        y = _epilogue(y, rows, rows < N, gate_ptr, res_ptr, HAS_GATE, HAS_RES)
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
 
     @triton.jit
-    def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, nw_ptr, gate_ptr, res_ptr, N, K: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, EPS: tl.constexpr, HAS_GATE: tl.constexpr,
+                          HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # y (N,) = (w (N, K) @ x (K,)) * s (N,) + b, float32 accumulation
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
             in_k = (k + cols < K) if K % BLOCK_K else cols >= 0
             w = tl.load(w_ptr + rows[:, None] * K + (k + cols)[None, :], mask=(rows[:, None] < N) & in_k[None, :],
                         other=0, eviction_policy="evict_first")  # (BLOCK_N, BLOCK_K) int8, read once
             w = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0  # 2**23 + 128 + w - that
             x = tl.load(x_ptr + k + cols, mask=in_k, other=0.0).to(tl.float32)
+            if HAS_NORM:
+                ss += x * x
+                x *= tl.load(nw_ptr + k + cols, mask=in_k, other=0.0).to(tl.float32)
             acc += w * x[None, :]
         y = tl.sum(acc, axis=1) * tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        if HAS_NORM:
+            y *= tl.rsqrt(tl.sum(ss, axis=0) / K + EPS)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        y = _epilogue(y, rows, rows < N, gate_ptr, res_ptr, HAS_GATE, HAS_RES)
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
 
     @triton.jit
-    def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K: tl.constexpr, HAS_SCALE: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, nw_ptr, gate_ptr, res_ptr, M, N, K: tl.constexpr,
+                     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, EPS: tl.constexpr,
+                     HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
         # y (M, N) = x (M, K) @ W (N, K).T (* s (N,) for int8 W) + b for M <= 16: each program owns BLOCK_N rows of W
         # and streams them once in pipelined BLOCK_K chunks (num_stages); the x rows, padded to 16, ride along on the
         # tensor cores
@@ -91,19 +120,28 @@ if triton is not None:
         ms = tl.arange(0, 16)
         cols = tl.arange(0, BLOCK_K)
         acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        ss = tl.zeros((16,), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
             in_k = k + cols < K
             x = tl.load(x_ptr + ms[:, None] * K + (k + cols)[None, :], mask=(ms[:, None] < M) & in_k[None, :],
                         other=0.0)
+            if HAS_NORM:  # the norm's weight now, its 1 / rms per row at the end
+                xf = x.to(tl.float32)
+                ss += tl.sum(xf * xf, axis=1)
+                nw = tl.load(nw_ptr + k + cols, mask=in_k, other=0.0).to(tl.float32)
+                x = (xf * nw[None, :]).to(x_ptr.dtype.element_ty)
             w = tl.load(w_ptr + rows[:, None] * K + (k + cols)[None, :], mask=(rows[:, None] < N) & in_k[None, :],
                         other=0, eviction_policy="evict_first")
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)  # int8 is exact in 16 bits
+        if HAS_NORM:
+            acc *= tl.rsqrt(ss / K + EPS)[:, None]
         if HAS_SCALE:
             acc *= tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
             acc += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + ms[:, None] * N + rows[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=(ms[:, None] < M) & (rows[None, :] < N))
+        offs, ok = ms[:, None] * N + rows[None, :], (ms[:, None] < M) & (rows[None, :] < N)
+        acc = _epilogue(acc, offs, ok, gate_ptr, res_ptr, HAS_GATE, HAS_RES)
+        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K: tl.constexpr, K_IN: tl.constexpr,
@@ -167,41 +205,53 @@ if triton is not None:
                  mask=(ms[:, None] < M) & (rows[None, :] < N))
 
 
-def gemv(x, weight, bias=None):
-    """x: (..., K) holding one row, weight (N, K) contiguous -> (..., N)."""
+def gemv(x, weight, bias=None, norm=None, gate=None, residual=None):
+    """x: (..., K) holding one row, weight (N, K) contiguous -> (..., N); `fused` says what the other arguments do."""
     N, K = weight.shape
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(N, BLOCK_N),)
-    _gemv_kernel[grid](weight, x, bias if bias is not None else weight, y, N, K, HAS_BIAS=bias is not None,
-                       BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
+    _gemv_kernel[grid](weight, x, bias if bias is not None else weight, y, N=N, K=K, HAS_BIAS=bias is not None,
+                       BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS, **fused(x, norm, gate, residual))
     return y
 
 
-def gemm_rows(x, weight, bias=None):
+def gemm_rows(x, weight, bias=None, norm=None, gate=None, residual=None):
     """x: (..., K) holding 2..MAX_ROWS rows of bfloat16 or float16, weight (N, K) contiguous -> (..., N)."""
     N, K = weight.shape
     x2 = x.reshape(-1, K).contiguous()
     y = torch.empty(x2.shape[0], N, dtype=x.dtype, device=x.device)
     cfg = ROWS_CONFIG if K >= 4096 else SMALL_ROWS_CONFIG
     b = bias if bias is not None else weight
-    _rows_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x2, weight, weight, b, y, x2.shape[0], N, K, HAS_SCALE=False,
-                                                     HAS_BIAS=bias is not None, PRECISION=_precision(x2), **cfg)
+    _rows_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x2, weight, weight, b, y, M=x2.shape[0], N=N, K=K,
+                                                     HAS_SCALE=False, HAS_BIAS=bias is not None,
+                                                     PRECISION=_precision(x2), **cfg, **fused(x2, norm, gate, residual))
     return y.view(*x.shape[:-1], N)
 
 
-def int8_gemv(x, weight, scales, bias=None):
+def int8_gemv(x, weight, scales, bias=None, norm=None, gate=None, residual=None):
     """x (M, K) contiguous, M <= MAX_ROWS; int8 weight (N, K), scales (N,) -> (M, N) in x's dtype."""
     (M, K), N = x.shape, weight.shape[0]
     y = x.new_empty(M, N)
     b = bias if bias is not None else scales
+    extra = fused(x, norm, gate, residual)
     if M == 1:
         grid = (triton.cdiv(N, INT8_CONFIG["BLOCK_N"]),)
-        _int8_gemv_kernel[grid](x, weight, scales, b, y, N, K=K, HAS_BIAS=bias is not None, **INT8_CONFIG)
+        _int8_gemv_kernel[grid](x, weight, scales, b, y, N=N, K=K, HAS_BIAS=bias is not None, **INT8_CONFIG, **extra)
     else:
         grid = (triton.cdiv(N, INT8_ROWS_CONFIG["BLOCK_N"]),)
-        _rows_kernel[grid](x, weight, scales, b, y, M, N, K=K, HAS_SCALE=True, HAS_BIAS=bias is not None,
-                           PRECISION=_precision(x), **INT8_ROWS_CONFIG)
+        _rows_kernel[grid](x, weight, scales, b, y, M=M, N=N, K=K, HAS_SCALE=True, HAS_BIAS=bias is not None,
+                           PRECISION=_precision(x), **INT8_ROWS_CONFIG, **extra)
     return y
+
+
+def fused(x, norm=None, gate=None, residual=None) -> dict:
+    """The kernels' arguments for the work they can do around the matmul, each optional: y = (W @ norm(x)) *
+    silu(gate) + residual, with `norm` a model.RMSNorm (its weight and eps) and gate and residual shaped like y.
+    Together they remove the separate RMSNorm, SiLU-times-up and residual-add kernels of a decode step."""
+    return dict(nw_ptr=x if norm is None else norm.weight, HAS_NORM=norm is not None,
+                EPS=0.0 if norm is None else float(norm.eps), HAS_GATE=gate is not None, HAS_RES=residual is not None,
+                gate_ptr=x if gate is None else gate.contiguous(),
+                res_ptr=x if residual is None else residual.contiguous())
 
 
 def int4_gemv(x, weight, scales, zeros, groupsize: int, bias=None):
@@ -227,19 +277,46 @@ def _precision(x) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
+def linear(layer, x, norm=None, gate=None, residual=None):
+    """layer(norm(x)) * silu(gate) + residual, each part optional, for a float nn.Linear or quantize.py's Int8Linear:
+    one kernel on CUDA for up to MAX_ROWS rows; the same arithmetic in plain torch where no kernel here applies."""
+    rows, w = x.numel() // x.shape[-1], layer.weight
+    if triton is not None and x.is_cuda and rows <= MAX_ROWS:
+        if isinstance(layer, nn.Linear) and w.dtype == x.dtype and w.is_contiguous():
+            if rows == 1:
+                return gemv(x.contiguous(), w, layer.bias, norm, gate, residual)
+            if x.dtype != torch.float32:  # tuned for 16-bit inputs; float32 stays on cuBLAS
+                return gemm_rows(x, w, layer.bias, norm, gate, residual)
+        elif w.dtype == torch.int8 and getattr(layer, "use_triton", False):  # Int8Linear, prepared for Triton
+            y = int8_gemv(x.reshape(rows, -1).contiguous(), w, layer.scales, layer.bias, norm, gate, residual)
+            return y.view(*x.shape[:-1], -1)
+    x = x if norm is None else norm(x)
+    y = F.linear(x, w, layer.bias) if isinstance(layer, nn.Linear) else layer(x)
+    y = y if gate is None else F.silu(gate) * y
+    return y if residual is None else y + residual
+
+
 class GemvLinear(nn.Linear):
     def forward(self, x):
-        rows = x.numel() // x.shape[-1]
-        if x.is_cuda and rows <= MAX_ROWS and self.weight.is_contiguous() and self.weight.dtype == x.dtype:
-            if rows == 1:
-                return gemv(x.contiguous(), self.weight, self.bias)
-            if x.dtype != torch.float32:  # tuned for 16-bit inputs; float32 stays on cuBLAS
-                return gemm_rows(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return linear(self, x)
+
+
+def fused_block(block, x, rope, mask, input_pos):
+    """model.TransformerBlock.forward with both RMSNorms, SwiGLU's SiLU-times-up and both residual adds done inside
+    the matmuls next to them: three kernels fewer per layer (decode runs about thirteen), the same arithmetic up to
+    rounding (each fused step computes in float32 and rounds once)."""
+    attn, ffn = block.attention, block.feed_forward
+    h = linear(attn.wo, attn.attend(linear(attn.wqkv, x, norm=block.attention_norm), rope, mask, input_pos), residual=x)
+    gate = linear(ffn.w1, h, norm=block.ffn_norm)
+    return linear(ffn.w2, linear(ffn.w3, h, norm=block.ffn_norm, gate=gate), residual=h)
 
 
 def use_gemv(model: nn.Module) -> nn.Module:
-    """Swap float nn.Linear modules for GemvLinear, sharing their parameters (tied weights stay tied)."""
+    """Swap float nn.Linear modules for GemvLinear, sharing their parameters (tied weights stay tied), and give
+    every dense model.TransformerBlock `fused_block` for decode and verification. Call it last, after
+    quantize.prepare_for_device and tp.apply_tp: a block whose attention or feed-forward has a forward hook (tensor
+    parallel's all-reduce) keeps its plain forward, since a residual added before the all-reduce would be summed
+    once per rank."""
     if triton is None:
         return model
     for parent in list(model.modules()):
@@ -248,4 +325,9 @@ def use_gemv(model: nn.Module) -> nn.Module:
                 new = GemvLinear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
                 new.weight, new.bias = child.weight, child.bias
                 setattr(parent, name, new)
+    for block in model.modules():
+        ffn, attn = getattr(block, "feed_forward", None), getattr(block, "attention", None)
+        if hasattr(block, "fused") and isinstance(getattr(ffn, "w1", None), nn.Module):  # dense, not mixture
+            if not (attn._forward_hooks or ffn._forward_hooks):
+                block.fused = fused_block
     return model

@@ -188,8 +188,11 @@ class TransformerBlock(nn.Module):
         self.feed_forward = MOEFeedForward(config) if config.num_experts else FeedForward(config)
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.fused = None  # CUDA decode path with the norms and adds inside the matmuls: gemv.fused_block
 
     def forward(self, x, rope, mask, input_pos):
+        if self.fused is not None and x.is_cuda and x.shape[0] * x.shape[1] <= 16:  # decode, verification
+            return self.fused(self, x, rope, mask, input_pos)
         h = x + self.attention(self.attention_norm(x), rope, mask, input_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -205,9 +208,13 @@ class Attention(nn.Module):
         self.decode_attention = None  # CUDA kernel for a few new positions: decode_attention.use_decode_attention
 
     def forward(self, x, rope, mask, input_pos):
-        B, S, _ = x.shape
+        return self.wo(self.attend(self.wqkv(x), rope, mask, input_pos))
+
+    def attend(self, qkv, rope, mask, input_pos):
+        """(B, S, (H + 2 H_kv) D) projections -> (B, S, H D) attention output, the new keys and values cached."""
+        B, S, _ = qkv.shape
         q_size, kv_size = self.n_head * self.head_dim, self.n_kv * self.head_dim
-        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, H, S, D); H is per rank under tensor parallel
         k = k.view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, H_kv, S, D)
         v = v.view(B, S, -1, self.head_dim).transpose(1, 2)
@@ -215,10 +222,10 @@ class Attention(nn.Module):
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, H_kv, S_max, D)
             if self.decode_attention is not None and q.is_cuda and S <= 16:  # decode, verification
-                return self.wo(self.decode_attention(q, k, v, mask, input_pos))  # (B, S, H*D)
+                return self.decode_attention(q, k, v, mask, input_pos)  # (B, S, H*D)
         gqa = q.shape[1] != k.shape[1]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
-        return self.wo(y.transpose(1, 2).reshape(B, S, -1))  # (B, S, H*D) -> (B, S, dim)
+        return y.transpose(1, 2).reshape(B, S, -1)
 
 
 class FeedForward(nn.Module):

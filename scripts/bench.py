@@ -129,6 +129,8 @@ def main(argv=None):
     p.add_argument("--no_gemv", action="store_true", help="stock F.linear instead of the Triton GEMV (random weights)")
     p.add_argument("--sdpa", action="store_true",
                    help="PyTorch's SDPA for decode attention instead of decode_attention.py's kernel")
+    p.add_argument("--no_fuse", action="store_true",
+                   help="the plain block forward: norms, SiLU gate and residual adds as kernels of their own")
     p.add_argument("--verify_k", type=int, default=0, help="also time one forward over k+1 positions vs one step")
     p.add_argument("--verify_only", action="store_true",
                    help="with --verify_k: skip the tok/s run (two compiles fewer)")
@@ -158,9 +160,13 @@ def main(argv=None):
         if args.sdpa:
             for layer in model.layers:
                 layer.attention.decode_attention = None
+    if args.no_fuse:
+        for layer in model.layers:
+            layer.fused = None
     label += f" {args.quant if args.quant != 'none' else str(dtype).replace('torch.', '')}"
     label += " stock-linear" if args.no_gemv else ""
     label += " sdpa" if args.sdpa else ""
+    label += " unfused" if args.no_fuse else ""
     label += f" {args.kernel}-kernel" if args.kernel != "default" else ""
 
     if args.verify_only and args.verify_k:

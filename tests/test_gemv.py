@@ -30,6 +30,29 @@ for M, N, K, bias in [(2, 7, 33, False), (6, 64, 1024, True), (16, 130, 2500, Fa
     err = ((y.double() - ref).norm() / ref.norm()).item()
     assert y.shape == ref.shape and err < 1e-3, (M, N, K, err)
     worst["rows"] = max(worst.get("rows", 0), err)
+# the fused extras: y = (W @ rmsnorm(x)) * silu(gate) + residual, for every kernel that takes them
+from gemv import int8_gemv
+from model import RMSNorm
+for M, N, K in [(1, 7, 33), (1, 130, 2500), (3, 64, 300), (16, 20, 1030)]:
+    norm = RMSNorm(K, eps=1e-5)
+    norm.weight.data = torch.rand(K) + 0.5
+    x, w = torch.randn(M, K).half(), torch.randn(N, K).half()
+    gate, res = torch.randn(M, N).half(), torch.randn(M, N).half()
+    q8, s8 = torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N).half() / 100
+    kernels = [("float", gemv if M == 1 else gemm_rows, w.double()),
+               ("int8", lambda x, w, b, **k: int8_gemv(x, q8, s8, b, **k), q8.double() * s8.double()[:, None])]
+    for name, f, wd in kernels:
+        for extra in [dict(norm=norm), dict(gate=gate), dict(residual=res), dict(norm=norm, gate=gate, residual=res)]:
+            xd = x.double()
+            if "norm" in extra:
+                xd = norm.weight.double() * xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5)
+            ref = torch.nn.functional.linear(xd, wd)
+            ref = ref * torch.nn.functional.silu(gate.double()) if "gate" in extra else ref
+            ref = ref + res.double() if "residual" in extra else ref
+            y = f(x, w, None, **extra)
+            err = ((y.double() - ref).norm() / ref.norm()).item()
+            assert y.shape == ref.shape and err < 2e-3, (name, M, N, K, list(extra), err)
+            worst["fused"] = max(worst.get("fused", 0), err)
 model = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 8, bias=False))
 use_gemv(model)
 assert all(type(m) is GemvLinear for m in model) and model[0].weight.shape == (4, 8)
@@ -41,6 +64,29 @@ def test_gemv_matches_linear_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     r = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
+
+
+def test_fused_block_is_the_block_forward():
+    """gemv.fused_block rebuilds TransformerBlock.forward from the layers; where no kernel applies (here, the CPU)
+    its plain-torch path must give the block's output exactly, for a float and a bias-carrying block."""
+    import torch
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from gemv import fused_block
+    from model import ModelArgs, Transformer
+
+    torch.manual_seed(0)
+    for bias in (False, True):
+        model = Transformer(ModelArgs(block_size=32, vocab_size=64, n_layer=1, n_head=4, n_local_heads=2, dim=32,
+                                      intermediate_size=48, attention_bias=bias)).eval()
+        for p in model.parameters():
+            p.data.normal_(0, 0.3)
+        model.setup_caches(1, 32)
+        block, x = model.layers[0], torch.randn(1, 3, 32)
+        pos = torch.arange(3)
+        mask = torch.arange(32)[None, :] <= pos[:, None]
+        rope = (model.rope_cos[pos][None], model.rope_sin[pos][None])
+        with torch.no_grad():
+            assert torch.equal(fused_block(block, x, rope, mask, pos), block(x, rope, mask, pos))
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
@@ -63,11 +109,15 @@ def test_cuda_gemv_kernels_match_linear():
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_model_with_gemv_matches_linear():
-    """A tiny bf16 model's logits over 1 token (decode) and 5 (verify) with the Triton kernels and with F.linear."""
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_cuda_model_with_gemv_matches_linear(quant):
+    """A tiny bf16 model's logits over 1 token (decode) and 5 (verify) with the Triton kernels and fused blocks
+    against the plain layers, float and int8; then, in float32, compiled greedy generation gives the same tokens."""
     import torch
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from gemv import use_gemv
+    import quantize
+    from generate import compile_step, decode_one_token, generate
+    from gemv import fused_block, use_gemv
     from model import ModelArgs, Transformer
 
     torch.manual_seed(0)
@@ -76,7 +126,13 @@ def test_cuda_model_with_gemv_matches_linear():
     ref = Transformer(args).to("cuda", torch.bfloat16).eval()
     fast = Transformer(args).to("cuda", torch.bfloat16).eval()
     fast.load_state_dict(ref.state_dict())
+    if quant == "int8":
+        ref, fast = (quantize.prepare_for_device(quantize.quantize_model(m, "int8")[0]) for m in (ref, fast))
+        for m in ref.modules():
+            if hasattr(m, "use_triton"):
+                m.use_triton = False  # the reference: torch's dequantize-and-matmul
     use_gemv(fast)
+    assert all(block.fused is fused_block for block in fast.layers)
     x = torch.randint(0, 512, (1, 12), device="cuda")
     with torch.no_grad():
         for m in (ref, fast):
@@ -86,3 +142,8 @@ def test_cuda_model_with_gemv_matches_linear():
             p = torch.tensor(pos, device="cuda")
             a, b = ref(x[:, p], p).float(), fast(x[:, p], p).float()
             assert ((a - b).norm() / a.norm()).item() < 2e-2, pos
+    if quant == "none":
+        ref, fast = ref.float(), fast.float()
+        prompt = [x[0].tolist()]
+        a = generate(fast, prompt, 30, decode_fn=compile_step(decode_one_token, "cuda"), max_seq_length=64)
+        assert a == generate(ref, prompt, 30, max_seq_length=64)
