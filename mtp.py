@@ -165,9 +165,10 @@ def load_head(path, model: Transformer, draft_vocab: Optional[int] = None) -> MT
     head.load_state_dict(state)
     w = output_weight(model)
     head = head.to(w.device, model.norm.weight.dtype).eval()
-    if w.is_cuda:
+    if w.is_cuda:  # the target's decode kernels: Triton GEMVs with the block's norms and adds fused, attention
         from decode_attention import use_decode_attention
-        use_decode_attention(head)
+        from gemv import use_gemv
+        use_gemv(use_decode_attention(head))
     n = config.get("draft_vocab", 0) if draft_vocab is None else draft_vocab
     if n and rank is None:
         raise ValueError(f"{path} has no vocabulary ranking, so --draft_vocab {n} cannot pick rows; use 0 (full)")
