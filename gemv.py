@@ -15,9 +15,13 @@ mantissa of 2**23 gives the float 2**23 + i, and one subtraction leaves i exactl
 weights as exact small integers in x's dtype and apply the scales to the float32 sums: int8 once per output row at
 the end, int4 once per group, y = sum_g s_g * (x_g . (q_g - 8)) + z_g * sum(x_g).
 
+The float and int8 kernels also do the small steps around a matmul, so that a decode layer launches fewer
+kernels: the RMSNorm before it (one-row kernels: the sum of squares of x accumulates in the same loop, 1/rms
+scales the sums at the end), and after it SwiGLU's SiLU-times-up and the residual add (`linear`, `fused_block`).
+
 `use_gemv(model)` swaps every float nn.Linear for `GemvLinear`, which takes these paths on CUDA and is F.linear
-otherwise (prefill, the CPU); quantize.py's Int8Linear and Int4Linear call `int8_gemv` / `int4_gemv`. Triton
-kernels called inside torch.compile stay in its graph.
+otherwise (prefill, the CPU), and gives each dense TransformerBlock `fused_block`; quantize.py's Int8Linear and
+Int4Linear call `int8_gemv` / `int4_gemv`. Triton kernels called inside torch.compile stay in its graph.
 """
 import torch
 import torch.nn as nn
@@ -109,10 +113,9 @@ if triton is not None:
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
 
     @triton.jit
-    def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, nw_ptr, gate_ptr, res_ptr, M, N, K: tl.constexpr,
-                     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, EPS: tl.constexpr,
-                     HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
+    def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, gate_ptr, res_ptr, M, N, K: tl.constexpr,
+                     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr,
+                     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # y (M, N) = x (M, K) @ W (N, K).T (* s (N,) for int8 W) + b for M <= 16: each program owns BLOCK_N rows of W
         # and streams them once in pipelined BLOCK_K chunks (num_stages); the x rows, padded to 16, ride along on the
         # tensor cores
@@ -120,21 +123,13 @@ if triton is not None:
         ms = tl.arange(0, 16)
         cols = tl.arange(0, BLOCK_K)
         acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-        ss = tl.zeros((16,), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
             in_k = k + cols < K
             x = tl.load(x_ptr + ms[:, None] * K + (k + cols)[None, :], mask=(ms[:, None] < M) & in_k[None, :],
                         other=0.0)
-            if HAS_NORM:  # the norm's weight now, its 1 / rms per row at the end
-                xf = x.to(tl.float32)
-                ss += tl.sum(xf * xf, axis=1)
-                nw = tl.load(nw_ptr + k + cols, mask=in_k, other=0.0).to(tl.float32)
-                x = (xf * nw[None, :]).to(x_ptr.dtype.element_ty)
             w = tl.load(w_ptr + rows[:, None] * K + (k + cols)[None, :], mask=(rows[:, None] < N) & in_k[None, :],
                         other=0, eviction_policy="evict_first")
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)  # int8 is exact in 16 bits
-        if HAS_NORM:
-            acc *= tl.rsqrt(ss / K + EPS)[:, None]
         if HAS_SCALE:
             acc *= tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
@@ -206,17 +201,18 @@ if triton is not None:
 
 
 def gemv(x, weight, bias=None, norm=None, gate=None, residual=None):
-    """x: (..., K) holding one row, weight (N, K) contiguous -> (..., N); `fused` says what the other arguments do."""
+    """x: (..., K) holding one row, weight (N, K) contiguous -> (W @ norm(x) + bias) * silu(gate) + residual, each
+    part optional, (..., N); `norm` is a model.RMSNorm (its weight and eps), gate and residual are shaped like y."""
     N, K = weight.shape
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(N, BLOCK_N),)
     _gemv_kernel[grid](weight, x, bias if bias is not None else weight, y, N=N, K=K, HAS_BIAS=bias is not None,
-                       BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS, **fused(x, norm, gate, residual))
+                       BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS, **_norm(x, norm), **_epilogue_args(x, gate, residual))
     return y
 
 
-def gemm_rows(x, weight, bias=None, norm=None, gate=None, residual=None):
-    """x: (..., K) holding 2..MAX_ROWS rows of bfloat16 or float16, weight (N, K) contiguous -> (..., N)."""
+def gemm_rows(x, weight, bias=None, gate=None, residual=None):
+    """x: (..., K) holding 2..MAX_ROWS rows of bfloat16 or float16, weight (N, K) contiguous -> (..., N), as gemv."""
     N, K = weight.shape
     x2 = x.reshape(-1, K).contiguous()
     y = torch.empty(x2.shape[0], N, dtype=x.dtype, device=x.device)
@@ -224,34 +220,36 @@ def gemm_rows(x, weight, bias=None, norm=None, gate=None, residual=None):
     b = bias if bias is not None else weight
     _rows_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x2, weight, weight, b, y, M=x2.shape[0], N=N, K=K,
                                                      HAS_SCALE=False, HAS_BIAS=bias is not None,
-                                                     PRECISION=_precision(x2), **cfg, **fused(x2, norm, gate, residual))
+                                                     PRECISION=_precision(x2), **cfg, **_epilogue_args(x2, gate, residual))
     return y.view(*x.shape[:-1], N)
 
 
 def int8_gemv(x, weight, scales, bias=None, norm=None, gate=None, residual=None):
-    """x (M, K) contiguous, M <= MAX_ROWS; int8 weight (N, K), scales (N,) -> (M, N) in x's dtype."""
+    """x (M, K) contiguous, M <= MAX_ROWS; int8 weight (N, K), scales (N,) -> (M, N) in x's dtype, as gemv (a norm
+    for one row only)."""
     (M, K), N = x.shape, weight.shape[0]
     y = x.new_empty(M, N)
     b = bias if bias is not None else scales
-    extra = fused(x, norm, gate, residual)
     if M == 1:
         grid = (triton.cdiv(N, INT8_CONFIG["BLOCK_N"]),)
-        _int8_gemv_kernel[grid](x, weight, scales, b, y, N=N, K=K, HAS_BIAS=bias is not None, **INT8_CONFIG, **extra)
+        _int8_gemv_kernel[grid](x, weight, scales, b, y, N=N, K=K, HAS_BIAS=bias is not None, **INT8_CONFIG,
+                                **_norm(x, norm), **_epilogue_args(x, gate, residual))
     else:
+        assert norm is None, "the rows kernel takes no norm"
         grid = (triton.cdiv(N, INT8_ROWS_CONFIG["BLOCK_N"]),)
         _rows_kernel[grid](x, weight, scales, b, y, M=M, N=N, K=K, HAS_SCALE=True, HAS_BIAS=bias is not None,
-                           PRECISION=_precision(x), **INT8_ROWS_CONFIG, **extra)
+                           PRECISION=_precision(x), **INT8_ROWS_CONFIG, **_epilogue_args(x, gate, residual))
     return y
 
 
-def fused(x, norm=None, gate=None, residual=None) -> dict:
-    """The kernels' arguments for the work they can do around the matmul, each optional: y = (W @ norm(x)) *
-    silu(gate) + residual, with `norm` a model.RMSNorm (its weight and eps) and gate and residual shaped like y.
-    Together they remove the separate RMSNorm, SiLU-times-up and residual-add kernels of a decode step."""
+def _norm(x, norm) -> dict:
     return dict(nw_ptr=x if norm is None else norm.weight, HAS_NORM=norm is not None,
-                EPS=0.0 if norm is None else float(norm.eps), HAS_GATE=gate is not None, HAS_RES=residual is not None,
-                gate_ptr=x if gate is None else gate.contiguous(),
-                res_ptr=x if residual is None else residual.contiguous())
+                EPS=0.0 if norm is None else float(norm.eps))
+
+
+def _epilogue_args(x, gate, residual) -> dict:
+    return dict(gate_ptr=x if gate is None else gate.contiguous(), HAS_GATE=gate is not None,
+                res_ptr=x if residual is None else residual.contiguous(), HAS_RES=residual is not None)
 
 
 def int4_gemv(x, weight, scales, zeros, groupsize: int, bias=None):
@@ -279,14 +277,20 @@ def _precision(x) -> str:
 
 def linear(layer, x, norm=None, gate=None, residual=None):
     """layer(norm(x)) * silu(gate) + residual, each part optional, for a float nn.Linear or quantize.py's Int8Linear:
-    one kernel on CUDA for up to MAX_ROWS rows; the same arithmetic in plain torch where no kernel here applies."""
+    one kernel on CUDA for up to MAX_ROWS rows (the norm inside it for one row only); the same arithmetic in plain
+    torch where no kernel here applies.
+
+    Why the rows kernels take no norm: scaling x inside their loop keeps x from streaming straight into the tensor
+    cores, which made a Llama-2-7B verify step twice as slow (BENCHMARKS.md)."""
     rows, w = x.numel() // x.shape[-1], layer.weight
     if triton is not None and x.is_cuda and rows <= MAX_ROWS:
+        if rows > 1 and norm is not None:
+            x, norm = norm(x), None
         if isinstance(layer, nn.Linear) and w.dtype == x.dtype and w.is_contiguous():
             if rows == 1:
                 return gemv(x.contiguous(), w, layer.bias, norm, gate, residual)
             if x.dtype != torch.float32:  # tuned for 16-bit inputs; float32 stays on cuBLAS
-                return gemm_rows(x, w, layer.bias, norm, gate, residual)
+                return gemm_rows(x, w, layer.bias, gate, residual)
         elif w.dtype == torch.int8 and getattr(layer, "use_triton", False):  # Int8Linear, prepared for Triton
             y = int8_gemv(x.reshape(rows, -1).contiguous(), w, layer.scales, layer.bias, norm, gate, residual)
             return y.view(*x.shape[:-1], -1)
@@ -302,9 +306,10 @@ class GemvLinear(nn.Linear):
 
 
 def fused_block(block, x, rope, mask, input_pos):
-    """model.TransformerBlock.forward with both RMSNorms, SwiGLU's SiLU-times-up and both residual adds done inside
-    the matmuls next to them: three kernels fewer per layer (decode runs about thirteen), the same arithmetic up to
-    rounding (each fused step computes in float32 and rounds once)."""
+    """model.TransformerBlock.forward with SwiGLU's SiLU-times-up and both residual adds done inside the matmuls
+    next to them, and for one row (decode) both RMSNorms too: three kernels fewer per decode layer (of about
+    thirteen), one fewer per verify layer; the same arithmetic up to rounding (each fused step computes in float32
+    and rounds once)."""
     attn, ffn = block.attention, block.feed_forward
     h = linear(attn.wo, attn.attend(linear(attn.wqkv, x, norm=block.attention_norm), rope, mask, input_pos), residual=x)
     gate = linear(ffn.w1, h, norm=block.ffn_norm)
