@@ -15,9 +15,8 @@ mantissa of 2**23 gives the float 2**23 + i, and one subtraction leaves i exactl
 weights as exact small integers in x's dtype and apply the scales to the float32 sums: int8 once per output row at
 the end, int4 once per group, y = sum_g s_g * (x_g . (q_g - 8)) + z_g * sum(x_g).
 
-The float and int8 kernels also do the small steps around a matmul, so that a decode layer launches fewer
-kernels: the RMSNorm before it (one-row kernels: the sum of squares of x accumulates in the same loop, 1/rms
-scales the sums at the end), and after it SwiGLU's SiLU-times-up and the residual add (`linear`, `fused_block`).
+The float and int8 kernels also finish the small steps after a matmul, so that a decode layer launches fewer
+kernels: SwiGLU's SiLU-times-up and the residual add (`linear`, `fused_block`).
 
 `use_gemv(model)` swaps every float nn.Linear for `GemvLinear`, which takes these paths on CUDA and is F.linear
 otherwise (prefill, the CPU), and gives each dense TransformerBlock `fused_block`; quantize.py's Int8Linear and
@@ -59,54 +58,41 @@ if triton is not None:
         return y
 
     @triton.jit
-    def _gemv_kernel(w_ptr, x_ptr, b_ptr, y_ptr, nw_ptr, gate_ptr, res_ptr, N, K: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, EPS: tl.constexpr, HAS_GATE: tl.constexpr,
-                     HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _gemv_kernel(w_ptr, x_ptr, b_ptr, y_ptr, gate_ptr, res_ptr, N, K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # each program owns BLOCK_N rows of W (N, K) and walks K in wide, coalesced chunks; fp32 accumulation.
         # K is a compile-time constant: one specialization per layer width, with a static loop
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
             in_k = k + cols < K
             w = tl.load(w_ptr + rows[:, None] * K + (k + cols)[None, :], mask=(rows[:, None] < N) & in_k[None, :],
                         other=0.0, eviction_policy="evict_first")  # weights are read once: keep them out of L2
-            x = tl.load(x_ptr + k + cols, mask=in_k, other=0.0).to(tl.float32)
-            if HAS_NORM:
-                ss += x * x
-                x *= tl.load(nw_ptr + k + cols, mask=in_k, other=0.0).to(tl.float32)
-            acc += w.to(tl.float32) * x[None, :]
+            x = tl.load(x_ptr + k + cols, mask=in_k, other=0.0)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         y = tl.sum(acc, axis=1)
-        if HAS_NORM:
-            y *= tl.rsqrt(tl.sum(ss, axis=0) / K + EPS)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
         y = _epilogue(y, rows, rows < N, gate_ptr, res_ptr, HAS_GATE, HAS_RES)
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
 
     @triton.jit
-    def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, nw_ptr, gate_ptr, res_ptr, N, K: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, EPS: tl.constexpr, HAS_GATE: tl.constexpr,
-                          HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, gate_ptr, res_ptr, N, K: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
         # y (N,) = (w (N, K) @ x (K,)) * s (N,) + b, float32 accumulation
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
             in_k = (k + cols < K) if K % BLOCK_K else cols >= 0
             w = tl.load(w_ptr + rows[:, None] * K + (k + cols)[None, :], mask=(rows[:, None] < N) & in_k[None, :],
                         other=0, eviction_policy="evict_first")  # (BLOCK_N, BLOCK_K) int8, read once
             w = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0  # 2**23 + 128 + w - that
             x = tl.load(x_ptr + k + cols, mask=in_k, other=0.0).to(tl.float32)
-            if HAS_NORM:
-                ss += x * x
-                x *= tl.load(nw_ptr + k + cols, mask=in_k, other=0.0).to(tl.float32)
             acc += w * x[None, :]
         y = tl.sum(acc, axis=1) * tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-        if HAS_NORM:
-            y *= tl.rsqrt(tl.sum(ss, axis=0) / K + EPS)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
         y = _epilogue(y, rows, rows < N, gate_ptr, res_ptr, HAS_GATE, HAS_RES)
@@ -200,14 +186,14 @@ if triton is not None:
                  mask=(ms[:, None] < M) & (rows[None, :] < N))
 
 
-def gemv(x, weight, bias=None, norm=None, gate=None, residual=None):
-    """x: (..., K) holding one row, weight (N, K) contiguous -> (W @ norm(x) + bias) * silu(gate) + residual, each
-    part optional, (..., N); `norm` is a model.RMSNorm (its weight and eps), gate and residual are shaped like y."""
+def gemv(x, weight, bias=None, gate=None, residual=None):
+    """x: (..., K) holding one row, weight (N, K) contiguous -> (W @ x + bias) * silu(gate) + residual, each part
+    optional, (..., N); gate and residual are shaped like the output."""
     N, K = weight.shape
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(N, BLOCK_N),)
     _gemv_kernel[grid](weight, x, bias if bias is not None else weight, y, N=N, K=K, HAS_BIAS=bias is not None,
-                       BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS, **_norm(x, norm), **_epilogue_args(x, gate, residual))
+                       BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS, **_epilogue_args(x, gate, residual))
     return y
 
 
@@ -224,27 +210,20 @@ def gemm_rows(x, weight, bias=None, gate=None, residual=None):
     return y.view(*x.shape[:-1], N)
 
 
-def int8_gemv(x, weight, scales, bias=None, norm=None, gate=None, residual=None):
-    """x (M, K) contiguous, M <= MAX_ROWS; int8 weight (N, K), scales (N,) -> (M, N) in x's dtype, as gemv (a norm
-    for one row only)."""
+def int8_gemv(x, weight, scales, bias=None, gate=None, residual=None):
+    """x (M, K) contiguous, M <= MAX_ROWS; int8 weight (N, K), scales (N,) -> (M, N) in x's dtype, as gemv."""
     (M, K), N = x.shape, weight.shape[0]
     y = x.new_empty(M, N)
     b = bias if bias is not None else scales
     if M == 1:
         grid = (triton.cdiv(N, INT8_CONFIG["BLOCK_N"]),)
         _int8_gemv_kernel[grid](x, weight, scales, b, y, N=N, K=K, HAS_BIAS=bias is not None, **INT8_CONFIG,
-                                **_norm(x, norm), **_epilogue_args(x, gate, residual))
+                                **_epilogue_args(x, gate, residual))
     else:
-        assert norm is None, "the rows kernel takes no norm"
         grid = (triton.cdiv(N, INT8_ROWS_CONFIG["BLOCK_N"]),)
         _rows_kernel[grid](x, weight, scales, b, y, M=M, N=N, K=K, HAS_SCALE=True, HAS_BIAS=bias is not None,
                            PRECISION=_precision(x), **INT8_ROWS_CONFIG, **_epilogue_args(x, gate, residual))
     return y
-
-
-def _norm(x, norm) -> dict:
-    return dict(nw_ptr=x if norm is None else norm.weight, HAS_NORM=norm is not None,
-                EPS=0.0 if norm is None else float(norm.eps))
 
 
 def _epilogue_args(x, gate, residual) -> dict:
@@ -275,26 +254,19 @@ def _precision(x) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
-def linear(layer, x, norm=None, gate=None, residual=None):
-    """layer(norm(x)) * silu(gate) + residual, each part optional, for a float nn.Linear or quantize.py's Int8Linear:
-    one kernel on CUDA for up to MAX_ROWS rows (the norm inside it for one row only); the same arithmetic in plain
-    torch where no kernel here applies.
-
-    Why the rows kernels take no norm: scaling x inside their loop keeps x from streaming straight into the tensor
-    cores, which made a Llama-2-7B verify step twice as slow (BENCHMARKS.md)."""
+def linear(layer, x, gate=None, residual=None):
+    """layer(x) * silu(gate) + residual, each part optional, for a float nn.Linear or quantize.py's Int8Linear: one
+    kernel on CUDA for up to MAX_ROWS rows; the same arithmetic in plain torch where no kernel here applies."""
     rows, w = x.numel() // x.shape[-1], layer.weight
     if triton is not None and x.is_cuda and rows <= MAX_ROWS:
-        if rows > 1 and norm is not None:
-            x, norm = norm(x), None
         if isinstance(layer, nn.Linear) and w.dtype == x.dtype and w.is_contiguous():
             if rows == 1:
-                return gemv(x.contiguous(), w, layer.bias, norm, gate, residual)
+                return gemv(x.contiguous(), w, layer.bias, gate, residual)
             if x.dtype != torch.float32:  # tuned for 16-bit inputs; float32 stays on cuBLAS
                 return gemm_rows(x, w, layer.bias, gate, residual)
         elif w.dtype == torch.int8 and getattr(layer, "use_triton", False):  # Int8Linear, prepared for Triton
-            y = int8_gemv(x.reshape(rows, -1).contiguous(), w, layer.scales, layer.bias, norm, gate, residual)
+            y = int8_gemv(x.reshape(rows, -1).contiguous(), w, layer.scales, layer.bias, gate, residual)
             return y.view(*x.shape[:-1], -1)
-    x = x if norm is None else norm(x)
     y = F.linear(x, w, layer.bias) if isinstance(layer, nn.Linear) else layer(x)
     y = y if gate is None else F.silu(gate) * y
     return y if residual is None else y + residual
@@ -307,13 +279,13 @@ class GemvLinear(nn.Linear):
 
 def fused_block(block, x, rope, mask, input_pos):
     """model.TransformerBlock.forward with SwiGLU's SiLU-times-up and both residual adds done inside the matmuls
-    next to them, and for one row (decode) both RMSNorms too: three kernels fewer per decode layer (of about
-    thirteen), one fewer per verify layer; the same arithmetic up to rounding (each fused step computes in float32
-    and rounds once)."""
+    next to them (one kernel fewer per layer, of about thirteen), the same arithmetic up to rounding: each fused step
+    computes in float32 and rounds once. The RMSNorms stay kernels of their own: done inside the matmul after them
+    they made the step slower, not faster (BENCHMARKS.md)."""
     attn, ffn = block.attention, block.feed_forward
-    h = linear(attn.wo, attn.attend(linear(attn.wqkv, x, norm=block.attention_norm), rope, mask, input_pos), residual=x)
-    gate = linear(ffn.w1, h, norm=block.ffn_norm)
-    return linear(ffn.w2, linear(ffn.w3, h, norm=block.ffn_norm, gate=gate), residual=h)
+    h = linear(attn.wo, attn.attend(attn.wqkv(block.attention_norm(x)), rope, mask, input_pos), residual=x)
+    u = block.ffn_norm(h)
+    return linear(ffn.w2, linear(ffn.w3, u, gate=ffn.w1(u)), residual=h)
 
 
 def use_gemv(model: nn.Module) -> nn.Module:
