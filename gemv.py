@@ -206,7 +206,8 @@ def gemm_rows(x, weight, bias=None, gate=None, residual=None):
     b = bias if bias is not None else weight
     _rows_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x2, weight, weight, b, y, M=x2.shape[0], N=N, K=K,
                                                      HAS_SCALE=False, HAS_BIAS=bias is not None,
-                                                     PRECISION=_precision(x2), **cfg, **_epilogue_args(x2, gate, residual))
+                                                     PRECISION=_precision(x2), **cfg,
+                                                     **_epilogue_args(x2, gate, residual))
     return y.view(*x.shape[:-1], N)
 
 
