@@ -3,8 +3,22 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the top-level modules, however pytest is started
+from model import ModelArgs, Transformer  # noqa: E402
+
+TINY = dict(block_size=256, vocab_size=101, n_layer=2, n_head=4, dim=32, intermediate_size=48, n_local_heads=2)
+
+
+def tiny(seed=0, **kw) -> Transformer:
+    """A tiny random Llama-style model (the tests' `from conftest import TINY, tiny`), weights large enough that its
+    distributions are far from uniform."""
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(**{**TINY, **kw}))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return model.eval()
 
 
 @pytest.fixture(scope="session")

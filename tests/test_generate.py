@@ -3,17 +3,8 @@ import pytest
 import torch
 
 from generate import Sampling, decode_one_token, generate, load_model, logits_to_probs, prefill
-from model import ModelArgs, Transformer
-
-TINY = dict(block_size=256, vocab_size=101, n_layer=2, n_head=4, dim=32, intermediate_size=48, n_local_heads=2)
-
-
-def tiny(seed=0, **kw):
-    torch.manual_seed(seed)
-    model = Transformer(ModelArgs(**{**TINY, **kw}))
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    return model.eval()
+from conftest import TINY, tiny
+from model import ModelArgs
 
 
 def test_sampling_matches_transformers_warpers():

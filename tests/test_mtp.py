@@ -11,22 +11,13 @@ import generate as gen
 import mtp
 import mtp_train
 from generate import Sampling, generate, load_model, speculative_generate
-from model import ModelArgs, Transformer
+from conftest import tiny
 from test_speculative import chi2, chi2_pvalue, next_probs
 
 SHIPPED_HEAD = Path(__file__).resolve().parents[1] / "checkpoints/SmolLM2-135M-Instruct" / mtp.MTP_HEAD_FILE
 DEV_PROMPTS = Path(__file__).resolve().parents[2] / "shared/prompts/dev.jsonl"
 
-TINY = dict(block_size=256, vocab_size=101, n_layer=2, n_head=4, dim=32, intermediate_size=48, n_local_heads=2)
 GREEDY, WARM = Sampling(0.0), Sampling(1.0)
-
-
-def tiny(seed=0, **kw):
-    torch.manual_seed(seed)
-    model = Transformer(ModelArgs(**{**TINY, **kw}))
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    return model.eval()
 
 
 def tiny_head(model, seed=1, vocab_ids=None):

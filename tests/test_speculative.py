@@ -11,9 +11,8 @@ import torch
 import generate as gen
 from generate import (ModelDrafter, Sampling, accept_draft, acceptance_probs, check_draft, generate, load_model,
                       logits_to_probs, residual, sample_from, speculative_generate, verify)
-from model import ModelArgs, Transformer
+from conftest import TINY, tiny
 
-TINY = dict(block_size=256, vocab_size=101, n_layer=2, n_head=4, dim=32, intermediate_size=48, n_local_heads=2)
 DEV_PROMPTS = Path(__file__).resolve().parents[2] / "shared/prompts/dev.jsonl"
 SIGNIFICANCE = 1e-3  # a correct sampler fails a chi-square test at this level once in a thousand seeds
 
@@ -25,14 +24,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def tiny(seed=0, **kw):
-    torch.manual_seed(seed)
-    model = Transformer(ModelArgs(**{**TINY, **kw}))
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    return model.eval()
 
 
 @torch.no_grad()
