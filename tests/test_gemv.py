@@ -64,16 +64,11 @@ def test_fused_block_is_the_block_forward():
     """gemv.fused_block rebuilds TransformerBlock.forward from the layers; where no kernel applies (here, the CPU)
     its plain-torch path must give the block's output exactly, for a float and a bias-carrying block."""
     import torch
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from conftest import tiny
     from gemv import fused_block
-    from model import ModelArgs, Transformer
 
-    torch.manual_seed(0)
     for bias in (False, True):
-        model = Transformer(ModelArgs(block_size=32, vocab_size=64, n_layer=1, n_head=4, n_local_heads=2, dim=32,
-                                      intermediate_size=48, attention_bias=bias)).eval()
-        for p in model.parameters():
-            p.data.normal_(0, 0.3)
+        model = tiny(n_layer=1, attention_bias=bias)
         model.setup_caches(1, 32)
         block, x = model.layers[0], torch.randn(1, 3, 32)
         pos = torch.arange(3)
