@@ -15,8 +15,9 @@ mantissa of 2**23 gives the float 2**23 + i, and one subtraction leaves i exactl
 weights as exact small integers in x's dtype and apply the scales to the float32 sums: int8 once per output row at
 the end, int4 once per group, y = sum_g s_g * (x_g . (q_g - 8)) + z_g * sum(x_g).
 
-The float and int8 kernels also finish the small steps after a matmul, so that a decode layer launches fewer
-kernels: SwiGLU's SiLU-times-up and the residual add (`linear`, `fused_block`).
+The float and int8 kernels also finish the small steps after a matmul, so that a verify layer launches fewer
+kernels: SwiGLU's SiLU-times-up and the residual add (`linear`, `fused_block`). At one row the same fusion made the
+7B decode step 2% slower on an H200 (BENCHMARKS.md), so one-row decode keeps the plain block forward.
 
 `use_gemv(model)` swaps every float nn.Linear for `GemvLinear`, which takes these paths on CUDA and is F.linear
 otherwise (prefill, the CPU), and gives each dense TransformerBlock `fused_block`; quantize.py's Int8Linear and
@@ -291,7 +292,7 @@ def fused_block(block, x, rope, mask, input_pos):
 
 def use_gemv(model: nn.Module) -> nn.Module:
     """Swap float nn.Linear modules for GemvLinear, sharing their parameters (tied weights stay tied), and give
-    every dense model.TransformerBlock `fused_block` for decode and verification. Call it last, after
+    every dense model.TransformerBlock `fused_block` for verification. Call it last, after
     quantize.prepare_for_device and tp.apply_tp: a block whose attention or feed-forward has a forward hook (tensor
     parallel's all-reduce) keeps its plain forward, since a residual added before the all-reduce would be summed
     once per rank."""
