@@ -392,8 +392,9 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.float32, use_tp=False)
     (no copy of the weights), split for tensor parallel, then move only what this process keeps."""
     checkpoint_path = Path(checkpoint_path)
     if not checkpoint_path.is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint_path} not found; convert one with "
-                                f"`python convert_hf_checkpoint.py --checkpoint_dir {checkpoint_path.parent}`")
+        raise FileNotFoundError(f"checkpoint {checkpoint_path} not found; convert one with `python "
+                                f"convert_hf_checkpoint.py --checkpoint_dir {checkpoint_path.parent}` (add --gguf FILE "
+                                f"for a GGUF), or leave out --checkpoint_path for the embedded SmolLM2")
     config_file = checkpoint_path.parent / "config.json"
     config = ModelArgs.from_json(config_file) if config_file.is_file() else ModelArgs.from_name(checkpoint_path.parent.name)
     with torch.device("meta"):

@@ -38,3 +38,13 @@ def smollm2_checkpoint(smollm2_gguf, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("SmolLM2-135M-Instruct")
     default_checkpoint(folder)  # the same path users take on first run
     return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf):
+    """transformers' own model of the GGUF, float32 (the independent reference); loaded once, it takes ~25 s."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF: pip install accelerate")
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                                              dtype=torch.float32)
+    return model.eval()

@@ -164,10 +164,8 @@ def test_config_from_hub_style_configs_matches_presets():
 
 # --- GGUF -------------------------------------------------------------------------------------------------------
 
-def test_smollm2_gguf_tensors_match_transformers_loader(smollm2_checkpoint, smollm2_gguf):
-    pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF: pip install accelerate")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
-                                                           dtype=torch.float32)
+def test_smollm2_gguf_tensors_match_transformers_loader(smollm2_checkpoint, smollm2_hf):
+    hf = smollm2_hf
     ref = hf.state_dict()
     ours = torch.load(smollm2_checkpoint / "model.pth", mmap=True, weights_only=True)
     config = ModelArgs.from_json(smollm2_checkpoint / "config.json")

@@ -9,32 +9,24 @@ MESSAGES = [{"role": "user", "content": "Write a short poem about the sea and ex
 
 
 @pytest.fixture(scope="module")
-def hf_model(smollm2_gguf):
-    transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
-                                                              torch_dtype=torch.float32)
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
 def ours(smollm2_checkpoint):
     return load_model(smollm2_checkpoint / "model.pth"), get_tokenizer(smollm2_checkpoint)
 
 
 @torch.no_grad()
-def test_logits_match_transformers(ours, hf_model):
+def test_logits_match_transformers(ours, smollm2_hf):
     model, tok = ours
     ids = torch.tensor([tok.apply_chat_template(MESSAGES)])
-    ref = hf_model(ids).logits
+    ref = smollm2_hf(ids).logits
     assert ((model(ids) - ref).norm() / ref.norm()).item() < 1e-4
 
 
 @torch.no_grad()
-def test_greedy_64_tokens_equal_transformers(ours, hf_model):
+def test_greedy_64_tokens_equal_transformers(ours, smollm2_hf):
     model, tok = ours
     ids = tok.apply_chat_template(MESSAGES)
     x = torch.tensor([ids])  # the ChatML prompt holds <|im_end|>, which is also the pad id: say nothing is padding
-    ref = hf_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=64, do_sample=False,
+    ref = smollm2_hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=64, do_sample=False,
                             eos_token_id=None, pad_token_id=tok.pad_id)[0, len(ids):].tolist()
     out = generate(model, [ids], 64, Sampling(temperature=0.0))[0]
     assert len(ref) == 64 and out == ref, (tok.decode(out), tok.decode(ref))
