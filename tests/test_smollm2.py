@@ -27,7 +27,7 @@ def test_greedy_64_tokens_equal_transformers(ours, smollm2_hf):
     ids = tok.apply_chat_template(MESSAGES)
     x = torch.tensor([ids])  # the ChatML prompt holds <|im_end|>, which is also the pad id: say nothing is padding
     ref = smollm2_hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=64, do_sample=False,
-                            eos_token_id=None, pad_token_id=tok.pad_id)[0, len(ids):].tolist()
+                              eos_token_id=None, pad_token_id=tok.pad_id)[0, len(ids):].tolist()
     out = generate(model, [ids], 64, Sampling(temperature=0.0))[0]
     assert len(ref) == 64 and out == ref, (tok.decode(out), tok.decode(ref))
 
