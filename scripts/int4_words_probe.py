@@ -5,13 +5,14 @@ position reads a contiguous slice of x; a nibble becomes f = 1 + q/16 with one s
 P = sum x f and X = sum x over the word's eight columns. Checks itself against the dequantized weights, then times
 it over a model's layers (one CUDA graph, as scripts/gemv_sweep.py) against gemv.py's int4 GEMV and tinygemm.
 
-    python scripts/int4_words_probe.py [MODEL]          # on CUDA: about 90 s; on the CPU: the check alone
-    TRITON_INTERPRET=1 python scripts/int4_words_probe.py
+    python scripts/int4_words_probe.py [MODEL]          # on CUDA: about 90 s
+    TRITON_INTERPRET=1 python scripts/int4_words_probe.py   # on the CPU: the check alone, under Triton's interpreter
 
 Result (H200, session 17): 1374 GB/s at best against 1166 for gemv.py's kernel and 1612 for tinygemm: not adopted.
 PRE=True (scale and zero pre-combined in float32) is a variant that did not help either.
 """
 import itertools
+import os
 import sys
 import time
 from pathlib import Path
@@ -102,6 +103,8 @@ def check(device, dtype) -> float:
 
 def main():
     if not torch.cuda.is_available():
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            sys.exit("error: no CUDA GPU; run the check alone on the CPU with TRITON_INTERPRET=1")
         print("check (interpreter): worst relative error float32", check("cpu", torch.float32),
               "bfloat16", check("cpu", torch.bfloat16))
         return
