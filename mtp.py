@@ -165,7 +165,7 @@ def load_head(path, model: Transformer, draft_vocab: Optional[int] = None) -> MT
     head.load_state_dict(state)
     w = output_weight(model)
     head = head.to(w.device, model.norm.weight.dtype).eval()
-    if w.is_cuda:  # the target's decode kernels: Triton GEMVs (SiLU gate and residual adds fused), attention
+    if w.is_cuda:  # the target's decode kernels: Triton GEMVs and decode attention
         from decode_attention import use_decode_attention
         from gemv import use_gemv
         use_gemv(use_decode_attention(head))

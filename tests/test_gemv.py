@@ -100,8 +100,9 @@ def test_cuda_gemv_kernels_match_linear():
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("quant", ["none", "int8"])
 def test_cuda_model_with_gemv_matches_linear(quant):
-    """A tiny bf16 model's logits over 1 token (decode) and 5 (verify) with the Triton kernels and fused blocks
-    against the plain layers, float and int8; then, in float32, compiled greedy generation gives the same tokens."""
+    """A tiny bf16 model's logits over 1 token (decode: Triton GEMVs, plain blocks) and 5 (verify: rows kernel, fused
+    blocks) against the plain layers, float and int8; then, in float32, compiled greedy generation gives the same
+    tokens."""
     import torch
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import quantize
