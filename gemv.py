@@ -15,9 +15,10 @@ mantissa of 2**23 gives the float 2**23 + i, and one subtraction leaves i exactl
 weights as exact small integers in x's dtype and apply the scales to the float32 sums: int8 once per output row at
 the end, int4 once per group, y = sum_g s_g * (x_g . (q_g - 8)) + z_g * sum(x_g).
 
-The float and int8 kernels also finish the small steps after a matmul, so that a verify layer launches fewer
-kernels: SwiGLU's SiLU-times-up and the residual add (`linear`, `fused_block`). At one row the same fusion made the
-7B decode step 2% slower on an H200 (BENCHMARKS.md), so one-row decode keeps the plain block forward.
+The float and int8 kernels also take in the small steps around a matmul, so that a layer launches fewer kernels
+(`linear`, `fused_block`): SwiGLU's gate and up projections run as one kernel that streams both weights and ends
+with the SiLU-times-up, and when verifying the residual adds happen in the epilogues of wo and w2 (at one row that
+made the 7B decode step 2% slower on an H200, BENCHMARKS.md, so there the adds stay with the next RMSNorm).
 
 `use_gemv(model)` swaps every float nn.Linear for `GemvLinear`, which takes these paths on CUDA and is F.linear
 otherwise (prefill, the CPU), and gives each dense TransformerBlock `fused_block`; quantize.py's Int8Linear and
@@ -48,81 +49,98 @@ INT4_ROWS_CONFIG = dict(BLOCK_N=32, num_warps=4, num_stages=6)  # one group per 
 
 if triton is not None:
     @triton.jit
-    def _epilogue(y, offs, ok, gate_ptr, res_ptr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr):
-        # float32 matmul results y at output offsets `offs`: times SiLU(gate), plus the residual (SwiGLU's up
-        # projection, the adds after wo and w2)
+    def _epilogue(y, g, offs, ok, res_ptr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr):
+        # float32 matmul results y at output offsets `offs`: times SiLU(g), the gate matmul's float32 results
+        # (SwiGLU's up projection times its gate), plus the residual (the adds after wo and w2)
         if HAS_GATE:
-            g = tl.load(gate_ptr + offs, mask=ok, other=0.0).to(tl.float32)
             y *= g / (1.0 + tl.exp(-g))
         if HAS_RES:
             y += tl.load(res_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         return y
 
     @triton.jit
-    def _gemv_kernel(w_ptr, x_ptr, b_ptr, y_ptr, gate_ptr, res_ptr, N, K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    def _gemv_kernel(w_ptr, x_ptr, b_ptr, y_ptr, g_ptr, res_ptr, N, K: tl.constexpr, HAS_BIAS: tl.constexpr,
                      HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # each program owns BLOCK_N rows of W (N, K) and walks K in wide, coalesced chunks; fp32 accumulation.
-        # K is a compile-time constant: one specialization per layer width, with a static loop
+        # each program owns BLOCK_N rows of W (N, K), and of the gate's G (N, K) when there is one, and walks K in
+        # wide, coalesced chunks; fp32 accumulation. K is a compile-time constant: one specialization per layer
+        # width, with a static loop
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
             in_k = k + cols < K
-            w = tl.load(w_ptr + rows[:, None] * K + (k + cols)[None, :], mask=(rows[:, None] < N) & in_k[None, :],
-                        other=0.0, eviction_policy="evict_first")  # weights are read once: keep them out of L2
-            x = tl.load(x_ptr + k + cols, mask=in_k, other=0.0)
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            offs, ok = rows[:, None] * K + (k + cols)[None, :], (rows[:, None] < N) & in_k[None, :]
+            w = tl.load(w_ptr + offs, mask=ok, other=0.0, eviction_policy="evict_first")  # read once: not for L2
+            x = tl.load(x_ptr + k + cols, mask=in_k, other=0.0).to(tl.float32)
+            acc += w.to(tl.float32) * x[None, :]
+            if HAS_GATE:
+                g = tl.load(g_ptr + offs, mask=ok, other=0.0, eviction_policy="evict_first")
+                acc_g += g.to(tl.float32) * x[None, :]
         y = tl.sum(acc, axis=1)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-        y = _epilogue(y, rows, rows < N, gate_ptr, res_ptr, HAS_GATE, HAS_RES)
+        y = _epilogue(y, tl.sum(acc_g, axis=1), rows, rows < N, res_ptr, HAS_GATE, HAS_RES)
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
 
     @triton.jit
-    def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, gate_ptr, res_ptr, N, K: tl.constexpr,
+    def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, res_ptr, N, K: tl.constexpr,
                           HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr):
-        # y (N,) = (w (N, K) @ x (K,)) * s (N,) + b, float32 accumulation
+        # y (N,) = (w (N, K) @ x (K,)) * s (N,) + b, float32 accumulation; the gate likewise from g, gs
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
             in_k = (k + cols < K) if K % BLOCK_K else cols >= 0
-            w = tl.load(w_ptr + rows[:, None] * K + (k + cols)[None, :], mask=(rows[:, None] < N) & in_k[None, :],
-                        other=0, eviction_policy="evict_first")  # (BLOCK_N, BLOCK_K) int8, read once
+            offs, ok = rows[:, None] * K + (k + cols)[None, :], (rows[:, None] < N) & in_k[None, :]
+            w = tl.load(w_ptr + offs, mask=ok, other=0, eviction_policy="evict_first")  # (BLOCK_N, BLOCK_K), once
             w = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0  # 2**23 + 128 + w - that
             x = tl.load(x_ptr + k + cols, mask=in_k, other=0.0).to(tl.float32)
             acc += w * x[None, :]
+            if HAS_GATE:
+                g = tl.load(g_ptr + offs, mask=ok, other=0, eviction_policy="evict_first")
+                acc_g += ((g.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0) * x[None, :]
         y = tl.sum(acc, axis=1) * tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-        y = _epilogue(y, rows, rows < N, gate_ptr, res_ptr, HAS_GATE, HAS_RES)
+        gate = tl.sum(acc_g, axis=1)
+        if HAS_GATE:
+            gate *= tl.load(gs_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        y = _epilogue(y, gate, rows, rows < N, res_ptr, HAS_GATE, HAS_RES)
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
 
     @triton.jit
-    def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, gate_ptr, res_ptr, M, N, K: tl.constexpr,
+    def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, res_ptr, M, N, K: tl.constexpr,
                      HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr,
                      PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # y (M, N) = x (M, K) @ W (N, K).T (* s (N,) for int8 W) + b for M <= 16: each program owns BLOCK_N rows of W
-        # and streams them once in pipelined BLOCK_K chunks (num_stages); the x rows, padded to 16, ride along on the
-        # tensor cores
+        # (and of the gate's G) and streams them once in pipelined BLOCK_K chunks (num_stages); the x rows, padded
+        # to 16, ride along on the tensor cores
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         ms = tl.arange(0, 16)
         cols = tl.arange(0, BLOCK_K)
         acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        acc_g = tl.zeros((16, BLOCK_N), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
             in_k = k + cols < K
             x = tl.load(x_ptr + ms[:, None] * K + (k + cols)[None, :], mask=(ms[:, None] < M) & in_k[None, :],
                         other=0.0)
-            w = tl.load(w_ptr + rows[:, None] * K + (k + cols)[None, :], mask=(rows[:, None] < N) & in_k[None, :],
-                        other=0, eviction_policy="evict_first")
+            offs, ok = rows[:, None] * K + (k + cols)[None, :], (rows[:, None] < N) & in_k[None, :]
+            w = tl.load(w_ptr + offs, mask=ok, other=0, eviction_policy="evict_first")
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)  # int8 is exact in 16 bits
+            if HAS_GATE:
+                g = tl.load(g_ptr + offs, mask=ok, other=0, eviction_policy="evict_first")
+                acc_g = tl.dot(x, tl.trans(g.to(x.dtype)), acc_g, input_precision=PRECISION)
         if HAS_SCALE:
             acc *= tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
+            if HAS_GATE:
+                acc_g *= tl.load(gs_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
         if HAS_BIAS:
             acc += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
         offs, ok = ms[:, None] * N + rows[None, :], (ms[:, None] < M) & (rows[None, :] < N)
-        acc = _epilogue(acc, offs, ok, gate_ptr, res_ptr, HAS_GATE, HAS_RES)
+        acc = _epilogue(acc, acc_g, offs, ok, res_ptr, HAS_GATE, HAS_RES)
         tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
@@ -188,8 +206,9 @@ if triton is not None:
 
 
 def gemv(x, weight, bias=None, gate=None, residual=None):
-    """x: (..., K) holding one row, weight (N, K) contiguous -> (W @ x + bias) * silu(gate) + residual, each part
-    optional, (..., N); gate and residual are shaped like the output."""
+    """x: (..., K) holding one row, weight (N, K) contiguous -> (W @ x + bias) * silu(G @ x) + residual, each part
+    optional, (..., N); the gate G is a second weight like W (SwiGLU's w1 beside w3), the residual is shaped like
+    the output."""
     N, K = weight.shape
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(N, BLOCK_N),)
@@ -208,29 +227,34 @@ def gemm_rows(x, weight, bias=None, gate=None, residual=None):
     _rows_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x2, weight, weight, b, y, M=x2.shape[0], N=N, K=K,
                                                      HAS_SCALE=False, HAS_BIAS=bias is not None,
                                                      PRECISION=_precision(x2), **cfg,
-                                                     **_epilogue_args(x2, gate, residual))
+                                                     **_epilogue_args(x2, gate, residual, scales=True))
     return y.view(*x.shape[:-1], N)
 
 
 def int8_gemv(x, weight, scales, bias=None, gate=None, residual=None):
-    """x (M, K) contiguous, M <= MAX_ROWS; int8 weight (N, K), scales (N,) -> (M, N) in x's dtype, as gemv."""
+    """x (M, K) contiguous, M <= MAX_ROWS; int8 weight (N, K), scales (N,) -> (M, N) in x's dtype, as gemv; the
+    gate is an (int8 weight, scales) pair like them."""
     (M, K), N = x.shape, weight.shape[0]
     y = x.new_empty(M, N)
     b = bias if bias is not None else scales
     if M == 1:
         grid = (triton.cdiv(N, INT8_CONFIG["BLOCK_N"]),)
         _int8_gemv_kernel[grid](x, weight, scales, b, y, N=N, K=K, HAS_BIAS=bias is not None, **INT8_CONFIG,
-                                **_epilogue_args(x, gate, residual))
+                                **_epilogue_args(x, gate, residual, scales=True))
     else:
         grid = (triton.cdiv(N, INT8_ROWS_CONFIG["BLOCK_N"]),)
         _rows_kernel[grid](x, weight, scales, b, y, M=M, N=N, K=K, HAS_SCALE=True, HAS_BIAS=bias is not None,
-                           PRECISION=_precision(x), **INT8_ROWS_CONFIG, **_epilogue_args(x, gate, residual))
+                           PRECISION=_precision(x), **INT8_ROWS_CONFIG,
+                           **_epilogue_args(x, gate, residual, scales=True))
     return y
 
 
-def _epilogue_args(x, gate, residual) -> dict:
-    return dict(gate_ptr=x if gate is None else gate.contiguous(), HAS_GATE=gate is not None,
-                res_ptr=x if residual is None else residual.contiguous(), HAS_RES=residual is not None)
+def _epilogue_args(x, gate, residual, scales=False) -> dict:
+    """The kernels' gate and residual arguments; x stands in for a pointer a kernel does not read."""
+    g, gs = (gate if isinstance(gate, tuple) else (gate, None)) if gate is not None else (x, None)
+    args = dict(g_ptr=g, HAS_GATE=gate is not None, res_ptr=x if residual is None else residual.contiguous(),
+                HAS_RES=residual is not None)
+    return dict(args, gs_ptr=x if gs is None else gs) if scales else args
 
 
 def int4_gemv(x, weight, scales, zeros, groupsize: int, bias=None):
@@ -257,20 +281,25 @@ def _precision(x) -> str:
 
 
 def linear(layer, x, gate=None, residual=None):
-    """layer(x) * silu(gate) + residual, each part optional, for a float nn.Linear or quantize.py's Int8Linear: one
-    kernel on CUDA for up to MAX_ROWS rows; the same arithmetic in plain torch where no kernel here applies."""
+    """layer(x) * silu(gate(x)) + residual, each part optional, for a float nn.Linear or quantize.py's Int8Linear,
+    the gate a bias-free layer of the same kind and shape (SwiGLU's w1 beside w3): one kernel on CUDA for up to
+    MAX_ROWS rows; the same arithmetic in plain torch where no kernel here applies."""
     rows, w = x.numel() // x.shape[-1], layer.weight
-    if triton is not None and x.is_cuda and rows <= MAX_ROWS:
+    g = gate.weight if gate is not None else None
+    if triton is not None and x.is_cuda and rows <= MAX_ROWS and (
+            gate is None or (type(gate) is type(layer) and gate.bias is None and g.shape == w.shape
+                             and g.dtype == w.dtype and g.is_contiguous())):
         if isinstance(layer, nn.Linear) and w.dtype == x.dtype and w.is_contiguous():
             if rows == 1:
-                return gemv(x.contiguous(), w, layer.bias, gate, residual)
+                return gemv(x.contiguous(), w, layer.bias, g, residual)
             if x.dtype != torch.float32:  # tuned for 16-bit inputs; float32 stays on cuBLAS
-                return gemm_rows(x, w, layer.bias, gate, residual)
+                return gemm_rows(x, w, layer.bias, g, residual)
         elif w.dtype == torch.int8 and getattr(layer, "use_triton", False):  # Int8Linear, prepared for Triton
-            y = int8_gemv(x.reshape(rows, -1).contiguous(), w, layer.scales, layer.bias, gate, residual)
+            g = (g, gate.scales) if gate is not None else None
+            y = int8_gemv(x.reshape(rows, -1).contiguous(), w, layer.scales, layer.bias, g, residual)
             return y.view(*x.shape[:-1], -1)
     y = F.linear(x, w, layer.bias) if isinstance(layer, nn.Linear) else layer(x)
-    y = y if gate is None else F.silu(gate) * y
+    y = y if gate is None else F.silu(gate(x)) * y
     return y if residual is None else y + residual
 
 
@@ -280,19 +309,23 @@ class GemvLinear(nn.Linear):
 
 
 def fused_block(block, x, rope, mask, input_pos):
-    """model.TransformerBlock.forward with SwiGLU's SiLU-times-up and both residual adds done inside the matmuls
-    next to them (one kernel fewer per layer, of about thirteen), the same arithmetic up to rounding: each fused step
-    computes in float32 and rounds once. The RMSNorms stay kernels of their own: done inside the matmul after them
-    they made the step slower, not faster (BENCHMARKS.md)."""
+    """model.TransformerBlock.forward with SwiGLU's gate and up projections and the SiLU-times-up in one kernel,
+    and, when verifying (2..MAX_ROWS rows), both residual adds inside the matmuls before them: the same arithmetic
+    up to rounding, each fused step computing in float32 and rounding once. At one row the residual adds stay in
+    inductor's kernels, where they ride along with the next RMSNorm: inside the matmuls they made the 7B decode
+    step 2% slower (BENCHMARKS.md). The RMSNorms stay kernels of their own: done inside the matmul after them
+    they made the step slower, not faster."""
     attn, ffn = block.attention, block.feed_forward
+    if x.shape[0] * x.shape[1] == 1:
+        h = x + attn(block.attention_norm(x), rope, mask, input_pos)
+        return h + ffn.w2(linear(ffn.w3, block.ffn_norm(h), gate=ffn.w1))
     h = linear(attn.wo, attn.attend(attn.wqkv(block.attention_norm(x)), rope, mask, input_pos), residual=x)
-    u = block.ffn_norm(h)
-    return linear(ffn.w2, linear(ffn.w3, u, gate=ffn.w1(u)), residual=h)
+    return linear(ffn.w2, linear(ffn.w3, block.ffn_norm(h), gate=ffn.w1), residual=h)
 
 
 def use_gemv(model: nn.Module) -> nn.Module:
     """Swap float nn.Linear modules for GemvLinear, sharing their parameters (tied weights stay tied), and give
-    every dense model.TransformerBlock `fused_block` for verification. Call it last, after
+    every dense model.TransformerBlock `fused_block`. Call it last, after
     quantize.prepare_for_device and tp.apply_tp: a block whose attention or feed-forward has a forward hook (tensor
     parallel's all-reduce) keeps its plain forward, since a residual added before the all-reduce would be summed
     once per rank."""

@@ -188,10 +188,10 @@ class TransformerBlock(nn.Module):
         self.feed_forward = MOEFeedForward(config) if config.num_experts else FeedForward(config)
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
-        self.fused = None  # CUDA verify path with the SiLU gate and residual adds inside the matmuls: gemv.fused_block
+        self.fused = None  # CUDA decode and verify with small steps inside the matmuls: gemv.fused_block
 
     def forward(self, x, rope, mask, input_pos):
-        if self.fused is not None and x.is_cuda and 1 < x.shape[0] * x.shape[1] <= 16:  # verify (one row: slower)
+        if self.fused is not None and x.is_cuda and x.shape[0] * x.shape[1] <= 16:  # decode, verification
             return self.fused(self, x, rope, mask, input_pos)
         h = x + self.attention(self.attention_norm(x), rope, mask, input_pos)
         return h + self.feed_forward(self.ffn_norm(h))

@@ -130,7 +130,7 @@ def main(argv=None):
     p.add_argument("--sdpa", action="store_true",
                    help="PyTorch's SDPA for decode attention instead of decode_attention.py's kernel")
     p.add_argument("--no_fuse", action="store_true",
-                   help="the plain block forward when verifying too: SiLU gate and residual adds as kernels of their own")
+                   help="the plain block forward: no gate-up matmul pair, SiLU and residual adds as kernels of their own")
     p.add_argument("--verify_k", type=int, default=0, help="also time one forward over k+1 positions vs one step")
     p.add_argument("--verify_only", action="store_true",
                    help="with --verify_k: skip the tok/s run (two compiles fewer)")

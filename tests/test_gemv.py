@@ -30,18 +30,20 @@ for M, N, K, bias in [(2, 7, 33, False), (6, 64, 1024, True), (16, 130, 2500, Fa
     err = ((y.double() - ref).norm() / ref.norm()).item()
     assert y.shape == ref.shape and err < 1e-3, (M, N, K, err)
     worst["rows"] = max(worst.get("rows", 0), err)
-# the fused epilogues: y = (W @ x) * silu(gate) + residual, for every kernel that takes them
+# the fused steps: y = (W @ x) * silu(G @ x) + residual, G a second weight (SwiGLU's gate), for every kernel
 from gemv import int8_gemv
 for M, N, K in [(1, 7, 33), (1, 130, 2500), (3, 64, 300), (16, 20, 1030)]:
-    x, w = torch.randn(M, K).half(), torch.randn(N, K).half()
-    gate, res = torch.randn(M, N).half(), torch.randn(M, N).half()
+    x, w, g = torch.randn(M, K).half(), torch.randn(N, K).half(), torch.randn(N, K).half() / 10
+    res = torch.randn(M, N).half()
     q8, s8 = torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N).half() / 100
-    kernels = [("float", gemv if M == 1 else gemm_rows, w.double()),
-               ("int8", lambda x, w, b, **k: int8_gemv(x, q8, s8, b, **k), q8.double() * s8.double()[:, None])]
-    for name, f, wd in kernels:
+    g8, gs8 = torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N).half() / 1000
+    kernels = [("float", gemv if M == 1 else gemm_rows, w.double(), g, g.double()),
+               ("int8", lambda x, w, b, **k: int8_gemv(x, q8, s8, b, **k), q8.double() * s8.double()[:, None],
+                (g8, gs8), g8.double() * gs8.double()[:, None])]
+    for name, f, wd, gate, gd in kernels:
         for extra in [dict(gate=gate), dict(residual=res), dict(gate=gate, residual=res)]:
             ref = torch.nn.functional.linear(x.double(), wd)
-            ref = ref * torch.nn.functional.silu(gate.double()) if "gate" in extra else ref
+            ref = ref * torch.nn.functional.silu(x.double() @ gd.T) if "gate" in extra else ref
             ref = ref + res.double() if "residual" in extra else ref
             y = f(x, w, None, **extra)
             err = ((y.double() - ref).norm() / ref.norm()).item()
@@ -67,11 +69,11 @@ def test_fused_block_is_the_block_forward():
     from conftest import tiny
     from gemv import fused_block
 
-    for bias in (False, True):
+    for bias, rows in [(False, 3), (True, 3), (False, 1)]:  # verify, decode
         model = tiny(n_layer=1, attention_bias=bias)
         model.setup_caches(1, 32)
-        block, x = model.layers[0], torch.randn(1, 3, 32)
-        pos = torch.arange(3)
+        block, x = model.layers[0], torch.randn(1, rows, 32)
+        pos = torch.arange(rows)
         mask = torch.arange(32)[None, :] <= pos[:, None]
         rope = (model.rope_cos[pos][None], model.rope_sin[pos][None])
         with torch.no_grad():
@@ -100,8 +102,8 @@ def test_cuda_gemv_kernels_match_linear():
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("quant", ["none", "int8"])
 def test_cuda_model_with_gemv_matches_linear(quant):
-    """A tiny bf16 model's logits over 1 token (decode: Triton GEMVs, plain blocks) and 5 (verify: rows kernel, fused
-    blocks) against the plain layers, float and int8; then, in float32, compiled greedy generation gives the same
+    """A tiny bf16 model's logits over 1 token (decode: Triton GEMVs) and 5 (verify: rows kernel), fused blocks both,
+    against the plain layers, float and int8; then, in float32, compiled greedy generation gives the same
     tokens."""
     import torch
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
