@@ -1,14 +1,20 @@
-"""A Triton attention kernel for decode and speculative verification on CUDA: up to 16 new queries against the
-static KV cache.
+"""A Triton attention kernel for decode and speculative verification on CUDA: up to 16 new positions against the
+static KV cache, with their RoPE and cache writes done in the same kernel.
 
 `F.scaled_dot_product_attention` with a boolean mask reads every slot of the cache, used or not, and at batch 1
 costs a few microseconds of fixed overhead per layer (cuDNN's kernel took 23% of SmolLM2-135M's decode step on an
 H100; BENCHMARKS.md). This kernel reads the cache only up to the furthest query position (`input_pos` is read on
 the device, so one CUDA graph serves every position), takes the model's own boolean mask (causal, left padding),
-and writes its output already laid out as (B, S, H*D) for the output projection. One program per (batch row, KV
-head) and chunk of CHUNK cache slots; the query heads that share a KV head (grouped-query attention) and the S
-queries ride together as the rows of one `tl.dot`. With more than one chunk, a second kernel merges the chunks'
-partial softmax sums (flash-decoding); empty chunks past the furthest position cost a launch slot and nothing else.
+and writes its output already laid out as (B, S, H*D) for the output projection. It starts from the fused q/k/v
+projection: RoPE on the queries and the new keys, and writing the new keys and values into the cache, would
+otherwise be kernels of their own in every layer.
+
+One program per (batch row, KV head) and chunk of CHUNK cache slots; the query heads that share a KV head
+(grouped-query attention) and the S queries ride together as the rows of one `tl.dot`. A program first writes
+the new keys and values whose slots fall in its own chunk, then waits for all its threads (so that what it reads
+next includes them) and attends; no other program reads those slots. With more than one chunk, a second kernel
+merges the chunks' partial softmax sums (flash-decoding); empty chunks past the furthest position cost a launch
+slot and nothing else.
 
 `use_decode_attention(model)` hands this function to every `Attention` of model.py, which calls it for CUDA
 inputs of at most MAX_QUERIES positions and keeps SDPA for prefill, training and the CPU.
@@ -31,26 +37,49 @@ NUM_WARPS = 4
 
 if triton is not None:
     @triton.jit
-    def _attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, o_ptr, acc_ptr, ml_ptr,
-                          sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sm_b, sm_s, n_kv, S,
+    def _rope(x_ptr, rows, cos_ptr, sin_ptr, rope_rows, ok, D: tl.constexpr):
+        # (n, D) float32: the vectors at offsets `rows` from x_ptr, rotated by the cos/sin table rows at rope_rows, in
+        # model.apply_rope's rotate-half layout: x * cos + cat(-x2, x1) * sin
+        d = tl.arange(0, D)
+        partner = (d + D // 2) % D
+        x = tl.load(x_ptr + rows[:, None] + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        x_rot = tl.load(x_ptr + rows[:, None] + partner[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        x_rot = tl.where(d < D // 2, -x_rot, x_rot)
+        cos = tl.load(cos_ptr + rope_rows[:, None] + d[None, :], mask=ok[:, None], other=0.0)
+        sin = tl.load(sin_ptr + rope_rows[:, None] + d[None, :], mask=ok[:, None], other=0.0)
+        return x * cos + x_rot * sin
+
+    @triton.jit
+    def _attention_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, o_ptr, acc_ptr, ml_ptr,
+                          sx_b, sx_s, sr_b, sr_s, sk_b, sk_h, sk_s, sm_b, sm_s, n_kv, S,
                           SCALE: tl.constexpr, G: tl.constexpr, D: tl.constexpr, R: tl.constexpr, CHUNK: tl.constexpr,
                           BLOCK_L: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
         # one program: KV head `hk` of batch row `b` over cache slots [chunk * CHUNK, (chunk + 1) * CHUNK)
         # rows r = g * S + s: query s of the g-th query head sharing KV head `hk`
         b, hk, chunk = tl.program_id(0) // n_kv, tl.program_id(0) % n_kv, tl.program_id(1)
+        d = tl.arange(0, D)
+        t = tl.arange(0, 16)  # the new positions
+        pos = tl.load(pos_ptr + t, mask=t < S, other=0)
+        start = chunk * CHUNK
+        kv = b * sk_b + hk * sk_h
+        # the new keys (after RoPE) and values whose slots are in this chunk, into the cache
+        mine = (t < S) & (pos >= start) & (pos < start + CHUNK)
+        row = b * sx_b + t * sx_s  # in qkv: q heads, then k heads, then v heads
+        k_new = _rope(qkv_ptr, row + (n_kv * G + hk) * D, cos_ptr, sin_ptr, b * sr_b + t * sr_s, mine, D)
+        v_new = tl.load(qkv_ptr + (row + (n_kv * G + n_kv + hk) * D)[:, None] + d[None, :], mask=mine[:, None],
+                        other=0.0)
+        tl.store(k_ptr + kv + pos[:, None] * sk_s + d[None, :], k_new.to(k_ptr.dtype.element_ty), mask=mine[:, None])
+        tl.store(v_ptr + kv + pos[:, None] * sk_s + d[None, :], v_new.to(v_ptr.dtype.element_ty), mask=mine[:, None])
+        tl.debug_barrier()  # the stores above are seen by every thread's loads below
         r = tl.arange(0, R)
         s, h = r % S, hk * G + r // S
         valid = r < G * S
-        d = tl.arange(0, D)
-        q = tl.load(q_ptr + b * sq_b + h[:, None] * sq_h + s[:, None] * sq_s + d[None, :], mask=valid[:, None],
-                    other=0.0)
-        pos = tl.load(pos_ptr + tl.arange(0, 16), mask=tl.arange(0, 16) < S, other=0)
-        start = chunk * CHUNK
+        q = _rope(qkv_ptr, b * sx_b + s * sx_s + h * D, cos_ptr, sin_ptr, b * sr_b + s * sr_s, valid, D)
+        q = q.to(k_ptr.dtype.element_ty)  # rounded to the cache's dtype like the keys it meets
         end = tl.minimum(start + CHUNK, tl.max(pos) + 1)  # no query sees a slot past the furthest position
         m_i = tl.full((R,), float("-inf"), tl.float32)
         l_i = tl.zeros((R,), tl.float32)
         acc = tl.zeros((R, D), tl.float32)
-        kv = b * sk_b + hk * sk_h
         for i in range(0, CHUNK // BLOCK_L):  # a fixed trip count, so the loads are pipelined; past `end`, masked
             slots = start + i * BLOCK_L + tl.arange(0, BLOCK_L)
             in_range = slots < end
@@ -99,30 +128,34 @@ if triton is not None:
                  (acc / l[:, None]).to(o_ptr.dtype.element_ty), mask=(r < G * S)[:, None])
 
 
-def decode_attention(q, k_cache, v_cache, mask, input_pos):
-    """q (B, H, S, D) after RoPE, caches (B, H_kv, S_max, D) already holding the new keys and values, mask (S, S_max)
-    or (B, 1, S, S_max) bool (True: attend), input_pos (S,) -> (B, S, H*D), what SDPA with that mask gives."""
-    B, H, S, D = q.shape
+def decode_attention(qkv, rope, k_cache, v_cache, mask, input_pos, n_head: int):
+    """qkv (B, S, (H + 2 H_kv) D), the fused projection before RoPE; rope (cos, sin), each (B or 1, S, D) float32;
+    caches (B_max, H_kv, S_max, D), into which the new keys (after RoPE) and values are written at `input_pos` (S,);
+    mask (S, S_max) or (B, 1, S, S_max) bool (True: attend) -> (B, S, H*D): what model.Attention's RoPE, cache
+    update and SDPA with that mask give."""
+    B, S, _ = qkv.shape
+    n_kv, S_max, D = k_cache.shape[1:]
     if S > MAX_QUERIES:
         raise ValueError(f"decode_attention takes up to {MAX_QUERIES} new positions, got {S}")
-    q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
-    n_kv, S_max = k_cache.shape[1], k_cache.shape[2]
-    G = H // n_kv
+    assert qkv.shape[-1] == (n_head + 2 * n_kv) * D and k_cache.is_contiguous() and v_cache.is_contiguous()
+    qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
+    cos, sin = (t.contiguous() for t in rope)
+    G = n_head // n_kv
     R = 16  # tl.dot's smallest tile; a power of two (a loop, not next_power_of_2: S may be symbolic under compile)
     while R < G * S:
         R *= 2
     n_chunks = triton.cdiv(S_max, CHUNK)
     m = mask if mask.stride(-1) == 1 else mask.contiguous()  # bool, read by the kernel as bytes
     sm_b, sm_s = (m.stride(0), m.stride(2)) if m.dim() == 4 else (0, m.stride(0))
-    out = torch.empty(B, S, H * D, dtype=q.dtype, device=q.device)
-    part_acc = torch.empty(B * n_kv * n_chunks * R * D if n_chunks > 1 else 1, dtype=torch.float32, device=q.device)
-    part_ml = torch.empty(B * n_kv * n_chunks * R * 2 if n_chunks > 1 else 1, dtype=torch.float32, device=q.device)
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    out = torch.empty(B, S, n_head * D, dtype=qkv.dtype, device=qkv.device)
+    part_acc = torch.empty(B * n_kv * n_chunks * R * D if n_chunks > 1 else 1, dtype=torch.float32, device=qkv.device)
+    part_ml = torch.empty(B * n_kv * n_chunks * R * 2 if n_chunks > 1 else 1, dtype=torch.float32, device=qkv.device)
+    precision = "ieee" if qkv.dtype == torch.float32 else "tf32"
     _attention_kernel[(B * n_kv, n_chunks)](
-        q, k_cache, v_cache, m, input_pos, out, part_acc, part_ml, q.stride(0), q.stride(1), q.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), sm_b, sm_s, n_kv, S,
-        SCALE=1.0 / math.sqrt(D), G=G, D=D, R=R, CHUNK=CHUNK, BLOCK_L=BLOCK_L, SPLIT=n_chunks > 1,
-        PRECISION=precision, num_warps=NUM_WARPS)
+        qkv, cos, sin, k_cache, v_cache, m, input_pos, out, part_acc, part_ml, qkv.stride(0), qkv.stride(1),
+        cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), sm_b, sm_s, n_kv, S, SCALE=1.0 / math.sqrt(D), G=G, D=D, R=R, CHUNK=CHUNK, BLOCK_L=BLOCK_L,
+        SPLIT=n_chunks > 1, PRECISION=precision, num_warps=NUM_WARPS)
     if n_chunks > 1:
         _merge_kernel[(B * n_kv,)](part_acc, part_ml, out, n_kv, S, N_CHUNKS=n_chunks, G=G, D=D, R=R, num_warps=4)
     return out

@@ -213,16 +213,18 @@ class Attention(nn.Module):
     def attend(self, qkv, rope, mask, input_pos):
         """(B, S, (H + 2 H_kv) D) projections -> (B, S, H D) attention output, the new keys and values cached."""
         B, S, _ = qkv.shape
+        cache = self.kv_cache
+        if self.decode_attention is not None and qkv.is_cuda and S <= 16 and input_pos is not None and cache:
+            # decode, verification: RoPE, the cache writes and attention in one kernel
+            return self.decode_attention(qkv, rope, cache.k_cache, cache.v_cache, mask, input_pos, self.n_head)
         q_size, kv_size = self.n_head * self.head_dim, self.n_kv * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, H, S, D); H is per rank under tensor parallel
         k = k.view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, H_kv, S, D)
         v = v.view(B, S, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-        if self.kv_cache is not None and input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, H_kv, S_max, D)
-            if self.decode_attention is not None and q.is_cuda and S <= 16:  # decode, verification
-                return self.decode_attention(q, k, v, mask, input_pos)  # (B, S, H*D)
+        if cache is not None and input_pos is not None:
+            k, v = cache.update(input_pos, k, v)  # (B, H_kv, S_max, D)
         gqa = q.shape[1] != k.shape[1]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         return y.transpose(1, 2).reshape(B, S, -1)

@@ -1,4 +1,4 @@
-"""decode_attention.py's kernel against PyTorch's SDPA: on the CPU through Triton's interpreter, on CUDA in bf16 and
+"""decode_attention.py's kernel against model.py's RoPE, cache update and PyTorch's SDPA: on the CPU through Triton's interpreter, on CUDA in bf16 and
 float32, and inside a compiled model (CUDA only)."""
 import os
 import subprocess
@@ -17,32 +17,47 @@ CASES = [  # B, H, H_kv, S, D, S_max, first position, left padding per row
     (1, 6, 2, 4, 64, 90, 80, None),  # verification of 4 positions, 3 query heads per KV head
     (2, 8, 2, 6, 16, 40, 20, [0, 7]),  # a left-padded batch, 24 rows per program
     (1, 2, 1, 3, 32, 600, 300, None),  # a cache of 3 chunks, the last one past every query: merged
+    (1, 4, 2, 4, 16, 300, 254, None),  # new positions in two chunks: each chunk's program writes its own
     (2, 4, 2, 1, 16, 700, 5, [3, 0]),  # 3 chunks, only the first one used
 ]
 
 
 def check(device, dtype, bound):
-    """Largest relative error against float64 SDPA with the model's own masks over CASES."""
+    """Largest relative error of the output, and of the cache after the kernel wrote the new keys and values,
+    against model.py's path in float64 (RoPE, KVCache.update, SDPA with the model's own masks) over CASES."""
     from decode_attention import CHUNK, decode_attention
+    from model import apply_rope, rope_tables
     assert any(c[5] > CHUNK for c in CASES) and any(c[5] <= CHUNK for c in CASES)  # both paths run
     torch.manual_seed(0)
     worst = 0.0
     for B, H, n_kv, S, D, S_max, pos0, left_pad in CASES:
-        q = torch.randn(B, H, S, D, device=device).to(dtype)
-        k, v = (torch.randn(B, n_kv, S_max, D, device=device).to(dtype) for _ in range(2))
+        qkv = torch.randn(B, S, (H + 2 * n_kv) * D, device=device).to(dtype)
+        caches = [torch.randn(B + 1, n_kv, S_max, D, device=device).to(dtype) for _ in range(2)]  # one spare row
         input_pos = torch.arange(pos0, pos0 + S, device=device)
         slots = torch.arange(S_max, device=device)
         mask = slots[None, :] <= input_pos[:, None]  # (S, S_max), as model.py builds it
+        cos, sin = rope_tables(S_max, D, 10000.0, device=device)
+        pos = input_pos[None, :]
         if left_pad is not None:
             pad = torch.tensor(left_pad, device=device)
             mask = ((mask & (slots >= pad[:, None, None])) | (slots == input_pos[:, None]))[:, None]
-        ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask,
+            pos = (input_pos[None, :] - pad[:, None]).clamp(min=0)
+        rope = (cos[pos], sin[pos])
+        q, k, v = (t.view(B, S, -1, D).transpose(1, 2).double() for t in qkv.split([H * D, n_kv * D, n_kv * D], -1))
+        rope64 = tuple(t.double() for t in rope)
+        q, k = apply_rope(q, rope64), apply_rope(k, rope64)
+        k_ref, v_ref = (c.double().clone() for c in caches)
+        k_ref[:B, :, input_pos], v_ref[:B, :, input_pos] = k, v
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k_ref[:B], v_ref[:B], attn_mask=mask,
                                                                enable_gqa=H != n_kv)
         ref = ref.transpose(1, 2).reshape(B, S, H * D)
-        y = decode_attention(q, k, v, mask, input_pos)
+        y = decode_attention(qkv, rope, caches[0], caches[1], mask, input_pos, H)
         err = ((y.double() - ref).norm() / ref.norm()).item()
-        assert y.shape == ref.shape and err < bound, (B, H, n_kv, S, D, S_max, pos0, left_pad, dtype, err)
-        worst = max(worst, err)
+        err_k = ((caches[0].double() - k_ref).norm() / k_ref.norm()).item()
+        assert torch.equal(caches[1].double(), v_ref), (B, H, n_kv, S, D, S_max, pos0, left_pad, dtype)
+        assert y.shape == ref.shape and max(err, err_k) < bound, (B, H, n_kv, S, D, S_max, pos0, left_pad, dtype,
+                                                                  err, err_k)
+        worst = max(worst, err, err_k)
     return worst
 
 
@@ -65,7 +80,7 @@ def test_cuda_decode_attention_matches_sdpa():
 
 @cuda
 def test_cuda_model_with_the_kernel_equals_sdpa_compiled():
-    """A tiny float32 model: decode and verify logits with the kernel equal SDPA's, eager and as a compiled CUDA
+    """A tiny float32 model: decode and verify logits with the kernel (RoPE and cache writes included) equal SDPA's, eager and as a compiled CUDA
     graph, and greedy generation gives the same tokens."""
     from decode_attention import use_decode_attention
     from generate import compile_step, decode_one_token, generate
