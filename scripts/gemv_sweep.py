@@ -1,8 +1,9 @@
 """Time gemv.py's Triton kernels (bf16, int8, int4), cuBLAS and torch's int4 kernel (tinygemm) at
 1 input row (decode) and 6 (speculative verify) over a model's layer shapes (Llama-2-7B by default) with random
 weights, all matmuls of a step replayed as one CUDA graph, against the device-to-device copy bandwidth measured in
-the same run. Counts the bytes the quantized weights and their scales occupy. --sweep also tries a grid of tile
-configs for the Triton kernels.
+the same run. Counts the bytes the quantized weights and their scales occupy. The feed-forward's gate and up
+projections run as one call (gemv.py's gate-up pair) for the bf16 and int8 kernels, as in the model, unless
+--no_pair. --sweep also tries a grid of tile configs for the Triton kernels.
 
     python scripts/gemv_sweep.py           # under a minute on an H100
     python scripts/gemv_sweep.py --sweep   # about 5 minutes; the best configs go into gemv.py by hand
@@ -53,6 +54,9 @@ def main():
     p.add_argument("--groupsize", type=int, default=128, help="int4 group size")
     p.add_argument("--rows", default="1,6", help="input rows to time, comma-separated")
     p.add_argument("--kinds", default="bf16,bf16-cublas,int8,int4,int4-tinygemm", help="kernels to time")
+    p.add_argument("--no_pair", action="store_true",
+                   help="w1 and w3 as two matmuls (default for bf16 and int8: one call with w1 as w3's gate, as the "
+                        "model runs them)")
     args = p.parse_args()
     sweep, g, row_counts = args.sweep, args.groupsize, [int(r) for r in args.rows.split(",")]
     c = ModelArgs.from_name(args.model)
@@ -76,14 +80,21 @@ def main():
     tiny = [(torch.ops.aten._convert_weight_to_int4pack(w, Q.cuda_inner_k_tiles(k)),
              torch.stack([s, z], -1).transpose(0, 1).contiguous()) for (w, s, z), (_, k) in zip(w4, shapes)]
 
+    def plan(xs, ws):
+        """(x, weight, gate) per call: the feed-forward's w3 (index 3 of a layer) takes w1 (index 2) as its gate"""
+        if args.no_pair:
+            return [(xi, w, None) for xi, w in zip(xs, ws)]
+        return [(xi, w, ws[i - 1] if i % 5 == 3 else None) for i, (xi, w) in enumerate(zip(xs, ws)) if i % 5 != 2]
+
     def run(kind, rows):
         xs = [x[:rows, :k].contiguous() for _, k in shapes]
         if kind == "bf16":
-            fn = lambda: [G.gemv(xi, w) if rows == 1 else G.gemm_rows(xi, w) for xi, w in zip(xs, wb)]  # noqa: E731
+            f = G.gemv if rows == 1 else G.gemm_rows
+            fn = lambda: [f(xi, w, gate=g) for xi, w, g in plan(xs, wb)]  # noqa: E731
         elif kind == "bf16-cublas":
             fn = lambda: [torch.nn.functional.linear(xi, w) for xi, w in zip(xs, wb)]  # noqa: E731
         elif kind == "int8":
-            fn = lambda: [G.int8_gemv(xi, w, s) for xi, (w, s) in zip(xs, w8)]  # noqa: E731
+            fn = lambda: [G.int8_gemv(xi, w, s, gate=g) for xi, (w, s), g in plan(xs, w8)]  # noqa: E731
         elif kind == "int4":
             fn = lambda: [G.int4_gemv(xi, w, s, z, g) for xi, (w, s, z) in zip(xs, w4)]  # noqa: E731
         else:
