@@ -59,6 +59,11 @@ if triton is not None:
         return y
 
     @triton.jit
+    def _from_int8(w):
+        # int8 -> the same integer as float32 without the slow conversion: 2**23 + 128 + w, minus that constant
+        return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+
+    @triton.jit
     def _gemv_kernel(w_ptr, x_ptr, b_ptr, y_ptr, g_ptr, res_ptr, N, K: tl.constexpr, HAS_BIAS: tl.constexpr,
                      HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # each program owns BLOCK_N rows of W (N, K), and of the gate's G (N, K) when there is one, and walks K in
@@ -96,12 +101,11 @@ if triton is not None:
             in_k = (k + cols < K) if K % BLOCK_K else cols >= 0
             offs, ok = rows[:, None] * K + (k + cols)[None, :], (rows[:, None] < N) & in_k[None, :]
             w = tl.load(w_ptr + offs, mask=ok, other=0, eviction_policy="evict_first")  # (BLOCK_N, BLOCK_K), once
-            w = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0  # 2**23 + 128 + w - that
             x = tl.load(x_ptr + k + cols, mask=in_k, other=0.0).to(tl.float32)
-            acc += w * x[None, :]
+            acc += _from_int8(w) * x[None, :]
             if HAS_GATE:
                 g = tl.load(g_ptr + offs, mask=ok, other=0, eviction_policy="evict_first")
-                acc_g += ((g.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0) * x[None, :]
+                acc_g += _from_int8(g) * x[None, :]
         y = tl.sum(acc, axis=1) * tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
@@ -325,10 +329,9 @@ def fused_block(block, x, rope, mask, input_pos):
 
 def use_gemv(model: nn.Module) -> nn.Module:
     """Swap float nn.Linear modules for GemvLinear, sharing their parameters (tied weights stay tied), and give
-    every dense model.TransformerBlock `fused_block`. Call it last, after
-    quantize.prepare_for_device and tp.apply_tp: a block whose attention or feed-forward has a forward hook (tensor
-    parallel's all-reduce) keeps its plain forward, since a residual added before the all-reduce would be summed
-    once per rank."""
+    every dense model.TransformerBlock `fused_block`. Call it last, after quantize.prepare_for_device and
+    tp.apply_tp: a block whose attention or feed-forward has a forward hook (tensor parallel's all-reduce) keeps its
+    plain forward, since a residual added before the all-reduce would be summed once per rank."""
     if triton is None:
         return model
     for parent in list(model.modules()):

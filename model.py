@@ -214,7 +214,8 @@ class Attention(nn.Module):
         """(B, S, (H + 2 H_kv) D) projections -> (B, S, H D) attention output, the new keys and values cached."""
         B, S, _ = qkv.shape
         cache = self.kv_cache
-        if self.decode_attention is not None and qkv.is_cuda and S <= 16 and input_pos is not None and cache:
+        if (self.decode_attention is not None and qkv.is_cuda and S <= 16 and cache is not None
+                and input_pos is not None):
             # decode, verification: RoPE, the cache writes and attention in one kernel
             return self.decode_attention(qkv, rope, cache.k_cache, cache.v_cache, mask, input_pos, self.n_head)
         q_size, kv_size = self.n_head * self.head_dim, self.n_kv * self.head_dim
