@@ -526,6 +526,8 @@ def run_once(model, tokenizer, prompts, args, s, steps, device, max_seq_length=N
         speed = f"decode {tok_s:.1f} tok/s per row | {gbs:.1f} GB/s"
     else:
         speed = "no decode step after the first token"
+        if not args.chat and all(r and r[0] in tokenizer.eos_ids for r in out):
+            speed += " (the model ended its turn at once on this raw text: for a chat model, try --chat)"
     if not printer.enabled:
         for p, r in zip(prompts, out):
             print(f"--- {tokenizer.decode(p)!r}\n{tokenizer.decode(r)}")

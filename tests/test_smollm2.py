@@ -59,6 +59,7 @@ def test_cli_answer_of_one_token_reports_no_decode_speed(smollm2_checkpoint, our
           "--max_new_tokens", "5"])
     err = capsys.readouterr().err
     assert "no decode step after the first token" in err and "nan" not in err
+    assert "try --chat" in err  # the empty answer is explained, with the flag that gets one
 
 
 def test_cli_prompt_too_long_is_one_clear_line(smollm2_checkpoint, capsys):
