@@ -1,7 +1,7 @@
-"""Time decode_attention.py's kernel (RoPE, cache writes and attention) against model.py's own path with PyTorch's SDPA
-(apply_rope, the cache update, SDPA with the boolean mask model.py passes; eager ops, so inductor's fusion of the
-first two is not counted) over every layer of a model preset, as one CUDA graph: 1 query (decode) and k+1
-(verification) at a given cache length and position.
+"""Time decode_attention.py's kernel (RoPE, cache writes and attention) against model.py's own path without it
+(`Attention.attend`: apply_rope, the cache update, SDPA with the boolean mask model.py passes; eager ops, so
+inductor's fusion of the first two is not counted) over every layer of a model preset, as one CUDA graph: 1 query
+(decode) and k+1 (verification) at a given cache length and position.
 
     python scripts/attention_bench.py --model Llama-2-7B --cache 216 --pos 116
     python scripts/attention_bench.py --model SmolLM2-135M --cache 4096 --pos 500 --sweep   # tile configs too
@@ -12,13 +12,12 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import decode_attention as A  # noqa: E402
 from gemv_sweep import graph_time  # noqa: E402
-from model import ModelArgs, apply_rope, rope_tables  # noqa: E402
+from model import Attention, KVCache, ModelArgs, rope_tables  # noqa: E402
 
 
 def main():
@@ -31,36 +30,37 @@ def main():
     args = p.parse_args()
     c = ModelArgs.from_name(args.model)
     torch.manual_seed(0)
-    kv = [(torch.randn(1, c.n_local_heads, args.cache, c.head_dim, device="cuda", dtype=torch.bfloat16),
-           torch.randn(1, c.n_local_heads, args.cache, c.head_dim, device="cuda", dtype=torch.bfloat16))
-          for _ in range(c.n_layer)]
+    kv = []  # one KVCache per layer, random contents
+    for _ in range(c.n_layer):
+        cache = KVCache(1, args.cache, c.n_local_heads, c.head_dim, torch.bfloat16).cuda()
+        cache.k_cache.normal_(), cache.v_cache.normal_()
+        kv.append(cache)
     kv_bytes = 2 * (args.pos + args.k + 1) * c.n_local_heads * c.head_dim * 2 * c.n_layer  # slots in use, K and V
+    with torch.device("meta"):
+        attn = Attention(c)  # model.py's own attention path (its weights are not used)
 
     def timed(S, kernel):
         H, n_kv, D = c.n_head, c.n_local_heads, c.head_dim
         qkv = torch.randn(1, S, (H + 2 * n_kv) * D, device="cuda", dtype=torch.bfloat16)
         pos = torch.arange(args.pos, args.pos + S, device="cuda")
         mask = torch.arange(args.cache, device="cuda")[None, :] <= pos[:, None]
-        cos, sin = rope_tables(args.cache, D, c.rope_base, device="cuda")
+        cos, sin = rope_tables(args.cache, D, c.rope_base, c.rope_scaling, device="cuda")
         rope = (cos[pos][None], sin[pos][None])
-        if kernel:
-            return graph_time(lambda: [A.decode_attention(qkv, rope, k, v, mask, pos, H) for k, v in kv])
+        attn.decode_attention = A.decode_attention if kernel else None
 
-        def layer(k_cache, v_cache):
-            q, k, v = (t.view(1, S, -1, D).transpose(1, 2) for t in qkv.split([H * D, n_kv * D, n_kv * D], -1))
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
-            k_cache[:, :, pos], v_cache[:, :, pos] = k, v
-            y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=H != n_kv)
-            return y.transpose(1, 2).reshape(1, S, -1)
-        return graph_time(lambda: [layer(k, v) for k, v in kv])
+        def layer(cache):
+            attn.kv_cache = cache
+            return attn.attend(qkv, rope, mask, pos)
+        return graph_time(lambda: [layer(cache) for cache in kv])
 
     print(f"{args.model}: {c.n_layer} layers, {c.n_head} query / {c.n_local_heads} KV heads of {c.head_dim}; cache "
           f"{args.cache}, queries at {args.pos}", flush=True)
     rows = []
     for S in (1, args.k + 1):
         sdpa, ours = timed(S, False), timed(S, True)
-        rows.append(f"{S} queries: RoPE + cache + SDPA {sdpa * 1e6:7.1f} us  kernel {ours * 1e6:7.1f} us  ({sdpa / ours:.2f}x; "
-                    f"{kv_bytes / ours / 1e9:.0f} GB/s of cache)  per layer {ours / c.n_layer * 1e6:.2f} us")
+        rows.append(f"{S} queries: RoPE + cache + SDPA {sdpa * 1e6:7.1f} us  kernel {ours * 1e6:7.1f} us  "
+                    f"({sdpa / ours:.2f}x; {kv_bytes / ours / 1e9:.0f} GB/s of cache)  per layer "
+                    f"{ours / c.n_layer * 1e6:.2f} us")
         print(rows[-1], flush=True)
     if args.sweep:
         default = (A.CHUNK, A.BLOCK_L, A.NUM_WARPS)

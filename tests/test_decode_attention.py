@@ -1,5 +1,5 @@
-"""decode_attention.py's kernel against model.py's RoPE, cache update and PyTorch's SDPA: on the CPU through Triton's interpreter, on CUDA in bf16 and
-float32, and inside a compiled model (CUDA only)."""
+"""decode_attention.py's kernel against model.py's RoPE, cache update and PyTorch's SDPA: on the CPU through
+Triton's interpreter, on CUDA in bf16 and float32, and inside a compiled model (CUDA only)."""
 import os
 import subprocess
 import sys
@@ -80,8 +80,8 @@ def test_cuda_decode_attention_matches_sdpa():
 
 @cuda
 def test_cuda_model_with_the_kernel_equals_sdpa_compiled():
-    """A tiny float32 model: decode and verify logits with the kernel (RoPE and cache writes included) equal SDPA's, eager and as a compiled CUDA
-    graph, and greedy generation gives the same tokens."""
+    """A tiny float32 model: decode and verify logits with the kernel (RoPE and cache writes included) equal SDPA's,
+    eager and as a compiled CUDA graph, and greedy generation gives the same tokens."""
     from decode_attention import use_decode_attention
     from generate import compile_step, decode_one_token, generate
     from model import ModelArgs, Transformer
