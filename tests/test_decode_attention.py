@@ -24,9 +24,10 @@ CASES = [  # B, H, H_kv, S, D, S_max, first position, left padding per row
 
 def check(device, dtype, bound):
     """Largest relative error of the output, and of the cache after the kernel wrote the new keys and values,
-    against model.py's path in float64 (RoPE, KVCache.update, SDPA with the model's own masks) over CASES."""
+    against model.py's `Attention.attend` in float64 (RoPE, KVCache.update, SDPA with the model's own masks) over
+    CASES."""
     from decode_attention import CHUNK, decode_attention
-    from model import apply_rope, rope_tables
+    from model import Attention, KVCache, ModelArgs, rope_tables
     assert any(c[5] > CHUNK for c in CASES) and any(c[5] <= CHUNK for c in CASES)  # both paths run
     torch.manual_seed(0)
     worst = 0.0
@@ -43,14 +44,12 @@ def check(device, dtype, bound):
             mask = ((mask & (slots >= pad[:, None, None])) | (slots == input_pos[:, None]))[:, None]
             pos = (input_pos[None, :] - pad[:, None]).clamp(min=0)
         rope = (cos[pos], sin[pos])
-        q, k, v = (t.view(B, S, -1, D).transpose(1, 2).double() for t in qkv.split([H * D, n_kv * D, n_kv * D], -1))
-        rope64 = tuple(t.double() for t in rope)
-        q, k = apply_rope(q, rope64), apply_rope(k, rope64)
-        k_ref, v_ref = (c.double().clone() for c in caches)
-        k_ref[:B, :, input_pos], v_ref[:B, :, input_pos] = k, v
-        ref = torch.nn.functional.scaled_dot_product_attention(q, k_ref[:B], v_ref[:B], attn_mask=mask,
-                                                               enable_gqa=H != n_kv)
-        ref = ref.transpose(1, 2).reshape(B, S, H * D)
+        with torch.device("meta"):  # model.py's own attention path, in float64 (its weights are not used)
+            attn = Attention(ModelArgs(n_head=H, n_local_heads=n_kv, head_dim=D))
+        attn.kv_cache = KVCache(B + 1, S_max, n_kv, D, torch.float64).to(device)
+        attn.kv_cache.k_cache.copy_(caches[0]), attn.kv_cache.v_cache.copy_(caches[1])
+        ref = attn.attend(qkv.double(), tuple(t.double() for t in rope), mask, input_pos)
+        k_ref, v_ref = attn.kv_cache.k_cache, attn.kv_cache.v_cache
         y = decode_attention(qkv, rope, caches[0], caches[1], mask, input_pos, H)
         err = ((y.double() - ref).norm() / ref.norm()).item()
         err_k = ((caches[0].double() - k_ref).norm() / k_ref.norm()).item()
