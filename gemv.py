@@ -11,7 +11,8 @@ For one row, a GEMV per weight format (a (BLOCK_N, BLOCK_K) register tile reduce
 rows kernel for float and int8 weights and one for int4 (`tl.dot` against the rows padded to 16). int8 and int4 are
 the formats quantize.py writes: int8 with a scale per output row, int4 packed by `quantize.pack_int4` with a scale
 and zero per group. Integers become floats without the slow int->float conversion: OR-ing a small integer into the
-mantissa of 2**23 gives the float 2**23 + i, and one subtraction leaves i exactly. The rows kernels multiply the
+mantissa of 2**23 gives the float 2**23 + i, and one subtraction leaves i exactly (for int8 bytes on the GPU, one
+`prmt` instruction does the OR). The rows kernels multiply the
 weights as exact small integers in x's dtype and apply the scales to the float32 sums: int8 once per output row at
 the end, int4 once per group, y = sum_g s_g * (x_g . (q_g - 8)) + z_g * sum(x_g).
 
@@ -24,6 +25,8 @@ made the 7B decode step 2% slower on an H200, BENCHMARKS.md, so there the adds s
 otherwise (prefill, the CPU), and gives each dense TransformerBlock `fused_block`; quantize.py's Int8Linear and
 Int4Linear call `int8_gemv` / `int4_gemv`. Triton kernels called inside torch.compile stay in its graph.
 """
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -31,18 +34,19 @@ import torch.nn.functional as F
 try:
     import triton
     import triton.language as tl
+    PRMT = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")  # inline PTX: not under the interpreter
 except ImportError:  # CPU-only installs: GemvLinear then always uses F.linear, quantize.py torch's kernels
     triton = None
 
 MAX_ROWS = 16  # the rows kernels pad to 16 (tl.dot's smallest tile): 2..16 rows cost the same
-# float weights, tuned on an H200 over Llama-2-7B shapes (one row) and by `scripts/gemv_sweep.py --sweep bf16` on an
-# H100 (rows): 32 weight rows a program over Llama-2-7B's layers (K >= 4096), 16 over SmolLM2-135M's (K <= 1536),
-# where the grid needs more programs to keep the memory busy
+# float weights, tuned on an H200 over Llama-2-7B shapes (one row) and by `scripts/gemv_sweep.py --sweep bf16` (rows,
+# the gate-up pair included; H200 for K >= 4096, H100 below): 32 weight rows a program over Llama-2-7B's layers, 16
+# over SmolLM2-135M's (K <= 1536), where the grid needs more programs to keep the memory busy
 BLOCK_N, BLOCK_K, NUM_WARPS = 2, 1024, 4
-ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=6)
+ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=6)
 SMALL_ROWS_CONFIG = dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=6)  # K < 4096
-# quantized weights, best of sweeps on an H100 (BENCHMARKS.md)
-INT8_CONFIG = dict(BLOCK_N=2, BLOCK_K=4096, num_warps=4)
+# quantized weights, best of sweeps on an H100 (BENCHMARKS.md); the one-row int8 GEMV's on an H200
+INT8_CONFIG = dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4)
 INT4_CONFIG = dict(BLOCK_N=4, BLOCK_K=2048, num_warps=4)  # BLOCK_K in weights (half as many bytes)
 INT8_ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=6)
 INT4_ROWS_CONFIG = dict(BLOCK_N=32, num_warps=4, num_stages=6)  # one group per step
@@ -60,8 +64,19 @@ if triton is not None:
 
     @triton.jit
     def _from_int8(w):
-        # int8 -> the same integer as float32 without the slow conversion: 2**23 + 128 + w, minus that constant
-        return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+        # int8 -> the same integer as float32 without the slow conversion: the float 2**23 + 128 + w, minus that
+        # constant. On the GPU, prmt builds that float from a byte in one instruction: the xor (one per 4 bytes)
+        # turns each byte into w + 128, prmt places it under the exponent byte 0x4B. One line of PTX: inductor
+        # copies this source into its own files, where a "\n" would break the string; the interpreter runs no PTX
+        if PRMT:
+            f = tl.inline_asm_elementwise(
+                "{ .reg .b32 t, m; xor.b32 t, $4, 0x80808080; mov.b32 m, 0x4B000000; "
+                "prmt.b32 $0, t, m, 0x7540; prmt.b32 $1, t, m, 0x7541; "
+                "prmt.b32 $2, t, m, 0x7542; prmt.b32 $3, t, m, 0x7543; }",
+                "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4)
+        else:
+            f = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True)
+        return f - 8388736.0
 
     @triton.jit
     def _gemv_kernel(w_ptr, x_ptr, b_ptr, y_ptr, g_ptr, res_ptr, N, K: tl.constexpr, HAS_BIAS: tl.constexpr,
