@@ -34,7 +34,8 @@ import torch.nn.functional as F
 try:
     import triton
     import triton.language as tl
-    PRMT = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")  # inline PTX: not under the interpreter
+    # inline PTX (NVIDIA only): not under the interpreter, nor on ROCm
+    PRMT = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1" and torch.version.hip is None)
 except ImportError:  # CPU-only installs: GemvLinear then always uses F.linear, quantize.py torch's kernels
     triton = None
 
