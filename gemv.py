@@ -43,12 +43,12 @@ MAX_ROWS = 16  # the rows kernels pad to 16 (tl.dot's smallest tile): 2..16 rows
 # float weights, tuned on an H200 over Llama-2-7B shapes (one row) and by `scripts/gemv_sweep.py --sweep bf16` (rows,
 # the gate-up pair included; H200 for K >= 4096, H100 below): 32 weight rows a program over Llama-2-7B's layers, 16
 # over SmolLM2-135M's (K <= 1536), where the grid needs more programs to keep the memory busy
-BLOCK_N, BLOCK_K, NUM_WARPS = 2, 1024, 4
+GEMV_CONFIG = dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4, STAGES=1)
 ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=6)
 SMALL_ROWS_CONFIG = dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=6)  # K < 4096
 # quantized weights, best of sweeps on an H100 (BENCHMARKS.md); the one-row int8 GEMV's on an H200
-INT8_CONFIG = dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4)
-INT4_CONFIG = dict(BLOCK_N=4, BLOCK_K=2048, num_warps=4)  # BLOCK_K in weights (half as many bytes)
+INT8_CONFIG = dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4, STAGES=1)
+INT4_CONFIG = dict(BLOCK_N=4, BLOCK_K=2048, num_warps=4, STAGES=1)  # BLOCK_K in weights (half as many bytes)
 INT8_ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=6)
 INT4_ROWS_CONFIG = dict(BLOCK_N=32, num_warps=4, num_stages=6)  # one group per step
 
@@ -81,7 +81,8 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(w_ptr, x_ptr, b_ptr, y_ptr, g_ptr, res_ptr, N, K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     STAGES: tl.constexpr):
         # each program owns BLOCK_N rows of W (N, K), and of the gate's G (N, K) when there is one, and walks K in
         # wide, coalesced chunks; fp32 accumulation. K is a compile-time constant: one specialization per layer
         # width, with a static loop
@@ -89,7 +90,7 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
+        for k in tl.range(0, K, BLOCK_K, num_stages=STAGES):
             in_k = k + cols < K
             offs, ok = rows[:, None] * K + (k + cols)[None, :], (rows[:, None] < N) & in_k[None, :]
             w = tl.load(w_ptr + offs, mask=ok, other=0.0, eviction_policy="evict_first")  # read once: not for L2
@@ -107,13 +108,13 @@ if triton is not None:
     @triton.jit
     def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, res_ptr, N, K: tl.constexpr,
                           HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
+                          BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
         # y (N,) = (w (N, K) @ x (K,)) * s (N,) + b, float32 accumulation; the gate likewise from g, gs
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
+        for k in tl.range(0, K, BLOCK_K, num_stages=STAGES):
             in_k = (k + cols < K) if K % BLOCK_K else cols >= 0
             offs, ok = rows[:, None] * K + (k + cols)[None, :], (rows[:, None] < N) & in_k[None, :]
             w = tl.load(w_ptr + offs, mask=ok, other=0, eviction_policy="evict_first")  # (BLOCK_N, BLOCK_K), once
@@ -166,7 +167,7 @@ if triton is not None:
     @triton.jit
     def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K: tl.constexpr, K_IN: tl.constexpr,
                           GROUPSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
+                          BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
         # y (N,) = W x (K_IN,) + b, W (N, K) in pack_int4's layout, dequantized as w = (q - 8) * s + z
         H: tl.constexpr = GROUPSIZE // 2
         NG: tl.constexpr = BLOCK_K // GROUPSIZE  # groups per chunk
@@ -175,7 +176,7 @@ if triton is not None:
         lo_col = (j // H) * GROUPSIZE + j % H  # its low nibble's column; the high one's is H further
         groups = tl.arange(0, NG)
         acc = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
+        for k in tl.range(0, K, BLOCK_K, num_stages=STAGES):
             b_ok = (k // 2 + j < K // 2) if K % BLOCK_K else j >= 0
             b = tl.load(w_ptr + rows[:, None] * (K // 2) + (k // 2 + j)[None, :],
                         mask=(rows[:, None] < N) & b_ok[None, :], other=0, eviction_policy="evict_first").to(tl.int32)
@@ -231,9 +232,9 @@ def gemv(x, weight, bias=None, gate=None, residual=None):
     the output."""
     N, K = weight.shape
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(N, BLOCK_N),)
+    grid = (triton.cdiv(N, GEMV_CONFIG["BLOCK_N"]),)
     _gemv_kernel[grid](weight, x, bias if bias is not None else weight, y, N=N, K=K, HAS_BIAS=bias is not None,
-                       BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS, **_epilogue_args(x, gate, residual))
+                       **GEMV_CONFIG, **_epilogue_args(x, gate, residual))
     return y
 
 

@@ -6,7 +6,7 @@ projections run as one call (gemv.py's gate-up pair) for the bf16 and int8 kerne
 --no_pair. --sweep also tries a grid of tile configs for the Triton kernels.
 
     python scripts/gemv_sweep.py           # under a minute on an H100
-    python scripts/gemv_sweep.py --sweep   # about 5 minutes; the best configs go into gemv.py by hand
+    python scripts/gemv_sweep.py --sweep   # about 6 minutes; the best configs go into gemv.py by hand
     python scripts/gemv_sweep.py --sweep bf16 --model SmolLM2-135M --groupsize 64 --rows 1,4 --kinds bf16,bf16-cublas
 """
 import argparse
@@ -54,6 +54,7 @@ def main():
     p.add_argument("--groupsize", type=int, default=128, help="int4 group size")
     p.add_argument("--rows", default="1,6", help="input rows to time, comma-separated")
     p.add_argument("--kinds", default="bf16,bf16-cublas,int8,int4,int4-tinygemm", help="kernels to time")
+    p.add_argument("--budget", type=float, default=60, help="seconds of sweeping per kernel and row count")
     p.add_argument("--no_pair", action="store_true",
                    help="w1 and w3 as two matmuls (default for bf16 and int8: one call with w1 as w3's gate, as the "
                         "model runs them)")
@@ -112,22 +113,25 @@ def main():
 
     def configs(keys, *values):
         return [dict(zip(keys, v)) for v in itertools.product(*values)]
-    tile, rows_tile = ["BLOCK_N", "BLOCK_K", "num_warps"], ["BLOCK_N", "BLOCK_K", "num_warps", "num_stages"]
-    grids = {("bf16", 6): configs(rows_tile, [16, 32, 64], [64, 128, 256, 512], [4], [2, 3, 4, 6]),
-             ("int8", 1): configs(tile, [2, 4, 8], [512, 1024, 2048], [2, 4, 8]),
-             ("int4", 1): configs(tile, [2, 4, 8], [2048, 4096, 8192], [4, 8]),
+    # one row: STAGES > 1 pipelines the K loop (tl.range's num_stages: loads run that many chunks ahead)
+    tile, rows_tile = ["BLOCK_N", "BLOCK_K", "num_warps", "STAGES"], ["BLOCK_N", "BLOCK_K", "num_warps", "num_stages"]
+    grids = {("bf16", 1): configs(tile, [2, 4], [256, 512, 1024], [4], [1, 2, 3, 4]),
+             ("bf16", 6): configs(rows_tile, [16, 32, 64], [64, 128, 256, 512], [4], [2, 3, 4, 6]),
+             ("int8", 1): configs(tile, [2, 4, 8], [256, 512, 1024], [4], [1, 2, 3, 4]),
+             ("int4", 1): configs(tile, [2, 4, 8], [512, 1024, 2048], [4], [1, 2, 3, 4]),
              ("int8", 6): configs(rows_tile, [16, 32, 64], [64, 128, 256], [4], [3, 4, 6]),
              ("int4", 6): configs(["BLOCK_N", "num_warps", "num_stages"], [16, 32, 64], [4, 8], [3, 4, 6])}
-    names = {("bf16", 6): "ROWS_CONFIG" if shapes[0][1] >= 4096 else "SMALL_ROWS_CONFIG", ("int8", 1): "INT8_CONFIG",
-             ("int4", 1): "INT4_CONFIG", ("int8", 6): "INT8_ROWS_CONFIG", ("int4", 6): "INT4_ROWS_CONFIG"}
+    names = {("bf16", 1): "GEMV_CONFIG", ("bf16", 6): "ROWS_CONFIG" if shapes[0][1] >= 4096 else "SMALL_ROWS_CONFIG",
+             ("int8", 1): "INT8_CONFIG", ("int4", 1): "INT4_CONFIG", ("int8", 6): "INT8_ROWS_CONFIG",
+             ("int4", 6): "INT4_ROWS_CONFIG"}
     for (kind, key), grid in grids.items():
-        if (sweep and kind not in sweep) or (key == 1 and 1 not in row_counts):
+        if (sweep and kind not in sweep) or (key == 1 and 1 not in row_counts) or (key > 1 and max(row_counts) < 2):
             continue
         rows = 1 if key == 1 else max(row_counts)
         t0, res = time.time(), []
         default = dict(getattr(G, names[kind, key]))
         for cfg in grid:
-            if time.time() - t0 > 60:
+            if time.time() - t0 > args.budget:
                 break
             setattr(G, names[kind, key], cfg)
             try:
