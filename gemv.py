@@ -47,7 +47,7 @@ GEMV_CONFIG = dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4, STAGES=1)
 ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=6)
 SMALL_ROWS_CONFIG = dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=6)  # K < 4096
 # quantized weights, best of sweeps on an H100 (BENCHMARKS.md); the one-row int8 GEMV's on an H200
-INT8_CONFIG = dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4, STAGES=1)
+INT8_CONFIG = dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, STAGES=4)  # 4 chunks in flight
 INT4_CONFIG = dict(BLOCK_N=4, BLOCK_K=2048, num_warps=4, STAGES=1)  # BLOCK_K in weights (half as many bytes)
 INT8_ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=6)
 INT4_ROWS_CONFIG = dict(BLOCK_N=32, num_warps=4, num_stages=6)  # one group per step
@@ -68,7 +68,8 @@ if triton is not None:
         # int8 -> the same integer as float32 without the slow conversion: the float 2**23 + 128 + w, minus that
         # constant. On the GPU, prmt builds that float from a byte in one instruction: the xor (one per 4 bytes)
         # turns each byte into w + 128, prmt places it under the exponent byte 0x4B. One line of PTX: inductor
-        # copies this source into its own files, where a "\n" would break the string; the interpreter runs no PTX
+        # copies this source into a string in its own files, where a newline escape would break it (so no
+        # backslash anywhere in a kernel, comments included: tests/test_gemv.py checks); the interpreter runs no PTX
         if PRMT:
             f = tl.inline_asm_elementwise(
                 "{ .reg .b32 t, m; xor.b32 t, $4, 0x80808080; mov.b32 m, 0x4B000000; "

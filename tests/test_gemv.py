@@ -56,6 +56,20 @@ print("ok", worst)
 """
 
 
+def test_kernel_sources_have_no_backslash():
+    """torch.compile copies a Triton kernel's source (helpers included) into a string in its generated module, and
+    torch 2.11 does not escape it: a backslash, even in a comment, turns into another character there and the
+    compiled model fails to import (this broke the compiled int8 path once, on the GPU only)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import triton
+    import decode_attention
+    import gemv
+    kernels = [(m.__name__, name, f) for m in (gemv, decode_attention) for name, f in vars(m).items()
+               if isinstance(f, triton.JITFunction)]
+    assert len(kernels) >= 8
+    assert [(m, name) for m, name, f in kernels if "\\" in f.src] == []
+
+
 def test_gemv_matches_linear_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     r = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
