@@ -7,7 +7,8 @@ verification multiplies a handful of rows (k+1) by the same weights: there cuBLA
 (SmolLM2) longer than one GEMV (scripts/profile_step.py), so 2..MAX_ROWS rows go through a second kernel that also
 reads each weight tile once and multiplies it on the tensor cores.
 
-For one row, a GEMV per weight format (a (BLOCK_N, BLOCK_K) register tile reduced once at the end); for 2..16, a
+For one row, a GEMV per weight format (a (BLOCK_N, BLOCK_K) register tile reduced once at the end; for int8 the K
+loop is pipelined, STAGES chunks in flight, since its per-byte work otherwise leaves the loads idle); for 2..16, a
 rows kernel for float and int8 weights and one for int4 (`tl.dot` against the rows padded to 16). int8 and int4 are
 the formats quantize.py writes: int8 with a scale per output row, int4 packed by `quantize.pack_int4` with a scale
 and zero per group. Integers become floats without the slow int->float conversion: OR-ing a small integer into the
