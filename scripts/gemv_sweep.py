@@ -140,10 +140,12 @@ def main():
                 print(kind, rows, cfg, "failed", type(e).__name__, flush=True)
         setattr(G, names[kind, key], default)
         res.sort(key=lambda r: -r[1])
-        for cfg, gbs in res[:4]:
-            table.append(f"{kind} rows={rows} {names[kind, key]}={str(cfg):18s} {gbs:7.0f} GB/s "
-                         f"{100 * gbs / copy:5.1f}%")
-        print(table[-4], flush=True)
+        head = (f"{kind} rows={rows} {names[kind, key]}: {len(res)} of {len(grid)} configs timed in the budget "
+                f"({', '.join(grid[0])})")
+        best = [f"{kind} rows={rows} {names[kind, key]}={str(cfg):18s} {gbs:7.0f} GB/s {100 * gbs / copy:5.1f}%"
+                for cfg, gbs in res[:4]]
+        table += [head] + best
+        print("\n".join([head] + best[:1]), flush=True)
     print("\n".join(table))
 
 
