@@ -19,8 +19,10 @@ y = sum_g s_g * (x_g . (q_g - 8)) + z_g * sum(x_g).
 
 The float and int8 kernels also take in the small steps around a matmul, so that a layer launches fewer kernels
 (`linear`, `fused_block`): SwiGLU's gate and up projections run as one kernel that streams both weights and ends
-with the SiLU-times-up, and when verifying the residual adds happen in the epilogues of wo and w2 (at one row that
-made the 7B decode step 2% slower on an H200, BENCHMARKS.md, so there the adds stay with the next RMSNorm).
+with the SiLU-times-up, and the residual adds happen in the epilogues of wo and w2. For one row of float weights
+the RMSNorms go in too: `fold_norms` moves each norm's weight into the matmuls after it, and the GEMV, which reads
+all of x in every program anyway, sums its squares on the way and scales by 1/rms at the end. A decode layer is
+then five kernels: wqkv, attention (decode_attention.py), wo, the gate-up pair, w2.
 
 `use_gemv(model)` swaps every float nn.Linear for `GemvLinear`, which takes these paths on CUDA and is F.linear
 otherwise (prefill, the CPU), and gives each dense TransformerBlock `fused_block`; quantize.py's Int8Linear and
@@ -83,15 +85,18 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(w_ptr, x_ptr, b_ptr, y_ptr, g_ptr, res_ptr, N, K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     STAGES: tl.constexpr):
+                     HAS_RMS: tl.constexpr, EPS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
         # each program owns BLOCK_N rows of W (N, K), and of the gate's G (N, K) when there is one, and walks K in
         # wide, coalesced chunks; fp32 accumulation. K is a compile-time constant: one specialization per layer
-        # width, with a static loop
+        # width, with a static loop. HAS_RMS: x is the raw residual stream, and W's rows already carry the
+        # RMSNorm's weight (fold_norms); every program reads all of x anyway, so it sums x*x on the way and
+        # scales its results by 1/rms at the end
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k in tl.range(0, K, BLOCK_K, num_stages=STAGES):
             in_k = k + cols < K
             offs, ok = rows[:, None] * K + (k + cols)[None, :], (rows[:, None] < N) & in_k[None, :]
@@ -101,10 +106,15 @@ if triton is not None:
             if HAS_GATE:
                 g = tl.load(g_ptr + offs, mask=ok, other=0.0, eviction_policy="evict_first")
                 acc_g += g.to(tl.float32) * x[None, :]
-        y = tl.sum(acc, axis=1)
+            if HAS_RMS:
+                ss += x * x
+        y, gate = tl.sum(acc, axis=1), tl.sum(acc_g, axis=1)
+        if HAS_RMS:
+            r = tl.rsqrt(tl.sum(ss, axis=0) / K + EPS)
+            y, gate = y * r, gate * r
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-        y = _epilogue(y, tl.sum(acc_g, axis=1), rows, rows < N, res_ptr, HAS_GATE, HAS_RES)
+        y = _epilogue(y, gate, rows, rows < N, res_ptr, HAS_GATE, HAS_RES)
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
 
     @triton.jit
@@ -228,15 +238,17 @@ if triton is not None:
                  mask=(ms[:, None] < M) & (rows[None, :] < N))
 
 
-def gemv(x, weight, bias=None, gate=None, residual=None):
+def gemv(x, weight, bias=None, gate=None, residual=None, rms_eps=None):
     """x: (..., K) holding one row, weight (N, K) contiguous -> (W @ x + bias) * silu(G @ x) + residual, each part
     optional, (..., N); the gate G is a second weight like W (SwiGLU's w1 beside w3), the residual is shaped like
-    the output."""
+    the output. With rms_eps, x is first divided by its root mean square (an RMSNorm whose weight is all ones:
+    fold_norms moved it into W and G)."""
     N, K = weight.shape
     y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(N, GEMV_CONFIG["BLOCK_N"]),)
     _gemv_kernel[grid](weight, x, bias if bias is not None else weight, y, N=N, K=K, HAS_BIAS=bias is not None,
-                       **GEMV_CONFIG, **_epilogue_args(x, gate, residual))
+                       HAS_RMS=rms_eps is not None, EPS=rms_eps or 0.0, **GEMV_CONFIG,
+                       **_epilogue_args(x, gate, residual))
     return y
 
 
@@ -303,24 +315,29 @@ def _precision(x) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
-def linear(layer, x, gate=None, residual=None):
-    """layer(x) * silu(gate(x)) + residual, each part optional, for a float nn.Linear or quantize.py's Int8Linear,
-    the gate a bias-free layer of the same kind and shape (SwiGLU's w1 beside w3): one kernel on CUDA for up to
-    MAX_ROWS rows; the same arithmetic in plain torch where no kernel here applies."""
+def linear(layer, x, gate=None, residual=None, norm=None):
+    """layer(norm(x)) * silu(gate(norm(x))) + residual, each part optional, for a float nn.Linear or quantize.py's
+    Int8Linear, the gate a bias-free layer of the same kind and shape (SwiGLU's w1 beside w3), the norm a
+    model.RMSNorm: one kernel on CUDA for up to MAX_ROWS rows; the same arithmetic in plain torch where no kernel
+    here applies. The norm runs inside the kernel only for one row of float weights that carry its weight
+    (fold_norms); otherwise it runs first, as its own kernel."""
     rows, w = x.numel() // x.shape[-1], layer.weight
     g = gate.weight if gate is not None else None
-    if triton is not None and x.is_cuda and rows <= MAX_ROWS and (
-            gate is None or (type(gate) is type(layer) and gate.bias is None and g.shape == w.shape
-                             and g.dtype == w.dtype and g.is_contiguous())):
-        if isinstance(layer, nn.Linear) and w.dtype == x.dtype and w.is_contiguous():
-            if rows == 1:
-                return gemv(x.contiguous(), w, layer.bias, g, residual)
-            if x.dtype != torch.float32:  # tuned for 16-bit inputs; float32 stays on cuBLAS
-                return gemm_rows(x, w, layer.bias, g, residual)
-        elif w.dtype == torch.int8 and getattr(layer, "use_triton", False):  # Int8Linear, prepared for Triton
-            g = (g, gate.scales) if gate is not None else None
-            y = int8_gemv(x.reshape(rows, -1).contiguous(), w, layer.scales, layer.bias, g, residual)
-            return y.view(*x.shape[:-1], -1)
+    kernel = triton is not None and x.is_cuda and rows <= MAX_ROWS and (
+        gate is None or (type(gate) is type(layer) and gate.bias is None and g.shape == w.shape
+                         and g.dtype == w.dtype and g.is_contiguous()))
+    float_kernel = (kernel and isinstance(layer, nn.Linear) and w.dtype == x.dtype and w.is_contiguous()
+                    and (rows == 1 or x.dtype != torch.float32))  # rows: tuned for 16 bits; float32 stays on cuBLAS
+    if norm is not None and not (float_kernel and rows == 1 and getattr(norm, "folded", False)):
+        x, norm = norm(x), None
+    if float_kernel:
+        if rows == 1:
+            return gemv(x.contiguous(), w, layer.bias, g, residual, None if norm is None else norm.eps)
+        return gemm_rows(x, w, layer.bias, g, residual)
+    if kernel and w.dtype == torch.int8 and getattr(layer, "use_triton", False):  # Int8Linear, prepared for Triton
+        g = (g, gate.scales) if gate is not None else None
+        y = int8_gemv(x.reshape(rows, -1).contiguous(), w, layer.scales, layer.bias, g, residual)
+        return y.view(*x.shape[:-1], -1)
     y = F.linear(x, w, layer.bias) if isinstance(layer, nn.Linear) else layer(x)
     y = y if gate is None else F.silu(gate(x)) * y
     return y if residual is None else y + residual
@@ -333,22 +350,41 @@ class GemvLinear(nn.Linear):
 
 def fused_block(block, x, rope, mask, input_pos):
     """model.TransformerBlock.forward with SwiGLU's gate and up projections and the SiLU-times-up in one kernel,
-    and, when verifying (2..MAX_ROWS rows), both residual adds inside the matmuls before them: the same arithmetic
-    up to rounding, each fused step computing in float32 and rounding once. At one row the residual adds stay in
-    inductor's kernels, where they ride along with the next RMSNorm: inside the matmuls they made the 7B decode
-    step 2% slower (BENCHMARKS.md). The RMSNorms stay kernels of their own: done inside the matmul after them
-    they made the step slower, not faster."""
+    both residual adds inside the matmuls before them, and, for one row with folded norms (fold_norms), both
+    RMSNorms inside the matmuls after them: five kernels a decode layer. The same arithmetic up to rounding, each
+    fused step computing in float32 and rounding once. Without folded norms (int8 weights), one row keeps the
+    residual adds in inductor's kernels, where they ride along with the next RMSNorm: inside the matmuls they
+    made the 7B decode step 2% slower (BENCHMARKS.md). For several rows the norms stay kernels of their own:
+    scaling x inside the rows kernel's loop keeps it from streaming into the tensor cores."""
+    attn, ffn, norm1, norm2 = block.attention, block.feed_forward, block.attention_norm, block.ffn_norm
+    if x.shape[0] * x.shape[1] == 1 and not (getattr(norm1, "folded", False) and getattr(norm2, "folded", False)):
+        h = x + attn(norm1(x), rope, mask, input_pos)
+        return h + ffn.w2(linear(ffn.w3, norm2(h), gate=ffn.w1))
+    h = linear(attn.wo, attn.attend(linear(attn.wqkv, x, norm=norm1), rope, mask, input_pos), residual=x)
+    return linear(ffn.w2, linear(ffn.w3, h, gate=ffn.w1, norm=norm2), residual=h)
+
+
+@torch.no_grad()
+def fold_norms(block) -> None:
+    """Move each RMSNorm's weight g into the float matmuls after it, W[:, k] * g[k], and leave the norm all ones,
+    marked `folded`: the block computes the same function (up to one rounding of W * g), and the one-row GEMV can
+    then normalize inside its loop, one scalar at the end, instead of in a kernel of its own. int8 weights keep
+    their norms: g cannot enter a scale per output row."""
     attn, ffn = block.attention, block.feed_forward
-    if x.shape[0] * x.shape[1] == 1:
-        h = x + attn(block.attention_norm(x), rope, mask, input_pos)
-        return h + ffn.w2(linear(ffn.w3, block.ffn_norm(h), gate=ffn.w1))
-    h = linear(attn.wo, attn.attend(attn.wqkv(block.attention_norm(x)), rope, mask, input_pos), residual=x)
-    return linear(ffn.w2, linear(ffn.w3, block.ffn_norm(h), gate=ffn.w1), residual=h)
+    for norm, layers in ((block.attention_norm, [attn.wqkv]), (block.ffn_norm, [ffn.w1, ffn.w3])):
+        if getattr(norm, "folded", False) or not all(
+                isinstance(m, nn.Linear) and m.weight.dtype == norm.weight.dtype for m in layers):
+            continue
+        for m in layers:
+            m.weight = nn.Parameter(m.weight * norm.weight, requires_grad=m.weight.requires_grad)
+        norm.weight = nn.Parameter(torch.ones_like(norm.weight), requires_grad=norm.weight.requires_grad)
+        norm.folded = True
 
 
 def use_gemv(model: nn.Module) -> nn.Module:
     """Swap float nn.Linear modules for GemvLinear, sharing their parameters (tied weights stay tied), and give
-    every dense model.TransformerBlock `fused_block`. Call it last, after quantize.prepare_for_device and
+    every dense model.TransformerBlock `fused_block` (on CUDA with its RMSNorm weights folded into the float
+    matmuls after them, `fold_norms`, which changes the parameters: save no state_dict after it). Call it last, after quantize.prepare_for_device and
     tp.apply_tp: a block whose attention or feed-forward has a forward hook (tensor parallel's all-reduce) keeps its
     plain forward, since a residual added before the all-reduce would be summed once per rank."""
     if triton is None:
@@ -364,4 +400,6 @@ def use_gemv(model: nn.Module) -> nn.Module:
         if hasattr(block, "fused") and isinstance(getattr(ffn, "w1", None), nn.Module):  # dense, not mixture
             if not (attn._forward_hooks or ffn._forward_hooks):
                 block.fused = fused_block
+                if block.attention_norm.weight.is_cuda:  # where the GEMV can use it
+                    fold_norms(block)
     return model

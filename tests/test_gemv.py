@@ -49,6 +49,17 @@ for M, N, K in [(1, 7, 33), (1, 130, 2500), (3, 64, 300), (16, 20, 1030)]:
             err = ((y.double() - ref).norm() / ref.norm()).item()
             assert y.shape == ref.shape and err < 2e-3, (name, M, N, K, list(extra), err)
             worst["fused"] = max(worst.get("fused", 0), err)
+# RMSNorm inside the one-row GEMV (weights folded): W @ (x / rms(x)) + b, with the gate and the residual
+for N, K, bias in [(7, 33, True), (130, 2500, False)]:
+    x, w, g = torch.randn(1, K).half() * 3, torch.randn(N, K).half(), torch.randn(N, K).half() / 10
+    b, res = torch.randn(N).half() if bias else None, torch.randn(1, N).half()
+    xn = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5)
+    ref = torch.nn.functional.linear(xn, w.double(), None if b is None else b.double())
+    ref = ref * torch.nn.functional.silu(xn @ g.double().T) + res.double()
+    y = gemv(x, w, b, gate=g, residual=res, rms_eps=1e-5)
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    assert y.shape == ref.shape and err < 2e-3, (N, K, err)
+    worst["rms"] = max(worst.get("rms", 0), err)
 model = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 8, bias=False))
 use_gemv(model)
 assert all(type(m) is GemvLinear for m in model) and model[0].weight.shape == (4, 8)
@@ -92,6 +103,32 @@ def test_fused_block_is_the_block_forward():
         rope = (model.rope_cos[pos][None], model.rope_sin[pos][None])
         with torch.no_grad():
             assert torch.equal(fused_block(block, x, rope, mask, pos), block(x, rope, mask, pos))
+
+
+def test_folded_norms_keep_the_block_function():
+    """fold_norms moves each RMSNorm's weight into the matmuls after it: the block, fused or not, must compute
+    what it did before (float32, up to the rounding of W * g), and the norms must be left all ones."""
+    import torch
+    from conftest import tiny
+    from gemv import fold_norms, fused_block
+
+    for bias, rows in [(False, 1), (True, 1), (False, 3)]:
+        model = tiny(n_layer=1, attention_bias=bias)
+        model.setup_caches(1, 32)
+        block, x = model.layers[0], torch.randn(1, rows, 32)
+        with torch.no_grad():
+            block.attention_norm.weight.uniform_(0.5, 2)
+            block.ffn_norm.weight.uniform_(0.5, 2)
+        pos = torch.arange(rows)
+        mask = torch.arange(32)[None, :] <= pos[:, None]
+        rope = (model.rope_cos[pos][None], model.rope_sin[pos][None])
+        with torch.no_grad():
+            before = block(x, rope, mask, pos)
+            fold_norms(block)
+            assert block.attention_norm.folded and block.ffn_norm.folded
+            assert torch.equal(block.ffn_norm.weight, torch.ones(32))
+            for out in (block(x, rope, mask, pos), fused_block(block, x, rope, mask, pos)):
+                assert torch.allclose(out, before, atol=1e-5, rtol=1e-5), (bias, rows, (out - before).abs().max())
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
@@ -139,6 +176,7 @@ def test_cuda_model_with_gemv_matches_linear(quant):
                 m.use_triton = False  # the reference: torch's dequantize-and-matmul
     use_gemv(fast)
     assert all(block.fused is fused_block for block in fast.layers)
+    assert all(getattr(b.ffn_norm, "folded", False) == (quant == "none") for b in fast.layers)  # float: norms in
     x = torch.randint(0, 512, (1, 12), device="cuda")
     with torch.no_grad():
         for m in (ref, fast):
