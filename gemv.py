@@ -383,10 +383,11 @@ def fold_norms(block) -> None:
 
 def use_gemv(model: nn.Module) -> nn.Module:
     """Swap float nn.Linear modules for GemvLinear, sharing their parameters (tied weights stay tied), and give
-    every dense model.TransformerBlock `fused_block` (on CUDA with its RMSNorm weights folded into the float
-    matmuls after them, `fold_norms`, which changes the parameters: save no state_dict after it). Call it last, after quantize.prepare_for_device and
-    tp.apply_tp: a block whose attention or feed-forward has a forward hook (tensor parallel's all-reduce) keeps its
-    plain forward, since a residual added before the all-reduce would be summed once per rank."""
+    every dense model.TransformerBlock `fused_block`, on CUDA with its RMSNorm weights folded into the float
+    matmuls after them (`fold_norms`: the same function in other parameters, so save no state_dict after it).
+    Call it last, after quantize.prepare_for_device and tp.apply_tp: a block whose attention or feed-forward has a
+    forward hook (tensor parallel's all-reduce) keeps its plain forward, since a residual added before the
+    all-reduce would be summed once per rank."""
     if triton is None:
         return model
     for parent in list(model.modules()):
