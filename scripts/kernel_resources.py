@@ -1,0 +1,91 @@
+"""Compile gemv.py's Triton kernels for a Hopper GPU (sm_90) on any machine, no GPU needed, and print what each
+variant takes from an SM: registers a thread, shared memory, and how many of its programs fit on one SM at once.
+
+    python scripts/kernel_resources.py              # Llama-2-7B's widths, the tiles gemv.py ships
+    python scripts/kernel_resources.py --K 576      # SmolLM2-135M's
+
+A streaming kernel keeps the memory busy only with enough loads in flight, so a variant that needs more registers
+or shared memory (the gate-up pair, deeper pipelines) fits fewer programs on an SM: this shows it before any
+device time is spent. It also fails on a kernel that does not compile for the GPU, in paths the CPU interpreter
+never takes (the inline PTX). Triton's compiler and the cuobjdump it ships do the work. The pointers are
+declared 16-byte aligned and the sizes multiples of 16, as Triton's launcher specializes them on the GPU: without
+that it would not vectorize or pipeline the loads, and the figures would be another kernel's.
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import gemv as G  # noqa: E402
+
+REGISTERS_PER_SM, SHARED_PER_SM, THREADS_PER_SM = 65536, 228 * 1024, 2048  # sm_90
+
+
+def compile_sm90(fn, pointers: dict, consts: dict, num_warps: int, num_stages: int = 3) -> dict:
+    """fn compiled for sm_90: registers a thread, shared bytes, programs an SM holds. Arguments not in `pointers`
+    or `consts` are int32 sizes, taken as multiples of 16."""
+    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+    sig = {a: pointers.get(a, "constexpr" if a in consts else "i32") for a in fn.arg_names}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a not in consts}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=aligned),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    with tempfile.TemporaryDirectory() as d:
+        cubin = Path(d) / "k.cubin"
+        cubin.write_bytes(k.asm["cubin"])
+        tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        usage = subprocess.run([str(tool), "-res-usage", str(cubin)], capture_output=True, text=True, check=True)
+    regs, threads = int(re.search(r"REG:(\d+)", usage.stdout)[1]), 32 * num_warps
+    fit = min(REGISTERS_PER_SM // (regs * threads), THREADS_PER_SM // threads,
+              SHARED_PER_SM // max(k.metadata.shared, 1))
+    return dict(regs=regs, shared=k.metadata.shared, programs_per_sm=fit)
+
+
+def variants(K: int):
+    """(name, kernel, pointer types, constexprs, num_warps, num_stages) for each kernel variant the model runs,
+    with the tiles gemv.py ships for width K."""
+    bf16 = dict.fromkeys(["x_ptr", "w_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "g_ptr", "gs_ptr", "res_ptr"], "*bf16")
+    int8, int4 = dict(bf16, w_ptr="*i8", g_ptr="*i8"), dict(bf16, w_ptr="*u8")
+    off = dict(K=K, K_IN=K, GROUPSIZE=128, HAS_BIAS=False, HAS_GATE=False, HAS_RES=False, HAS_RMS=False, EPS=1e-5,
+               PRECISION="tf32")
+    gate, res, norm = dict(HAS_GATE=True), dict(HAS_RES=True), dict(HAS_RMS=True)
+    rows_cfg = G.ROWS_CONFIG if K >= 4096 else G.SMALL_ROWS_CONFIG
+    kernels = [("float GEMV", G._gemv_kernel, bf16, G.GEMV_CONFIG, [{}, gate, res, norm, dict(gate, **norm)]),
+               ("int8 GEMV", G._int8_gemv_kernel, int8, G.INT8_CONFIG, [{}, gate, res]),
+               ("float rows", G._rows_kernel, bf16, rows_cfg, [{}, gate, res]),
+               ("int8 rows", G._rows_kernel, int8, G.INT8_ROWS_CONFIG, [dict(HAS_SCALE=True), dict(gate, HAS_SCALE=True)]),
+               ("int4 GEMV g128", G._int4_gemv_kernel, int4, G.INT4_CONFIG, [{}]),
+               ("int4 rows g128", G._int4_rows_kernel, int4, G.INT4_ROWS_CONFIG, [{}])]
+    for name, fn, pointers, cfg, extras in kernels:
+        cfg = dict(cfg)
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages", 3)
+        for extra in extras:
+            label = "".join(f" + {n}" for n, f in [("gate", "HAS_GATE"), ("residual", "HAS_RES"), ("norm", "HAS_RMS")]
+                            if extra.get(f))
+            consts = dict(off, HAS_SCALE=False)
+            consts.update(cfg)
+            consts.update(extra)
+            yield name + label, fn, pointers, consts, warps, stages
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--K", type=int, default=4096, help="input features of the weights (a layer's width)")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("error: TRITON_INTERPRET=1 is set, and the interpreter compiles nothing; unset it")
+    print(f"{f'kernel, K={args.K}':<30} {'registers':>9} {'shared B':>9} {'programs/SM':>12}")
+    for name, fn, pointers, consts, warps, stages in variants(args.K):
+        r = compile_sm90(fn, pointers, consts, warps, stages)
+        print(f"{name:<30} {r['regs']:>9} {r['shared']:>9} {r['programs_per_sm']:>12}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
