@@ -447,8 +447,8 @@ def first_per_category(cases):
 
 
 def test_smollm2_int4_self_draft_gives_the_targets_greedy_text(smollm2_reference, two_threads):
-    """Every dev prompt, eager: about 4 minutes on 2 cores with its reference (20 new tokens a prompt, about
-    four verify steps each; 24 took 4.1 minutes and 32 took 5.5, which held the suite near or over its 10)."""
+    """Every dev prompt, eager: about 4 minutes on 2 cores with its reference (20 new tokens a prompt, five or
+    six verify steps each; 24 took 4.1 minutes and 32 took 5.5, which held the suite near or over its 10)."""
     assert_self_draft_is_lossless(smollm2_reference, *self_draft(smollm2_reference[0], "int4"))
 
 
