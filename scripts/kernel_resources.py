@@ -6,8 +6,11 @@ variant takes from an SM: registers a thread, shared memory, and how many of its
 
 A streaming kernel keeps the memory busy only with enough loads in flight, so a variant that needs more registers
 or shared memory (the gate-up pair, deeper pipelines) fits fewer programs on an SM: this shows it before any
-device time is spent. It also fails on a kernel that does not compile for the GPU, in paths the CPU interpreter
-never takes (the inline PTX). Triton's compiler and the cuobjdump it ships do the work. The pointers are
+device time is spent. It must also issue few enough instructions: the last column counts the warp-instructions
+of the kernel's inner loop per KB of weights it streams. An SM issues at most 4 a cycle, so an H200 (132 SMs,
+1.98 GHz, about 4.2 TB/s) has about 250 per KB to spend at copy speed, all of them, memory instructions
+included. The script also fails on a kernel that does not compile for the GPU, in paths the CPU interpreter never
+takes (the inline PTX). Triton's compiler and the cuobjdump it ships do the work. The pointers are
 declared 16-byte aligned and the sizes multiples of 16, as Triton's launcher specializes them on the GPU: without
 that it would not vectorize or pipeline the loads, and the figures would be another kernel's.
 """
@@ -30,22 +33,36 @@ REGISTERS_PER_SM, SHARED_PER_SM, THREADS_PER_SM = 65536, 228 * 1024, 2048  # sm_
 
 
 def compile_sm90(fn, pointers: dict, consts: dict, num_warps: int, num_stages: int = 3) -> dict:
-    """fn compiled for sm_90: registers a thread, shared bytes, programs an SM holds. Arguments not in `pointers`
-    or `consts` are int32 sizes, taken as multiples of 16."""
+    """fn compiled for sm_90: registers a thread, shared bytes, programs an SM holds, and the instructions of its
+    innermost loop (0 if the compiler unrolled it). Arguments not in `pointers` or `consts` are int32 sizes, taken
+    as multiples of 16."""
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     sig = {a: pointers.get(a, "constexpr" if a in consts else "i32") for a in fn.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a not in consts}
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=aligned),
                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.TemporaryDirectory() as d:
         cubin = Path(d) / "k.cubin"
         cubin.write_bytes(k.asm["cubin"])
-        tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-        usage = subprocess.run([str(tool), "-res-usage", str(cubin)], capture_output=True, text=True, check=True)
-    regs, threads = int(re.search(r"REG:(\d+)", usage.stdout)[1]), 32 * num_warps
+        usage, sass = (subprocess.run([str(tool), flag, str(cubin)], capture_output=True, text=True, check=True).stdout
+                       for flag in ("-res-usage", "-sass"))
+    regs, threads = int(re.search(r"REG:(\d+)", usage)[1]), 32 * num_warps
     fit = min(REGISTERS_PER_SM // (regs * threads), THREADS_PER_SM // threads,
               SHARED_PER_SM // max(k.metadata.shared, 1))
-    return dict(regs=regs, shared=k.metadata.shared, programs_per_sm=fit)
+    # a loop is a branch back to an earlier address; sm_90 instructions are 16 bytes each
+    branches = re.findall(r"/\*([0-9a-f]+)\*/[^;]*?BRA 0x([0-9a-f]+)", sass)
+    loops = [(int(target, 16), int(at, 16)) for at, target in branches if int(target, 16) < int(at, 16)]
+    loop = min((b - a for a, b in loops), default=-16) // 16 + 1
+    return dict(regs=regs, shared=k.metadata.shared, programs_per_sm=fit, loop_instructions=loop)
+
+
+def weight_bytes_per_step(name: str, consts: dict) -> float:
+    """Bytes of weights one program streams per trip of its loop: BLOCK_N rows of a chunk (one group for the int4
+    rows kernel), twice that with the gate-up pair."""
+    per_weight = 0.5 if name.startswith("int4") else 1 if name.startswith("int8") else 2
+    chunk = consts["GROUPSIZE"] if name.startswith("int4 rows") else consts["BLOCK_K"]
+    return consts["BLOCK_N"] * chunk * per_weight * (2 if consts.get("HAS_GATE") else 1)
 
 
 def variants(K: int):
@@ -60,7 +77,8 @@ def variants(K: int):
     kernels = [("float GEMV", G._gemv_kernel, bf16, G.GEMV_CONFIG, [{}, gate, res, norm, dict(gate, **norm)]),
                ("int8 GEMV", G._int8_gemv_kernel, int8, G.INT8_CONFIG, [{}, gate, res]),
                ("float rows", G._rows_kernel, bf16, rows_cfg, [{}, gate, res]),
-               ("int8 rows", G._rows_kernel, int8, G.INT8_ROWS_CONFIG, [dict(HAS_SCALE=True), dict(gate, HAS_SCALE=True)]),
+               ("int8 rows", G._rows_kernel, int8, G.INT8_ROWS_CONFIG,
+                [dict(HAS_SCALE=True), dict(gate, HAS_SCALE=True)]),
                ("int4 GEMV g128", G._int4_gemv_kernel, int4, G.INT4_CONFIG, [{}]),
                ("int4 rows g128", G._int4_rows_kernel, int4, G.INT4_ROWS_CONFIG, [{}])]
     for name, fn, pointers, cfg, extras in kernels:
@@ -81,10 +99,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("error: TRITON_INTERPRET=1 is set, and the interpreter compiles nothing; unset it")
-    print(f"{f'kernel, K={args.K}':<30} {'registers':>9} {'shared B':>9} {'programs/SM':>12}")
-    for name, fn, pointers, consts, warps, stages in variants(args.K):
-        r = compile_sm90(fn, pointers, consts, warps, stages)
-        print(f"{name:<30} {r['regs']:>9} {r['shared']:>9} {r['programs_per_sm']:>12}", flush=True)
+    print(f"{f'kernel, K={args.K}':<30} {'registers':>9} {'shared B':>9} {'programs/SM':>12} {'instr/KB':>9}")
+    # the loop is counted in a second build whose K is wide enough that the compiler keeps it a loop
+    for (name, fn, pointers, consts, warps, stages), (*_, wide, _, _) in zip(variants(args.K), variants(1 << 16)):
+        r, loop = compile_sm90(fn, pointers, consts, warps, stages), compile_sm90(fn, pointers, wide, warps, stages)
+        per_kb = loop["loop_instructions"] * warps / weight_bytes_per_step(name, consts) * 1024
+        print(f"{name:<30} {r['regs']:>9} {r['shared']:>9} {r['programs_per_sm']:>12} {per_kb:>9.0f}", flush=True)
 
 
 if __name__ == "__main__":
