@@ -101,47 +101,48 @@ def test_gemv_matches_linear_under_the_interpreter():
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
 
 
+def one_block(bias: bool, rows: int):
+    """A tiny model's only block with its caches, and a block call's inputs for `rows` new positions from 0:
+    (block, (x, rope, mask, input_pos))."""
+    import torch
+    from conftest import tiny
+
+    model = tiny(n_layer=1, attention_bias=bias)
+    model.setup_caches(1, 32)
+    pos = torch.arange(rows)
+    mask = torch.arange(32)[None, :] <= pos[:, None]
+    rope = (model.rope_cos[pos][None], model.rope_sin[pos][None])
+    return model.layers[0], (torch.randn(1, rows, 32), rope, mask, pos)
+
+
 def test_fused_block_is_the_block_forward():
     """gemv.fused_block rebuilds TransformerBlock.forward from the layers; where no kernel applies (here, the CPU)
     its plain-torch path must give the block's output exactly, for a float and a bias-carrying block."""
     import torch
-    from conftest import tiny
     from gemv import fused_block
 
     for bias, rows in [(False, 3), (True, 3), (False, 1)]:  # verify, decode
-        model = tiny(n_layer=1, attention_bias=bias)
-        model.setup_caches(1, 32)
-        block, x = model.layers[0], torch.randn(1, rows, 32)
-        pos = torch.arange(rows)
-        mask = torch.arange(32)[None, :] <= pos[:, None]
-        rope = (model.rope_cos[pos][None], model.rope_sin[pos][None])
+        block, inputs = one_block(bias, rows)
         with torch.no_grad():
-            assert torch.equal(fused_block(block, x, rope, mask, pos), block(x, rope, mask, pos))
+            assert torch.equal(fused_block(block, *inputs), block(*inputs))
 
 
 def test_folded_norms_keep_the_block_function():
     """fold_norms moves each RMSNorm's weight into the matmuls after it: the block, fused or not, must compute
     what it did before (float32, up to the rounding of W * g), and the norms must be left all ones."""
     import torch
-    from conftest import tiny
     from gemv import fold_norms, fused_block
 
     for bias, rows in [(False, 1), (True, 1), (False, 3)]:
-        model = tiny(n_layer=1, attention_bias=bias)
-        model.setup_caches(1, 32)
-        block, x = model.layers[0], torch.randn(1, rows, 32)
+        block, inputs = one_block(bias, rows)
         with torch.no_grad():
             block.attention_norm.weight.uniform_(0.5, 2)
             block.ffn_norm.weight.uniform_(0.5, 2)
-        pos = torch.arange(rows)
-        mask = torch.arange(32)[None, :] <= pos[:, None]
-        rope = (model.rope_cos[pos][None], model.rope_sin[pos][None])
-        with torch.no_grad():
-            before = block(x, rope, mask, pos)
+            before = block(*inputs)
             fold_norms(block)
             assert block.attention_norm.folded and block.ffn_norm.folded
             assert torch.equal(block.ffn_norm.weight, torch.ones(32))
-            for out in (block(x, rope, mask, pos), fused_block(block, x, rope, mask, pos)):
+            for out in (block(*inputs), fused_block(block, *inputs)):
                 assert torch.allclose(out, before, atol=1e-5, rtol=1e-5), (bias, rows, (out - before).abs().max())
 
 
