@@ -57,11 +57,11 @@ def compile_sm90(fn, pointers: dict, consts: dict, num_warps: int, num_stages: i
     return dict(regs=regs, shared=k.metadata.shared, programs_per_sm=fit, loop_instructions=loop)
 
 
-def weight_bytes_per_step(name: str, consts: dict) -> float:
+def weight_bytes_per_step(pointers: dict, consts: dict) -> float:
     """Bytes of weights one program streams per trip of its loop: BLOCK_N rows of a chunk (one group for the int4
-    rows kernel), twice that with the gate-up pair."""
-    per_weight = 0.5 if name.startswith("int4") else 1 if name.startswith("int8") else 2
-    chunk = consts["GROUPSIZE"] if name.startswith("int4 rows") else consts["BLOCK_K"]
+    rows kernel, which has no BLOCK_K), twice that with the gate-up pair."""
+    per_weight = {"*bf16": 2, "*i8": 1, "*u8": 0.5}[pointers["w_ptr"]]  # u8: two int4 weights a byte
+    chunk = consts.get("BLOCK_K", consts["GROUPSIZE"])
     return consts["BLOCK_N"] * chunk * per_weight * (2 if consts.get("HAS_GATE") else 1)
 
 
@@ -104,7 +104,7 @@ def main(argv=None):
         r = compile_sm90(fn, pointers, consts, warps, stages)
         # the loop is counted in a second build, K wide enough that the compiler keeps it a loop
         loop = compile_sm90(fn, pointers, dict(consts, K=1 << 16, K_IN=1 << 16), warps, stages)
-        per_kb = loop["loop_instructions"] * warps / weight_bytes_per_step(name, consts) * 1024
+        per_kb = loop["loop_instructions"] * warps / weight_bytes_per_step(pointers, consts) * 1024
         print(f"{name:<30} {r['regs']:>9} {r['shared']:>9} {r['programs_per_sm']:>12} {per_kb:>9.0f}", flush=True)
 
 
