@@ -19,10 +19,11 @@ y = sum_g s_g * (x_g . (q_g - 8)) + z_g * sum(x_g).
 
 The float and int8 kernels also take in the small steps around a matmul, so that a layer launches fewer kernels
 (`linear`, `fused_block`): SwiGLU's gate and up projections run as one kernel that streams both weights and ends
-with the SiLU-times-up, and the residual adds happen in the epilogues of wo and w2. For one row of float weights
-the RMSNorms go in too: `fold_norms` moves each norm's weight into the matmuls after it, and the GEMV, which reads
-all of x in every program anyway, sums its squares on the way and scales by 1/rms at the end. A decode layer is
-then five kernels: wqkv, attention (decode_attention.py), wo, the gate-up pair, w2.
+with the SiLU-times-up, and the residual adds happen in the epilogues of wo and w2. For float weights the
+RMSNorms go in too: `fold_norms` moves each norm's weight into the matmuls after it, and the kernel, which reads
+all of x in every program anyway, sums its squares on the way and scales by 1/rms at the end (x itself is not
+scaled, so in the rows kernel it still streams straight into the tensor cores). A decode or verify layer is then
+five kernels: wqkv, attention (decode_attention.py), wo, the gate-up pair, w2.
 
 `use_gemv(model)` swaps every float nn.Linear for `GemvLinear`, which takes these paths on CUDA and is F.linear
 otherwise (prefill, the CPU), and gives each dense TransformerBlock `fused_block`; quantize.py's Int8Linear and
@@ -146,26 +147,36 @@ if triton is not None:
 
     @triton.jit
     def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, res_ptr, M, N, K: tl.constexpr,
-                     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr,
-                     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RMS: tl.constexpr, EPS: tl.constexpr,
+                     HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
         # y (M, N) = x (M, K) @ W (N, K).T (* s (N,) for int8 W) + b for M <= 16: each program owns BLOCK_N rows of W
         # (and of the gate's G) and streams them once in pipelined BLOCK_K chunks (num_stages); the x rows, padded
-        # to 16, ride along on the tensor cores
+        # to 16, ride along on the tensor cores. HAS_RMS as in _gemv_kernel: x goes into tl.dot as it is, the
+        # diagonal of x x^T (a second, 16 x 16 dot) gives each row's sum of squares, and each row's 1/rms scales
+        # that row's float32 sums at the end
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         ms = tl.arange(0, 16)
         cols = tl.arange(0, BLOCK_K)
         acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
         acc_g = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        gram = tl.zeros((16, 16), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
             in_k = k + cols < K
             x = tl.load(x_ptr + ms[:, None] * K + (k + cols)[None, :], mask=(ms[:, None] < M) & in_k[None, :],
                         other=0.0)
+            if HAS_RMS:  # x x^T on the tensor cores: its diagonal is each row's sum of squares
+                gram = tl.dot(x, tl.trans(x), gram, input_precision=PRECISION)
             offs, ok = rows[:, None] * K + (k + cols)[None, :], (rows[:, None] < N) & in_k[None, :]
             w = tl.load(w_ptr + offs, mask=ok, other=0, eviction_policy="evict_first")
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)  # int8 is exact in 16 bits
             if HAS_GATE:
                 g = tl.load(g_ptr + offs, mask=ok, other=0, eviction_policy="evict_first")
                 acc_g = tl.dot(x, tl.trans(g.to(x.dtype)), acc_g, input_precision=PRECISION)
+        if HAS_RMS:
+            ss = tl.sum(tl.where(ms[:, None] == ms[None, :], gram, 0.0), axis=1)
+            r = tl.rsqrt(ss / K + EPS)[:, None]
+            acc, acc_g = acc * r, acc_g * r
         if HAS_SCALE:
             acc *= tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
             if HAS_GATE:
@@ -252,8 +263,9 @@ def gemv(x, weight, bias=None, gate=None, residual=None, rms_eps=None):
     return y
 
 
-def gemm_rows(x, weight, bias=None, gate=None, residual=None):
-    """x: (..., K) holding 2..MAX_ROWS rows of bfloat16 or float16, weight (N, K) contiguous -> (..., N), as gemv."""
+def gemm_rows(x, weight, bias=None, gate=None, residual=None, rms_eps=None):
+    """x: (..., K) holding 2..MAX_ROWS rows of bfloat16 or float16, weight (N, K) contiguous -> (..., N), as gemv
+    (with rms_eps each row divided by its own root mean square)."""
     N, K = weight.shape
     x2 = x.reshape(-1, K).contiguous()
     y = torch.empty(x2.shape[0], N, dtype=x.dtype, device=x.device)
@@ -261,6 +273,7 @@ def gemm_rows(x, weight, bias=None, gate=None, residual=None):
     b = bias if bias is not None else weight
     _rows_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x2, weight, weight, b, y, M=x2.shape[0], N=N, K=K,
                                                      HAS_SCALE=False, HAS_BIAS=bias is not None,
+                                                     HAS_RMS=rms_eps is not None, EPS=rms_eps or 0.0,
                                                      PRECISION=_precision(x2), **cfg,
                                                      **_epilogue_args(x2, gate, residual, scales=True))
     return y.view(*x.shape[:-1], N)
@@ -279,7 +292,7 @@ def int8_gemv(x, weight, scales, bias=None, gate=None, residual=None):
     else:
         grid = (triton.cdiv(N, INT8_ROWS_CONFIG["BLOCK_N"]),)
         _rows_kernel[grid](x, weight, scales, b, y, M=M, N=N, K=K, HAS_SCALE=True, HAS_BIAS=bias is not None,
-                           PRECISION=_precision(x), **INT8_ROWS_CONFIG,
+                           HAS_RMS=False, EPS=0.0, PRECISION=_precision(x), **INT8_ROWS_CONFIG,
                            **_epilogue_args(x, gate, residual, scales=True))
     return y
 
@@ -319,8 +332,8 @@ def linear(layer, x, gate=None, residual=None, norm=None):
     """layer(norm(x)) * silu(gate(norm(x))) + residual, each part optional, for a float nn.Linear or quantize.py's
     Int8Linear, the gate a bias-free layer of the same kind and shape (SwiGLU's w1 beside w3), the norm a
     model.RMSNorm: one kernel on CUDA for up to MAX_ROWS rows; the same arithmetic in plain torch where no kernel
-    here applies. The norm runs inside the kernel only for one row of float weights that carry its weight
-    (fold_norms); otherwise it runs first, as its own kernel."""
+    here applies. The norm runs inside the kernel for float weights that carry its weight (fold_norms); otherwise
+    it runs first, as its own kernel."""
     rows, w = x.numel() // x.shape[-1], layer.weight
     g = gate.weight if gate is not None else None
     kernel = triton is not None and x.is_cuda and rows <= MAX_ROWS and (
@@ -328,12 +341,13 @@ def linear(layer, x, gate=None, residual=None, norm=None):
                          and g.dtype == w.dtype and g.is_contiguous()))
     float_kernel = (kernel and isinstance(layer, nn.Linear) and w.dtype == x.dtype and w.is_contiguous()
                     and (rows == 1 or x.dtype != torch.float32))  # rows: tuned for 16 bits; float32 stays on cuBLAS
-    if norm is not None and not (float_kernel and rows == 1 and getattr(norm, "folded", False)):
+    if norm is not None and not (float_kernel and getattr(norm, "folded", False)):
         x, norm = norm(x), None
+    eps = None if norm is None else norm.eps
     if float_kernel:
         if rows == 1:
-            return gemv(x.contiguous(), w, layer.bias, g, residual, None if norm is None else norm.eps)
-        return gemm_rows(x, w, layer.bias, g, residual)
+            return gemv(x.contiguous(), w, layer.bias, g, residual, eps)
+        return gemm_rows(x, w, layer.bias, g, residual, eps)
     if kernel and w.dtype == torch.int8 and getattr(layer, "use_triton", False):  # Int8Linear, prepared for Triton
         g = (g, gate.scales) if gate is not None else None
         y = int8_gemv(x.reshape(rows, -1).contiguous(), w, layer.scales, layer.bias, g, residual)
@@ -350,12 +364,11 @@ class GemvLinear(nn.Linear):
 
 def fused_block(block, x, rope, mask, input_pos):
     """model.TransformerBlock.forward with SwiGLU's gate and up projections and the SiLU-times-up in one kernel,
-    both residual adds inside the matmuls before them, and, for one row with folded norms (fold_norms), both
-    RMSNorms inside the matmuls after them: five kernels a decode layer. The same arithmetic up to rounding, each
-    fused step computing in float32 and rounding once. Without folded norms (int8 weights), one row keeps the
-    residual adds in inductor's kernels, where they ride along with the next RMSNorm: inside the matmuls they
-    made the 7B decode step 2% slower (BENCHMARKS.md). For several rows the norms stay kernels of their own:
-    scaling x inside the rows kernel's loop keeps it from streaming into the tensor cores."""
+    both residual adds inside the matmuls before them, and, with folded norms (fold_norms), both RMSNorms inside
+    the matmuls after them: five kernels a decode or verify layer. The same arithmetic up to rounding, each fused
+    step computing in float32 and rounding once. Without folded norms (int8 weights), one row keeps the residual
+    adds in inductor's kernels, where they ride along with the next RMSNorm: inside the matmuls they made the 7B
+    decode step 2% slower (BENCHMARKS.md)."""
     attn, ffn, norm1, norm2 = block.attention, block.feed_forward, block.attention_norm, block.ffn_norm
     if x.shape[0] * x.shape[1] == 1 and not (getattr(norm1, "folded", False) and getattr(norm2, "folded", False)):
         h = x + attn(norm1(x), rope, mask, input_pos)

@@ -60,6 +60,15 @@ for N, K, bias in [(7, 33, True), (130, 2500, False)]:
     err = ((y.double() - ref).norm() / ref.norm()).item()
     assert y.shape == ref.shape and err < 2e-3, (N, K, err)
     worst["rms"] = max(worst.get("rms", 0), err)
+for M, N, K in [(3, 20, 300), (16, 130, 1030)]:  # the rows kernel: each row its own rms
+    x = torch.randn(M, K).half() * torch.linspace(0.5, 4, M).half()[:, None]
+    w, g, res = torch.randn(N, K).half(), torch.randn(N, K).half() / 10, torch.randn(M, N).half()
+    xn = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5)
+    ref = (xn @ w.double().T) * torch.nn.functional.silu(xn @ g.double().T) + res.double()
+    y = gemm_rows(x, w, gate=g, residual=res, rms_eps=1e-5)
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    assert y.shape == ref.shape and err < 2e-3, (M, N, K, err)
+    worst["rms"] = max(worst.get("rms", 0), err)
 model = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 8, bias=False))
 use_gemv(model)
 assert all(type(m) is GemvLinear for m in model) and model[0].weight.shape == (4, 8)
