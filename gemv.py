@@ -27,9 +27,12 @@ five kernels: wqkv, attention (decode_attention.py), wo, the gate-up pair, w2.
 
 `use_gemv(model)` swaps every float nn.Linear for `GemvLinear`, which takes these paths on CUDA and is F.linear
 otherwise (prefill, the CPU), and gives each dense TransformerBlock `fused_block`; quantize.py's Int8Linear and
-Int4Linear call `int8_gemv` / `int4_gemv`. Triton kernels called inside torch.compile stay in its graph.
+Int4Linear call `int8_gemv` / `int4_gemv`. Those four are custom ops (`_op`), so that torch.compile keeps them whole
+and CUDA graphs capture each launch with programmatic dependent launch (`_pdl`): on Hopper a kernel starts loading
+its weights while the kernel before it finishes.
 """
 import os
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -42,6 +45,7 @@ try:
     PRMT = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1" and torch.version.hip is None)
 except ImportError:  # CPU-only installs: GemvLinear then always uses F.linear, quantize.py torch's kernels
     triton = None
+PDL_OK = triton is not None and os.environ.get("TRITON_INTERPRET") != "1" and torch.version.hip is None
 
 MAX_ROWS = 16  # the rows kernels pad to 16 (tl.dot's smallest tile): 2..16 rows cost the same
 # float weights, tuned on an H200 over Llama-2-7B shapes (one row) and by `scripts/gemv_sweep.py --sweep bf16` (rows,
@@ -85,30 +89,47 @@ if triton is not None:
         return f - 8388736.0
 
     @triton.jit
+    def _gemv_chunk(acc, acc_g, ss, w, g, x, HAS_GATE: tl.constexpr, HAS_RMS: tl.constexpr):
+        acc += w.to(tl.float32) * x[None, :]
+        if HAS_GATE:
+            acc_g += g.to(tl.float32) * x[None, :]
+        if HAS_RMS:
+            ss += x * x
+        return acc, acc_g, ss
+
+    @triton.jit
     def _gemv_kernel(w_ptr, x_ptr, b_ptr, y_ptr, g_ptr, res_ptr, N, K: tl.constexpr, HAS_BIAS: tl.constexpr,
                      HAS_RMS: tl.constexpr, EPS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
         # each program owns BLOCK_N rows of W (N, K), and of the gate's G (N, K) when there is one, and walks K in
         # wide, coalesced chunks; fp32 accumulation. K is a compile-time constant: one specialization per layer
         # width, with a static loop. HAS_RMS: x is the raw residual stream, and W's rows already carry the
         # RMSNorm's weight (fold_norms); every program reads all of x anyway, so it sums x*x on the way and
-        # scales its results by 1/rms at the end
+        # scales its results by 1/rms at the end. PDL (see _pdl): the first chunk of weights is loaded before
+        # waiting for the kernel before, whose output x is, so those loads overlap that kernel's last wave
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        offs, ok = rows[:, None] * K + cols[None, :], (rows[:, None] < N) & (cols < K)[None, :]
+        w = tl.load(w_ptr + offs, mask=ok, other=0.0, eviction_policy="evict_first")  # read once: not for L2
+        g = w
+        if HAS_GATE:
+            g = tl.load(g_ptr + offs, mask=ok, other=0.0, eviction_policy="evict_first")
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+        zeros = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc, acc_g, ss = _gemv_chunk(zeros, zeros, tl.zeros((BLOCK_K,), dtype=tl.float32), w, g, x, HAS_GATE, HAS_RMS)
+        for k in tl.range(BLOCK_K, K, BLOCK_K, num_stages=STAGES):
             in_k = k + cols < K
             offs, ok = rows[:, None] * K + (k + cols)[None, :], (rows[:, None] < N) & in_k[None, :]
-            w = tl.load(w_ptr + offs, mask=ok, other=0.0, eviction_policy="evict_first")  # read once: not for L2
-            x = tl.load(x_ptr + k + cols, mask=in_k, other=0.0).to(tl.float32)
-            acc += w.to(tl.float32) * x[None, :]
+            w = tl.load(w_ptr + offs, mask=ok, other=0.0, eviction_policy="evict_first")
+            g = w
             if HAS_GATE:
                 g = tl.load(g_ptr + offs, mask=ok, other=0.0, eviction_policy="evict_first")
-                acc_g += g.to(tl.float32) * x[None, :]
-            if HAS_RMS:
-                ss += x * x
+            x = tl.load(x_ptr + k + cols, mask=in_k, other=0.0).to(tl.float32)
+            acc, acc_g, ss = _gemv_chunk(acc, acc_g, ss, w, g, x, HAS_GATE, HAS_RMS)
         y, gate = tl.sum(acc, axis=1), tl.sum(acc_g, axis=1)
         if HAS_RMS:
             r = tl.rsqrt(tl.sum(ss, axis=0) / K + EPS)
@@ -121,8 +142,11 @@ if triton is not None:
     @triton.jit
     def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, res_ptr, N, K: tl.constexpr,
                           HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+                          BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
         # y (N,) = (w (N, K) @ x (K,)) * s (N,) + b, float32 accumulation; the gate likewise from g, gs
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -149,12 +173,15 @@ if triton is not None:
     def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, res_ptr, M, N, K: tl.constexpr,
                      HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RMS: tl.constexpr, EPS: tl.constexpr,
                      HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
+                     BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         # y (M, N) = x (M, K) @ W (N, K).T (* s (N,) for int8 W) + b for M <= 16: each program owns BLOCK_N rows of W
         # (and of the gate's G) and streams them once in pipelined BLOCK_K chunks (num_stages); the x rows, padded
         # to 16, ride along on the tensor cores. HAS_RMS as in _gemv_kernel: x goes into tl.dot as it is, the
         # diagonal of x x^T (a second, 16 x 16 dot) gives each row's sum of squares, and each row's 1/rms scales
         # that row's float32 sums at the end
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         ms = tl.arange(0, 16)
         cols = tl.arange(0, BLOCK_K)
@@ -190,8 +217,11 @@ if triton is not None:
     @triton.jit
     def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K: tl.constexpr, K_IN: tl.constexpr,
                           GROUPSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+                          BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
         # y (N,) = W x (K_IN,) + b, W (N, K) in pack_int4's layout, dequantized as w = (q - 8) * s + z
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         H: tl.constexpr = GROUPSIZE // 2
         NG: tl.constexpr = BLOCK_K // GROUPSIZE  # groups per chunk
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -222,8 +252,11 @@ if triton is not None:
     @triton.jit
     def _int4_rows_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, M, K: tl.constexpr, K_IN: tl.constexpr,
                           GROUPSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                          BLOCK_N: tl.constexpr):
+                          BLOCK_N: tl.constexpr, PDL: tl.constexpr):
         # y (M, N) = x (M, K_IN) @ W.T + b for M <= 16, one group of W (pack_int4's layout) per step
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         H: tl.constexpr = GROUPSIZE // 2
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         ms = tl.arange(0, 16)
@@ -249,77 +282,99 @@ if triton is not None:
                  mask=(ms[:, None] < M) & (rows[None, :] < N))
 
 
-def gemv(x, weight, bias=None, gate=None, residual=None, rms_eps=None):
+def _pdl(x) -> bool:
+    """Launch with programmatic dependent launch (Hopper and newer): the kernel may then start while the one before
+    it drains its last wave, instead of after it. Every kernel here first lets the next one launch
+    (gdc_launch_dependents), then waits for the previous one to finish (gdc_wait) before it reads x or writes
+    anything; the float GEMV loads its first chunk of weights, which no kernel writes, before that wait. Over a
+    Llama-2-7B step's GEMVs in one CUDA graph (H200) that took the stream from 90.7% of copy to 97.7%
+    (BENCHMARKS.md)."""
+    return PDL_OK and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
+def _op(fn):
+    """fn as a custom op, which torch.compile calls as it is instead of tracing into it: traced, its Triton kernel
+    would be launched by inductor's own launcher, which drops programmatic dependent launch. CUDA graphs capture
+    the launch as Triton makes it. Every op here returns a new (..., N) tensor for x (..., K) and weight (N, ...)."""
+    op = torch.library.custom_op("mtp_fast::" + fn.__name__, fn, mutates_args=())
+    op.register_fake(lambda x, weight, *args, **kwargs: x.new_empty(*x.shape[:-1], weight.shape[0]))
+    return op
+
+
+@_op
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+         gate: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
+         rms_eps: Optional[float] = None) -> torch.Tensor:
     """x: (..., K) holding one row, weight (N, K) contiguous -> (W @ x + bias) * silu(G @ x) + residual, each part
     optional, (..., N); the gate G is a second weight like W (SwiGLU's w1 beside w3), the residual is shaped like
     the output. With rms_eps, x is first divided by its root mean square (an RMSNorm whose weight is all ones:
     fold_norms moved it into W and G)."""
     N, K = weight.shape
-    y = torch.empty(*x.shape[:-1], N, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(N, GEMV_CONFIG["BLOCK_N"]),)
-    _gemv_kernel[grid](weight, x, bias if bias is not None else weight, y, N=N, K=K, HAS_BIAS=bias is not None,
-                       HAS_RMS=rms_eps is not None, EPS=rms_eps or 0.0, **GEMV_CONFIG,
-                       **_epilogue_args(x, gate, residual))
+    y, pdl = x.new_empty(*x.shape[:-1], N), _pdl(x)
+    _gemv_kernel[(triton.cdiv(N, GEMV_CONFIG["BLOCK_N"]),)](
+        weight, x.contiguous(), bias if bias is not None else weight, y, N=N, K=K, HAS_BIAS=bias is not None,
+        HAS_RMS=rms_eps is not None, EPS=rms_eps or 0.0, **GEMV_CONFIG, **_epilogue_args(x, gate, residual),
+        PDL=pdl, launch_pdl=pdl)
     return y
 
 
-def gemm_rows(x, weight, bias=None, gate=None, residual=None, rms_eps=None):
+@_op
+def gemm_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+              gate: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
+              rms_eps: Optional[float] = None) -> torch.Tensor:
     """x: (..., K) holding 2..MAX_ROWS rows of bfloat16 or float16, weight (N, K) contiguous -> (..., N), as gemv
     (with rms_eps each row divided by its own root mean square)."""
     N, K = weight.shape
     x2 = x.reshape(-1, K).contiguous()
-    y = torch.empty(x2.shape[0], N, dtype=x.dtype, device=x.device)
-    cfg = ROWS_CONFIG if K >= 4096 else SMALL_ROWS_CONFIG
-    b = bias if bias is not None else weight
-    _rows_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x2, weight, weight, b, y, M=x2.shape[0], N=N, K=K,
-                                                     HAS_SCALE=False, HAS_BIAS=bias is not None,
-                                                     HAS_RMS=rms_eps is not None, EPS=rms_eps or 0.0,
-                                                     PRECISION=_precision(x2), **cfg,
-                                                     **_epilogue_args(x2, gate, residual, scales=True))
-    return y.view(*x.shape[:-1], N)
-
-
-def int8_gemv(x, weight, scales, bias=None, gate=None, residual=None):
-    """x (M, K) contiguous, M <= MAX_ROWS; int8 weight (N, K), scales (N,) -> (M, N) in x's dtype, as gemv; the
-    gate is an (int8 weight, scales) pair like them."""
-    (M, K), N = x.shape, weight.shape[0]
-    y = x.new_empty(M, N)
-    b = bias if bias is not None else scales
-    if M == 1:
-        grid = (triton.cdiv(N, INT8_CONFIG["BLOCK_N"]),)
-        _int8_gemv_kernel[grid](x, weight, scales, b, y, N=N, K=K, HAS_BIAS=bias is not None, **INT8_CONFIG,
-                                **_epilogue_args(x, gate, residual, scales=True))
-    else:
-        grid = (triton.cdiv(N, INT8_ROWS_CONFIG["BLOCK_N"]),)
-        _rows_kernel[grid](x, weight, scales, b, y, M=M, N=N, K=K, HAS_SCALE=True, HAS_BIAS=bias is not None,
-                           HAS_RMS=False, EPS=0.0, PRECISION=_precision(x), **INT8_ROWS_CONFIG,
-                           **_epilogue_args(x, gate, residual, scales=True))
+    y, pdl, cfg = x.new_empty(*x.shape[:-1], N), _pdl(x), ROWS_CONFIG if K >= 4096 else SMALL_ROWS_CONFIG
+    _rows_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
+        x2, weight, weight, bias if bias is not None else weight, y, M=x2.shape[0], N=N, K=K, HAS_SCALE=False,
+        HAS_BIAS=bias is not None, HAS_RMS=rms_eps is not None, EPS=rms_eps or 0.0, PRECISION=_precision(x2),
+        **cfg, **_epilogue_args(x2, gate, residual), PDL=pdl, launch_pdl=pdl)
     return y
 
 
-def _epilogue_args(x, gate, residual, scales=False) -> dict:
+@_op
+def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor] = None,
+              gate: Optional[torch.Tensor] = None, gate_scales: Optional[torch.Tensor] = None,
+              residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x (M, K) contiguous, M <= MAX_ROWS; int8 weight (N, K), scales (N,) -> (M, N) in x's dtype, as gemv; the
+    gate is an int8 weight with its gate_scales, like them."""
+    (M, K), N = x.shape, weight.shape[0]
+    y, pdl, b = x.new_empty(M, N), _pdl(x), bias if bias is not None else scales
+    args = dict(HAS_BIAS=bias is not None, **_epilogue_args(x, gate, residual, gate_scales), PDL=pdl, launch_pdl=pdl)
+    if M == 1:
+        _int8_gemv_kernel[(triton.cdiv(N, INT8_CONFIG["BLOCK_N"]),)](x, weight, scales, b, y, N=N, K=K,
+                                                                      **INT8_CONFIG, **args)
+    else:
+        _rows_kernel[(triton.cdiv(N, INT8_ROWS_CONFIG["BLOCK_N"]),)](
+            x, weight, scales, b, y, M=M, N=N, K=K, HAS_SCALE=True, HAS_RMS=False, EPS=0.0, PRECISION=_precision(x),
+            **INT8_ROWS_CONFIG, **args)
+    return y
+
+
+def _epilogue_args(x, gate, residual, gate_scales=None) -> dict:
     """The kernels' gate and residual arguments; x stands in for a pointer a kernel does not read."""
-    g, gs = (gate if isinstance(gate, tuple) else (gate, None)) if gate is not None else (x, None)
-    args = dict(g_ptr=g, HAS_GATE=gate is not None, res_ptr=x if residual is None else residual.contiguous(),
+    return dict(g_ptr=x if gate is None else gate, gs_ptr=x if gate_scales is None else gate_scales,
+                HAS_GATE=gate is not None, res_ptr=x if residual is None else residual.contiguous(),
                 HAS_RES=residual is not None)
-    return dict(args, gs_ptr=x if gs is None else gs) if scales else args
 
 
-def int4_gemv(x, weight, scales, zeros, groupsize: int, bias=None):
+@_op
+def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, groupsize: int,
+              bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x (M, K_in) contiguous, M <= MAX_ROWS; packed weight (N, K/2) uint8 with scales, zeros (N, K/g), K >= K_in
     padded to whole groups -> (M, N) in x's dtype."""
     M, K_in = x.shape
     N, K = weight.shape[0], weight.shape[1] * 2
-    y = x.new_empty(M, N)
-    b = bias if bias is not None else scales
+    y, pdl, b = x.new_empty(M, N), _pdl(x), bias if bias is not None else scales
+    args = dict(K=K, K_IN=K_in, GROUPSIZE=groupsize, HAS_BIAS=bias is not None, PDL=pdl, launch_pdl=pdl)
     if M == 1:
         cfg = dict(INT4_CONFIG, BLOCK_K=max(INT4_CONFIG["BLOCK_K"], groupsize))
-        _int4_gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
-            x, weight, scales, zeros, b, y, N, K=K, K_IN=K_in, GROUPSIZE=groupsize, HAS_BIAS=bias is not None, **cfg)
+        _int4_gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x, weight, scales, zeros, b, y, N, **cfg, **args)
     else:
         _int4_rows_kernel[(triton.cdiv(N, INT4_ROWS_CONFIG["BLOCK_N"]),)](
-            x, weight, scales, zeros, b, y, N, M, K=K, K_IN=K_in, GROUPSIZE=groupsize, HAS_BIAS=bias is not None,
-            PRECISION=_precision(x), **INT4_ROWS_CONFIG)
+            x, weight, scales, zeros, b, y, N, M, PRECISION=_precision(x), **INT4_ROWS_CONFIG, **args)
     return y
 
 
@@ -349,8 +404,8 @@ def linear(layer, x, gate=None, residual=None, norm=None):
             return gemv(x.contiguous(), w, layer.bias, g, residual, eps)
         return gemm_rows(x, w, layer.bias, g, residual, eps)
     if kernel and w.dtype == torch.int8 and getattr(layer, "use_triton", False):  # Int8Linear, prepared for Triton
-        g = (g, gate.scales) if gate is not None else None
-        y = int8_gemv(x.reshape(rows, -1).contiguous(), w, layer.scales, layer.bias, g, residual)
+        y = int8_gemv(x.reshape(rows, -1).contiguous(), w, layer.scales, layer.bias, g,
+                      None if gate is None else gate.scales, residual)
         return y.view(*x.shape[:-1], -1)
     y = F.linear(x, w, layer.bias) if isinstance(layer, nn.Linear) else layer(x)
     y = y if gate is None else F.silu(gate(x)) * y

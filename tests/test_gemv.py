@@ -37,11 +37,11 @@ for M, N, K in [(1, 7, 33), (1, 130, 2500), (3, 64, 300), (16, 20, 1030)]:
     res = torch.randn(M, N).half()
     q8, s8 = torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N).half() / 100
     g8, gs8 = torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N).half() / 1000
-    kernels = [("float", gemv if M == 1 else gemm_rows, w.double(), g, g.double()),
+    kernels = [("float", gemv if M == 1 else gemm_rows, w.double(), dict(gate=g), g.double()),
                ("int8", lambda x, w, b, **k: int8_gemv(x, q8, s8, b, **k), q8.double() * s8.double()[:, None],
-                (g8, gs8), g8.double() * gs8.double()[:, None])]
+                dict(gate=g8, gate_scales=gs8), g8.double() * gs8.double()[:, None])]
     for name, f, wd, gate, gd in kernels:
-        for extra in [dict(gate=gate), dict(residual=res), dict(gate=gate, residual=res)]:
+        for extra in [gate, dict(residual=res), dict(gate, residual=res)]:
             ref = torch.nn.functional.linear(x.double(), wd)
             ref = ref * torch.nn.functional.silu(x.double() @ gd.T) if "gate" in extra else ref
             ref = ref + res.double() if "residual" in extra else ref
