@@ -313,7 +313,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
     y, pdl = x.new_empty(*x.shape[:-1], N), _pdl(x)
     _gemv_kernel[(triton.cdiv(N, GEMV_CONFIG["BLOCK_N"]),)](
         weight, x.contiguous(), bias if bias is not None else weight, y, N=N, K=K, HAS_BIAS=bias is not None,
-        HAS_RMS=rms_eps is not None, EPS=rms_eps or 0.0, **GEMV_CONFIG, **_epilogue_args(x, gate, residual),
+        HAS_RMS=rms_eps is not None, EPS=rms_eps or 0.0, **GEMV_CONFIG, **_epilogue_args(x, gate, residual, scales=False),
         PDL=pdl, launch_pdl=pdl)
     return y
 
@@ -353,11 +353,12 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias:
     return y
 
 
-def _epilogue_args(x, gate, residual, gate_scales=None) -> dict:
-    """The kernels' gate and residual arguments; x stands in for a pointer a kernel does not read."""
-    return dict(g_ptr=x if gate is None else gate, gs_ptr=x if gate_scales is None else gate_scales,
-                HAS_GATE=gate is not None, res_ptr=x if residual is None else residual.contiguous(),
-                HAS_RES=residual is not None)
+def _epilogue_args(x, gate, residual, gate_scales=None, scales=True) -> dict:
+    """The kernels' gate and residual arguments (and the gate's scales, for kernels that take them); x stands in
+    for a pointer a kernel does not read."""
+    args = dict(g_ptr=x if gate is None else gate, HAS_GATE=gate is not None,
+                res_ptr=x if residual is None else residual.contiguous(), HAS_RES=residual is not None)
+    return dict(args, gs_ptr=x if gate_scales is None else gate_scales) if scales else args
 
 
 @_op

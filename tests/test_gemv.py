@@ -9,7 +9,13 @@ import pytest
 pytest.importorskip("triton")
 
 CHECK = r"""
-import torch, torch.nn as nn
+import inspect, torch, torch.nn as nn, triton.runtime.interpreter as interpreter
+launch = interpreter.GridExecutor.__call__
+def strict_launch(self, *args, **kwargs):  # the interpreter drops keyword arguments a kernel does not take; a GPU raises
+    unknown = set(kwargs) - set(inspect.getfullargspec(self.fn).args) - {"num_warps", "num_stages", "launch_pdl"}
+    assert not unknown, (self.fn.__name__, unknown)
+    return launch(self, *args, **kwargs)
+interpreter.GridExecutor.__call__ = strict_launch
 from gemv import gemm_rows, gemv, GemvLinear, use_gemv
 torch.manual_seed(0)
 worst = {}
