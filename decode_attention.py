@@ -19,9 +19,7 @@ slot and nothing else.
 `use_decode_attention(model)` hands this function to every `Attention` of model.py, which calls it for CUDA
 inputs of at most MAX_QUERIES positions and keeps SDPA for prefill, training and the CPU.
 """
-import functools
 import math
-import os
 
 import torch
 
@@ -55,11 +53,9 @@ if triton is not None:
     def _attention_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, o_ptr, acc_ptr, ml_ptr,
                           sx_b, sx_s, sr_b, sr_s, sk_b, sk_h, sk_s, sm_b, sm_s, n_kv, S,
                           SCALE: tl.constexpr, G: tl.constexpr, D: tl.constexpr, R: tl.constexpr, CHUNK: tl.constexpr,
-                          BLOCK_L: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+                          BLOCK_L: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
         # one program: KV head `hk` of batch row `b` over cache slots [chunk * CHUNK, (chunk + 1) * CHUNK)
         # rows r = g * S + s: query s of the g-th query head sharing KV head `hk`
-        if PDL:  # the output projection after this kernel may launch now and load its first weights (gemv.py)
-            tl.extra.cuda.gdc_launch_dependents()
         b, hk, chunk = tl.program_id(0) // n_kv, tl.program_id(0) % n_kv, tl.program_id(1)
         d = tl.arange(0, D)
         t = tl.arange(0, 16)  # the new positions
@@ -112,9 +108,7 @@ if triton is not None:
 
     @triton.jit
     def _merge_kernel(acc_ptr, ml_ptr, o_ptr, n_kv, S, N_CHUNKS: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                      R: tl.constexpr, PDL: tl.constexpr):
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
+                      R: tl.constexpr):
         b, hk = tl.program_id(0) // n_kv, tl.program_id(0) % n_kv
         r = tl.arange(0, R)
         s, h = r % S, hk * G + r // S
@@ -134,12 +128,11 @@ if triton is not None:
                  (acc / l[:, None]).to(o_ptr.dtype.element_ty), mask=(r < G * S)[:, None])
 
 
-def decode_attention(qkv, rope, k_cache, v_cache, mask, input_pos, n_head: int, pdl: bool = False):
+def decode_attention(qkv, rope, k_cache, v_cache, mask, input_pos, n_head: int):
     """qkv (B, S, (H + 2 H_kv) D), the fused projection before RoPE; rope (cos, sin), each (B or 1, S, D) float32;
     caches (B_max, H_kv, S_max, D), into which the new keys (after RoPE) and values are written at `input_pos` (S,);
     mask (S, S_max) or (B, 1, S, S_max) bool (True: attend) -> (B, S, H*D): what model.Attention's RoPE, cache
-    update and SDPA with that mask give. pdl (Hopper and newer): let the kernel after this one start early
-    (programmatic dependent launch; that kernel waits for this one's output itself)."""
+    update and SDPA with that mask give."""
     B, S, _ = qkv.shape
     n_kv, S_max, D = k_cache.shape[1:]
     if S > MAX_QUERIES:
@@ -162,22 +155,17 @@ def decode_attention(qkv, rope, k_cache, v_cache, mask, input_pos, n_head: int, 
         qkv, cos, sin, k_cache, v_cache, m, input_pos, out, part_acc, part_ml, qkv.stride(0), qkv.stride(1),
         cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), sm_b, sm_s, n_kv, S, SCALE=1.0 / math.sqrt(D), G=G, D=D, R=R, CHUNK=CHUNK, BLOCK_L=BLOCK_L,
-        SPLIT=n_chunks > 1, PRECISION=precision, PDL=pdl, num_warps=NUM_WARPS)
+        SPLIT=n_chunks > 1, PRECISION=precision, num_warps=NUM_WARPS)
     if n_chunks > 1:
-        _merge_kernel[(B * n_kv,)](part_acc, part_ml, out, n_kv, S, N_CHUNKS=n_chunks, G=G, D=D, R=R, PDL=pdl,
-                                   num_warps=4)
+        _merge_kernel[(B * n_kv,)](part_acc, part_ml, out, n_kv, S, N_CHUNKS=n_chunks, G=G, D=D, R=R, num_warps=4)
     return out
 
 
 def use_decode_attention(model):
     """Let every attention layer of a model.py module (a Transformer, an MTP head) use decode_attention for up to
-    MAX_QUERIES new positions on CUDA; a no-op without Triton. Call it with the model on its device: on a Hopper
-    GPU or newer the kernel then lets the kernel after it launch early (`pdl`)."""
+    MAX_QUERIES new positions on CUDA; a no-op without Triton."""
     if triton is not None:
-        param = next(model.parameters(), None)
-        pdl = (param is not None and param.is_cuda and torch.version.hip is None
-               and os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.get_device_capability(param.device)[0] >= 9)
         for m in model.modules():
             if hasattr(m, "decode_attention") and hasattr(m, "kv_cache"):
-                m.decode_attention = functools.partial(decode_attention, pdl=pdl)
+                m.decode_attention = decode_attention
     return model
