@@ -81,6 +81,8 @@ def test_cuda_decode_attention_matches_sdpa():
 def test_cuda_model_with_the_kernel_equals_sdpa_compiled():
     """A tiny float32 model: decode and verify logits with the kernel (RoPE and cache writes included) equal SDPA's,
     eager and as a compiled CUDA graph, and greedy generation gives the same tokens."""
+    from torch._dynamo.utils import counters
+
     from decode_attention import use_decode_attention
     from generate import compile_step, decode_one_token, generate
     from model import ModelArgs, Transformer
@@ -106,7 +108,9 @@ def test_cuda_model_with_the_kernel_equals_sdpa_compiled():
     for name in ("kernel", "kernel-compiled"):
         assert torch.allclose(outs[name], outs["sdpa"], atol=1e-4, rtol=1e-4), name
     decode = compile_step(decode_one_token, "cuda")
+    skips = counters["inductor"]["cudagraph_skips"]
     a = generate(model, [prompt[0].tolist()], 30, decode_fn=decode, max_seq_length=300)
+    assert counters["inductor"]["cudagraph_skips"] == skips, "the compiled step ran without its CUDA graph"
     for layer in model.layers:
         layer.attention.decode_attention = None
     b = generate(model, [prompt[0].tolist()], 30, max_seq_length=300)

@@ -187,6 +187,7 @@ def test_cuda_model_with_gemv_matches_linear(quant):
     against the plain layers, float and int8; then, in float32, compiled greedy generation gives the same
     tokens."""
     import torch
+    from torch._dynamo.utils import counters
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import quantize
     from generate import compile_step, decode_one_token, generate
@@ -218,7 +219,9 @@ def test_cuda_model_with_gemv_matches_linear(quant):
             assert ((a - b).norm() / a.norm()).item() < 2e-2, pos
     ref, fast = ref.float(), fast.float()  # int8 too: torch.compile must take the kernels (it once failed to)
     prompt = [x[0].tolist()]
+    skips = counters["inductor"]["cudagraph_skips"]
     a = generate(fast, prompt, 30, decode_fn=compile_step(decode_one_token, "cuda"), max_seq_length=64)
+    assert counters["inductor"]["cudagraph_skips"] == skips, "the compiled step ran without its CUDA graph"
     assert a == generate(ref, prompt, 30, max_seq_length=64)
 
 
