@@ -28,8 +28,8 @@ five kernels: wqkv, attention (decode_attention.py), wo, the gate-up pair, w2.
 `use_gemv(model)` swaps every float nn.Linear for `GemvLinear`, which takes these paths on CUDA and is F.linear
 otherwise (prefill, the CPU), and gives each dense TransformerBlock `fused_block`; quantize.py's Int8Linear and
 Int4Linear call `int8_gemv` / `int4_gemv`. Those four are custom ops (`_op`), so that torch.compile keeps them whole
-and CUDA graphs capture each launch with programmatic dependent launch (`_pdl`): on Hopper a kernel starts loading
-its weights while the kernel before it finishes.
+and CUDA graphs capture the float kernels' launches with programmatic dependent launch (`_pdl`): on Hopper a GEMV
+starts loading its weights while the kernel before it finishes.
 """
 import os
 from typing import Optional
@@ -142,11 +142,8 @@ if triton is not None:
     @triton.jit
     def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, res_ptr, N, K: tl.constexpr,
                           HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
+                          BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
         # y (N,) = (w (N, K) @ x (K,)) * s (N,) + b, float32 accumulation; the gate likewise from g, gs
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -217,11 +214,8 @@ if triton is not None:
     @triton.jit
     def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K: tl.constexpr, K_IN: tl.constexpr,
                           GROUPSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
+                          BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
         # y (N,) = W x (K_IN,) + b, W (N, K) in pack_int4's layout, dequantized as w = (q - 8) * s + z
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
         H: tl.constexpr = GROUPSIZE // 2
         NG: tl.constexpr = BLOCK_K // GROUPSIZE  # groups per chunk
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -252,11 +246,8 @@ if triton is not None:
     @triton.jit
     def _int4_rows_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, M, K: tl.constexpr, K_IN: tl.constexpr,
                           GROUPSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                          BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+                          BLOCK_N: tl.constexpr):
         # y (M, N) = x (M, K_IN) @ W.T + b for M <= 16, one group of W (pack_int4's layout) per step
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
         H: tl.constexpr = GROUPSIZE // 2
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         ms = tl.arange(0, 16)
@@ -283,12 +274,13 @@ if triton is not None:
 
 
 def _pdl(x) -> bool:
-    """Launch with programmatic dependent launch (Hopper and newer): the kernel may then start while the one before
-    it drains its last wave, instead of after it. Every kernel here first lets the next one launch
+    """Launch the float kernels with programmatic dependent launch (Hopper and newer): a kernel may then start while
+    the one before it drains its last wave, instead of after it. Each first lets the next one launch
     (gdc_launch_dependents), then waits for the previous one to finish (gdc_wait) before it reads x or writes
-    anything; the float GEMV loads its first chunk of weights, which no kernel writes, before that wait. Over a
-    Llama-2-7B step's GEMVs in one CUDA graph (H200) that took the stream from 90.7% of copy to 97.7%
-    (BENCHMARKS.md)."""
+    anything; the one-row GEMV loads its first chunk of weights, which no kernel writes, before that wait. A float
+    decode layer is GEMV, attention, GEMV, GEMV, GEMV, so most boundaries are two GEMVs. On an H200 the Llama-2-7B
+    decode step went from 3.90 to 3.65 ms (BENCHMARKS.md). The int8 and int4 kernels keep plain launches: their
+    layers put inductor's norm kernels between the matmuls, and PDL made the int8 step 5% slower."""
     return PDL_OK and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
@@ -341,15 +333,15 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias:
     """x (M, K) contiguous, M <= MAX_ROWS; int8 weight (N, K), scales (N,) -> (M, N) in x's dtype, as gemv; the
     gate is an int8 weight with its gate_scales, like them."""
     (M, K), N = x.shape, weight.shape[0]
-    y, pdl, b = x.new_empty(M, N), _pdl(x), bias if bias is not None else scales
-    args = dict(HAS_BIAS=bias is not None, **_epilogue_args(x, gate, residual, gate_scales), PDL=pdl, launch_pdl=pdl)
+    y, b = x.new_empty(M, N), bias if bias is not None else scales
+    args = dict(HAS_BIAS=bias is not None, **_epilogue_args(x, gate, residual, gate_scales))
     if M == 1:
         _int8_gemv_kernel[(triton.cdiv(N, INT8_CONFIG["BLOCK_N"]),)](x, weight, scales, b, y, N=N, K=K,
                                                                       **INT8_CONFIG, **args)
     else:
         _rows_kernel[(triton.cdiv(N, INT8_ROWS_CONFIG["BLOCK_N"]),)](
             x, weight, scales, b, y, M=M, N=N, K=K, HAS_SCALE=True, HAS_RMS=False, EPS=0.0, PRECISION=_precision(x),
-            **INT8_ROWS_CONFIG, **args)
+            **INT8_ROWS_CONFIG, **args, PDL=False)
     return y
 
 
@@ -368,8 +360,8 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
     padded to whole groups -> (M, N) in x's dtype."""
     M, K_in = x.shape
     N, K = weight.shape[0], weight.shape[1] * 2
-    y, pdl, b = x.new_empty(M, N), _pdl(x), bias if bias is not None else scales
-    args = dict(K=K, K_IN=K_in, GROUPSIZE=groupsize, HAS_BIAS=bias is not None, PDL=pdl, launch_pdl=pdl)
+    y, b = x.new_empty(M, N), bias if bias is not None else scales
+    args = dict(K=K, K_IN=K_in, GROUPSIZE=groupsize, HAS_BIAS=bias is not None)
     if M == 1:
         cfg = dict(INT4_CONFIG, BLOCK_K=max(INT4_CONFIG["BLOCK_K"], groupsize))
         _int4_gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x, weight, scales, zeros, b, y, N, **cfg, **args)
