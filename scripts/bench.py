@@ -129,6 +129,8 @@ def main(argv=None):
     p.add_argument("--no_gemv", action="store_true", help="stock F.linear instead of the Triton GEMV (random weights)")
     p.add_argument("--sdpa", action="store_true",
                    help="PyTorch's SDPA for decode attention instead of decode_attention.py's kernel")
+    p.add_argument("--no_pdl", action="store_true",
+                   help="plain kernel launches: no programmatic dependent launch for gemv.py's float kernels")
     p.add_argument("--no_fuse", action="store_true",
                    help="the plain block forward: no gate-up matmul pair, SiLU and residual adds as kernels of their own")
     p.add_argument("--verify_k", type=int, default=0, help="also time one forward over k+1 positions vs one step")
@@ -147,6 +149,9 @@ def main(argv=None):
         inductor_config.coordinate_descent_tuning = True
         inductor_config.triton.unique_kernel_names = True
         inductor_config.fx_graph_cache = True
+    if args.no_pdl:
+        import gemv
+        gemv.PDL_OK = False
     torch.manual_seed(0)
 
     copy_gbs = copy_bandwidth(device)
@@ -167,6 +172,7 @@ def main(argv=None):
     label += " stock-linear" if args.no_gemv else ""
     label += " sdpa" if args.sdpa else ""
     label += " unfused" if args.no_fuse else ""
+    label += " no-pdl" if args.no_pdl else ""
     label += f" {args.kernel}-kernel" if args.kernel != "default" else ""
 
     if args.verify_only and args.verify_k:

@@ -58,7 +58,9 @@ def main():
     p.add_argument("--no_pair", action="store_true",
                    help="w1 and w3 as two matmuls (default for bf16 and int8: one call with w1 as w3's gate, as the "
                         "model runs them)")
+    p.add_argument("--no_pdl", action="store_true", help="plain launches: no programmatic dependent launch")
     args = p.parse_args()
+    G.PDL_OK = G.PDL_OK and not args.no_pdl
     sweep, g, row_counts = args.sweep, args.groupsize, [int(r) for r in args.rows.split(",")]
     c = ModelArgs.from_name(args.model)
     d, qkv = c.dim, (c.n_head + 2 * c.n_local_heads) * c.head_dim
