@@ -305,8 +305,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
     y, pdl = x.new_empty(*x.shape[:-1], N), _pdl(x)
     _gemv_kernel[(triton.cdiv(N, GEMV_CONFIG["BLOCK_N"]),)](
         weight, x.contiguous(), bias if bias is not None else weight, y, N=N, K=K, HAS_BIAS=bias is not None,
-        HAS_RMS=rms_eps is not None, EPS=rms_eps or 0.0, **GEMV_CONFIG, **_epilogue_args(x, gate, residual, scales=False),
-        PDL=pdl, launch_pdl=pdl)
+        HAS_RMS=rms_eps is not None, EPS=rms_eps or 0.0, **GEMV_CONFIG,
+        **_epilogue_args(x, gate, residual, scales=False), PDL=pdl, launch_pdl=pdl)
     return y
 
 
@@ -394,7 +394,7 @@ def linear(layer, x, gate=None, residual=None, norm=None):
     eps = None if norm is None else norm.eps
     if float_kernel:
         if rows == 1:
-            return gemv(x.contiguous(), w, layer.bias, g, residual, eps)
+            return gemv(x, w, layer.bias, g, residual, eps)
         return gemm_rows(x, w, layer.bias, g, residual, eps)
     if kernel and w.dtype == torch.int8 and getattr(layer, "use_triton", False):  # Int8Linear, prepared for Triton
         y = int8_gemv(x.reshape(rows, -1).contiguous(), w, layer.scales, layer.bias, g,

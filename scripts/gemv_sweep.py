@@ -97,7 +97,8 @@ def main():
         elif kind == "bf16-cublas":
             fn = lambda: [torch.nn.functional.linear(xi, w) for xi, w in zip(xs, wb)]  # noqa: E731
         elif kind == "int8":
-            fn = lambda: [G.int8_gemv(xi, w, s, None, *(g or (None, None))) for xi, (w, s), g in plan(xs, w8)]  # noqa: E731
+            fn = lambda: [G.int8_gemv(xi, w, s, None, *(g or (None, None)))  # noqa: E731
+                          for xi, (w, s), g in plan(xs, w8)]
         elif kind == "int4":
             fn = lambda: [G.int4_gemv(xi, w, s, z, g) for xi, (w, s, z) in zip(xs, w4)]  # noqa: E731
         else:
