@@ -116,6 +116,31 @@ def test_gemv_matches_linear_under_the_interpreter():
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
 
 
+COMPILED = r"""
+import torch
+import gemv as G
+torch.manual_seed(0)
+x1, x4 = torch.randn(1, 64).half(), torch.randn(4, 64).half()
+w, g, r = torch.randn(32, 64).half(), torch.randn(32, 64).half(), torch.randn(1, 32).half()
+q8, s8 = torch.randint(-127, 128, (32, 64), dtype=torch.int8), torch.rand(32).half() / 100
+calls = lambda x1, x4: [2 * y for y in (G.gemv(x1, w, None, g, r, 1e-5), G.gemm_rows(x4, w, rms_eps=1e-5),
+                                         G.int8_gemv(x1, q8, s8, None, q8, s8, r), G.int8_gemv(x4, q8, s8))]
+compiled = torch.compile(calls, fullgraph=True)(x1, x4)
+assert all(torch.equal(a, b) for a, b in zip(compiled, calls(x1, x4)))
+print("ok")
+"""
+
+
+def test_custom_ops_compile_whole():
+    """The launchers are custom ops (so CUDA graphs keep their launch attribute): torch.compile takes them into
+    one graph, with no break, through their fake (shape-only) versions, and gets the eager results."""
+    # no inductor caches: a graph cached before a change to an op's fake version would hide it
+    env = dict(os.environ, TRITON_INTERPRET="1", TORCHINDUCTOR_FORCE_DISABLE_CACHES="1",
+               PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    r = subprocess.run([sys.executable, "-c", COMPILED], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
+
+
 def one_block(bias: bool, rows: int):
     """A tiny model's only block with its caches, and a block call's inputs for `rows` new positions from 0:
     (block, (x, rope, mask, input_pos))."""
