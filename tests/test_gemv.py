@@ -119,12 +119,17 @@ def test_gemv_matches_linear_under_the_interpreter():
 COMPILED = r"""
 import torch
 import gemv as G
+import quantize as Q
 torch.manual_seed(0)
 x1, x4 = torch.randn(1, 64).half(), torch.randn(4, 64).half()
 w, g, r = torch.randn(32, 64).half(), torch.randn(32, 64).half(), torch.randn(1, 32).half()
 q8, s8 = torch.randint(-127, 128, (32, 64), dtype=torch.int8), torch.rand(32).half() / 100
+s4, z4 = Q.int4_qparams(w.float(), 32)
+q4 = Q.pack_int4(Q.quantize_int4(w.float(), s4, z4, 32), 32)
+s4, z4 = s4.half(), z4.half()
 calls = lambda x1, x4: [2 * y for y in (G.gemv(x1, w, None, g, r, 1e-5), G.gemm_rows(x4, w, rms_eps=1e-5),
-                                         G.int8_gemv(x1, q8, s8, None, q8, s8, r), G.int8_gemv(x4, q8, s8))]
+                                         G.int8_gemv(x1, q8, s8, None, q8, s8, r), G.int8_gemv(x4, q8, s8),
+                                         G.int4_gemv(x1, q4, s4, z4, 32), G.int4_gemv(x4, q4, s4, z4, 32))]
 compiled = torch.compile(calls, fullgraph=True)(x1, x4)
 assert all(torch.equal(a, b) for a, b in zip(compiled, calls(x1, x4)))
 print("ok")
