@@ -110,10 +110,15 @@ def test_kernels_compile_for_hopper():
     assert {"int8 GEMV + gate", "float GEMV + gate + norm", "float rows + gate", "int4 GEMV g128"} <= set(names)
 
 
-def test_gemv_matches_linear_under_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    r = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=300)
+def run_interpreted(code: str, **env):
+    """Run a script in a fresh process under Triton's interpreter (set before triton is imported); it prints ok."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).resolve().parent.parent), **env)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
+
+
+def test_gemv_matches_linear_under_the_interpreter():
+    run_interpreted(CHECK)
 
 
 COMPILED = r"""
@@ -140,10 +145,7 @@ def test_custom_ops_compile_whole():
     """The launchers are custom ops (so CUDA graphs keep their launch attribute): torch.compile takes them into
     one graph, with no break, through their fake (shape-only) versions, and gets the eager results."""
     # no inductor caches: a graph cached before a change to an op's fake version would hide it
-    env = dict(os.environ, TRITON_INTERPRET="1", TORCHINDUCTOR_FORCE_DISABLE_CACHES="1",
-               PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    r = subprocess.run([sys.executable, "-c", COMPILED], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
+    run_interpreted(COMPILED, TORCHINDUCTOR_FORCE_DISABLE_CACHES="1")
 
 
 def one_block(bias: bool, rows: int):
