@@ -98,6 +98,17 @@ if triton is not None:
         return acc, acc_g, ss
 
     @triton.jit
+    def _weight_chunk(w_ptr, g_ptr, rows, cols, k, N, K: tl.constexpr, HAS_GATE: tl.constexpr):
+        # the (BLOCK_N, BLOCK_K) chunk of W at column k, and of the gate's G (W again when there is none); each
+        # weight is read once, so not kept in L2
+        offs, ok = rows[:, None] * K + (k + cols)[None, :], (rows[:, None] < N) & (k + cols < K)[None, :]
+        w = tl.load(w_ptr + offs, mask=ok, other=0.0, eviction_policy="evict_first")
+        g = w
+        if HAS_GATE:
+            g = tl.load(g_ptr + offs, mask=ok, other=0.0, eviction_policy="evict_first")
+        return w, g
+
+    @triton.jit
     def _gemv_kernel(w_ptr, x_ptr, b_ptr, y_ptr, g_ptr, res_ptr, N, K: tl.constexpr, HAS_BIAS: tl.constexpr,
                      HAS_RMS: tl.constexpr, EPS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
@@ -111,24 +122,15 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_K)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
-        offs, ok = rows[:, None] * K + cols[None, :], (rows[:, None] < N) & (cols < K)[None, :]
-        w = tl.load(w_ptr + offs, mask=ok, other=0.0, eviction_policy="evict_first")  # read once: not for L2
-        g = w
-        if HAS_GATE:
-            g = tl.load(g_ptr + offs, mask=ok, other=0.0, eviction_policy="evict_first")
+        w, g = _weight_chunk(w_ptr, g_ptr, rows, cols, 0, N, K, HAS_GATE)
         if PDL:
             tl.extra.cuda.gdc_wait()
         x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
         zeros = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         acc, acc_g, ss = _gemv_chunk(zeros, zeros, tl.zeros((BLOCK_K,), dtype=tl.float32), w, g, x, HAS_GATE, HAS_RMS)
         for k in tl.range(BLOCK_K, K, BLOCK_K, num_stages=STAGES):
-            in_k = k + cols < K
-            offs, ok = rows[:, None] * K + (k + cols)[None, :], (rows[:, None] < N) & in_k[None, :]
-            w = tl.load(w_ptr + offs, mask=ok, other=0.0, eviction_policy="evict_first")
-            g = w
-            if HAS_GATE:
-                g = tl.load(g_ptr + offs, mask=ok, other=0.0, eviction_policy="evict_first")
-            x = tl.load(x_ptr + k + cols, mask=in_k, other=0.0).to(tl.float32)
+            w, g = _weight_chunk(w_ptr, g_ptr, rows, cols, k, N, K, HAS_GATE)
+            x = tl.load(x_ptr + k + cols, mask=k + cols < K, other=0.0).to(tl.float32)
             acc, acc_g, ss = _gemv_chunk(acc, acc_g, ss, w, g, x, HAS_GATE, HAS_RMS)
         y, gate = tl.sum(acc, axis=1), tl.sum(acc_g, axis=1)
         if HAS_RMS:
