@@ -165,15 +165,25 @@ def trim_at_stop(ids: list, stop_ids) -> list:
 # the target's distribution exactly, and under greedy the text is the target's own argmax text. Both KV caches roll
 # back by position only: a rejected slot is written again by the next forward, and the mask hides it until then.
 #
+# One target step (`spec_step`) is the drafter's proposal and the target's verify, and everything it needs from the
+# step before stays on the device: one CUDA graph a step, and the host never has to answer before the next step can
+# start. Its state, in and out, is what the last verify saw and decided:
+#   x (1, k+1)       the tokens the target was fed, at cache slots input_pos (k+1,);
+#   n ()             how many of the drafts x[0, 1:] it accepted;
+#   token ()         the token it chose next, at slot input_pos[n] + 1 (in no cache yet);
+#   hidden (1, k+1, D)  its final-normed states at those slots; hidden[:, j] predicted the token after x[0, j].
+# Entries past n are rejected drafts: a drafter may read them only as garbage that it writes over.
+# After prefill the state is x = [last prompt token, junk], n = 0, the first sampled token, and the prompt's last
+# state, so the first step is like any other.
+#
 # The drafter interface (ModelDrafter below; an MTP head implements the same three methods):
 #   setup(max_seq_length)               allocate its caches for one sequence of up to that many positions.
 #   prefill(prompt, hidden)             prompt (1, T) at positions 0..T-1; hidden (1, T, D) the target's final-normed
 #                                       states there (hidden[:, j] predicted the token at j+1).
-#   propose(tokens, hidden, pos, k, s)  -> draft (k,) for positions pos+1..pos+k, drawn from q (k, V), the
-#                                       drafter's distributions after the same Sampling `s` as the target's.
-#       tokens (1, m+1) are the tokens at positions pos-m..pos: the last one the target has been fed, then the m
-#       accepted since the previous call (the last, at `pos`, is in no cache yet); hidden (1, m, D) holds the
-#       target's states at positions pos-m..pos-1, hidden[:, i] being the one that predicted tokens[:, i+1].
+#   propose(x, n, token, hidden, input_pos, k, s)
+#                                       the state above -> draft (k,) for the k slots after `token`'s, drawn from
+#                                       q (k, V), the drafter's distributions after the same Sampling `s` as the
+#                                       target's. Traced into the step's graph: no host syncs, no Python ints of n.
 
 
 def accept_draft(draft, q, p, u=None, greedy: bool = False):
@@ -232,20 +242,30 @@ def verify(model, x, input_pos, q, s: Sampling):
     return n, token, hidden
 
 
+def spec_step(model, drafter, x, n, token, hidden, input_pos, s: Sampling):
+    """One target step: the drafter catches up on what the last verify accepted and drafts k tokens, the target
+    verifies them. The state in and out is the one described above; k is x's width less one."""
+    k = x.shape[1] - 1
+    draft, q = drafter.propose(x, n, token, hidden, input_pos, k, s)
+    input_pos = input_pos + n + 1  # `token` is fed at its slot, the drafts after it
+    x = torch.cat([token.view(1, 1), draft.view(1, k)], dim=1)
+    n, token, hidden = verify(model, x, input_pos, q, s)
+    return x, n, token, hidden, input_pos
+
+
 def compile_spec_steps(device: str, compile_prefill: bool):
-    """Compiled prefill (optional), draft step and verify step, as compile_steps does for plain decoding. Static
-    shapes: the draft step sees one token or two (see ModelDrafter), the verify step always k+1."""
+    """Compiled prefill (optional) and speculative step, as compile_steps does for plain decoding. The step has
+    one static shape whatever was accepted, so it compiles once and replays as one CUDA graph."""
     pre = torch.compile(prefill_hidden, fullgraph=True, dynamic=True) if compile_prefill else prefill_hidden
-    draft = compile_step(decode_with_probs, device, dynamic=False)
-    return pre, draft, compile_step(verify, device, dynamic=False)
+    return pre, compile_step(spec_step, device, dynamic=False)
 
 
 class ModelDrafter:
     """Drafts with a second, cheaper model (a small sibling, or a quantized copy of the target) and its own cache.
 
-    Each proposal first feeds the last two tokens: when all k drafts were accepted the draft model never saw its
-    own k-th token, and otherwise rewriting a slot it already holds is harmless, so one shape covers both cases.
-    The target's hidden states are not used.
+    Each proposal first feeds the last accepted token and the target's next one: when all k drafts were accepted
+    the draft model never saw its own k-th token, and otherwise rewriting a slot it already holds is harmless, so
+    one shape covers both cases. The target's hidden states are not used.
     """
 
     def __init__(self, model: Transformer, step=decode_with_probs):
@@ -258,27 +278,42 @@ class ModelDrafter:
     def prefill(self, prompt, hidden):
         self.model(prompt, torch.arange(prompt.shape[1], device=prompt.device))
 
-    def propose(self, tokens, hidden, pos: int, k: int, s: Sampling):
-        # (1, 2) with strides (2, 1) whatever tokens' length: a slice of tokens keeps its row stride, which
-        # torch.compile guards on, so every accepted length would compile the draft step anew
-        x = tokens[0, -2:].clone().view(1, 2)
-        input_pos = torch.arange(pos - 1, pos + 1, device=tokens.device)  # (2,)
+    def propose(self, x, n, token, hidden, input_pos, k: int, s: Sampling):
+        i = n.view(1)
+        t = torch.cat([x[0].index_select(0, i), token.view(1)]).view(1, 2)
+        pos = input_pos.index_select(0, i) + torch.arange(2, device=x.device)  # (2,)
         drafts, probs = [], []
         for _ in range(k):
-            token, q = self.step(self.model, x, input_pos, s)
-            drafts.append(token.clone())  # clone: a CUDA graph reuses its outputs on its next replay
-            probs.append(q.clone())
-            x, input_pos = drafts[-1].view(1, 1), input_pos[-1:] + 1
+            t, q = self.step(self.model, t, pos, s)
+            drafts.append(t)
+            probs.append(q)
+            t, pos = t.view(1, 1), pos[-1:] + 1
         return torch.cat(drafts), torch.cat(probs)  # (k,), (k, V)
+
+
+def copy_to_host(t):
+    """Start copying t to the host without waiting; the returned function waits for that copy alone and gives a
+    list. On a GPU the copy goes to pinned memory behind an event, so work queued after it keeps running."""
+    if t.device.type != "cuda":
+        return t.tolist
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return lambda: (done.synchronize(), host.tolist())[1]
 
 
 @torch.no_grad()
 def speculative_generate(model: Transformer, drafter, prompts: list, max_new_tokens: int, s: Sampling = Sampling(),
                          k: int = 5, *, stop_ids=(), callback: Optional[Callable] = None, prefill_fn=prefill_hidden,
-                         verify_fn=verify, max_seq_length: Optional[int] = None, accepted: Optional[list] = None):
+                         step_fn=spec_step, max_seq_length: Optional[int] = None, accepted: Optional[list] = None):
     """generate() for one prompt with a drafter: the same return value (a list holding one list of new ids) and
     callback contract (each new token as a (1,) tensor, in order). `accepted`, when a list, gets the number of
-    drafts the target accepted at each of its steps."""
+    drafts the target accepted at each of its steps.
+
+    The loop queues step i+1 before it reads step i's tokens, so the GPU works on the next step while the host
+    streams and checks this one's. The step queued when the answer ends is thrown away: it wrote only cache slots
+    past the answer, which the length check below leaves room for."""
     if len(prompts) != 1:
         raise ValueError(f"speculative decoding takes one prompt at a time, got {len(prompts)}; "
                          f"drop --batch_size/--prompts_file or --draft_checkpoint_path")
@@ -290,21 +325,23 @@ def speculative_generate(model: Transformer, drafter, prompts: list, max_new_tok
     T = len(prompt)
     if T == 0:
         raise ValueError("empty prompt: give at least one token of text")
-    total = T + max_new_tokens + k + 1  # the last verify writes up to k slots past the last token kept
+    total = T + max_new_tokens + 2 * k  # the last verify, and the step queued behind it, each write k slots ahead
     max_seq_length = max_seq_length or total
     if total > min(max_seq_length, model.config.block_size):
-        raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens + {k + 1} for speculation exceeds the "
+        raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens + {2 * k} for speculation exceeds the "
                          f"cache of {min(max_seq_length, model.config.block_size)}; shorten the prompt or lower "
                          f"--max_new_tokens")
     if model.max_batch_size < 1 or model.max_seq_length != max_seq_length:
         model.setup_caches(1, max_seq_length)
     drafter.setup(max_seq_length)
 
-    x = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
-    token, hidden = prefill_fn(model, x, torch.arange(T, device=device), s)
-    drafter.prefill(x, hidden)
-    tokens, hidden = torch.cat([x[:, -1:], token.view(1, 1)], dim=1), hidden[:, -1:].clone()  # (1, 2), (1, 1, D)
-    new, pos, out = [int(token)], T, []  # pos: where tokens[:, -1] sits; the target has not been fed it yet
+    prompt = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
+    token, hidden = prefill_fn(model, prompt, torch.arange(T, device=device), s)
+    drafter.prefill(prompt, hidden)
+    x = F.pad(prompt[:, -1:], (0, k))  # (1, k+1): the last prompt token, then k junk slots
+    state = (x, torch.zeros((), dtype=torch.long, device=device), token.view(()),
+             F.pad(hidden[:, -1:], (0, 0, 0, k)), torch.arange(T - 1, T + k, device=device))
+    out, new, pending = [], [int(token)], None
     while True:
         for t in new:
             out.append(t)
@@ -312,15 +349,15 @@ def speculative_generate(model: Transformer, drafter, prompts: list, max_new_tok
                 callback(torch.tensor([t]))
             if t in stop_ids or len(out) >= max_new_tokens:
                 return [out]
-        draft, q = drafter.propose(tokens, hidden, pos, k, s)
-        x = torch.cat([tokens[:, -1:], draft.view(1, k)], dim=1)  # (1, k+1)
-        n, token, hidden = verify_fn(model, x, torch.arange(pos, pos + k + 1, device=device), q, s)
-        n, *ids = torch.cat([n.view(1), draft, token.view(1)]).tolist()  # the step's one host sync
-        new = ids[:n] + ids[-1:]
-        if accepted is not None:
-            accepted.append(n)
-        tokens = torch.cat([x[:, :n + 1], token.view(1, 1)], dim=1)  # (1, n+2), positions pos..pos+n+1
-        hidden, pos = hidden[:, :n + 1].clone(), pos + n + 1  # clone: a CUDA graph reuses its outputs
+        state = tuple(v.clone() for v in step_fn(model, drafter, *state, s))  # clone: a CUDA graph reuses outputs
+        x, n, token = state[:3]
+        ready, pending = pending, copy_to_host(torch.cat([n.view(1), x[0, 1:], token.view(1)]))
+        new = []
+        if ready is not None:  # the step before the one just queued: read while that one runs
+            n, *ids = ready()
+            new = ids[:n] + ids[-1:]
+            if accepted is not None:
+                accepted.append(n)
 
 
 def check_draft(target: Transformer, draft: Transformer, tokenizer=None, draft_tokenizer=None):
@@ -339,11 +376,11 @@ def check_draft(target: Transformer, draft: Transformer, tokenizer=None, draft_t
 
 @dataclass
 class Speculation:
-    """What run_once needs to decode speculatively: a drafter, k, and the target's (maybe compiled) steps."""
+    """What run_once needs to decode speculatively: a drafter, k, and the (maybe compiled) prefill and step."""
     drafter: object
     k: int
     prefill_fn: Callable = prefill_hidden
-    verify_fn: Callable = verify
+    step_fn: Callable = spec_step
 
 
 def load_speculation(args, model: Transformer, tokenizer, target_dir: Path, device: str, dtype):
@@ -368,9 +405,8 @@ def load_speculation(args, model: Transformer, tokenizer, target_dir: Path, devi
     check_draft(model, draft, tokenizer, draft_tokenizer)
     print(f"loaded draft {path} in {time.perf_counter() - t:.1f} s ({model_bytes(draft) / 1e9:.2f} GB read per "
           f"draft step), speculating k={args.speculate_k}", file=sys.stderr)
-    pre, step, verify_fn = (compile_spec_steps(device, args.compile_prefill) if args.compile
-                            else (prefill_hidden, decode_with_probs, verify))
-    return Speculation(ModelDrafter(draft, step), args.speculate_k, pre, verify_fn)
+    steps = compile_spec_steps(device, args.compile_prefill) if args.compile else (prefill_hidden, spec_step)
+    return Speculation(ModelDrafter(draft), args.speculate_k, *steps)
 
 
 def acceptance_summary(accepted: list, k: int) -> str:
@@ -513,7 +549,7 @@ def run_once(model, tokenizer, prompts, args, s, steps, device, max_seq_length=N
     else:
         out = speculative_generate(model, spec.drafter, prompts, args.max_new_tokens, s, spec.k,
                                    stop_ids=tokenizer.eos_ids, callback=on_token, prefill_fn=spec.prefill_fn,
-                                   verify_fn=spec.verify_fn, max_seq_length=max_seq_length, accepted=accepted)
+                                   step_fn=spec.step_fn, max_seq_length=max_seq_length, accepted=accepted)
     synchronize(device)
     t1 = time.perf_counter()
     printer.close()

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from generate import Sampling, compile_step, sample
+from generate import Sampling, sample
 from model import KVCache, ModelArgs, RMSNorm, Transformer, TransformerBlock, rope_tables
 
 MTP_HEAD_FILE = "mtp_head.pth"  # beside model.pth; `generate.py --mtp` loads it for the embedded default
@@ -201,9 +201,10 @@ def draft(head: MTPHead, model: Transformer, hidden, tokens, input_pos, last, k:
 class MTPDrafter:
     """generate.py's drafter interface (setup / prefill / propose) over an MTP head and the target itself.
 
-    propose gets the m accepted tokens since the last call with the m target states that predicted them, i.e.
-    the m step-1 inputs (h_j, x_{j+1}) at positions pos-m..pos-1; 1 <= m <= k+1. They are padded to k+1 so every
-    call has one shape, and the step-1 output at the last real one starts the k drafts.
+    propose catches the head up on the verify's k+1 positions, each target state with the token it predicted
+    (x[0, j+1] for the n accepted drafts, then the target's own `token`); the states past n pair with rejected
+    drafts, which the k draft steps overwrite before any query sees them. The step-1 output at position n starts
+    the k drafts. One shape whatever n is, so the proposal traces into the target's step.
     """
 
     def __init__(self, head: MTPHead, target: Transformer, step=draft):
@@ -219,39 +220,28 @@ class MTPDrafter:
             self.head(hidden[:, :T - 1], self.target.tok_embeddings(prompt[:, 1:]),
                       torch.arange(T - 1, device=prompt.device))
 
-    def propose(self, tokens, hidden, pos: int, k: int, s: Sampling):
-        m, dev = hidden.shape[1], hidden.device
-        pad = k + 1 - m
-        hidden = F.pad(hidden, (0, 0, 0, pad))  # (1, k+1, D)
-        tokens = F.pad(tokens[0, 1:], (0, pad)).view(1, k + 1)  # strides (k+1, 1) even when pad is 0: compile
-        # guards on strides, and a slice of tokens would carry its row stride into the graph's guards
-        input_pos = torch.arange(pos - m, pos - m + k + 1, device=dev)
-        last = torch.arange(m - 1, m, device=dev)  # (1,), made on the device: no host-to-device copy
-        drafts, q = self.step(self.head, self.target, hidden, tokens, input_pos, last, k, s)
-        return drafts[0].clone(), q[0].clone()  # (k,), (k, V); clone: a CUDA graph reuses its outputs
-
-
-def compile_draft(device: str):
-    """The whole proposal (catch-up + k steps) as one graph: one CUDA graph replay per target step."""
-    return compile_step(draft, device, dynamic=False)
+    def propose(self, x, n, token, hidden, input_pos, k: int, s: Sampling):
+        predicted = torch.cat([x[0, 1:], token.view(1)])  # (k+1,): what each state predicted, if n were k
+        predicted = torch.where(torch.arange(k + 1, device=x.device) == n, token, predicted)
+        drafts, q = self.step(self.head, self.target, hidden, predicted.view(1, k + 1), input_pos, n.view(1), k, s)
+        return drafts[0], q[0]  # (k,), (k, V)
 
 
 def load_speculation(args, model: Transformer, target_dir, device: str):
     """generate.py's Speculation for --mtp / --mtp_checkpoint_path: this head drafts, the target verifies with
-    the same (compiled with --compile) prefill and verify steps as for a draft model."""
-    from generate import Speculation, compile_spec_steps, prefill_hidden, verify
+    the same (compiled with --compile) prefill and step as for a draft model."""
+    from generate import Speculation, compile_spec_steps, prefill_hidden, spec_step
     if args.draft_checkpoint_path:
         raise ValueError("--draft_checkpoint_path and --mtp/--mtp_checkpoint_path both name a drafter; choose one")
     path = Path(args.mtp_checkpoint_path) if args.mtp_checkpoint_path else Path(target_dir) / MTP_HEAD_FILE
     t = time.perf_counter()
     head = load_head(path, model, args.draft_vocab)
     k = head.k if args.speculate_k is None else args.speculate_k
-    pre, _, verify_fn = compile_spec_steps(device, args.compile_prefill) if args.compile else (
-        prefill_hidden, None, verify)
+    steps = compile_spec_steps(device, args.compile_prefill) if args.compile else (prefill_hidden, spec_step)
     n = head.vocab_size if head.vocab_ids is None else len(head.vocab_ids)
     print(f"loaded MTP head {path} in {time.perf_counter() - t:.1f} s (trained for k={head.k}, drafting over {n} "
           f"of {head.vocab_size} tokens), speculating k={k}", file=sys.stderr)
-    return Speculation(MTPDrafter(head, model, compile_draft(device) if args.compile else draft), k, pre, verify_fn)
+    return Speculation(MTPDrafter(head, model), k, *steps)
 
 
 # ------------------------------------------------------------------------------------------------ native MTP weights

@@ -8,8 +8,8 @@ Each prompt (chat template applied) runs twice: the target alone (generate()) an
 (speculative_generate()), with one cache length for both. It prints a line per prompt as it goes, then, for every
 prompt whose speculative text differs from the target's, the target's top-2 logits at the first difference (under
 bf16 on the GPU, verifying k+1 tokens runs other matmul shapes than one-token decode and can flip a near-tie; a
-gap beyond bf16 rounding there is a bug), then the measured cost of one target step, one verify step and one
-proposal with the speed-up they predict, and last a table per category (speed-up: all tokens over all time;
+gap beyond bf16 rounding there is a bug), then the measured cost of one decode step of the target alone and of
+one speculative step (proposal + verify, one graph) with the speed-up they predict, and last a table per category (speed-up: all tokens over all time;
 median: the median over prompts of the per-prompt speed-up). `--recheck run.json` recomputes the near-tie report
 of an earlier run with this machine's model (say a GPU run in float32 on the CPU). The dev prompts are for
 evaluation only: never train on them.
@@ -61,7 +61,7 @@ def run_pair(model, ids, args, s, steps, spec, L, device, seed, n_new):
     torch.manual_seed(seed)
     out, t_spec = timed_run(lambda cb: speculative_generate(
         model, spec.drafter, [ids], n_new, s, spec.k, stop_ids=args.eos_ids, callback=cb, prefill_fn=spec.prefill_fn,
-        verify_fn=spec.verify_fn, max_seq_length=L, accepted=accepted)[0], device)
+        step_fn=spec.step_fn, max_seq_length=L, accepted=accepted)[0], device)
     return ref, t_ref, out, t_spec, accepted
 
 
@@ -102,10 +102,10 @@ def near_tie(model, ids, ref, out):
 
 @torch.no_grad()
 def step_costs(model, spec, steps, L, s, device, reps):
-    """Median seconds of one target decode step, one verify of k+1 tokens and one proposal of k drafts (the
-    drafter's catch-up included), at a cache position half way along."""
+    """Median seconds of one target decode step and one speculative step (the drafter's catch-up, k drafts and
+    the verify of k+1 tokens), at a cache position half way along."""
     k, pos = spec.k, L // 2
-    V, D = model.config.vocab_size, model.config.dim
+    D = model.config.dim
 
     def median_time(fn):
         times = []
@@ -118,14 +118,13 @@ def step_costs(model, spec, steps, L, s, device, reps):
         return statistics.median(times[reps // 5:])  # the first fifth is warm-up
 
     one = torch.ones(1, 1, dtype=torch.long, device=device)
-    x = torch.ones(1, k + 1, dtype=torch.long, device=device)
-    q = torch.full((k, V), 1.0 / V, device=device)
-    tokens, hidden = torch.ones(1, 2, dtype=torch.long, device=device), torch.zeros(1, 1, D, device=device,
-                                                                                  dtype=model.norm.weight.dtype)
+    state = (torch.ones(1, k + 1, dtype=torch.long, device=device), torch.zeros((), dtype=torch.long, device=device),
+             torch.ones((), dtype=torch.long, device=device),
+             torch.zeros(1, k + 1, D, device=device, dtype=model.norm.weight.dtype),
+             torch.arange(pos, pos + k + 1, device=device))
     c_target = median_time(lambda: steps[1](model, one, torch.tensor([pos], device=device), None, s))
-    c_verify = median_time(lambda: spec.verify_fn(model, x, torch.arange(pos, pos + k + 1, device=device), q, s))
-    c_propose = median_time(lambda: spec.drafter.propose(tokens, hidden, pos, k, s))
-    return c_target, c_verify, c_propose
+    c_step = median_time(lambda: spec.step_fn(model, spec.drafter, *state, s))
+    return c_target, c_step
 
 
 def recheck(path: Path, model, tokenizer):
@@ -206,7 +205,7 @@ def main(argv=None):
         raise ValueError(f"no prompts left in {args.prompts}; check --categories/--limit")
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)
                for r in rows]
-    L = max(map(len, prompts)) + args.max_new_tokens + spec.k + 1  # one cache length: same graphs, same numerics
+    L = max(map(len, prompts)) + args.max_new_tokens + 2 * spec.k  # one cache length: same graphs, same numerics
     log(f"{len(rows)} prompts, {args.max_new_tokens} new tokens at most, k={spec.k}, {s}, {dtype}, {device}"
         f"{', compiled' if args.compile else ''}; warming up")
     run_pair(model, prompts[0], args, s, steps, spec, L, device, args.seed, 3 * (spec.k + 1))
@@ -233,16 +232,16 @@ def main(argv=None):
     all_accepted = [n for r in results for n in r["accepted"]]
     tok_step = 1 + sum(all_accepted) / len(all_accepted)
     if args.cost_reps:
-        c_t, c_v, c_p = step_costs(model, spec, steps, L, s, device, args.cost_reps)
+        c_t, c_s = step_costs(model, spec, steps, L, s, device, args.cost_reps)
         ref_rate = sum(len(r["ref"]) - 1 for r in results) / sum(r["t_ref"] for r in results)
         spec_rate = sum(len(r["out"]) - 1 for r in results) / sum(r["t_spec"] for r in results)
-        print(f"\nstep costs: target decode {c_t * 1e3:.3f} ms, verify of {spec.k + 1} tokens {c_v * 1e3:.3f} ms "
-              f"({c_v / c_t:.2f}x), proposal of {spec.k} drafts {c_p * 1e3:.3f} ms ({c_p / c_t:.2f}x)")
-        print(f"predicted speed-up E[tokens/step] / (c_propose + c_verify) * c_target = {tok_step:.2f} / "
-              f"{(c_p + c_v) / c_t:.2f} = {tok_step * c_t / (c_p + c_v):.2f}x; measured {spec_rate / ref_rate:.2f}x")
+        print(f"\nstep costs: target decode {c_t * 1e3:.3f} ms, speculative step ({spec.k} drafts + verify of "
+              f"{spec.k + 1} tokens) {c_s * 1e3:.3f} ms ({c_s / c_t:.2f}x)")
+        print(f"predicted speed-up E[tokens/step] / c_step * c_target = {tok_step:.2f} / {c_s / c_t:.2f} = "
+              f"{tok_step * c_t / c_s:.2f}x; measured {spec_rate / ref_rate:.2f}x")
         per_step = sum(r["t_spec"] for r in results) / len(all_accepted)
-        print(f"measured time per target step {per_step * 1e3:.3f} ms = c_propose + c_verify + "
-              f"{(per_step - c_p - c_v) * 1e3:.3f} ms of host work (sync, bookkeeping, launches outside the graphs)")
+        print(f"measured time per target step {per_step * 1e3:.3f} ms = c_step + {(per_step - c_s) * 1e3:.3f} ms "
+              f"the GPU waited on the host (plus each answer's one step queued past its end)")
 
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")

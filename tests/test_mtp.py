@@ -106,29 +106,30 @@ def test_the_proposal_traces_as_one_graph():
     torch._dynamo.reset()
     model = tiny()
     head = tiny_head(model, vocab_ids=torch.arange(60))
-    step = torch.compile(mtp.draft, backend="eager", fullgraph=True, dynamic=False)
+    step = torch.compile(gen.spec_step, backend="eager", fullgraph=True, dynamic=False)
     for s in (GREEDY, WARM):
         torch.manual_seed(0)
         want = speculative_generate(model, mtp.MTPDrafter(head, model), [[1, 2, 3]], 30, s, 3)
         torch.manual_seed(0)
-        assert speculative_generate(model, mtp.MTPDrafter(head, model, step), [[1, 2, 3]], 30, s, 3) == want
+        assert speculative_generate(model, mtp.MTPDrafter(head, model), [[1, 2, 3]], 30, s, 3, step_fn=step) == want
 
 
 @torch.no_grad()
 def test_the_compiled_proposal_compiles_once(sharp_and_trained):
-    """Full, partial and zero acceptances all reuse one graph (a stride that depended on them used to recompile)."""
+    """Full, partial and zero acceptances all reuse one graph of the whole step, proposal and verify (a stride
+    that depended on them used to recompile)."""
     from torch._dynamo.testing import CompileCounter
     torch._dynamo.reset()
     counter = CompileCounter()
     model, head = sharp_and_trained
-    step = torch.compile(mtp.draft, backend=counter, fullgraph=True, dynamic=False)
+    step = torch.compile(gen.spec_step, backend=counter, fullgraph=True, dynamic=False)
     accepted = []
     for seed in range(6):
         prompt = torch.randint(0, 101, (1 + seed % 4 * 3,), generator=torch.Generator().manual_seed(seed)).tolist()
-        speculative_generate(model, mtp.MTPDrafter(head, model, step), [prompt], 40, GREEDY, 3, accepted=accepted,
-                             max_seq_length=64)
+        speculative_generate(model, mtp.MTPDrafter(head, model), [prompt], 40, GREEDY, 3, accepted=accepted,
+                             max_seq_length=64, step_fn=step)
     assert 0 in accepted and 3 in accepted, f"runs should mix zero and full acceptance, got {set(accepted)}"
-    assert counter.frame_count == 1, f"the proposal compiled {counter.frame_count} times, expected once"
+    assert counter.frame_count == 1, f"the speculative step compiled {counter.frame_count} times, expected once"
 
 
 @torch.no_grad()
@@ -143,7 +144,7 @@ def test_generate_flags_load_the_head(tmp_path):
     spec = gen.load_speculation(args, model, None, tmp_path / "elsewhere", "cpu", torch.float32)
     assert spec.k == 4 and spec.drafter.head.vocab_ids is None
     got = speculative_generate(model, spec.drafter, [[1, 2]], 20, GREEDY, spec.k, prefill_fn=spec.prefill_fn,
-                               verify_fn=spec.verify_fn)
+                               step_fn=spec.step_fn)
     assert got == generate(model, [[1, 2]], 20)
     with pytest.raises(ValueError, match="choose one"):
         gen.load_speculation(gen.parse_args(["--mtp", "--draft_checkpoint_path", "x.pth"]), model, None, tmp_path,
@@ -153,6 +154,16 @@ def test_generate_flags_load_the_head(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ drafting internals
+def state_after(x, h, p, n, k):
+    """The speculative state a verify at slots p..p+k leaves on the text x (states h) when it accepted n drafts
+    and chose x[p+n+1] next; its rejected slots hold junk tokens and states, which the drafter must not use."""
+    g = torch.Generator().manual_seed(p)  # not the global generator: sampled drafting draws from that one
+    xs, hs = x[:, p:p + k + 1].clone(), h[:, p:p + k + 1].clone()
+    xs[0, n + 1:] = torch.randint(0, 101, (k - n,), generator=g)
+    hs[:, n + 1:] = torch.randn(hs[:, n + 1:].shape, generator=g)
+    return xs, torch.tensor(n), x[0, p + n + 1], hs, torch.arange(p, p + k + 1)
+
+
 @torch.no_grad()
 def test_drafting_computes_what_training_computes():
     """Incremental drafting with the head's KV cache, caught up by rounds of 1..k+1 accepted positions, gives the
@@ -188,20 +199,22 @@ def test_proposals_after_partial_acceptance_equal_a_fresh_replay(s):
     drafter = mtp.MTPDrafter(head, model)
     drafter.setup(96)
     drafter.prefill(x[:, :T], h[:, :T])
-    tokens, hidden, pos, rng = x[:, T - 1:T + 1], h[:, T - 1:T], T, random.Random(0)
-    while pos < 70:
-        torch.manual_seed(pos)
-        got = drafter.propose(tokens, hidden, pos, k, s)
+    p, n, rng, ns = T - 1, 0, random.Random(0), set()
+    while p < 70:
+        torch.manual_seed(p)
+        got = drafter.propose(*state_after(x, h, p, n, k), k, s)
+        pos = p + n + 1  # the slot of the target's own token, which the drafts follow
         fresh = mtp.MTPDrafter(tiny_head(model), model)
         fresh.setup(96)
         fresh.prefill(x[:, :pos], h[:, :pos])
-        torch.manual_seed(pos)
-        ref = fresh.propose(x[:, pos - 1:pos + 1], h[:, pos - 1:pos], pos, k, s)
+        torch.manual_seed(p)
+        ref = fresh.propose(*state_after(x, h, pos - 1, 0, k), k, s)
         assert torch.equal(got[0], ref[0])
         torch.testing.assert_close(got[1], ref[1], atol=1e-5, rtol=1e-4)
         assert got[0].shape == (k,) and got[1].shape == (k, 101)
-        n = rng.randint(0, k)  # accepted drafts; then the target's own token
-        tokens, hidden, pos = x[:, pos:pos + n + 2], h[:, pos:pos + n + 1], pos + n + 1
+        ns.add(n)
+        p, n = pos, rng.randint(0, k)  # the next verify starts at that token and accepts n drafts
+    assert ns == set(range(k + 1))
 
 
 @torch.no_grad()
@@ -214,7 +227,7 @@ def test_vocabulary_slice_drafts_like_the_full_head():
     full = mtp.MTPDrafter(tiny_head(model), model)
     full.setup(64)
     full.prefill(x[:, :10], h[:, :10])
-    drafts = [full.propose(x[:, p - 1:p + 1], h[:, p - 1:p], p, k, GREEDY)[0] for p in range(10, 20)]
+    drafts = [full.propose(*state_after(x, h, p - 1, 0, k), k, GREEDY)[0] for p in range(10, 20)]
     used = torch.cat(drafts).unique()
     vocab = torch.cat([used, torch.tensor([t for t in torch.randperm(101).tolist() if t not in used.tolist()][:20])])
     assert len(vocab) < 101
@@ -222,7 +235,7 @@ def test_vocabulary_slice_drafts_like_the_full_head():
     sliced.setup(64)
     sliced.prefill(x[:, :10], h[:, :10])
     for p, d in zip(range(10, 20), drafts):
-        got, q = sliced.propose(x[:, p - 1:p + 1], h[:, p - 1:p], p, k, GREEDY)
+        got, q = sliced.propose(*state_after(x, h, p - 1, 0, k), k, GREEDY)
         assert torch.equal(got, d) and torch.equal(q.argmax(-1), d)
     head_full, head_sliced = tiny_head(model), tiny_head(model, vocab_ids=vocab)
     y = torch.randn(4, 32)

@@ -57,7 +57,7 @@ class ConstantDrafter:
     def prefill(self, prompt, hidden):
         pass
 
-    def propose(self, tokens, hidden, pos, k, s):
+    def propose(self, x, n, token, hidden, input_pos, k, s):
         draft = torch.full((k,), self.token)
         return draft, torch.nn.functional.one_hot(draft, self.vocab_size).float()
 
@@ -142,19 +142,21 @@ def test_greedy_output_equals_the_target_alone(k):
     assert seen == set(range(k + 1)), f"runs of accepted drafts of every length 0..{k} were exercised, got {seen}"
 
 
-def test_the_compiled_draft_step_compiles_once_per_shape():
-    """The draft step sees (1, 2) then (1, 1) inputs; however many drafts a step accepted, nothing else may change
-    (a stride that followed the accepted length once recompiled it up to k+1 times, minutes on a real model)."""
+def test_the_compiled_speculative_step_compiles_once():
+    """However many drafts a step accepted, and for the first step after prefill too, the step's inputs keep one
+    shape and one stride: one graph (a stride that followed the accepted length once recompiled the draft step up
+    to k+1 times, minutes on a real model)."""
     from torch._dynamo.testing import CompileCounter
     torch._dynamo.reset()
     counter = CompileCounter()
     target = tiny(5)
-    step = torch.compile(gen.decode_with_probs, backend=counter, fullgraph=True, dynamic=False)
-    drafter, accepted = ModelDrafter(perturbed(target, 0.05, 5), step), []
+    step = torch.compile(gen.spec_step, backend=counter, fullgraph=True, dynamic=False)
+    drafter, accepted = ModelDrafter(perturbed(target, 0.05, 5)), []
     for prompt in ([1, 2, 3], [4, 5, 6, 7, 8]):
-        speculative_generate(target, drafter, [prompt], 40, Sampling(), 4, accepted=accepted, max_seq_length=64)
+        speculative_generate(target, drafter, [prompt], 40, Sampling(), 4, accepted=accepted, max_seq_length=64,
+                             step_fn=step)
     assert len(set(accepted)) >= 3, f"the runs should accept drafts of several lengths, got {set(accepted)}"
-    assert counter.frame_count == 2, f"the draft step compiled {counter.frame_count} times, expected 2 (two shapes)"
+    assert counter.frame_count == 1, f"the speculative step compiled {counter.frame_count} times, expected once"
 
 
 @pytest.mark.parametrize("k", [1, 3, 5])
@@ -268,11 +270,11 @@ class CheckedDrafter(ModelDrafter):
         self.seq = prompt[0].tolist()
         super().prefill(prompt, hidden)
 
-    def propose(self, tokens, hidden, pos, k, s):
-        m = tokens.shape[1] - 1
-        assert len(self.seq) == pos - m + 1 and self.seq[-1] == int(tokens[0, 0]) and hidden.shape[1] == m
-        self.seq += tokens[0, 1:].tolist()
-        draft, q = super().propose(tokens, hidden, pos, k, s)
+    def propose(self, x, n, token, hidden, input_pos, k, s):
+        assert len(self.seq) == int(input_pos[0]) + 1 and self.seq[-1] == int(x[0, 0]) and hidden.shape[1] == k + 1
+        self.seq += x[0, 1:int(n) + 1].tolist() + [int(token)]
+        pos = len(self.seq) - 1
+        draft, q = super().propose(x, n, token, hidden, input_pos, k, s)
         fresh = logits_to_probs(self.model(torch.tensor([self.seq + draft[:-1].tolist()]))[0, pos:], s)  # (k, V)
         torch.testing.assert_close(q, fresh, atol=1e-5, rtol=1e-4)
         return draft, q
@@ -280,7 +282,7 @@ class CheckedDrafter(ModelDrafter):
 
 @pytest.mark.parametrize("k", [1, 3, 5])
 @torch.no_grad()
-def test_caches_hold_the_accepted_sequence_after_every_rejection(k):
+def test_caches_hold_the_accepted_sequence_after_every_rejection(k, monkeypatch):
     target, s = tiny(4), Sampling(temperature=1.0)
     drafter = CheckedDrafter(perturbed(target, 0.1))
     seen, calls = set(), []
@@ -294,11 +296,13 @@ def test_caches_hold_the_accepted_sequence_after_every_rejection(k):
         calls.append(1)
         return verify(model, x, input_pos, q, s)
 
+    monkeypatch.setattr(gen, "verify", checked_verify)
     torch.manual_seed(k)
     for prompt in ([7], [5, 9, 2, 77, 31, 8]):
         accepted = []
-        out = speculative_generate(target, drafter, [prompt], 40, s, k, verify_fn=checked_verify, accepted=accepted)[0]
-        assert (prompt + out)[:len(drafter.seq)] == drafter.seq and len(calls) >= len(accepted)
+        out = speculative_generate(target, drafter, [prompt], 40, s, k, accepted=accepted)[0]
+        # the step queued behind the last one read saw every token returned
+        assert drafter.seq[:len(prompt) + len(out)] == prompt + out and len(calls) >= len(accepted)
         seen |= set(accepted)
         # after the run, the next position scored with the speculative cache equals a fresh replay
         n = len(drafter.seq)
@@ -312,11 +316,36 @@ def test_compiled_steps_equal_eager():
     target = tiny(5)
     prompt = [5, 9, 2, 77]
     ref = generate(target, [prompt], 24)[0]
-    pre, step, verify_fn = gen.compile_spec_steps("cpu", compile_prefill=False)
+    pre, step = gen.compile_spec_steps("cpu", compile_prefill=False)
     accepted = []
-    out = speculative_generate(target, ModelDrafter(perturbed(target, 0.02), step), [prompt], 24, Sampling(), 3,
-                               prefill_fn=pre, verify_fn=verify_fn, accepted=accepted)[0]
+    out = speculative_generate(target, ModelDrafter(perturbed(target, 0.02)), [prompt], 24, Sampling(), 3,
+                               prefill_fn=pre, step_fn=step, accepted=accepted)[0]
     assert out == ref and len(set(accepted)) > 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@torch.no_grad()
+def test_cuda_graph_speculative_step_gives_the_targets_greedy_text():
+    """The whole step (draft model's k steps + verify) as one CUDA graph, queued one step ahead of the host's
+    reads through pinned copies: the target's own greedy text, every acceptance length, no skipped graph; sampled
+    runs keep their tokens in the vocabulary."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    target = tiny(5).cuda()
+    drafter = ModelDrafter(perturbed(tiny(5), 0.05, 5).cuda())
+    pre, step = gen.compile_spec_steps("cuda", compile_prefill=False)
+    skips, seen = counters["inductor"]["cudagraph_skips"], set()
+    for prompt in ([5, 9, 2, 77], [1], [3, 1, 4, 1, 5, 9, 2, 6]):
+        accepted = []
+        out = speculative_generate(target, drafter, [prompt], 40, Sampling(), 3, prefill_fn=pre, step_fn=step,
+                                   max_seq_length=128, accepted=accepted)[0]
+        assert out == generate(target, [prompt], 40, max_seq_length=128)[0]
+        seen |= set(accepted)
+        sampled = speculative_generate(target, drafter, [prompt], 40, Sampling(temperature=1.0), 3, prefill_fn=pre,
+                                       step_fn=step, max_seq_length=128)[0]
+        assert len(sampled) == 40 and all(0 <= t < TINY["vocab_size"] for t in sampled)
+    assert counters["inductor"]["cudagraph_skips"] == skips, "the speculative step ran without its CUDA graph"
+    assert len(seen) >= 3, f"runs should accept drafts of several lengths, got {seen}"
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -396,7 +425,7 @@ def smollm2_reference(smollm2_checkpoint):
                 row = json.loads(line)
                 ids = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}])
                 ref = generate(target, [ids], REAL_NEW_TOKENS, stop_ids=tokenizer.eos_ids,
-                               max_seq_length=len(ids) + REAL_NEW_TOKENS + REAL_K + 1)[0]
+                               max_seq_length=len(ids) + REAL_NEW_TOKENS + 2 * REAL_K)[0]
                 cases.append((row["category"], ids, ref))
     return folder, target, tokenizer, cases
 
@@ -427,7 +456,7 @@ def assert_self_draft_is_lossless(reference, draft, name, cases=None):
     drafter, accepted, differ = ModelDrafter(draft), [], []
     cases = all_cases if cases is None else cases
     for category, ids, ref in cases:
-        L = len(ids) + REAL_NEW_TOKENS + REAL_K + 1  # the reference's cache length: the same slots are attended
+        L = len(ids) + REAL_NEW_TOKENS + 2 * REAL_K  # the reference's cache length: the same slots are attended
         out = speculative_generate(target, drafter, [ids], REAL_NEW_TOKENS, Sampling(), REAL_K,
                                    stop_ids=tokenizer.eos_ids, max_seq_length=L, accepted=accepted)[0]
         if out != ref:
