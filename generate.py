@@ -106,6 +106,18 @@ def compile_steps(device: str, compile_prefill: bool):
     return pre, decode
 
 
+def copy_to_host(t):
+    """Start copying t to the host without waiting; the returned function waits for that copy alone and gives a
+    list. On a GPU the copy goes to pinned memory behind an event, so work queued after it keeps running."""
+    if t.device.type != "cuda":
+        return t.tolist
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return lambda: (done.synchronize(), host.tolist())[1]
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts: list, max_new_tokens: int, s: Sampling = Sampling(), *,
              stop_ids=(), callback: Optional[Callable] = None, prefill_fn=prefill, decode_fn=decode_one_token,
@@ -115,6 +127,9 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, s: Sampling
     Prompts of unequal length are left-padded so every row writes the same cache slots; `left_pad` masks the
     padding and shifts each row's positions, so under greedy each row equals its batch-1 run. `callback(token)`
     gets each new (B,) token tensor as it comes. A row stops at its first stop id (which is kept).
+
+    Each decode step is queued before the token of the step before it is read, so the GPU works on the next
+    token while the host streams and checks this one; the step queued when every row has stopped is thrown away.
     """
     device = model.norm.weight.device
     B, T = len(prompts), max(len(p) for p in prompts)
@@ -131,25 +146,24 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, s: Sampling
     pads = [T - len(p) for p in prompts]
     x = torch.tensor([[0] * n + list(p) for n, p in zip(pads, prompts)], dtype=torch.long, device=device)  # (B, T)
     left_pad = torch.tensor(pads, device=device) if any(pads) else None
-    stop = torch.tensor(sorted(stop_ids), device=device) if stop_ids else None
 
     token = prefill_fn(model, x, torch.arange(T, device=device), left_pad, s).clone()
     pos = torch.tensor([T - 1], device=device)
-    out, done = [token], torch.zeros(B, dtype=torch.bool, device=device)
-    for i in range(1, max_new_tokens + 1):
+    queued, out, done = copy_to_host(token), [], [False] * B
+    for i in range(max_new_tokens):
+        ready = queued
+        if i + 1 < max_new_tokens:  # queue the next step, then read this one's token while it runs
+            pos += 1  # on the device: a host-to-device copy here would make the host wait
+            token = decode_fn(model, token.view(B, 1), pos, left_pad, s).clone()  # clone: a CUDA graph reuses it
+            queued = copy_to_host(token)
+        ids = ready()  # (B,)
+        out.append(ids)
         if callback:
-            callback(token)
-        if stop is not None:
-            done |= torch.isin(token, stop)
-            if bool(done.all()):
-                break
-        if i == max_new_tokens:
+            callback(torch.tensor(ids))
+        done = [d or t in stop_ids for d, t in zip(done, ids)]
+        if all(done):
             break
-        pos += 1  # on the device: a host-to-device copy here would make the host wait for every step
-        token = decode_fn(model, token.view(B, 1), pos, left_pad, s).clone()  # clone: a CUDA graph reuses its output
-        out.append(token)
-    rows = torch.stack(out, dim=1).tolist()  # (B, N)
-    return [trim_at_stop(r, stop_ids) for r in rows]
+    return [trim_at_stop(list(r), stop_ids) for r in zip(*out)]
 
 
 def trim_at_stop(ids: list, stop_ids) -> list:
@@ -289,18 +303,6 @@ class ModelDrafter:
             probs.append(q)
             t, pos = t.view(1, 1), pos[-1:] + 1
         return torch.cat(drafts), torch.cat(probs)  # (k,), (k, V)
-
-
-def copy_to_host(t):
-    """Start copying t to the host without waiting; the returned function waits for that copy alone and gives a
-    list. On a GPU the copy goes to pinned memory behind an event, so work queued after it keeps running."""
-    if t.device.type != "cuda":
-        return t.tolist
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    done = torch.cuda.Event()
-    done.record()
-    return lambda: (done.synchronize(), host.tolist())[1]
 
 
 @torch.no_grad()

@@ -102,28 +102,31 @@ def near_tie(model, ids, ref, out):
 
 @torch.no_grad()
 def step_costs(model, spec, steps, L, s, device, reps):
-    """Median seconds of one target decode step and one speculative step (the drafter's catch-up, k drafts and
-    the verify of k+1 tokens), at a cache position half way along."""
+    """Seconds per call of one target decode step and of one speculative step (the drafter's catch-up, k drafts
+    and the verify of k+1 tokens), at a cache position half way along, each called as both loops call it: queued
+    back to back, one sync at the end (median of five batches of `reps` calls)."""
     k, pos = spec.k, L // 2
     D = model.config.dim
 
-    def median_time(fn):
+    def per_call(fn):
+        fn()
         times = []
-        for _ in range(reps):
+        for _ in range(5):
             synchronize(device)
             t = time.perf_counter()
-            fn()
+            for _ in range(reps):
+                fn()
             synchronize(device)
-            times.append(time.perf_counter() - t)
-        return statistics.median(times[reps // 5:])  # the first fifth is warm-up
+            times.append((time.perf_counter() - t) / reps)
+        return statistics.median(times)
 
-    one = torch.ones(1, 1, dtype=torch.long, device=device)
+    one, at = torch.ones(1, 1, dtype=torch.long, device=device), torch.tensor([pos], device=device)
     state = (torch.ones(1, k + 1, dtype=torch.long, device=device), torch.zeros((), dtype=torch.long, device=device),
              torch.ones((), dtype=torch.long, device=device),
              torch.zeros(1, k + 1, D, device=device, dtype=model.norm.weight.dtype),
              torch.arange(pos, pos + k + 1, device=device))
-    c_target = median_time(lambda: steps[1](model, one, torch.tensor([pos], device=device), None, s))
-    c_step = median_time(lambda: spec.step_fn(model, spec.drafter, *state, s))
+    c_target = per_call(lambda: steps[1](model, one, at, None, s))
+    c_step = per_call(lambda: spec.step_fn(model, spec.drafter, *state, s))
     return c_target, c_step
 
 
@@ -241,7 +244,7 @@ def main(argv=None):
               f"{tok_step * c_t / c_s:.2f}x; measured {spec_rate / ref_rate:.2f}x")
         per_step = sum(r["t_spec"] for r in results) / len(all_accepted)
         print(f"measured time per target step {per_step * 1e3:.3f} ms = c_step + {(per_step - c_s) * 1e3:.3f} ms "
-              f"the GPU waited on the host (plus each answer's one step queued past its end)")
+              f"(the GPU waiting on the host, and each answer's one step queued past its end)")
 
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
