@@ -4,8 +4,9 @@ static KV cache, with their RoPE and cache writes done in the same kernel.
 `F.scaled_dot_product_attention` with a boolean mask reads every slot of the cache, used or not, and at batch 1
 costs a few microseconds of fixed overhead per layer (cuDNN's kernel took 23% of SmolLM2-135M's decode step on an
 H100; BENCHMARKS.md). This kernel reads the cache only up to the furthest query position (`input_pos` is read on
-the device, so one CUDA graph serves every position), takes the model's own boolean mask (causal, left padding),
-and writes its output already laid out as (B, S, H*D) for the output projection. It starts from the fused q/k/v
+the device, so one CUDA graph serves every position), reads the model's boolean mask only for a left-padded batch
+(model.py's plain causal mask, slot <= input_pos, it recomputes from input_pos, so a compiled step never builds
+one tensor per layer for it), and writes its output already laid out as (B, S, H*D) for the output projection. It starts from the fused q/k/v
 projection: RoPE on the queries and the new keys, and writing the new keys and values into the cache, would
 otherwise be kernels of their own in every layer.
 
@@ -53,7 +54,7 @@ if triton is not None:
     def _attention_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, o_ptr, acc_ptr, ml_ptr,
                           sx_b, sx_s, sr_b, sr_s, sk_b, sk_h, sk_s, sm_b, sm_s, n_kv, S,
                           SCALE: tl.constexpr, G: tl.constexpr, D: tl.constexpr, R: tl.constexpr, CHUNK: tl.constexpr,
-                          BLOCK_L: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+                          BLOCK_L: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, CAUSAL: tl.constexpr):
         # one program: KV head `hk` of batch row `b` over cache slots [chunk * CHUNK, (chunk + 1) * CHUNK)
         # rows r = g * S + s: query s of the g-th query head sharing KV head `hk`
         b, hk, chunk = tl.program_id(0) // n_kv, tl.program_id(0) % n_kv, tl.program_id(1)
@@ -77,6 +78,7 @@ if triton is not None:
         q = _rope(qkv_ptr, b * sx_b + s * sx_s + h * D, cos_ptr, sin_ptr, b * sr_b + s * sr_s, valid, D)
         q = q.to(k_ptr.dtype.element_ty)  # rounded to the cache's dtype like the keys it meets
         end = tl.minimum(start + CHUNK, tl.max(pos) + 1)  # no query sees a slot past the furthest position
+        q_pos = tl.load(pos_ptr + s, mask=valid, other=-1)  # (R,) each row's own position
         m_i = tl.full((R,), float("-inf"), tl.float32)
         l_i = tl.zeros((R,), tl.float32)
         acc = tl.zeros((R, D), tl.float32)
@@ -85,9 +87,12 @@ if triton is not None:
             in_range = slots < end
             k = tl.load(k_ptr + kv + slots[:, None] * sk_s + d[None, :], mask=in_range[:, None], other=0.0)
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * SCALE  # (R, BLOCK_L), float32
-            seen = tl.load(mask_ptr + b * sm_b + s[:, None] * sm_s + slots[None, :],
-                           mask=valid[:, None] & in_range[None, :], other=0)
-            scores = tl.where(seen != 0, scores, float("-inf"))
+            if CAUSAL:
+                seen = slots[None, :] <= q_pos[:, None]
+            else:
+                seen = tl.load(mask_ptr + b * sm_b + s[:, None] * sm_s + slots[None, :],
+                               mask=valid[:, None] & in_range[None, :], other=0) != 0
+            scores = tl.where(seen, scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet stays at zero
             p = tl.exp(scores - m_ref[:, None])
@@ -132,7 +137,8 @@ def decode_attention(qkv, rope, k_cache, v_cache, mask, input_pos, n_head: int):
     """qkv (B, S, (H + 2 H_kv) D), the fused projection before RoPE; rope (cos, sin), each (B or 1, S, D) float32;
     caches (B_max, H_kv, S_max, D), into which the new keys (after RoPE) and values are written at `input_pos` (S,);
     mask (S, S_max) or (B, 1, S, S_max) bool (True: attend) -> (B, S, H*D): what model.Attention's RoPE, cache
-    update and SDPA with that mask give."""
+    update and SDPA with that mask give. A 2-D mask must be model.py's causal one, slot <= input_pos: it is not
+    read."""
     B, S, _ = qkv.shape
     n_kv, S_max, D = k_cache.shape[1:]
     if S > MAX_QUERIES:
@@ -145,8 +151,9 @@ def decode_attention(qkv, rope, k_cache, v_cache, mask, input_pos, n_head: int):
     while R < G * S:
         R *= 2
     n_chunks = triton.cdiv(S_max, CHUNK)
-    m = mask if mask.stride(-1) == 1 else mask.contiguous()  # bool, read by the kernel as bytes
-    sm_b, sm_s = (m.stride(0), m.stride(2)) if m.dim() == 4 else (0, m.stride(0))
+    causal = mask.dim() == 2
+    m = input_pos if causal else mask if mask.stride(-1) == 1 else mask.contiguous()  # bool, read as bytes
+    sm_b, sm_s = (0, 0) if causal else (m.stride(0), m.stride(2))
     out = torch.empty(B, S, n_head * D, dtype=qkv.dtype, device=qkv.device)
     part_acc = torch.empty(B * n_kv * n_chunks * R * D if n_chunks > 1 else 1, dtype=torch.float32, device=qkv.device)
     part_ml = torch.empty(B * n_kv * n_chunks * R * 2 if n_chunks > 1 else 1, dtype=torch.float32, device=qkv.device)
@@ -155,7 +162,7 @@ def decode_attention(qkv, rope, k_cache, v_cache, mask, input_pos, n_head: int):
         qkv, cos, sin, k_cache, v_cache, m, input_pos, out, part_acc, part_ml, qkv.stride(0), qkv.stride(1),
         cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), sm_b, sm_s, n_kv, S, SCALE=1.0 / math.sqrt(D), G=G, D=D, R=R, CHUNK=CHUNK, BLOCK_L=BLOCK_L,
-        SPLIT=n_chunks > 1, PRECISION=precision, num_warps=NUM_WARPS)
+        SPLIT=n_chunks > 1, PRECISION=precision, CAUSAL=causal, num_warps=NUM_WARPS)
     if n_chunks > 1:
         _merge_kernel[(B * n_kv,)](part_acc, part_ml, out, n_kv, S, N_CHUNKS=n_chunks, G=G, D=D, R=R, num_warps=4)
     return out
