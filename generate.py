@@ -6,6 +6,7 @@
 """
 import argparse
 import contextlib
+import functools
 import itertools
 import os
 import resource
@@ -256,22 +257,28 @@ def verify(model, x, input_pos, q, s: Sampling):
     return n, token, hidden
 
 
-def spec_step(model, drafter, x, n, token, hidden, input_pos, s: Sampling):
+def spec_step(model, drafter, x, n, token, hidden, input_pos, s: Sampling, verify_fn=verify):
     """One target step: the drafter catches up on what the last verify accepted and drafts k tokens, the target
     verifies them. The state in and out is the one described above; k is x's width less one."""
     k = x.shape[1] - 1
     draft, q = drafter.propose(x, n, token, hidden, input_pos, k, s)
     input_pos = input_pos + n + 1  # `token` is fed at its slot, the drafts after it
     x = torch.cat([token.view(1, 1), draft.view(1, k)], dim=1)
-    n, token, hidden = verify(model, x, input_pos, q, s)
+    n, token, hidden = verify_fn(model, x, input_pos, q, s)
     return x, n, token, hidden, input_pos
 
 
-def compile_spec_steps(device: str, compile_prefill: bool):
+def compile_spec_steps(device: str, compile_prefill: bool, whole: bool = True):
     """Compiled prefill (optional) and speculative step, as compile_steps does for plain decoding. The step has
-    one static shape whatever was accepted, so it compiles once and replays as one CUDA graph."""
+    one static shape whatever was accepted, so it compiles once. `whole`: proposal and verify as one graph (an
+    MTP head, a few small kernels a draft). Otherwise only the verify is compiled and spec_step runs it eagerly,
+    with a drafter that compiles its own step (ModelDrafter(draft, compile_step(decode_with_probs, ...))): a draft
+    model's k forwards unrolled into the verify's graph multiply its compile time (SmolLM2 drafting for itself,
+    k=5, on the CPU: 200 s against 77 s), for a saving of k launches a step. Either way nothing waits for the host."""
     pre = torch.compile(prefill_hidden, fullgraph=True, dynamic=True) if compile_prefill else prefill_hidden
-    return pre, compile_step(spec_step, device, dynamic=False)
+    if whole:
+        return pre, compile_step(spec_step, device, dynamic=False)
+    return pre, functools.partial(spec_step, verify_fn=compile_step(verify, device, dynamic=False))
 
 
 class ModelDrafter:
@@ -298,7 +305,7 @@ class ModelDrafter:
         pos = input_pos.index_select(0, i) + torch.arange(2, device=x.device)  # (2,)
         drafts, probs = [], []
         for _ in range(k):
-            t, q = self.step(self.model, t, pos, s)
+            t, q = (v.clone() for v in self.step(self.model, t, pos, s))  # a compiled step's CUDA graph reuses them
             drafts.append(t)
             probs.append(q)
             t, pos = t.view(1, 1), pos[-1:] + 1
@@ -407,8 +414,11 @@ def load_speculation(args, model: Transformer, tokenizer, target_dir: Path, devi
     check_draft(model, draft, tokenizer, draft_tokenizer)
     print(f"loaded draft {path} in {time.perf_counter() - t:.1f} s ({model_bytes(draft) / 1e9:.2f} GB read per "
           f"draft step), speculating k={args.speculate_k}", file=sys.stderr)
-    steps = compile_spec_steps(device, args.compile_prefill) if args.compile else (prefill_hidden, spec_step)
-    return Speculation(ModelDrafter(draft), args.speculate_k, *steps)
+    if not args.compile:
+        return Speculation(ModelDrafter(draft), args.speculate_k)
+    step = compile_step(decode_with_probs, device, dynamic=False)  # shapes (1, 2) then (1, 1): two graphs
+    return Speculation(ModelDrafter(draft, step), args.speculate_k, *compile_spec_steps(device, args.compile_prefill,
+                                                                                        whole=False))
 
 
 def acceptance_summary(accepted: list, k: int) -> str:

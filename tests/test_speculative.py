@@ -2,6 +2,7 @@
 distribution (chi-square with a negative control), both caches hold the right keys and values after every
 rejection; and the real SmolLM2 with a quantized copy of itself as the draft gives the target's greedy text."""
 import copy
+import functools
 import json
 from pathlib import Path
 
@@ -282,7 +283,7 @@ class CheckedDrafter(ModelDrafter):
 
 @pytest.mark.parametrize("k", [1, 3, 5])
 @torch.no_grad()
-def test_caches_hold_the_accepted_sequence_after_every_rejection(k, monkeypatch):
+def test_caches_hold_the_accepted_sequence_after_every_rejection(k):
     target, s = tiny(4), Sampling(temperature=1.0)
     drafter = CheckedDrafter(perturbed(target, 0.1))
     seen, calls = set(), []
@@ -296,11 +297,11 @@ def test_caches_hold_the_accepted_sequence_after_every_rejection(k, monkeypatch)
         calls.append(1)
         return verify(model, x, input_pos, q, s)
 
-    monkeypatch.setattr(gen, "verify", checked_verify)
+    step = functools.partial(gen.spec_step, verify_fn=checked_verify)
     torch.manual_seed(k)
     for prompt in ([7], [5, 9, 2, 77, 31, 8]):
         accepted = []
-        out = speculative_generate(target, drafter, [prompt], 40, s, k, accepted=accepted)[0]
+        out = speculative_generate(target, drafter, [prompt], 40, s, k, accepted=accepted, step_fn=step)[0]
         # the step queued behind the last one read saw every token returned
         assert drafter.seq[:len(prompt) + len(out)] == prompt + out and len(calls) >= len(accepted)
         seen |= set(accepted)
@@ -311,29 +312,39 @@ def test_caches_hold_the_accepted_sequence_after_every_rejection(k, monkeypatch)
     assert seen == set(range(k + 1)), f"rejections after every number of accepted drafts were checked, got {seen}"
 
 
+def compiled_drafter(draft, device, whole):
+    """A ModelDrafter as load_speculation builds it under --compile: its own compiled step unless the whole
+    speculative step is one graph."""
+    return ModelDrafter(draft) if whole else ModelDrafter(draft, gen.compile_step(gen.decode_with_probs, device,
+                                                                                  dynamic=False))
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["one graph", "draft and verify compiled apart"])
 @torch.no_grad()
-def test_compiled_steps_equal_eager():
+def test_compiled_steps_equal_eager(whole):
+    torch._dynamo.reset()
     target = tiny(5)
     prompt = [5, 9, 2, 77]
     ref = generate(target, [prompt], 24)[0]
-    pre, step = gen.compile_spec_steps("cpu", compile_prefill=False)
+    pre, step = gen.compile_spec_steps("cpu", compile_prefill=False, whole=whole)
     accepted = []
-    out = speculative_generate(target, ModelDrafter(perturbed(target, 0.02)), [prompt], 24, Sampling(), 3,
-                               prefill_fn=pre, step_fn=step, accepted=accepted)[0]
+    out = speculative_generate(target, compiled_drafter(perturbed(target, 0.02), "cpu", whole), [prompt], 24,
+                               Sampling(), 3, prefill_fn=pre, step_fn=step, accepted=accepted)[0]
     assert out == ref and len(set(accepted)) > 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("whole", [True, False], ids=["one graph", "draft and verify compiled apart"])
 @torch.no_grad()
-def test_cuda_graph_speculative_step_gives_the_targets_greedy_text():
-    """The whole step (draft model's k steps + verify) as one CUDA graph, queued one step ahead of the host's
-    reads through pinned copies: the target's own greedy text, every acceptance length, no skipped graph; sampled
-    runs keep their tokens in the vocabulary."""
+def test_cuda_graph_speculative_step_gives_the_targets_greedy_text(whole):
+    """The step as CUDA graphs (the draft model's k steps and the verify as one, or each as its own), queued one
+    step ahead of the host's reads through pinned copies: the target's own greedy text, every acceptance length,
+    no skipped graph; sampled runs keep their tokens in the vocabulary."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     target = tiny(5).cuda()
-    drafter = ModelDrafter(perturbed(tiny(5), 0.05, 5).cuda())
-    pre, step = gen.compile_spec_steps("cuda", compile_prefill=False)
+    drafter = compiled_drafter(perturbed(tiny(5), 0.05, 5).cuda(), "cuda", whole)
+    pre, step = gen.compile_spec_steps("cuda", compile_prefill=False, whole=whole)
     skips, seen = counters["inductor"]["cudagraph_skips"], set()
     for prompt in ([5, 9, 2, 77], [1], [3, 1, 4, 1, 5, 9, 2, 6]):
         accepted = []
