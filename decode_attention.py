@@ -6,9 +6,9 @@ costs a few microseconds of fixed overhead per layer (cuDNN's kernel took 23% of
 H100; BENCHMARKS.md). This kernel reads the cache only up to the furthest query position (`input_pos` is read on
 the device, so one CUDA graph serves every position), reads the model's boolean mask only for a left-padded batch
 (model.py's plain causal mask, slot <= input_pos, it recomputes from input_pos, so a compiled step never builds
-one tensor per layer for it), and writes its output already laid out as (B, S, H*D) for the output projection. It starts from the fused q/k/v
-projection: RoPE on the queries and the new keys, and writing the new keys and values into the cache, would
-otherwise be kernels of their own in every layer.
+one tensor per layer for it), and writes its output already laid out as (B, S, H*D) for the output projection. It
+starts from the fused q/k/v projection: RoPE on the queries and the new keys, and writing the new keys and values
+into the cache, would otherwise be kernels of their own in every layer.
 
 One program per (batch row, KV head) and chunk of CHUNK cache slots; the query heads that share a KV head
 (grouped-query attention) and the S queries ride together as the rows of one `tl.dot`. A program first writes

@@ -181,8 +181,8 @@ def trim_at_stop(ids: list, stop_ids) -> list:
 # back by position only: a rejected slot is written again by the next forward, and the mask hides it until then.
 #
 # One target step (`spec_step`) is the drafter's proposal and the target's verify, and everything it needs from the
-# step before stays on the device: one CUDA graph a step, and the host never has to answer before the next step can
-# start. Its state, in and out, is what the last verify saw and decided:
+# step before stays on the device: the host never has to answer before the next step can start (and with an MTP
+# head the whole step is one CUDA graph). Its state, in and out, is what the last verify saw and decided:
 #   x (1, k+1)       the tokens the target was fed, at cache slots input_pos (k+1,);
 #   n ()             how many of the drafts x[0, 1:] it accepted;
 #   token ()         the token it chose next, at slot input_pos[n] + 1 (in no cache yet);
@@ -198,7 +198,8 @@ def trim_at_stop(ids: list, stop_ids) -> list:
 #   propose(x, n, token, hidden, input_pos, k, s)
 #                                       the state above -> draft (k,) for the k slots after `token`'s, drawn from
 #                                       q (k, V), the drafter's distributions after the same Sampling `s` as the
-#                                       target's. Traced into the step's graph: no host syncs, no Python ints of n.
+#                                       target's. No host syncs and no Python ints of n: it may be traced into the
+#                                       step's graph (an MTP head's is).
 
 
 def accept_draft(draft, q, p, u=None, greedy: bool = False):
@@ -274,7 +275,8 @@ def compile_spec_steps(device: str, compile_prefill: bool, whole: bool = True):
     MTP head, a few small kernels a draft). Otherwise only the verify is compiled and spec_step runs it eagerly,
     with a drafter that compiles its own step (ModelDrafter(draft, compile_step(decode_with_probs, ...))): a draft
     model's k forwards unrolled into the verify's graph multiply its compile time (SmolLM2 drafting for itself,
-    k=5, on the CPU: 200 s against 77 s), for a saving of k launches a step. Either way nothing waits for the host."""
+    k=5, on the CPU: 357 s against 122 s; BENCHMARKS.md), to save k launches a step. Either way nothing waits for
+    the host."""
     pre = torch.compile(prefill_hidden, fullgraph=True, dynamic=True) if compile_prefill else prefill_hidden
     if whole:
         return pre, compile_step(spec_step, device, dynamic=False)
