@@ -10,9 +10,9 @@ prompt whose speculative text differs from the target's, the target's top-2 logi
 bf16 on the GPU, verifying k+1 tokens runs other matmul shapes than one-token decode and can flip a near-tie; a
 gap beyond bf16 rounding there is a bug), then the measured cost of one decode step of the target alone and of
 one speculative step (proposal + verify) with the speed-up they predict, and last a table per category (speed-up:
-all tokens over all time; median: the median over prompts of the per-prompt speed-up). `--recheck run.json` recomputes the near-tie report
-of an earlier run with this machine's model (say a GPU run in float32 on the CPU). The dev prompts are for
-evaluation only: never train on them.
+all tokens over all time; median: the median over prompts of the per-prompt speed-up). `--recheck run.json`
+recomputes the near-tie report of an earlier run with this machine's model (say a GPU run in float32 on the CPU).
+The dev prompts are for evaluation only: never train on them.
 """
 import argparse
 import json
