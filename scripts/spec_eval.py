@@ -244,7 +244,7 @@ def main(argv=None):
               f"{tok_step * c_t / c_s:.2f}x; measured {spec_rate / ref_rate:.2f}x")
         per_step = sum(r["t_spec"] for r in results) / len(all_accepted)
         print(f"measured time per target step {per_step * 1e3:.3f} ms = c_step + {(per_step - c_s) * 1e3:.3f} ms "
-              f"(the GPU waiting on the host, and each answer's one step queued past its end)")
+              f"(host work the device did not overlap, and each answer's one step queued past its end)")
 
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
