@@ -127,7 +127,7 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, s: Sampling
 
     Prompts of unequal length are left-padded so every row writes the same cache slots; `left_pad` masks the
     padding and shifts each row's positions, so under greedy each row equals its batch-1 run. `callback(token)`
-    gets each new (B,) token tensor as it comes. A row stops at its first stop id (which is kept).
+    gets each new (B,) token as it comes, already on the host (a CPU tensor). A row stops at its first stop id (which is kept).
 
     Each decode step is queued before the token of the step before it is read, so the GPU works on the next
     token while the host streams and checks this one; the step queued when every row has stopped is thrown away.
@@ -547,10 +547,8 @@ def run_once(model, tokenizer, prompts, args, s, steps, device, max_seq_length=N
     prefill_fn, decode_fn = steps
     first = {}
 
-    def on_token(token):
-        if "t" not in first:
-            synchronize(device)
-            first["t"] = time.perf_counter()
+    def on_token(token):  # the token is on the host already: no sync, which would wait for the step queued after it
+        first.setdefault("t", time.perf_counter())
         printer(token)
 
     printer = Printer(tokenizer, stream and len(prompts) == 1)
