@@ -5,6 +5,7 @@
     python generate.py --compile --checkpoint_path checkpoints/meta-llama/Llama-2-7b-chat-hf/model.pth
 """
 import argparse
+import collections
 import contextlib
 import functools
 import itertools
@@ -107,6 +108,13 @@ def compile_steps(device: str, compile_prefill: bool):
     return pre, decode
 
 
+QUEUE_DEPTH = 1  # steps a GPU loop queues beyond the one whose tokens it reads next (a CPU runs each as it is called)
+
+
+def queue_depth(device) -> int:
+    return QUEUE_DEPTH if torch.device(device).type == "cuda" else 0
+
+
 def copy_to_host(t):
     """Start copying t to the host without waiting; the returned function waits for that copy alone and gives a
     list. On a GPU the copy goes to pinned memory behind an event, so work queued after it keeps running."""
@@ -127,10 +135,12 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, s: Sampling
 
     Prompts of unequal length are left-padded so every row writes the same cache slots; `left_pad` masks the
     padding and shifts each row's positions, so under greedy each row equals its batch-1 run. `callback(token)`
-    gets each new (B,) token as it comes, already on the host (a CPU tensor). A row stops at its first stop id (which is kept).
+    gets each new (B,) token as it comes, already on the host (a CPU tensor). A row stops at its first stop id
+    (which is kept).
 
-    Each decode step is queued before the token of the step before it is read, so the GPU works on the next
-    token while the host streams and checks this one; the step queued when every row has stopped is thrown away.
+    On a GPU each decode step is queued before the token of the step before it is read, so the GPU works on the
+    next token while the host streams and checks this one; the step queued when every row has stopped is thrown
+    away. On the CPU, where queuing a step runs it, each token is read before the next step starts.
     """
     device = model.norm.weight.device
     B, T = len(prompts), max(len(p) for p in prompts)
@@ -150,14 +160,15 @@ def generate(model: Transformer, prompts: list, max_new_tokens: int, s: Sampling
 
     token = prefill_fn(model, x, torch.arange(T, device=device), left_pad, s).clone()
     pos = torch.tensor([T - 1], device=device)
-    queued, out, done = copy_to_host(token), [], [False] * B
-    for i in range(max_new_tokens):
-        ready = queued
-        if i + 1 < max_new_tokens:  # queue the next step, then read this one's token while it runs
+    pending, queued, depth = collections.deque([copy_to_host(token)]), 1, queue_depth(device)
+    out, done = [], [False] * B
+    for _ in range(max_new_tokens):
+        while len(pending) <= depth and queued < max_new_tokens:  # queue ahead, then read the oldest token
             pos += 1  # on the device: a host-to-device copy here would make the host wait
             token = decode_fn(model, token.view(B, 1), pos, left_pad, s).clone()  # clone: a CUDA graph reuses it
-            queued = copy_to_host(token)
-        ids = ready()  # (B,)
+            pending.append(copy_to_host(token))
+            queued += 1
+        ids = pending.popleft()()  # (B,)
         out.append(ids)
         if callback:
             callback(torch.tensor(ids))
@@ -322,9 +333,9 @@ def speculative_generate(model: Transformer, drafter, prompts: list, max_new_tok
     callback contract (each new token as a (1,) tensor, in order). `accepted`, when a list, gets the number of
     drafts the target accepted at each of its steps.
 
-    The loop queues step i+1 before it reads step i's tokens, so the GPU works on the next step while the host
-    streams and checks this one's. The step queued when the answer ends is thrown away: it wrote only cache slots
-    past the answer, which the length check below leaves room for."""
+    On a GPU the loop queues step i+1 before it reads step i's tokens, so the GPU works on the next step while the
+    host streams and checks this one's. The step queued when the answer ends is thrown away: it wrote only cache
+    slots past the answer, which the length check below leaves room for."""
     if len(prompts) != 1:
         raise ValueError(f"speculative decoding takes one prompt at a time, got {len(prompts)}; "
                          f"drop --batch_size/--prompts_file or --draft_checkpoint_path")
@@ -336,10 +347,12 @@ def speculative_generate(model: Transformer, drafter, prompts: list, max_new_tok
     T = len(prompt)
     if T == 0:
         raise ValueError("empty prompt: give at least one token of text")
-    total = T + max_new_tokens + 2 * k  # the last verify, and the step queued behind it, each write k slots ahead
+    # the last step read writes k - 1 slots past the answer, and each step queued behind it k + 1 more at most
+    extra = k - 1 + QUEUE_DEPTH * (k + 1)
+    total = T + max_new_tokens + extra
     max_seq_length = max_seq_length or total
     if total > min(max_seq_length, model.config.block_size):
-        raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens + {2 * k} for speculation exceeds the "
+        raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens + {extra} for speculation exceeds the "
                          f"cache of {min(max_seq_length, model.config.block_size)}; shorten the prompt or lower "
                          f"--max_new_tokens")
     if model.max_batch_size < 1 or model.max_seq_length != max_seq_length:
@@ -352,7 +365,7 @@ def speculative_generate(model: Transformer, drafter, prompts: list, max_new_tok
     x = F.pad(prompt[:, -1:], (0, k))  # (1, k+1): the last prompt token, then k junk slots
     state = (x, torch.zeros((), dtype=torch.long, device=device), token.view(()),
              F.pad(hidden[:, -1:], (0, 0, 0, k)), torch.arange(T - 1, T + k, device=device))
-    out, new, pending = [], [int(token)], None
+    out, new, pending, depth = [], [int(token)], collections.deque(), queue_depth(device)
     while True:
         for t in new:
             out.append(t)
@@ -360,15 +373,14 @@ def speculative_generate(model: Transformer, drafter, prompts: list, max_new_tok
                 callback(torch.tensor([t]))
             if t in stop_ids or len(out) >= max_new_tokens:
                 return [out]
-        state = tuple(v.clone() for v in step_fn(model, drafter, *state, s))  # clone: a CUDA graph reuses outputs
-        x, n, token = state[:3]
-        ready, pending = pending, copy_to_host(torch.cat([n.view(1), x[0, 1:], token.view(1)]))
-        new = []
-        if ready is not None:  # the step before the one just queued: read while that one runs
-            n, *ids = ready()
-            new = ids[:n] + ids[-1:]
-            if accepted is not None:
-                accepted.append(n)
+        while len(pending) <= depth:  # queue ahead, then read the oldest step's tokens
+            state = tuple(v.clone() for v in step_fn(model, drafter, *state, s))  # clone: a CUDA graph reuses them
+            x, n, token = state[:3]
+            pending.append(copy_to_host(torch.cat([n.view(1), x[0, 1:], token.view(1)])))
+        n, *ids = pending.popleft()()
+        new = ids[:n] + ids[-1:]
+        if accepted is not None:
+            accepted.append(n)
 
 
 def check_draft(target: Transformer, draft: Transformer, tokenizer=None, draft_tokenizer=None):

@@ -62,6 +62,40 @@ def test_generation_stops_at_stop_ids():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("depth", [1, 2])
+@torch.no_grad()
+def test_queuing_steps_ahead_changes_no_token(depth, monkeypatch):
+    """The GPU loops read each step's tokens only after queuing `depth` more; on the CPU they run depth 0. With
+    depth forced here, plain and speculative decoding stream and return what depth 0 does: batches with a row
+    that stops early, a stop in the first token, every max_new_tokens edge, greedy and sampled."""
+    import generate as gen
+    target, drafter = tiny(3), gen.ModelDrafter(tiny(3))
+    with torch.no_grad():
+        for p in drafter.model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    prompts = [[5, 9, 2], [7, 1, 4, 4, 3]]
+    first = generate(target, prompts, 12)
+    stops = [(), {first[0][4]}, {first[1][0]}, {first[0][0], first[1][6]}]
+
+    def runs():
+        out = []
+        for stop in stops:
+            for n in (1, 2, 12):
+                streamed = []
+                out.append((generate(target, prompts, n, stop_ids=stop, callback=lambda t: streamed.append(t.tolist())),
+                            streamed))
+                for s in (Sampling(), Sampling(temperature=1.0)):
+                    torch.manual_seed(0)
+                    out.append(gen.speculative_generate(target, drafter, prompts[1:], n, s, 3, stop_ids=stop,
+                                                        max_seq_length=64))
+        return out
+
+    want = runs()
+    monkeypatch.setattr(gen, "QUEUE_DEPTH", depth)
+    monkeypatch.setattr(gen, "queue_depth", lambda device: depth)
+    assert runs() == want
+
+
 def test_compiled_decode_equals_eager():
     model = tiny()
     prompts = [[5, 9, 2, 77, 31], [42, 7]]
