@@ -325,6 +325,12 @@ class ModelDrafter:
         return torch.cat(drafts), torch.cat(probs)  # (k,), (k, V)
 
 
+def spec_extra_slots(k: int) -> int:
+    """Cache slots speculative decoding writes past the answer: k - 1 for the last step read, and at most k + 1
+    for each step queued behind it."""
+    return k - 1 + QUEUE_DEPTH * (k + 1)
+
+
 @torch.no_grad()
 def speculative_generate(model: Transformer, drafter, prompts: list, max_new_tokens: int, s: Sampling = Sampling(),
                          k: int = 5, *, stop_ids=(), callback: Optional[Callable] = None, prefill_fn=prefill_hidden,
@@ -347,8 +353,7 @@ def speculative_generate(model: Transformer, drafter, prompts: list, max_new_tok
     T = len(prompt)
     if T == 0:
         raise ValueError("empty prompt: give at least one token of text")
-    # the last step read writes k - 1 slots past the answer, and each step queued behind it k + 1 more at most
-    extra = k - 1 + QUEUE_DEPTH * (k + 1)
+    extra = spec_extra_slots(k)
     total = T + max_new_tokens + extra
     max_seq_length = max_seq_length or total
     if total > min(max_seq_length, model.config.block_size):
@@ -612,7 +617,7 @@ def chat(model, tokenizer, args, s, steps, device, spec=None):
             break
         messages.append({"role": "user", "content": user})
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        if len(ids) + args.max_new_tokens + (spec.k + 1 if spec else 0) > max_seq:
+        if len(ids) + args.max_new_tokens + (spec_extra_slots(spec.k) if spec else 0) > max_seq:
             print(f"error: the conversation is {len(ids)} tokens, too long for a {max_seq}-token cache; "
                   f"start a new chat or raise --max_seq_length", file=sys.stderr)
             messages.pop()

@@ -27,7 +27,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from generate import (Sampling, compile_steps, decode_one_token, generate, load_model, load_speculation,  # noqa: E402
-                      parse_args as generate_args, prefill, resolve_checkpoint, speculative_generate, synchronize)
+                      parse_args as generate_args, prefill, resolve_checkpoint, spec_extra_slots, speculative_generate,
+                      synchronize)
 
 DEV_PROMPTS = ROOT.parent / "shared/prompts/dev.jsonl"
 
@@ -206,7 +207,7 @@ def main(argv=None):
         raise ValueError(f"no prompts left in {args.prompts}; check --categories/--limit")
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)
                for r in rows]
-    L = max(map(len, prompts)) + args.max_new_tokens + 2 * spec.k  # one cache length: same graphs, same numerics
+    L = max(map(len, prompts)) + args.max_new_tokens + spec_extra_slots(spec.k)  # one cache length for both runs
     log(f"{len(rows)} prompts, {args.max_new_tokens} new tokens at most, k={spec.k}, {s}, {dtype}, {device}"
         f"{', compiled' if args.compile else ''}; warming up")
     run_pair(model, prompts[0], args, s, steps, spec, L, device, args.seed, 3 * (spec.k + 1))

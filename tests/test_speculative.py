@@ -439,7 +439,7 @@ def smollm2_reference(smollm2_checkpoint):
                 row = json.loads(line)
                 ids = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}])
                 ref = generate(target, [ids], REAL_NEW_TOKENS, stop_ids=tokenizer.eos_ids,
-                               max_seq_length=len(ids) + REAL_NEW_TOKENS + 2 * REAL_K)[0]
+                               max_seq_length=len(ids) + REAL_NEW_TOKENS + gen.spec_extra_slots(REAL_K))[0]
                 cases.append((row["category"], ids, ref))
     return folder, target, tokenizer, cases
 
@@ -470,7 +470,7 @@ def assert_self_draft_is_lossless(reference, draft, name, cases=None):
     drafter, accepted, differ = ModelDrafter(draft), [], []
     cases = all_cases if cases is None else cases
     for category, ids, ref in cases:
-        L = len(ids) + REAL_NEW_TOKENS + 2 * REAL_K  # the reference's cache length: the same slots are attended
+        L = len(ids) + REAL_NEW_TOKENS + gen.spec_extra_slots(REAL_K)  # the reference's cache length: same slots
         out = speculative_generate(target, drafter, [ids], REAL_NEW_TOKENS, Sampling(), REAL_K,
                                    stop_ids=tokenizer.eos_ids, max_seq_length=L, accepted=accepted)[0]
         if out != ref:
