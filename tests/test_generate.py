@@ -61,7 +61,6 @@ def test_generation_stops_at_stop_ids():
     assert stopped == out[:out.index(stop) + 1]
 
 
-@torch.no_grad()
 @pytest.mark.parametrize("depth", [1, 2])
 @torch.no_grad()
 def test_queuing_steps_ahead_changes_no_token(depth, monkeypatch):
@@ -69,10 +68,9 @@ def test_queuing_steps_ahead_changes_no_token(depth, monkeypatch):
     depth forced here, plain and speculative decoding stream and return what depth 0 does: batches with a row
     that stops early, a stop in the first token, every max_new_tokens edge, greedy and sampled."""
     import generate as gen
-    target, drafter = tiny(3), gen.ModelDrafter(tiny(3))
-    with torch.no_grad():
-        for p in drafter.model.parameters():
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    from test_speculative import perturbed
+    target = tiny(3)
+    drafter = gen.ModelDrafter(perturbed(target, 0.05, 1))
     prompts = [[5, 9, 2], [7, 1, 4, 4, 3]]
     first = generate(target, prompts, 12)
     stops = [(), {first[0][4]}, {first[1][0]}, {first[0][0], first[1][6]}]
@@ -96,6 +94,7 @@ def test_queuing_steps_ahead_changes_no_token(depth, monkeypatch):
     assert runs() == want
 
 
+@torch.no_grad()
 def test_compiled_decode_equals_eager():
     model = tiny()
     prompts = [[5, 9, 2, 77, 31], [42, 7]]
