@@ -19,11 +19,12 @@ y = sum_g s_g * (x_g . (q_g - 8)) + z_g * sum(x_g).
 
 The float and int8 kernels also take in the small steps around a matmul, so that a layer launches fewer kernels
 (`linear`, `fused_block`): SwiGLU's gate and up projections run as one kernel that streams both weights and ends
-with the SiLU-times-up, and the residual adds happen in the epilogues of wo and w2. For float weights the
-RMSNorms go in too: `fold_norms` moves each norm's weight into the matmuls after it, and the kernel, which reads
-all of x in every program anyway, sums its squares on the way and scales by 1/rms at the end (x itself is not
-scaled, so in the rows kernel it still streams straight into the tensor cores). A decode or verify layer is then
-five kernels: wqkv, attention (decode_attention.py), wo, the gate-up pair, w2.
+with the SiLU-times-up, and the residual adds happen in the epilogues of wo and w2. The RMSNorms go in too: the
+kernel, which reads all of x in every program anyway, sums its squares on the way and scales by 1/rms at the end.
+For float weights `fold_norms` moves each norm's weight into the matmuls after it (so x itself is not scaled, and
+in the rows kernel it still streams straight into the tensor cores); the one-row int8 GEMV multiplies x by it as
+x loads. A float decode or verify layer, and an int8 decode layer, is then five kernels: wqkv, attention
+(decode_attention.py), wo, the gate-up pair, w2.
 
 `use_gemv(model)` swaps every float nn.Linear for `GemvLinear`, which takes these paths on CUDA and is F.linear
 otherwise (prefill, the CPU), and gives each dense TransformerBlock `fused_block`; quantize.py's Int8Linear and
@@ -142,27 +143,45 @@ if triton is not None:
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
 
     @triton.jit
-    def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, res_ptr, N, K: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
-        # y (N,) = (w (N, K) @ x (K,)) * s (N,) + b, float32 accumulation; the gate likewise from g, gs
+    def _int8_chunk(acc, acc_g, ss, x_ptr, nw_ptr, w_ptr, g_ptr, rows, cols, k, N, K: tl.constexpr,
+                    BLOCK_K: tl.constexpr, HAS_RMS: tl.constexpr, HAS_GATE: tl.constexpr):
+        # one (BLOCK_N, BLOCK_K) chunk at column k into the float32 sums; with HAS_RMS x is the raw residual
+        # stream: its squares go into ss and it meets W times the norm's weight nw, as the norm would leave it
+        in_k = (k + cols < K) if K % BLOCK_K else cols >= 0
+        offs, ok = rows[:, None] * K + (k + cols)[None, :], (rows[:, None] < N) & in_k[None, :]
+        w = tl.load(w_ptr + offs, mask=ok, other=0, eviction_policy="evict_first")  # (BLOCK_N, BLOCK_K), once
+        x = tl.load(x_ptr + k + cols, mask=in_k, other=0.0).to(tl.float32)
+        if HAS_RMS:
+            ss += x * x
+            x *= tl.load(nw_ptr + k + cols, mask=in_k, other=0.0).to(tl.float32)
+        acc += _from_int8(w) * x[None, :]
+        if HAS_GATE:
+            g = tl.load(g_ptr + offs, mask=ok, other=0, eviction_policy="evict_first")
+            acc_g += _from_int8(g) * x[None, :]
+        return acc, acc_g, ss
+
+    @triton.jit
+    def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, res_ptr, nw_ptr, N, K: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, HAS_RMS: tl.constexpr, EPS: tl.constexpr, HAS_GATE: tl.constexpr,
+                          HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+        # y (N,) = (w (N, K) @ x (K,)) * s (N,) + b, float32 accumulation; the gate likewise from g, gs. HAS_RMS:
+        # x is the raw residual stream and nw the RMSNorm's weight (a scale per output row cannot hold it, so it
+        # multiplies x as x loads), 1/rms at the end as in _gemv_kernel
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-            in_k = (k + cols < K) if K % BLOCK_K else cols >= 0
-            offs, ok = rows[:, None] * K + (k + cols)[None, :], (rows[:, None] < N) & in_k[None, :]
-            w = tl.load(w_ptr + offs, mask=ok, other=0, eviction_policy="evict_first")  # (BLOCK_N, BLOCK_K), once
-            x = tl.load(x_ptr + k + cols, mask=in_k, other=0.0).to(tl.float32)
-            acc += _from_int8(w) * x[None, :]
-            if HAS_GATE:
-                g = tl.load(g_ptr + offs, mask=ok, other=0, eviction_policy="evict_first")
-                acc_g += _from_int8(g) * x[None, :]
-        y = tl.sum(acc, axis=1) * tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+            acc, acc_g, ss = _int8_chunk(acc, acc_g, ss, x_ptr, nw_ptr, w_ptr, g_ptr, rows, cols, k, N, K, BLOCK_K,
+                                         HAS_RMS, HAS_GATE)
+        y, gate = tl.sum(acc, axis=1), tl.sum(acc_g, axis=1)
+        if HAS_RMS:
+            r = tl.rsqrt(tl.sum(ss, axis=0) / K + EPS)
+            y, gate = y * r, gate * r
+        y *= tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-        gate = tl.sum(acc_g, axis=1)
         if HAS_GATE:
             gate *= tl.load(gs_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
         y = _epilogue(y, gate, rows, rows < N, res_ptr, HAS_GATE, HAS_RES)
@@ -281,8 +300,11 @@ def _pdl(x) -> bool:
     (gdc_launch_dependents), then waits for the previous one to finish (gdc_wait) before it reads x or writes
     anything; the one-row GEMV loads its first chunk of weights, which no kernel writes, before that wait. A float
     decode layer is GEMV, attention, GEMV, GEMV, GEMV, so most boundaries are two GEMVs. On an H200 the Llama-2-7B
-    decode step went from 3.90 to 3.65 ms (BENCHMARKS.md). The int8 and int4 kernels keep plain launches: their
-    layers put inductor's norm kernels between the matmuls, and PDL made the int8 step 5% slower."""
+    decode step went from 3.90 to 3.65 ms (BENCHMARKS.md). The int8 and int4 kernels keep plain launches. With
+    inductor's norm kernels between the int8 matmuls PDL made the 7B step 5% slower; with the norms inside the
+    int8 GEMV, so that its GEMVs follow each other as the float ones do, still 5% slower (376.6 against 396.3
+    tok/s, one H200). A likely reason, not measured: an int8 program needs 72-120 registers, and the next
+    kernel's programs, launched early to wait on the SM, take room its own programs would use."""
     return PDL_OK and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
@@ -331,15 +353,20 @@ def gemm_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
 @_op
 def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor] = None,
               gate: Optional[torch.Tensor] = None, gate_scales: Optional[torch.Tensor] = None,
-              residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+              residual: Optional[torch.Tensor] = None, norm_weight: Optional[torch.Tensor] = None,
+              rms_eps: Optional[float] = None) -> torch.Tensor:
     """x (M, K) contiguous, M <= MAX_ROWS; int8 weight (N, K), scales (N,) -> (M, N) in x's dtype, as gemv; the
-    gate is an int8 weight with its gate_scales, like them."""
+    gate is an int8 weight with its gate_scales, like them. With norm_weight (one row only), x is first put
+    through the RMSNorm of that weight and rms_eps."""
     (M, K), N = x.shape, weight.shape[0]
+    if norm_weight is not None and M != 1:
+        raise ValueError(f"int8_gemv takes a norm for one row only, got {M}: apply the norm first")
     y, b = x.new_empty(M, N), bias if bias is not None else scales
     args = dict(HAS_BIAS=bias is not None, **_epilogue_args(x, gate, residual, gate_scales))
     if M == 1:
-        _int8_gemv_kernel[(triton.cdiv(N, INT8_CONFIG["BLOCK_N"]),)](x, weight, scales, b, y, N=N, K=K,
-                                                                      **INT8_CONFIG, **args)
+        _int8_gemv_kernel[(triton.cdiv(N, INT8_CONFIG["BLOCK_N"]),)](
+            x, weight, scales, b, y, nw_ptr=x if norm_weight is None else norm_weight, N=N, K=K,
+            HAS_RMS=norm_weight is not None, EPS=rms_eps or 0.0, **INT8_CONFIG, **args)
     else:
         _rows_kernel[(triton.cdiv(N, INT8_ROWS_CONFIG["BLOCK_N"]),)](
             x, weight, scales, b, y, M=M, N=N, K=K, HAS_SCALE=True, HAS_RMS=False, EPS=0.0, PRECISION=_precision(x),
@@ -382,8 +409,8 @@ def linear(layer, x, gate=None, residual=None, norm=None):
     """layer(norm(x)) * silu(gate(norm(x))) + residual, each part optional, for a float nn.Linear or quantize.py's
     Int8Linear, the gate a bias-free layer of the same kind and shape (SwiGLU's w1 beside w3), the norm a
     model.RMSNorm: one kernel on CUDA for up to MAX_ROWS rows; the same arithmetic in plain torch where no kernel
-    here applies. The norm runs inside the kernel for float weights that carry its weight (fold_norms); otherwise
-    it runs first, as its own kernel."""
+    here applies. The norm runs inside the kernel where `norm_inside` says it can; otherwise first, as its own
+    kernel."""
     rows, w = x.numel() // x.shape[-1], layer.weight
     g = gate.weight if gate is not None else None
     kernel = triton is not None and x.is_cuda and rows <= MAX_ROWS and (
@@ -391,20 +418,29 @@ def linear(layer, x, gate=None, residual=None, norm=None):
                          and g.dtype == w.dtype and g.is_contiguous()))
     float_kernel = (kernel and isinstance(layer, nn.Linear) and w.dtype == x.dtype and w.is_contiguous()
                     and (rows == 1 or x.dtype != torch.float32))  # rows: tuned for 16 bits; float32 stays on cuBLAS
-    if norm is not None and not (float_kernel and getattr(norm, "folded", False)):
+    int8_kernel = kernel and w.dtype == torch.int8 and getattr(layer, "use_triton", False)  # a prepared Int8Linear
+    if norm is not None and not ((float_kernel or int8_kernel) and norm_inside(layer, norm, rows)):
         x, norm = norm(x), None
     eps = None if norm is None else norm.eps
     if float_kernel:
         if rows == 1:
             return gemv(x, w, layer.bias, g, residual, eps)
         return gemm_rows(x, w, layer.bias, g, residual, eps)
-    if kernel and w.dtype == torch.int8 and getattr(layer, "use_triton", False):  # Int8Linear, prepared for Triton
+    if int8_kernel:
         y = int8_gemv(x.reshape(rows, -1).contiguous(), w, layer.scales, layer.bias, g,
-                      None if gate is None else gate.scales, residual)
+                      None if gate is None else gate.scales, residual, None if norm is None else norm.weight, eps)
         return y.view(*x.shape[:-1], -1)
     y = F.linear(x, w, layer.bias) if isinstance(layer, nn.Linear) else layer(x)
     y = y if gate is None else F.silu(gate(x)) * y
     return y if residual is None else y + residual
+
+
+def norm_inside(layer, norm, rows: int) -> bool:
+    """Whether the kernel for `layer` can apply the RMSNorm before it: a float layer whose weights carry the norm's
+    (fold_norms; any rows), or an int8 one at one row, whose GEMV multiplies x by the norm's weight as it loads."""
+    if getattr(norm, "folded", False):
+        return True
+    return rows == 1 and getattr(layer, "use_triton", False) and layer.weight.dtype == torch.int8
 
 
 class GemvLinear(nn.Linear):
@@ -415,12 +451,14 @@ class GemvLinear(nn.Linear):
 def fused_block(block, x, rope, mask, input_pos):
     """model.TransformerBlock.forward with SwiGLU's gate and up projections and the SiLU-times-up in one kernel,
     both residual adds inside the matmuls before them, and, with folded norms (fold_norms), both RMSNorms inside
-    the matmuls after them: five kernels a decode or verify layer. The same arithmetic up to rounding, each fused
-    step computing in float32 and rounding once. Without folded norms (int8 weights), one row keeps the residual
-    adds in inductor's kernels, where they ride along with the next RMSNorm: inside the matmuls they made the 7B
-    decode step 2% slower (BENCHMARKS.md)."""
+    the matmuls after them where `norm_inside` allows (folded float norms; int8 weights at one row): five kernels
+    a decode or verify layer. The same arithmetic up to rounding, each fused step computing in float32 and
+    rounding once. Where the norms cannot go in at one row (int4), the residual adds stay in inductor's kernels,
+    where they ride along with the next RMSNorm: inside the matmuls they made the int8 7B decode step 2% slower
+    when its norms were kernels of their own (BENCHMARKS.md)."""
     attn, ffn, norm1, norm2 = block.attention, block.feed_forward, block.attention_norm, block.ffn_norm
-    if x.shape[0] * x.shape[1] == 1 and not (getattr(norm1, "folded", False) and getattr(norm2, "folded", False)):
+    rows = x.shape[0] * x.shape[1]
+    if rows == 1 and not (norm_inside(attn.wqkv, norm1, rows) and norm_inside(ffn.w3, norm2, rows)):
         h = x + attn(norm1(x), rope, mask, input_pos)
         return h + ffn.w2(linear(ffn.w3, norm2(h), gate=ffn.w1))
     h = linear(attn.wo, attn.attend(linear(attn.wqkv, x, norm=norm1), rope, mask, input_pos), residual=x)
@@ -432,7 +470,7 @@ def fold_norms(block) -> None:
     """Move each RMSNorm's weight g into the float matmuls after it, W[:, k] * g[k], and leave the norm all ones,
     marked `folded`: the block computes the same function (up to one rounding of W * g), and the one-row GEMV can
     then normalize inside its loop, one scalar at the end, instead of in a kernel of its own. int8 weights keep
-    their norms: g cannot enter a scale per output row."""
+    their norms (g cannot enter a scale per output row): their one-row GEMV applies g to x instead."""
     attn, ffn = block.attention, block.feed_forward
     for norm, layers in ((block.attention_norm, [attn.wqkv]), (block.ffn_norm, [ffn.w1, ffn.w3])):
         if getattr(norm, "folded", False) or not all(

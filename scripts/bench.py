@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import generate as generate_py  # noqa: E402  (its QUEUE_DEPTH, for --queue_depth)
 from generate import (Sampling, compile_step, decode_one_token, generate,  # noqa: E402
                       kv_bytes_per_position, load_model, model_bytes, peak_memory_gb, resolve_checkpoint, synchronize)
 from model import ModelArgs, Transformer  # noqa: E402
@@ -136,6 +137,9 @@ def main(argv=None):
     p.add_argument("--verify_k", type=int, default=0, help="also time one forward over k+1 positions vs one step")
     p.add_argument("--verify_only", action="store_true",
                    help="with --verify_k: skip the tok/s run (two compiles fewer)")
+    p.add_argument("--queue_depth", default=None,
+                   help="decode steps generate() queues ahead on a GPU, e.g. 1,2,3: each is timed, in turn, three "
+                        "times in one process (default: generate.QUEUE_DEPTH)")
     p.add_argument("--hf_reference", action="store_true", help="also time transformers' generate() (SmolLM2 only)")
     p.add_argument("--gguf", default=None, help="with --hf_reference: the SmolLM2 GGUF (default: the wheel's)")
     args = p.parse_args(argv)
@@ -190,26 +194,32 @@ def main(argv=None):
         generate(model, prompt, 8, s, decode_fn=decode, max_seq_length=seq)  # compile and capture the graph
         compile_s = time.perf_counter() - t
         log(f"ready after {compile_s:.0f} s; timing")
-        runs = []
+        depths = [int(d) for d in args.queue_depth.split(",")] if args.queue_depth else [generate_py.QUEUE_DEPTH]
+        runs = {d: [] for d in depths}
         for _ in range(3):
-            synchronize(device)
-            t = time.perf_counter()
-            generate(model, prompt, 1, s, max_seq_length=seq)
-            synchronize(device)
-            ttft = time.perf_counter() - t
-            t = time.perf_counter()
-            generate(model, prompt, args.max_new_tokens, s, decode_fn=decode, max_seq_length=seq)
-            synchronize(device)
-            runs.append((args.max_new_tokens - 1) / (time.perf_counter() - t - ttft))
-    tok_s = statistics.median(runs)
+            for d in depths:  # in turn, so that a drift of the machine touches every depth alike
+                generate_py.QUEUE_DEPTH = d
+                synchronize(device)
+                t = time.perf_counter()
+                generate(model, prompt, 1, s, max_seq_length=seq)
+                synchronize(device)
+                ttft = time.perf_counter() - t
+                t = time.perf_counter()
+                generate(model, prompt, args.max_new_tokens, s, decode_fn=decode, max_seq_length=seq)
+                synchronize(device)
+                runs[d].append((args.max_new_tokens - 1) / (time.perf_counter() - t - ttft))
+    tok_s = statistics.median(runs[depths[0]])
     avg_len = args.prompt_len + args.max_new_tokens / 2
     step_bytes = model_bytes(model) + kv_bytes_per_position(model, 1) * avg_len
     gbs = step_bytes * tok_s / 1e9
     rows = [("model", label), ("device", torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"),
             ("torch", torch.__version__), ("compile (s)", f"{compile_s:.1f}"),
-            ("bytes/token (GB)", f"{step_bytes / 1e9:.3f}"), ("tok/s", f"{tok_s:.1f}"),
+            ("bytes/token (GB)", f"{step_bytes / 1e9:.3f}"),
+            ("tok/s" if len(depths) == 1 else f"tok/s (queue depth {depths[0]})", f"{tok_s:.1f}"),
             ("GB/s", f"{gbs:.0f}"), ("copy GB/s", f"{copy_gbs:.0f}"), ("% of copy", f"{100 * gbs / copy_gbs:.1f}"),
             ("time to first token (ms)", f"{ttft * 1000:.1f}"), ("peak memory (GB)", f"{peak_memory_gb(device):.2f}")]
+    if len(depths) > 1:
+        rows += [(f"tok/s, queue depth {d}", " ".join(f"{r:.1f}" for r in runs[d])) for d in depths]
     show(rows)
     if args.verify_k:
         one, many = verify_cost(model, device, args.verify_k, compile, args.prompt_len)

@@ -68,14 +68,15 @@ def weight_bytes_per_step(pointers: dict, consts: dict) -> float:
 def variants(K: int):
     """(name, kernel, pointer types, constexprs, num_warps, num_stages) for each kernel variant the model runs,
     with the tiles gemv.py ships for width K."""
-    bf16 = dict.fromkeys(["x_ptr", "w_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "g_ptr", "gs_ptr", "res_ptr"], "*bf16")
+    bf16 = dict.fromkeys(["x_ptr", "w_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "g_ptr", "gs_ptr", "res_ptr", "nw_ptr"],
+                         "*bf16")
     int8, int4 = dict(bf16, w_ptr="*i8", g_ptr="*i8"), dict(bf16, w_ptr="*u8")
     off = dict(K=K, K_IN=K, GROUPSIZE=128, HAS_BIAS=False, HAS_GATE=False, HAS_RES=False, HAS_RMS=False, EPS=1e-5,
                PRECISION="tf32", PDL=True)
     gate, res, norm = dict(HAS_GATE=True), dict(HAS_RES=True), dict(HAS_RMS=True)
     rows_cfg = G.ROWS_CONFIG if K >= 4096 else G.SMALL_ROWS_CONFIG
     kernels = [("float GEMV", G._gemv_kernel, bf16, G.GEMV_CONFIG, [{}, gate, res, norm, dict(gate, **norm)]),
-               ("int8 GEMV", G._int8_gemv_kernel, int8, G.INT8_CONFIG, [{}, gate, res]),
+               ("int8 GEMV", G._int8_gemv_kernel, int8, G.INT8_CONFIG, [{}, gate, res, norm, dict(gate, **norm)]),
                ("float rows", G._rows_kernel, bf16, rows_cfg, [{}, gate, res, norm, dict(gate, **norm)]),
                ("int8 rows", G._rows_kernel, int8, G.INT8_ROWS_CONFIG,
                 [dict(HAS_SCALE=True), dict(gate, HAS_SCALE=True)]),

@@ -66,6 +66,20 @@ for N, K, bias in [(7, 33, True), (130, 2500, False)]:
     err = ((y.double() - ref).norm() / ref.norm()).item()
     assert y.shape == ref.shape and err < 2e-3, (N, K, err)
     worst["rms"] = max(worst.get("rms", 0), err)
+for N, K in [(7, 33), (130, 2500)]:  # int8 at one row: the norm's weight applied to x as it loads
+    x, nw = torch.randn(1, K).half() * 3, (torch.rand(K) + 0.5).half()
+    q8, s8 = torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N).half() / 100
+    g8, gs8 = torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N).half() / 1000
+    res = torch.randn(1, N).half()
+    xn = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5) * nw.double()
+    wd, gd = q8.double() * s8.double()[:, None], g8.double() * gs8.double()[:, None]
+    for extra in [{}, dict(gate=g8, gate_scales=gs8, residual=res)]:
+        ref = xn @ wd.T
+        ref = ref * torch.nn.functional.silu(xn @ gd.T) + res.double() if extra else ref
+        y = int8_gemv(x, q8, s8, None, **extra, norm_weight=nw, rms_eps=1e-5)
+        err = ((y.double() - ref).norm() / ref.norm()).item()
+        assert y.shape == ref.shape and err < 2e-3, ("int8", N, K, list(extra), err)
+        worst["rms"] = max(worst.get("rms", 0), err)
 for M, N, K in [(3, 20, 300), (16, 130, 1030)]:  # the rows kernel: each row its own rms
     x = torch.randn(M, K).half() * torch.linspace(0.5, 4, M).half()[:, None]
     w, g, res = torch.randn(N, K).half(), torch.randn(N, K).half() / 10, torch.randn(M, N).half()
@@ -133,7 +147,8 @@ s4, z4 = Q.int4_qparams(w.float(), 32)
 q4 = Q.pack_int4(Q.quantize_int4(w.float(), s4, z4, 32), 32)
 s4, z4 = s4.half(), z4.half()
 calls = lambda x1, x4: [2 * y for y in (G.gemv(x1, w, None, g, r, 1e-5), G.gemm_rows(x4, w, rms_eps=1e-5),
-                                         G.int8_gemv(x1, q8, s8, None, q8, s8, r), G.int8_gemv(x4, q8, s8),
+                                         G.int8_gemv(x1, q8, s8, None, q8, s8, r),
+                                         G.int8_gemv(x1, q8, s8, None, q8, s8, r, w[0], 1e-5), G.int8_gemv(x4, q8, s8),
                                          G.int4_gemv(x1, q4, s4, z4, 32), G.int4_gemv(x4, q4, s4, z4, 32))]
 compiled = torch.compile(calls, fullgraph=True)(x1, x4)
 assert all(torch.equal(a, b) for a, b in zip(compiled, calls(x1, x4)))
