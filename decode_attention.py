@@ -18,9 +18,16 @@ merges the chunks' partial softmax sums (flash-decoding); empty chunks past the 
 slot and nothing else.
 
 `use_decode_attention(model)` hands this function to every `Attention` of model.py, which calls it for CUDA
-inputs of at most MAX_QUERIES positions and keeps SDPA for prefill, training and the CPU.
+inputs of at most MAX_QUERIES positions and keeps SDPA for prefill, training and the CPU. `pdl=True` hands it
+`decode_attention_pdl` instead: the same kernel launched with programmatic dependent launch (Hopper), as gemv.py
+launches its float GEMVs, so that it starts while the GEMV before it drains and lets the one after it start early.
+That takes a custom op (`decode_attention_pdl`), which declares the two caches as the only tensors it writes:
+traced by torch.compile, a kernel with PDL's inline PTX counts as writing every input, and CUDA graphs are then
+skipped. Not yet the default: no GPU has timed it (`scripts/bench.py --pdl_attention`).
 """
 import math
+import os
+from typing import Optional
 
 import torch
 
@@ -29,6 +36,7 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: the model keeps SDPA
     triton = None
+PDL_OK = triton is not None and os.environ.get("TRITON_INTERPRET") != "1" and torch.version.hip is None
 
 MAX_QUERIES = 16  # new positions per call (decode: 1, verification: k+1)
 # tiles: best of `scripts/attention_bench.py --sweep` on an H100 for Llama-2-7B's verification (BENCHMARKS.md)
@@ -54,9 +62,14 @@ if triton is not None:
     def _attention_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, o_ptr, acc_ptr, ml_ptr,
                           sx_b, sx_s, sr_b, sr_s, sk_b, sk_h, sk_s, sm_b, sm_s, n_kv, S,
                           SCALE: tl.constexpr, G: tl.constexpr, D: tl.constexpr, R: tl.constexpr, CHUNK: tl.constexpr,
-                          BLOCK_L: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, CAUSAL: tl.constexpr):
+                          BLOCK_L: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, CAUSAL: tl.constexpr,
+                          PDL: tl.constexpr):
         # one program: KV head `hk` of batch row `b` over cache slots [chunk * CHUNK, (chunk + 1) * CHUNK)
-        # rows r = g * S + s: query s of the g-th query head sharing KV head `hk`
+        # rows r = g * S + s: query s of the g-th query head sharing KV head `hk`. PDL: let the next kernel
+        # launch, then wait for the one before (which wrote qkv) before reading or writing anything
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         b, hk, chunk = tl.program_id(0) // n_kv, tl.program_id(0) % n_kv, tl.program_id(1)
         d = tl.arange(0, D)
         t = tl.arange(0, 16)  # the new positions
@@ -139,40 +152,65 @@ def decode_attention(qkv, rope, k_cache, v_cache, mask, input_pos, n_head: int):
     mask (S, S_max) or (B, 1, S, S_max) bool (True: attend) -> (B, S, H*D): what model.Attention's RoPE, cache
     update and SDPA with that mask give. A 2-D mask must be model.py's causal one, slot <= input_pos: it is not
     read."""
+    return _attend(qkv, *rope, k_cache, v_cache, None if mask.dim() == 2 else mask, input_pos, n_head, pdl=False)
+
+
+def decode_attention_pdl(qkv, rope, k_cache, v_cache, mask, input_pos, n_head: int):
+    """decode_attention launched with programmatic dependent launch where the GPU has it, through a custom op.
+    The causal mask is not passed on, so a compiled step still never builds it."""
+    return _attention_op(qkv, *rope, k_cache, v_cache, None if mask.dim() == 2 else mask, input_pos, n_head)
+
+
+def _attend(qkv, cos, sin, k_cache, v_cache, mask, input_pos, n_head: int, pdl: bool):
+    """decode_attention's launcher; mask None: model.py's causal mask (slot <= input_pos), not read."""
     B, S, _ = qkv.shape
     n_kv, S_max, D = k_cache.shape[1:]
     if S > MAX_QUERIES:
         raise ValueError(f"decode_attention takes up to {MAX_QUERIES} new positions, got {S}")
     assert qkv.shape[-1] == (n_head + 2 * n_kv) * D and k_cache.is_contiguous() and v_cache.is_contiguous()
     qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
-    cos, sin = (t.contiguous() for t in rope)
+    cos, sin = cos.contiguous(), sin.contiguous()
     G = n_head // n_kv
     R = 16  # tl.dot's smallest tile; a power of two (a loop, not next_power_of_2: S may be symbolic under compile)
     while R < G * S:
         R *= 2
     n_chunks = triton.cdiv(S_max, CHUNK)
-    causal = mask.dim() == 2
+    causal = mask is None
     m = input_pos if causal else mask if mask.stride(-1) == 1 else mask.contiguous()  # bool, read as bytes
     sm_b, sm_s = (0, 0) if causal else (m.stride(0), m.stride(2))
     out = torch.empty(B, S, n_head * D, dtype=qkv.dtype, device=qkv.device)
     part_acc = torch.empty(B * n_kv * n_chunks * R * D if n_chunks > 1 else 1, dtype=torch.float32, device=qkv.device)
     part_ml = torch.empty(B * n_kv * n_chunks * R * 2 if n_chunks > 1 else 1, dtype=torch.float32, device=qkv.device)
     precision = "ieee" if qkv.dtype == torch.float32 else "tf32"
+    pdl = pdl and PDL_OK and qkv.is_cuda and torch.cuda.get_device_capability(qkv.device)[0] >= 9
     _attention_kernel[(B * n_kv, n_chunks)](
         qkv, cos, sin, k_cache, v_cache, m, input_pos, out, part_acc, part_ml, qkv.stride(0), qkv.stride(1),
         cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), sm_b, sm_s, n_kv, S, SCALE=1.0 / math.sqrt(D), G=G, D=D, R=R, CHUNK=CHUNK, BLOCK_L=BLOCK_L,
-        SPLIT=n_chunks > 1, PRECISION=precision, CAUSAL=causal, num_warps=NUM_WARPS)
+        SPLIT=n_chunks > 1, PRECISION=precision, CAUSAL=causal, PDL=pdl, num_warps=NUM_WARPS,
+        **({"launch_pdl": True} if pdl else {}))  # only the custom op's launch: a traced one keeps inductor's
     if n_chunks > 1:
         _merge_kernel[(B * n_kv,)](part_acc, part_ml, out, n_kv, S, N_CHUNKS=n_chunks, G=G, D=D, R=R, num_warps=4)
     return out
 
 
-def use_decode_attention(model):
-    """Let every attention layer of a model.py module (a Transformer, an MTP head) use decode_attention for up to
-    MAX_QUERIES new positions on CUDA; a no-op without Triton."""
+@torch.library.custom_op("mtp_fast::decode_attention", mutates_args=("k_cache", "v_cache"))
+def _attention_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, mask: Optional[torch.Tensor], input_pos: torch.Tensor,
+                  n_head: int) -> torch.Tensor:
+    return _attend(qkv, cos, sin, k_cache, v_cache, mask, input_pos, n_head, pdl=True)
+
+
+@_attention_op.register_fake
+def _(qkv, cos, sin, k_cache, v_cache, mask, input_pos, n_head):
+    return qkv.new_empty(*qkv.shape[:2], n_head * k_cache.shape[-1])
+
+
+def use_decode_attention(model, pdl: bool = False):
+    """Let every attention layer of a model.py module (a Transformer, an MTP head) use decode_attention (with
+    pdl, decode_attention_pdl) for up to MAX_QUERIES new positions on CUDA; a no-op without Triton."""
     if triton is not None:
         for m in model.modules():
             if hasattr(m, "decode_attention") and hasattr(m, "kv_cache"):
-                m.decode_attention = decode_attention
+                m.decode_attention = decode_attention_pdl if pdl else decode_attention
     return model

@@ -130,6 +130,8 @@ def main(argv=None):
     p.add_argument("--no_gemv", action="store_true", help="stock F.linear instead of the Triton GEMV (random weights)")
     p.add_argument("--sdpa", action="store_true",
                    help="PyTorch's SDPA for decode attention instead of decode_attention.py's kernel")
+    p.add_argument("--pdl_attention", action="store_true",
+                   help="decode_attention.py's kernel launched with programmatic dependent launch (its custom op)")
     p.add_argument("--no_pdl", action="store_true",
                    help="plain kernel launches: no programmatic dependent launch for gemv.py's float kernels")
     p.add_argument("--no_fuse", action="store_true",
@@ -172,9 +174,13 @@ def main(argv=None):
     if args.no_fuse:
         for layer in model.layers:
             layer.fused = None
+    if args.pdl_attention and not args.sdpa:
+        from decode_attention import use_decode_attention
+        use_decode_attention(model, pdl=True)
     label += f" {args.quant if args.quant != 'none' else str(dtype).replace('torch.', '')}"
     label += " stock-linear" if args.no_gemv else ""
     label += " sdpa" if args.sdpa else ""
+    label += " pdl-attention" if args.pdl_attention and not args.sdpa else ""
     label += " unfused" if args.no_fuse else ""
     label += " no-pdl" if args.no_pdl else ""
     label += f" {args.kernel}-kernel" if args.kernel != "default" else ""

@@ -26,7 +26,7 @@ def check(device, dtype, bound):
     """Largest relative error of the output, and of the cache after the kernel wrote the new keys and values,
     against model.py's `Attention.attend` in float64 (RoPE, KVCache.update, SDPA with the model's own masks) over
     CASES."""
-    from decode_attention import CHUNK, decode_attention
+    from decode_attention import CHUNK, decode_attention, decode_attention_pdl
     from model import Attention, KVCache, ModelArgs, rope_tables
     assert any(c[5] > CHUNK for c in CASES) and any(c[5] <= CHUNK for c in CASES)  # both paths run
     torch.manual_seed(0)
@@ -50,7 +50,10 @@ def check(device, dtype, bound):
         attn.kv_cache.k_cache.copy_(caches[0]), attn.kv_cache.v_cache.copy_(caches[1])
         ref = attn.attend(qkv.double(), tuple(t.double() for t in rope), mask, input_pos)
         k_ref, v_ref = attn.kv_cache.k_cache, attn.kv_cache.v_cache
+        before = [c.clone() for c in caches]
         y = decode_attention(qkv, rope, caches[0], caches[1], mask, input_pos, H)
+        y_pdl = decode_attention_pdl(qkv, rope, *before, mask, input_pos, H)  # the custom op: the same launch
+        assert torch.equal(y_pdl, y) and all(torch.equal(a, b) for a, b in zip(before, caches))
         err = ((y.double() - ref).norm() / ref.norm()).item()
         err_k = ((caches[0].double() - k_ref).norm() / k_ref.norm()).item()
         assert torch.equal(caches[1].double(), v_ref), (B, H, n_kv, S, D, S_max, pos0, left_pad, dtype)
@@ -68,6 +71,41 @@ def test_decode_attention_matches_sdpa_under_the_interpreter():
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr[-3000:]
 
 
+COMPILED_IN_PLACE = r"""
+import torch
+from torch._inductor.utils import run_and_get_code
+import decode_attention as A
+from model import rope_tables
+torch.manual_seed(0)
+H, n_kv, D, S_max = 4, 2, 32, 64
+qkv, pos = torch.randn(1, 1, (H + 2 * n_kv) * D), torch.tensor([10])
+caches = [torch.randn(1, n_kv, S_max, D) for _ in range(2)]
+cos, sin = rope_tables(S_max, D, 10000.0)
+rope = (cos[pos][None], sin[pos][None])
+expected = [c.clone() for c in caches]
+ref = A.decode_attention(qkv, rope, *expected, torch.arange(S_max)[None, :] <= pos[:, None], pos, H)
+def step(qkv, k_cache, v_cache, pos):
+    mask = torch.arange(S_max)[None, :] <= pos[:, None]  # model.py's causal mask: never built in the graph
+    return A.decode_attention_pdl(qkv, rope, k_cache, v_cache, mask, pos, H) * 2
+ptrs = [c.data_ptr() for c in caches]
+out, code = run_and_get_code(torch.compile(step, fullgraph=True), qkv, *caches, pos)
+assert torch.equal(out, 2 * ref) and all(torch.equal(a, b) for a, b in zip(caches, expected))
+assert [c.data_ptr() for c in caches] == ptrs
+calls = [l for l in "\n".join(code).splitlines() if "torch.ops.mtp_fast.decode_attention" in l and "=" in l]
+assert len(calls) == 1 and ", None, " in calls[0], calls  # one call, no mask tensor
+assert not [l for l in "\n".join(code).splitlines() if "clone(" in l or ".copy_(" in l]  # the caches, in place
+print("ok")
+"""
+
+
+def test_pdl_attention_op_writes_the_caches_in_place_when_compiled():
+    """decode_attention_pdl is a custom op that declares the caches as written: compiled, it must write them in
+    place (no clone of a cache and no copy back, which would cost a cache's bytes a layer) and get no mask tensor."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT), TORCHINDUCTOR_FORCE_DISABLE_CACHES="1")
+    r = subprocess.run([sys.executable, "-c", COMPILED_IN_PLACE], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr[-3000:]
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -78,9 +116,10 @@ def test_cuda_decode_attention_matches_sdpa():
 
 
 @cuda
-def test_cuda_model_with_the_kernel_equals_sdpa_compiled():
+@pytest.mark.parametrize("pdl", [False, True], ids=["plain launch", "PDL custom op"])
+def test_cuda_model_with_the_kernel_equals_sdpa_compiled(pdl):
     """A tiny float32 model: decode and verify logits with the kernel (RoPE and cache writes included) equal SDPA's,
-    eager and as a compiled CUDA graph, and greedy generation gives the same tokens."""
+    eager and as a compiled CUDA graph, and greedy generation gives the same tokens (with no CUDA graph skipped)."""
     from torch._dynamo.utils import counters
 
     from decode_attention import use_decode_attention
@@ -97,7 +136,7 @@ def test_cuda_model_with_the_kernel_equals_sdpa_compiled():
     outs = {}
     for name in ("sdpa", "kernel", "kernel-compiled"):
         if name != "sdpa":
-            use_decode_attention(model)
+            use_decode_attention(model, pdl=pdl)
         fn = torch.compile(logits, fullgraph=True) if name.endswith("compiled") else logits
         model.setup_caches(1, 300)  # 2 chunks: the merge kernel runs too
         with torch.no_grad():
