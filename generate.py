@@ -559,8 +559,9 @@ class Printer:
 
 
 def run_once(model, tokenizer, prompts, args, s, steps, device, max_seq_length=None, stream=True,
-             spec: Optional[Speculation] = None):
-    """One generation with its timing report; returns the new ids per row. With `spec`, decodes speculatively."""
+             spec: Optional[Speculation] = None, quiet: bool = False):
+    """One generation with its timing report; returns the new ids per row. With `spec`, decodes speculatively.
+    `quiet`: print nothing (a warm-up run)."""
     prefill_fn, decode_fn = steps
     first = {}
 
@@ -568,7 +569,7 @@ def run_once(model, tokenizer, prompts, args, s, steps, device, max_seq_length=N
         first.setdefault("t", time.perf_counter())
         printer(token)
 
-    printer = Printer(tokenizer, stream and len(prompts) == 1)
+    printer = Printer(tokenizer, stream and len(prompts) == 1 and not quiet)
     synchronize(device)
     t0 = time.perf_counter()
     accepted = []
@@ -582,6 +583,8 @@ def run_once(model, tokenizer, prompts, args, s, steps, device, max_seq_length=N
     synchronize(device)
     t1 = time.perf_counter()
     printer.close()
+    if quiet:
+        return out
     n_new = max(len(r) for r in out)
     ttft = first["t"] - t0
     avg_len = max(len(p) for p in prompts) + n_new / 2
@@ -715,6 +718,12 @@ def main(argv=None):
     if args.chat:
         return chat(model, tokenizer, args, s, steps, device, spec)
     prompts = read_prompts(args, tokenizer)
+    if args.compile:  # as gpt-fast does: an untimed first run compiles, so no sample's figures include compile time
+        print("compiling: a first run, not shown", file=sys.stderr)
+        t = time.perf_counter()
+        run_once(model, tokenizer, prompts, args, s, steps, device, args.max_seq_length, spec=spec, quiet=True)
+        print(f"compiled in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+        torch.manual_seed(args.seed)  # the samples draw what they would have drawn without --compile
     for i in range(args.num_samples):
         profiling = args.profile and i == args.num_samples - 1
         ctx = torch.profiler.profile() if profiling else contextlib.nullcontext()

@@ -50,6 +50,22 @@ def test_cli_streams_the_same_text(smollm2_checkpoint, ours, capsys):
     assert expected.strip() in out.out and "tok/s" in out.err and "time to first token" in out.err
 
 
+def test_cli_compile_runs_an_untimed_first_run(smollm2_checkpoint, capsys, monkeypatch):
+    """With --compile, a quiet first run takes the compile time out of the samples' figures, and the seed is set
+    again after it: the sampled text equals the one without --compile (compile itself is stubbed out here)."""
+    import generate as gen
+    monkeypatch.setattr(gen, "compile_steps", lambda device, compile_prefill: (gen.prefill, gen.decode_one_token))
+    argv = ["--checkpoint_path", str(smollm2_checkpoint / "model.pth"), "--prompt", "Once upon a time",
+            "--temperature", "0.8", "--seed", "3", "--max_new_tokens", "12"]
+    main(argv)
+    plain = capsys.readouterr()
+    main(argv + ["--compile"])
+    compiled = capsys.readouterr()
+    assert compiled.out == plain.out and plain.out.strip()  # the first run printed nothing
+    assert "compiled in" in compiled.err and "compiled in" not in plain.err
+    assert compiled.err.count("time to first token") == plain.err.count("time to first token") == 1
+
+
 def test_cli_answer_of_one_token_reports_no_decode_speed(smollm2_checkpoint, ours, capsys):
     """As raw text this question makes the chat model end its turn at once: no decode step, so no speed (not nan)."""
     model, tok = ours
