@@ -606,10 +606,26 @@ def run_once(model, tokenizer, prompts, args, s, steps, device, max_seq_length=N
     return out
 
 
+def warm_up(model, tokenizer, prompts, args, s, steps, device, max_seq_length=None, spec=None):
+    """--compile's untimed, silent first run, as gpt-fast's warm-up: compiling the steps and capturing their CUDA
+    graphs stays out of every timed run. The seed is set again after it, so the timed runs draw what they would
+    have drawn without --compile."""
+    print("compiling: a first run, not shown", file=sys.stderr)
+    t = time.perf_counter()
+    run_once(model, tokenizer, prompts, args, s, steps, device, max_seq_length, spec=spec, quiet=True)
+    print(f"compiled in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    torch.manual_seed(args.seed)
+
+
 def chat(model, tokenizer, args, s, steps, device, spec=None):
     """Multi-turn chat: the whole conversation is re-encoded with the model's template each turn."""
     messages = [{"role": "system", "content": args.system}] if args.system else []
     max_seq = min(model.config.block_size, args.max_seq_length or 4096)  # fixed, so the compiled step is reused
+    if args.compile:  # on a short exchange of its own: the cache size, not the answer's length, fixes the shapes
+        hello = tokenizer.apply_chat_template(messages + [{"role": "user", "content": "Hello"}],
+                                              add_generation_prompt=True)
+        short = argparse.Namespace(**{**vars(args), "max_new_tokens": min(args.max_new_tokens, 8)})
+        warm_up(model, tokenizer, [hello], short, s, steps, device, max_seq, spec)
     print("chat: an empty line or Ctrl-D ends it", file=sys.stderr)
     while True:
         try:
@@ -718,12 +734,8 @@ def main(argv=None):
     if args.chat:
         return chat(model, tokenizer, args, s, steps, device, spec)
     prompts = read_prompts(args, tokenizer)
-    if args.compile:  # as gpt-fast does: an untimed first run compiles, so no sample's figures include compile time
-        print("compiling: a first run, not shown", file=sys.stderr)
-        t = time.perf_counter()
-        run_once(model, tokenizer, prompts, args, s, steps, device, args.max_seq_length, spec=spec, quiet=True)
-        print(f"compiled in {time.perf_counter() - t:.1f} s", file=sys.stderr)
-        torch.manual_seed(args.seed)  # the samples draw what they would have drawn without --compile
+    if args.compile:
+        warm_up(model, tokenizer, prompts, args, s, steps, device, args.max_seq_length, spec)
     for i in range(args.num_samples):
         profiling = args.profile and i == args.num_samples - 1
         ctx = torch.profiler.profile() if profiling else contextlib.nullcontext()

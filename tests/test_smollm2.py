@@ -66,6 +66,36 @@ def test_cli_compile_runs_an_untimed_first_run(smollm2_checkpoint, capsys, monke
     assert compiled.err.count("time to first token") == plain.err.count("time to first token") == 1
 
 
+def test_cli_chat_keeps_the_conversation(smollm2_checkpoint, ours, capsys, monkeypatch):
+    """--chat, two turns and an empty line: each turn re-encodes the whole conversation with the model's template
+    (the first turn and its answer are the second prompt's start), and each answer is the model's greedy text.
+    With --compile (stubbed out here) a short exchange of its own compiles first, before the first prompt."""
+    import builtins
+
+    import generate as gen
+    model, tok = ours
+    monkeypatch.setattr(gen, "compile_steps", lambda device, compile_prefill: (gen.prefill, gen.decode_one_token))
+    seen, run_once = [], gen.run_once
+    monkeypatch.setattr(gen, "run_once", lambda m, t, prompts, *a, **kw: seen.append((prompts[0], kw.get("quiet")))
+                        or run_once(m, t, prompts, *a, **kw))
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
+    argv = ["--checkpoint_path", str(smollm2_checkpoint / "model.pth"), "--chat", "--temperature", "0",
+            "--max_new_tokens", "10"]
+    for flags in ([], ["--compile"]):
+        lines, seen[:] = iter(["What is 2+2?", "And times 3?", ""]), []
+        main(argv + flags)
+        err = capsys.readouterr().err
+        turns = [p for p, quiet in seen if not quiet]
+        assert len(turns) == 2 and turns[1][:len(turns[0])] == turns[0]
+        first = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], add_generation_prompt=True)
+        answer = generate(model, [first], 10, stop_ids=tok.eos_ids)[0]
+        assert turns[0] == first and tok.decode([t for t in answer if t not in tok.eos_ids]) in tok.decode(turns[1])
+        assert err.count("time to first token") == 2
+        assert ("compiled in" in err) == bool(flags) and len(seen) == 2 + bool(flags)
+        if flags:
+            assert err.index("compiled in") < err.index("chat:") and seen[0][1]  # the quiet run came first
+
+
 def test_cli_answer_of_one_token_reports_no_decode_speed(smollm2_checkpoint, ours, capsys):
     """As raw text this question makes the chat model end its turn at once: no decode step, so no speed (not nan)."""
     model, tok = ours
