@@ -96,6 +96,17 @@ def test_cli_chat_keeps_the_conversation(smollm2_checkpoint, ours, capsys, monke
             assert err.index("compiled in") < err.index("chat:") and seen[0][1]  # the quiet run came first
 
 
+def test_cli_chat_refuses_a_turn_too_long_for_the_cache_and_goes_on(smollm2_checkpoint, capsys, monkeypatch):
+    import builtins
+    lines = iter(["word " * 60, "Hi", ""])
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
+    main(["--checkpoint_path", str(smollm2_checkpoint / "model.pth"), "--chat", "--temperature", "0",
+          "--max_new_tokens", "4", "--max_seq_length", "64"])
+    err = capsys.readouterr().err
+    assert err.count("too long for a 64-token cache; start a new chat or raise --max_seq_length") == 1
+    assert err.count("time to first token") == 1  # the next turn was answered
+
+
 def test_cli_answer_of_one_token_reports_no_decode_speed(smollm2_checkpoint, ours, capsys):
     """As raw text this question makes the chat model end its turn at once: no decode step, so no speed (not nan)."""
     model, tok = ours
