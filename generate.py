@@ -699,8 +699,19 @@ def check_args(args):
     for name in ("max_new_tokens", "batch_size", "num_samples"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
+    check_device(args.device)
+
+
+def check_device(device: str):
+    """A --device that this torch cannot run on is one clear line (the scripts call this too), not a traceback."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"--device {device} is not a device name; use cpu, cuda or cuda:N") from None
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: mtp-fast runs on cpu and cuda; use --device cpu or cuda")
 
 
 def main(argv=None):

@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from generate import Sampling, generate, load_model, resolve_checkpoint, synchronize
+from generate import Sampling, check_device, generate, load_model, resolve_checkpoint, synchronize
 from mtp import MTP_HEAD_FILE, MTPHead, loss_weights, new_head, output_weight, save_head
 from model import Transformer, rope_tables
 
@@ -557,6 +557,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.cmd != "vocab":
+        check_device(args.device)
     if args.cmd == "distill" and args.num_prompts < 1:
         raise ValueError(f"--num_prompts must be at least 1, got {args.num_prompts}")
     if args.cmd == "vocab":

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import generate as generate_py  # noqa: E402  (its QUEUE_DEPTH, for --queue_depth)
-from generate import (Sampling, compile_step, decode_one_token, generate,  # noqa: E402
+from generate import (Sampling, check_device, compile_step, decode_one_token, generate,  # noqa: E402
                       kv_bytes_per_position, load_model, model_bytes, peak_memory_gb, resolve_checkpoint, synchronize)
 from model import ModelArgs, Transformer  # noqa: E402
 
@@ -147,6 +147,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.model:
         ModelArgs.from_name(args.model)  # an unknown name fails here, not after the copy measurement
+    check_device(args.device)
     device = args.device
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     compile = not args.no_compile

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from generate import load_model  # noqa: E402
+from generate import check_device, load_model  # noqa: E402
 from quantize import EVAL_FILES, LICENSES, license_text  # noqa: E402
 from tokenizer import get_tokenizer  # noqa: E402
 
@@ -85,6 +85,7 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=4, help="windows per forward")
     args = p.parse_args(argv)
     try:
+        check_device(args.device)
         if not 0 < args.stride <= args.window:
             raise ValueError(f"--stride {args.stride} must be between 1 and --window {args.window}")
         missing = [str(c) for c in args.checkpoint_path if not c.is_file()]

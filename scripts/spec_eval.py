@@ -26,9 +26,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from generate import (Sampling, compile_steps, decode_one_token, generate, load_model, load_speculation,  # noqa: E402
-                      parse_args as generate_args, prefill, resolve_checkpoint, spec_extra_slots, speculative_generate,
-                      synchronize)
+from generate import (Sampling, check_device, compile_steps, decode_one_token, generate,  # noqa: E402
+                      load_model, load_speculation, parse_args as generate_args, prefill, resolve_checkpoint,
+                      spec_extra_slots, speculative_generate, synchronize)
 
 DEV_PROMPTS = ROOT.parent / "shared/prompts/dev.jsonl"
 
@@ -179,6 +179,7 @@ def main(argv=None):
         raise ValueError("nothing to draft with: pass --draft_checkpoint_path, --mtp or --mtp_checkpoint_path")
     if not args.prompts.is_file():
         raise FileNotFoundError(f"prompts file {args.prompts} not found; pass --prompts")
+    check_device(args.device)
     device = args.device
     default_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype

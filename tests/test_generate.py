@@ -174,6 +174,15 @@ def test_scripts_refuse_bad_flags_before_any_work(capsys):
     with pytest.raises(SystemExit):
         eval_ppl.main(["--checkpoint_path", "/nonexistent/model.pth"])
     assert "checkpoint /nonexistent/model.pth not found" in capsys.readouterr().err
+    device = "--device mps: mtp-fast runs on cpu and cuda"  # a device no script can use, on any machine
+    for run in (lambda: bench.main(["--model", "SmolLM2-135M", "--device", "mps"]),
+                lambda: spec_eval.main(["--mtp", "--device", "mps"]),
+                lambda: mtp_train.main(["train", "--data", "x.pt", "--device", "mps"])):
+        with pytest.raises(ValueError, match=device):
+            run()
+    with pytest.raises(SystemExit):
+        eval_ppl.main(["--checkpoint_path", "/nonexistent/model.pth", "--device", "mps"])
+    assert device in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -182,6 +191,8 @@ def test_scripts_refuse_bad_flags_before_any_work(capsys):
     (["--top_p", "1.5"], "--top_p must be in (0, 1]"),
     (["--max_new_tokens", "0"], "--max_new_tokens must be at least 1"),
     (["--batch_size", "0"], "--batch_size must be at least 1"),
+    (["--device", "cdua"], "--device cdua is not a device name; use cpu, cuda or cuda:N"),
+    (["--device", "mps"], "--device mps: mtp-fast runs on cpu and cuda"),
 ])
 def test_generate_refuses_bad_numbers_before_loading(flags, message):
     import generate as gen
