@@ -583,6 +583,9 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="int4-gptq: where calibration runs (default cuda if available)")
     args = p.parse_args(argv)
     try:
+        if args.device is not None:
+            from generate import check_device
+            check_device(args.device)
         model = load_float_model(args.checkpoint_path)
         tokens = None
         if args.mode == "int4-gptq":

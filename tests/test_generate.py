@@ -180,9 +180,13 @@ def test_scripts_refuse_bad_flags_before_any_work(capsys):
                 lambda: mtp_train.main(["train", "--data", "x.pt", "--device", "mps"])):
         with pytest.raises(ValueError, match=device):
             run()
-    with pytest.raises(SystemExit):
-        eval_ppl.main(["--checkpoint_path", "/nonexistent/model.pth", "--device", "mps"])
-    assert device in capsys.readouterr().err
+    import quantize
+    for run in (lambda: eval_ppl.main(["--checkpoint_path", "/nonexistent/model.pth", "--device", "mps"]),
+                lambda: quantize.main(["--checkpoint_path", "/nonexistent/model.pth", "--mode", "int4-gptq",
+                                       "--device", "mps"])):
+        with pytest.raises(SystemExit):
+            run()
+        assert device in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, message", [
