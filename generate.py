@@ -471,13 +471,22 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.float32, use_tp=False)
     except Exception as e:
         raise ValueError(f"{checkpoint_path} is not a readable checkpoint ({type(e).__name__}); "
                          f"convert it again with convert_hf_checkpoint.py") from None
+    if not isinstance(state, dict) or {"config", "state_dict"} <= set(state):
+        what = "an MTP head; pass it as --mtp_checkpoint_path" if isinstance(state, dict) else "not a state dict"
+        raise ValueError(f"{checkpoint_path} is not a model checkpoint ({what}); for the model, use the model.pth "
+                         f"that convert_hf_checkpoint.py or quantize.py wrote")
     quantization = state.pop("quantization", None)
     if quantization:
         import quantize
         quantize.apply_quantization(model, quantization)
-    if config.tie_embeddings and "output.weight" not in state:
+    if config.tie_embeddings and "output.weight" not in state and "tok_embeddings.weight" in state:
         state["output.weight"] = state["tok_embeddings.weight"]
-    missing, unexpected = model.load_state_dict(state, assign=True, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, assign=True, strict=False)
+    except RuntimeError as e:  # a tensor whose shape is not the config's
+        shape = next((l.strip() for l in str(e).splitlines() if "size mismatch" in l), str(e).splitlines()[0])
+        raise ValueError(f"{checkpoint_path} does not match its config: {shape}; convert it again with "
+                         f"convert_hf_checkpoint.py") from None
     if missing or unexpected:
         raise ValueError(f"{checkpoint_path} does not match its config: missing {missing[:3]}, unexpected "
                          f"{unexpected[:3]}; convert it again with convert_hf_checkpoint.py")

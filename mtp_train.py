@@ -559,8 +559,11 @@ def main(argv=None):
     args = parse_args(argv)
     if args.cmd != "vocab":
         check_device(args.device)
-    if args.cmd == "distill" and args.num_prompts < 1:
-        raise ValueError(f"--num_prompts must be at least 1, got {args.num_prompts}")
+    counts = {"distill": ("num_prompts", "max_new_tokens", "batch_size"),
+              "train": ("k", "steps", "batch_size", "eval_every")}.get(args.cmd, ())
+    for name in counts:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.cmd == "vocab":
         data = load_corpus(args.data)
         V = int(data.get("meta", {}).get("vocab_size", int(data["ids"].max()) + 1))

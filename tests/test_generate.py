@@ -142,6 +142,23 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         load_model(tmp_path / "m" / "model.pth")
 
 
+def test_a_head_or_a_tensor_given_as_the_model_is_a_clear_error(tmp_path):
+    """An MTP head file (or any non-state-dict) as --checkpoint_path: one line saying what it is, not a KeyError."""
+    save_tiny(tmp_path / "m", tie_embeddings=True)
+    torch.save({"config": {}, "state_dict": {}, "vocab_rank": None}, tmp_path / "m" / "model.pth")
+    with pytest.raises(ValueError, match="is not a model checkpoint .an MTP head; pass it as --mtp_checkpoint_path"):
+        load_model(tmp_path / "m" / "model.pth")
+    torch.save(torch.zeros(3), tmp_path / "m" / "model.pth")
+    with pytest.raises(ValueError, match="is not a model checkpoint .not a state dict"):
+        load_model(tmp_path / "m" / "model.pth")
+    torch.save({"norm.weight": torch.zeros(32)}, tmp_path / "m" / "model.pth")
+    with pytest.raises(ValueError, match="does not match its config: missing"):  # tied, and no embedding to tie to
+        load_model(tmp_path / "m" / "model.pth")
+    torch.save({"layers.0.attention.wqkv.weight": torch.zeros(1)}, tmp_path / "m" / "model.pth")
+    with pytest.raises(ValueError, match="does not match its config: size mismatch for layers.0.attention.wqkv"):
+        load_model(tmp_path / "m" / "model.pth")
+
+
 def test_checkpoint_not_matching_config_is_a_clear_error(tmp_path):
     save_tiny(tmp_path / "m")
     ModelArgs(**{**TINY, "n_layer": 3}).to_json(tmp_path / "m" / "config.json")
@@ -167,6 +184,10 @@ def test_scripts_refuse_bad_flags_before_any_work(capsys):
     import spec_eval
     with pytest.raises(ValueError, match="--num_prompts must be at least 1"):
         mtp_train.main(["distill", "--num_prompts", "0"])
+    with pytest.raises(ValueError, match="--batch_size must be at least 1"):
+        mtp_train.main(["distill", "--batch_size", "0"])
+    with pytest.raises(ValueError, match="--steps must be at least 1"):
+        mtp_train.main(["train", "--data", "x.pt", "--steps", "0"])
     with pytest.raises(ValueError, match="--limit must be at least 1"):
         spec_eval.main(["--mtp", "--limit", "0"])
     with pytest.raises(ValueError, match="matches no preset"):
