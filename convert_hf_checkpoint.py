@@ -285,7 +285,10 @@ def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 class GGUFSource:
     def __init__(self, path: Path):
         from gguf import GGUFReader
-        self.reader = GGUFReader(str(path))
+        try:
+            self.reader = GGUFReader(str(path))
+        except ValueError as e:  # the reader's own words ("GGUF magic invalid"), with what to do
+            raise ValueError(f"{path} is not a readable GGUF file ({e}); pass a .gguf model file") from None
         self.tensors = {t.name: t for t in self.reader.tensors}
 
     def field(self, name: str, default=None):

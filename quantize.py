@@ -557,13 +557,15 @@ def load_float_model(checkpoint_path: Path):
     from generate import load_model
     if not checkpoint_path.is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint_path} not found; convert one with convert_hf_checkpoint.py")
-    state = torch.load(checkpoint_path, mmap=True, weights_only=True, map_location="cpu")
-    if "quantization" in state:
+    try:
+        state = torch.load(checkpoint_path, mmap=True, weights_only=True, map_location="cpu")
+    except Exception:  # noqa: BLE001  load_model below says what is wrong with the file
+        state = None
+    if isinstance(state, dict) and "quantization" in state:
         raise ValueError(f"{checkpoint_path} is already quantized ({state['quantization'].get('mode')}); quantize "
                          f"the float checkpoint (model.pth) instead")
-    dtype = state["tok_embeddings.weight"].dtype
     del state
-    return load_model(checkpoint_path, "cpu", dtype)
+    return load_model(checkpoint_path, "cpu", dtype=None)  # its own dtype; a file that holds no model fails there
 
 
 def main(argv=None):
@@ -583,6 +585,9 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="int4-gptq: where calibration runs (default cuda if available)")
     args = p.parse_args(argv)
     try:
+        for name in ("samples", "seq_len"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
         if args.device is not None:
             from generate import check_device
             check_device(args.device)

@@ -86,6 +86,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         check_device(args.device)
+        if args.max_tokens is not None and args.max_tokens < 2:
+            raise ValueError(f"--max_tokens {args.max_tokens} leaves nothing to score; use at least 2")
         if not 0 < args.stride <= args.window:
             raise ValueError(f"--stride {args.stride} must be between 1 and --window {args.window}")
         missing = [str(c) for c in args.checkpoint_path if not c.is_file()]

@@ -333,6 +333,12 @@ def test_unsupported_gguf_quant_type_is_named(tmp_path, capsys):
         conv.dequantize(np.zeros(210, np.uint8), "Q6_K", (256,))
 
 
+def test_a_file_that_is_no_gguf_is_named(tmp_path):
+    (tmp_path / "model.gguf").write_bytes(b"not a gguf file at all")
+    with pytest.raises(ValueError, match="model.gguf is not a readable GGUF file .*; pass a .gguf model file"):
+        conv.convert_gguf(tmp_path / "model.gguf", tmp_path / "out", verbose=False)
+
+
 def test_unsupported_architecture_is_named(tmp_path, capsys):
     make_hf(tmp_path, "llama2")
     capsys.readouterr()

@@ -201,6 +201,9 @@ def test_scripts_refuse_bad_flags_before_any_work(capsys):
                 lambda: mtp_train.main(["train", "--data", "x.pt", "--device", "mps"])):
         with pytest.raises(ValueError, match=device):
             run()
+    with pytest.raises(SystemExit):
+        eval_ppl.main(["--checkpoint_path", "/nonexistent/model.pth", "--max_tokens", "1"])
+    assert "--max_tokens 1 leaves nothing to score" in capsys.readouterr().err
     import quantize
     for run in (lambda: eval_ppl.main(["--checkpoint_path", "/nonexistent/model.pth", "--device", "mps"]),
                 lambda: quantize.main(["--checkpoint_path", "/nonexistent/model.pth", "--mode", "int4-gptq",

@@ -179,7 +179,7 @@ def test_moe_quantizes_and_runs(mode, bound):
         assert rel_err(model(x), reference(x)) < bound
 
 
-def test_bad_input_is_refused_clearly(tmp_path):
+def test_bad_input_is_refused_clearly(tmp_path, capsys):
     with pytest.raises(ValueError, match="does not divide the 192 input features.*--pad"):
         Q.quantize_model(tiny_model(dim=192), "int4", 128, verbose=False)
     with pytest.raises(ValueError, match="unknown mode 'int3'"):
@@ -195,6 +195,13 @@ def test_bad_input_is_refused_clearly(tmp_path):
     run = subprocess.run([sys.executable, "quantize.py", "--checkpoint_path", str(path), "--mode", "int4"],
                          capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
     assert run.returncode == 2 and "already quantized" in run.stderr, run.stderr
+    torch.save({"config": {}, "state_dict": {}}, tmp_path / "head.pth")  # an MTP head, not a model
+    for flags, message in [(["--checkpoint_path", str(tmp_path / "head.pth"), "--mode", "int8"], "an MTP head"),
+                           (["--checkpoint_path", str(path), "--mode", "int4-gptq", "--samples", "0"],
+                            "--samples must be at least 1")]:
+        with pytest.raises(SystemExit):
+            Q.main(flags)
+        assert message in capsys.readouterr().err
     unprepared = Q.apply_quantization(tiny_model(), info)
     with pytest.raises(RuntimeError, match="prepare_for_device"):
         Q.apply_quantization(tiny_model(), dict(info, quantized={"output": "int4"}, groupsize=64)).output(
