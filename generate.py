@@ -484,7 +484,7 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.float32, use_tp=False)
     try:
         missing, unexpected = model.load_state_dict(state, assign=True, strict=False)
     except RuntimeError as e:  # a tensor whose shape is not the config's
-        shape = next((l.strip() for l in str(e).splitlines() if "size mismatch" in l), str(e).splitlines()[0])
+        shape = next((s.strip() for s in str(e).splitlines() if "size mismatch" in s), str(e).splitlines()[0])
         raise ValueError(f"{checkpoint_path} does not match its config: {shape}; convert it again with "
                          f"convert_hf_checkpoint.py") from None
     if missing or unexpected:
