@@ -721,6 +721,9 @@ def check_device(device: str):
         raise ValueError(f"--device {device} is not a device name; use cpu, cuda or cuda:N") from None
     if kind not in ("cpu", "cuda"):
         raise ValueError(f"--device {device}: mtp-fast runs on cpu and cuda; use --device cpu or cuda")
+    index, count = torch.device(device).index, torch.cuda.device_count() if kind == "cuda" else 0
+    if kind == "cuda" and index is not None and index >= count:
+        raise ValueError(f"--device {device}: this machine has {count} CUDA GPU(s); use cuda:0 to cuda:{count - 1}")
 
 
 def main(argv=None):

@@ -213,6 +213,15 @@ def test_scripts_refuse_bad_flags_before_any_work(capsys):
         assert device in capsys.readouterr().err
 
 
+def test_a_gpu_index_past_the_machines_is_one_line(monkeypatch):
+    import generate as gen
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    gen.check_device("cuda:1")
+    with pytest.raises(ValueError, match="--device cuda:2: this machine has 2 CUDA GPU.s.; use cuda:0 to cuda:1"):
+        gen.check_device("cuda:2")
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--temperature", "-1"], "--temperature must be 0 (greedy) or positive"),
     (["--top_k", "0"], "--top_k must be at least 1"),
