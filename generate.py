@@ -284,7 +284,7 @@ def compile_spec_steps(device: str, compile_prefill: bool, whole: bool = True):
     """Compiled prefill (optional) and speculative step, as compile_steps does for plain decoding. The step has
     one static shape whatever was accepted, so it compiles once. `whole`: proposal and verify as one graph (an
     MTP head, a few small kernels a draft). Otherwise only the verify is compiled and spec_step runs it eagerly,
-    with a drafter that compiles its own step (ModelDrafter(draft, compile_step(decode_with_probs, ...))): a draft
+    with a drafter that compiles its own step (compiled_model_drafter): a draft
     model's k forwards unrolled into the verify's graph multiply its compile time (SmolLM2 drafting for itself,
     k=5, on the CPU: 357 s against 122 s; BENCHMARKS.md), to save k launches a step. Either way nothing waits for
     the host."""
@@ -323,6 +323,12 @@ class ModelDrafter:
             probs.append(q)
             t, pos = t.view(1, 1), pos[-1:] + 1
         return torch.cat(drafts), torch.cat(probs)  # (k,), (k, V)
+
+
+def compiled_model_drafter(draft: Transformer, device: str) -> "ModelDrafter":
+    """A ModelDrafter whose one-token step is compiled on its own, as compile_spec_steps(whole=False) expects: two
+    shapes, (1, 2) then (1, 1), so two graphs."""
+    return ModelDrafter(draft, compile_step(decode_with_probs, device, dynamic=False))
 
 
 def spec_extra_slots(k: int) -> int:
@@ -435,9 +441,8 @@ def load_speculation(args, model: Transformer, tokenizer, target_dir: Path, devi
           f"draft step), speculating k={args.speculate_k}", file=sys.stderr)
     if not args.compile:
         return Speculation(ModelDrafter(draft), args.speculate_k)
-    step = compile_step(decode_with_probs, device, dynamic=False)  # shapes (1, 2) then (1, 1): two graphs
-    return Speculation(ModelDrafter(draft, step), args.speculate_k, *compile_spec_steps(device, args.compile_prefill,
-                                                                                        whole=False))
+    return Speculation(compiled_model_drafter(draft, device), args.speculate_k,
+                       *compile_spec_steps(device, args.compile_prefill, whole=False))
 
 
 def acceptance_summary(accepted: list, k: int) -> str:

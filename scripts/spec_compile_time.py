@@ -27,8 +27,7 @@ def main():
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model = gen.load_model(gen.resolve_checkpoint(args.checkpoint_path), args.device, dtype)
     draft = copy.deepcopy(model)
-    step = None if args.whole else gen.compile_step(gen.decode_with_probs, args.device, dynamic=False)
-    drafter = gen.ModelDrafter(draft) if args.whole else gen.ModelDrafter(draft, step)
+    drafter = gen.ModelDrafter(draft) if args.whole else gen.compiled_model_drafter(draft, args.device)
     pre, spec_step = gen.compile_spec_steps(args.device, False, whole=args.whole)
     t = time.perf_counter()
     out = gen.speculative_generate(model, drafter, [[1, 2, 3, 4]], 12, gen.Sampling(), args.speculate_k,

@@ -318,8 +318,7 @@ def test_caches_hold_the_accepted_sequence_after_every_rejection(k):
 def compiled_drafter(draft, device, whole):
     """A ModelDrafter as load_speculation builds it under --compile: its own compiled step unless the whole
     speculative step is one graph."""
-    return ModelDrafter(draft) if whole else ModelDrafter(draft, gen.compile_step(gen.decode_with_probs, device,
-                                                                                  dynamic=False))
+    return ModelDrafter(draft) if whole else gen.compiled_model_drafter(draft, device)
 
 
 @pytest.mark.parametrize("whole", [True, False], ids=["one graph", "draft and verify compiled apart"])
