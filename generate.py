@@ -284,10 +284,9 @@ def compile_spec_steps(device: str, compile_prefill: bool, whole: bool = True):
     """Compiled prefill (optional) and speculative step, as compile_steps does for plain decoding. The step has
     one static shape whatever was accepted, so it compiles once. `whole`: proposal and verify as one graph (an
     MTP head, a few small kernels a draft). Otherwise only the verify is compiled and spec_step runs it eagerly,
-    with a drafter that compiles its own step (compiled_model_drafter): a draft
-    model's k forwards unrolled into the verify's graph multiply its compile time (SmolLM2 drafting for itself,
-    k=5, on the CPU: 357 s against 122 s; BENCHMARKS.md), to save k launches a step. Either way nothing waits for
-    the host."""
+    with a drafter that compiles its own step (compiled_model_drafter): a draft model's k forwards unrolled into
+    the verify's graph multiply its compile time (SmolLM2 drafting for itself, k=5, on the CPU: 357 s against
+    122 s; BENCHMARKS.md), to save k launches a step. Either way nothing waits for the host."""
     pre = torch.compile(prefill_hidden, fullgraph=True, dynamic=True) if compile_prefill else prefill_hidden
     if whole:
         return pre, compile_step(spec_step, device, dynamic=False)

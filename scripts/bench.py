@@ -64,13 +64,14 @@ def random_model(name: str, device: str, dtype, quant: str, groupsize: int, gemv
     return model.eval()
 
 
-def time_steps(fn, device, n=50, warmup=5) -> float:
-    """Median seconds of one call of fn (which must not sync), timed as one batch of n calls."""
+def time_steps(fn, device, n=50, warmup=5, batches=3) -> float:
+    """Median over `batches` of the seconds of one call of fn (which must not sync), each batch n calls queued
+    back to back with one sync at the end."""
     for _ in range(warmup):
         fn()
     synchronize(device)
     runs = []
-    for _ in range(3):
+    for _ in range(batches):
         t = time.perf_counter()
         for _ in range(n):
             fn()

@@ -26,6 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench import time_steps  # noqa: E402  (scripts/, beside this file)
 from generate import (Sampling, check_device, compile_steps, decode_one_token, generate,  # noqa: E402
                       load_model, load_speculation, parse_args as generate_args, prefill, resolve_checkpoint,
                       spec_extra_slots, speculative_generate, synchronize)
@@ -108,16 +109,7 @@ def step_costs(model, spec, steps, L, s, device, reps):
     D = model.config.dim
 
     def per_call(fn):
-        fn()
-        times = []
-        for _ in range(5):
-            synchronize(device)
-            t = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            synchronize(device)
-            times.append((time.perf_counter() - t) / reps)
-        return statistics.median(times)
+        return time_steps(fn, device, n=reps, warmup=1, batches=5)
 
     one, at = torch.ones(1, 1, dtype=torch.long, device=device), torch.tensor([pos], device=device)
     state = (torch.ones(1, k + 1, dtype=torch.long, device=device), torch.zeros((), dtype=torch.long, device=device),
