@@ -14,7 +14,8 @@ input columns, w = (q - 8) * scale + zero (the zero in the float domain, as gpt-
 Decode at batch 1 reads every weight once per token, so it runs as fast as those bytes stream. `prepare_for_device`
 picks each layer's kernel, by default the faster one measured on an H100 (BENCHMARKS.md): int8 on CUDA runs
 gemv.py's Triton GEMV for one row (decode; 2462 GB/s alone, 84% of copy), its rows kernel for 2..MAX_ROWS
-(speculative verify; 2186 GB/s at 6 rows) and dequantizes into F.linear above that (prefill); int4 is repacked for
+(speculative verify; 2186 GB/s at 6 rows) and dequantizes into F.linear above that (prefill); int8 on the CPU runs
+torch's `_weight_int8pack_mm` in bfloat16 (it reads int8 where a dequantizing matmul read float32); int4 is repacked for
 torch's packed-int4 matmul on either device, `_weight_int4pack_mm` (tinygemm: 1636 GB/s at one row, 6 rows in
 1.75x the time of one) on CUDA and `_weight_int4pack_mm_for_cpu` on the CPU, both computing in bfloat16 (on the
 CPU ~30x faster than float32). gemv.py's Triton int4 kernels (1154 GB/s at one row, 353 at six) stay selectable
@@ -103,7 +104,8 @@ def cuda_inner_k_tiles(k: int) -> int:
 
 # ---------------------------------------------------------------------------------------------- quantized modules
 class Int8Linear(nn.Module):
-    """int8 weight (out, in) and a float scale per output row; the matmul dequantizes on the fly."""
+    """int8 weight (out, in) and a float scale per output row; the matmul dequantizes on the fly (on CUDA in our
+    Triton GEMV or F.linear, on the CPU in torch's int8 kernel)."""
 
     def __init__(self, in_features, out_features, bias=False, device=None, dtype=None):
         super().__init__()
@@ -117,7 +119,13 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])  # (B*S, K)
         if self.use_triton and x.is_cuda and x2.shape[0] <= MAX_ROWS:  # decode and verify: stream the int8 once
             return int8_gemv(x2.contiguous(), self.weight, self.scales, self.bias).view(*x.shape[:-1], -1)
-        y = F.linear(x, self.weight.to(x.dtype)) * self.scales
+        if x.device.type == "cpu" and x.shape[-1] % 16 == 0:  # torch's int8 kernel: bfloat16 activations only,
+            # K a multiple of 16 (others crash it in torch 2.13); SmolLM2 int8 decode 71 -> 126 tok/s (BENCHMARKS.md)
+            ones = torch.ones_like(self.scales, dtype=torch.bfloat16)  # scales applied after, in full precision
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight, ones)
+            y = y.to(x.dtype).view(*x.shape[:-1], -1) * self.scales
+        else:
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scales
         return y if self.bias is None else y + self.bias
 
     def prepare(self, kernel: str = "triton"):

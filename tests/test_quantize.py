@@ -1,9 +1,9 @@
 """quantize.py on tiny random models (CPU): kernels against dequantized references, quality against the float
 layer, save/load round trips, greedy equality, MoE, the Triton GEMVs under Triton's interpreter, and bad input.
 
-Error bounds, relative (max-abs error over max-abs output): int8 layers (float32 here) match x @ dequantized(W).T
-within 1e-4; int4 layers run torch's kernels in bfloat16, so they match the reference built from bfloat16-rounded
-inputs, scales and zeros within 5e-3 (the bfloat16 output alone rounds at 2e-3); the Triton GEMVs (float32
+Error bounds, relative (max-abs error over max-abs output): int8 and int4 layers run torch's CPU kernels in
+bfloat16, so they match the reference built from bfloat16-rounded inputs (and, for int4, scales and zeros) within
+5e-3 (the bfloat16 output alone rounds at 2e-3); the Triton GEMVs (float32
 accumulation, under the interpreter) within 1e-5 in float32, 2e-2 with bfloat16 activations. Against the float
 layer: SQNR > 20 dB for int8 and for int4 at groups of 32 and 64 (Gaussian weights put int4-g128 at 20.1 dB by
 arithmetic: its step is the group's range over 15).
@@ -69,10 +69,7 @@ def test_linear_matches_dequantized_reference(mode, N, K, g):
     ref_w = dequantized_weight(lin)
     Q.prepare_for_device(lin)
     x = torch.randn(3, 5, K)
-    if mode == "int8":
-        assert rel_err(lin(x), x @ ref_w.T + lin.bias) < 1e-4
-    else:
-        assert rel_err(lin(x), x.to(torch.bfloat16).float() @ ref_w.T + lin.bias) < 5e-3
+    assert rel_err(lin(x), x.to(torch.bfloat16).float() @ ref_w.T + lin.bias) < 5e-3
 
 
 def test_sqnr_against_float_linear():
@@ -157,7 +154,7 @@ def test_greedy_output_equals_dequantized_model(mode, groupsize):
     assert torch.equal(*outs)
 
 
-@pytest.mark.parametrize("mode,bound", [("int8", 1e-4), ("int4", 1e-2)])  # int4 attention runs in bfloat16
+@pytest.mark.parametrize("mode,bound", [("int8", 1e-2), ("int4", 1e-2)])  # their CPU kernels run in bfloat16
 def test_moe_quantizes_and_runs(mode, bound):
     model = tiny_model(num_experts=4, num_activated_experts=2)
     reference = tiny_model(num_experts=4, num_activated_experts=2)
