@@ -358,7 +358,7 @@ class _Progress:
 
 
 def quantize_model(model: Transformer, mode: str, groupsize: int = 128, calibration=None, *, pad: bool = False,
-                   quantize_output: bool = False, percdamp: float = 0.01, act_order: bool = False,
+                   quantize_output: bool = False, percdamp: float = 0.01, act_order: bool = True,
                    device=None, verbose: bool = True):
     """Quantize a float model in place: -> (model, info). `calibration` (samples, seq) token ids is needed for
     int4-gptq only. Quantized modules stay where the float ones were, unprepared: call prepare_for_device next."""
@@ -395,14 +395,15 @@ def quantize_model(model: Transformer, mode: str, groupsize: int = 128, calibrat
 
 
 # ---------------------------------------------------------------------------------------------------------- GPTQ
-def gptq_quantize(w, H, groupsize: int, percdamp: float = 0.01, act_order: bool = False, blocksize: int = 128):
+def gptq_quantize(w, H, groupsize: int, percdamp: float = 0.01, act_order: bool = True, blocksize: int = 128):
     """GPTQ (Frantar et al. 2022) for one linear: w (N, K), H (K, K) = E[x x^T] over calibration inputs ->
     q (N, K) int32 0..15, scales, zeros (N, K/g) in the same int4 format as round-to-nearest.
 
     Columns are quantized one at a time and each one's error is spread over the columns not yet quantized,
-    weighted by the inverse Hessian's Cholesky factor. A group's scale and zero come from its columns as updated
-    so far; with act_order (largest Hessian diagonal first) they come from the original weights instead, so
-    groups stay contiguous in the stored order.
+    weighted by the inverse Hessian's Cholesky factor. With act_order (the default) they go by decreasing Hessian
+    diagonal, the busiest inputs first, and each group's scale and zero come from its original weights ("static
+    groups"): groups stay contiguous in the stored order, so the kernels need no column index. Without it columns go
+    in order, and a group's scale and zero come from its columns as updated so far.
     """
     W = w.detach().float().clone()
     H = H.detach().float().clone()
@@ -449,7 +450,7 @@ def _inverse_cholesky(H, percdamp):
 
 
 @torch.no_grad()
-def gptq_calibrate(model: Transformer, tokens, names, groupsize: int, percdamp: float = 0.01, act_order: bool = False,
+def gptq_calibrate(model: Transformer, tokens, names, groupsize: int, percdamp: float = 0.01, act_order: bool = True,
                    device=None, batch_size: int = 8, verbose: bool = True) -> dict:
     """Run GPTQ block by block: {linear name: (packed int4, scales, zeros)} for every name in `names`.
 
@@ -589,7 +590,9 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=32, help="int4-gptq: calibration windows")
     p.add_argument("--seq_len", type=int, default=512, help="int4-gptq: tokens per calibration window")
     p.add_argument("--percdamp", type=float, default=0.01, help="int4-gptq: Hessian damping, fraction of its mean diagonal")
-    p.add_argument("--act_order", action="store_true", help="int4-gptq: quantize columns by decreasing Hessian diagonal")
+    p.add_argument("--act_order", action=argparse.BooleanOptionalAction, default=True,
+                   help="int4-gptq: quantize columns by decreasing Hessian diagonal, each group's scale and zero from "
+                        "its original weights (SmolLM2 g128: +17.5%% perplexity against +25.8%% without)")
     p.add_argument("--device", default=None, help="int4-gptq: where calibration runs (default cuda if available)")
     args = p.parse_args(argv)
     try:
