@@ -3,7 +3,8 @@ layer, save/load round trips, greedy equality, MoE, the Triton GEMVs under Trito
 
 Error bounds, relative (max-abs error over max-abs output): int8 and int4 layers run torch's CPU kernels in
 bfloat16, so they match the reference built from bfloat16-rounded inputs (and, for int4, scales and zeros) within
-5e-3 (the bfloat16 output alone rounds at 2e-3); the Triton GEMVs (float32
+5e-3 (the bfloat16 output alone rounds at 2e-3); int8 layers whose input width is not a multiple of 16 dequantize
+into a float32 matmul and match x @ dequantized(W).T within 1e-4; the Triton GEMVs (float32
 accumulation, under the interpreter) within 1e-5 in float32, 2e-2 with bfloat16 activations. Against the float
 layer: SQNR > 20 dB for int8 and for int4 at groups of 32 and 64 (Gaussian weights put int4-g128 at 20.1 dB by
 arithmetic: its step is the group's range over 15).
@@ -69,7 +70,10 @@ def test_linear_matches_dequantized_reference(mode, N, K, g):
     ref_w = dequantized_weight(lin)
     Q.prepare_for_device(lin)
     x = torch.randn(3, 5, K)
-    assert rel_err(lin(x), x.to(torch.bfloat16).float() @ ref_w.T + lin.bias) < 5e-3
+    if mode == "int8" and K % 16:  # a width torch's int8 kernel cannot take: the float32 dequantizing matmul
+        assert rel_err(lin(x), x @ ref_w.T + lin.bias) < 1e-4
+    else:
+        assert rel_err(lin(x), x.to(torch.bfloat16).float() @ ref_w.T + lin.bias) < 5e-3
 
 
 def test_sqnr_against_float_linear():
