@@ -523,9 +523,11 @@ def resolve_checkpoint(checkpoint_path: Optional[str]) -> Path:
 
 
 def model_bytes(model: Transformer) -> int:
-    """Bytes one decode step reads: every weight except the embedding table (unless it doubles as the output)."""
+    """Bytes one decode step reads: every weight except the embedding table (unless it doubles as the output, which
+    a quantized output head of a tied model no longer does)."""
     seen, total = set(), 0
-    skip = {"tok_embeddings.weight"} if not model.config.tie_embeddings else set()
+    head = getattr(model.output, "weight", None)
+    skip = set() if head is model.tok_embeddings.weight else {"tok_embeddings.weight"}
     for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
         if name in skip or "kv_cache" in name or "rope_" in name or t.data_ptr() in seen:
             continue

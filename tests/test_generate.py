@@ -125,6 +125,22 @@ def test_load_model_round_trip(tmp_path, kw):
         assert model.output.weight is model.tok_embeddings.weight
 
 
+def test_model_bytes_counts_the_embedding_table_only_while_it_is_the_output_head():
+    import quantize as Q
+    from generate import model_bytes
+
+    def all_bytes(m):  # each tensor once, as a decode step would hold it
+        tensors = {t.data_ptr(): t for t in [*m.parameters(), *m.buffers()]}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    untied, tied = tiny(), tiny(tie_embeddings=True)
+    table = tied.tok_embeddings.weight.numel() * 4
+    assert model_bytes(untied) == all_bytes(untied) - table
+    assert model_bytes(tied) == all_bytes(tied)
+    quantized, _ = Q.quantize_model(tied, "int8", quantize_output=True, verbose=False)  # the head is no longer the table
+    assert model_bytes(quantized) == all_bytes(quantized) - table
+
+
 def test_prompt_longer_than_cache_is_a_clear_error():
     with pytest.raises(ValueError, match="shorten the prompt or lower --max_new_tokens"):
         generate(tiny(), [list(range(100)) * 2], 100)
