@@ -113,16 +113,15 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+        self.register_buffer("unit_scales", None, persistent=False)
         self.use_triton = False  # set by prepare_for_device
 
     def forward(self, x):
         x2 = x.reshape(-1, x.shape[-1])  # (B*S, K)
         if self.use_triton and x.is_cuda and x2.shape[0] <= MAX_ROWS:  # decode and verify: stream the int8 once
             return int8_gemv(x2.contiguous(), self.weight, self.scales, self.bias).view(*x.shape[:-1], -1)
-        if x.device.type == "cpu" and x.shape[-1] % 16 == 0:  # torch's int8 kernel: bfloat16 activations only,
-            # K a multiple of 16 (others crash it in torch 2.13); SmolLM2 int8 decode 71 -> 126 tok/s (BENCHMARKS.md)
-            ones = torch.ones_like(self.scales, dtype=torch.bfloat16)  # scales applied after, in full precision
-            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight, ones)
+        if self.unit_scales is not None and not x.is_cuda:  # torch's CPU int8 kernel, where prepare found it fits
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight, self.unit_scales)
             y = y.to(x.dtype).view(*x.shape[:-1], -1) * self.scales
         else:
             y = F.linear(x, self.weight.to(x.dtype)) * self.scales
@@ -130,6 +129,12 @@ class Int8Linear(nn.Module):
 
     def prepare(self, kernel: str = "triton"):
         self.use_triton = kernel == "triton" and self.weight.is_cuda and triton is not None
+        # On the CPU, torch's int8 kernel: SmolLM2 int8 decode 71 -> 126 tok/s (BENCHMARKS.md). It takes bfloat16
+        # activations only, input widths that are multiples of 16 (others crash it in torch 2.13) and a bfloat16
+        # scale per row: ones, made here (made inside a compiled graph they fail inductor's lowering), so that
+        # the float scales apply afterwards in full precision.
+        cpu_kernel = self.weight.device.type == "cpu" and self.weight.shape[1] % 16 == 0
+        self.unit_scales = torch.ones(self.weight.shape[0], dtype=torch.bfloat16) if cpu_kernel else None
 
 
 class Int4Linear(nn.Module):
