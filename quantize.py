@@ -14,9 +14,9 @@ input columns, w = (q - 8) * scale + zero (the zero in the float domain, as gpt-
 Decode at batch 1 reads every weight once per token, so it runs as fast as those bytes stream. `prepare_for_device`
 picks each layer's kernel, by default the faster one measured on an H100 (BENCHMARKS.md): int8 on CUDA runs
 gemv.py's Triton GEMV for one row (decode; 2462 GB/s alone, 84% of copy), its rows kernel for 2..MAX_ROWS
-(speculative verify; 2186 GB/s at 6 rows) and dequantizes into F.linear above that (prefill); int8 on the CPU runs
-torch's `_weight_int8pack_mm` in bfloat16 (it reads int8 where a dequantizing matmul read float32); int4 is repacked for
-torch's packed-int4 matmul on either device, `_weight_int4pack_mm` (tinygemm: 1636 GB/s at one row, 6 rows in
+(speculative verify; 2186 GB/s at 6 rows) and dequantizes into F.linear above that (prefill); on the CPU int8 runs
+torch's `_weight_int8pack_mm` in bfloat16 (a dequantizing F.linear decoded no faster than float32 there). int4 is
+repacked for torch's packed-int4 matmul on either device, `_weight_int4pack_mm` (tinygemm: 1636 GB/s at one row, 6 rows in
 1.75x the time of one) on CUDA and `_weight_int4pack_mm_for_cpu` on the CPU, both computing in bfloat16 (on the
 CPU ~30x faster than float32). gemv.py's Triton int4 kernels (1154 GB/s at one row, 353 at six) stay selectable
 with int4_kernel="triton".
