@@ -94,27 +94,23 @@ def test_queuing_steps_ahead_changes_no_token(depth, monkeypatch):
     assert runs() == want
 
 
+def int8_tiny():
+    import quantize as Q
+    model, _ = Q.quantize_model(tiny(), "int8", verbose=False)
+    Q.prepare_for_device(model)
+    assert model.layers[0].attention.wqkv.unit_scales is not None  # the CPU int8 kernel, not the float fallback
+    return model
+
+
+# int8: the CPU int8 kernel's unit scales, once made inside the graph, failed inductor's lowering (--compile_prefill)
+@pytest.mark.parametrize("make", [tiny, int8_tiny], ids=["float", "int8"])
 @torch.no_grad()
-def test_compiled_decode_equals_eager():
-    model = tiny()
+def test_compiled_decode_equals_eager(make):
+    model = make()
     prompts = [[5, 9, 2, 77, 31], [42, 7]]
     eager = generate(model, prompts, 8)
     compiled = torch.compile(decode_one_token, fullgraph=True)
     assert generate(model, prompts, 8, decode_fn=compiled) == eager
-    pre = torch.compile(prefill, fullgraph=True, dynamic=True)
-    assert generate(model, prompts, 8, prefill_fn=pre, decode_fn=compiled) == eager
-
-
-@torch.no_grad()
-def test_compiled_int8_model_equals_eager():
-    # the CPU int8 kernel's unit scales, once made inside the graph, failed inductor's lowering (--compile_prefill)
-    import quantize as Q
-    model, _ = Q.quantize_model(tiny(), "int8", verbose=False)
-    Q.prepare_for_device(model)
-    assert model.layers[0].attention.wqkv.unit_scales is not None  # the kernel path, not the float fallback
-    prompts = [[5, 9, 2, 77, 31], [42, 7]]
-    eager = generate(model, prompts, 8)
-    compiled = torch.compile(decode_one_token, fullgraph=True)
     pre = torch.compile(prefill, fullgraph=True, dynamic=True)
     assert generate(model, prompts, 8, prefill_fn=pre, decode_fn=compiled) == eager
 
