@@ -462,6 +462,10 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.float32, use_tp=False)
     """Build on the meta device, swap in quantized modules if the checkpoint says so, load with mmap + assign
     (no copy of the weights), split for tensor parallel, then move only what this process keeps."""
     checkpoint_path = Path(checkpoint_path)
+    if checkpoint_path.is_dir():
+        inside = sorted(p.name for p in checkpoint_path.glob("model*.pth")) or ["model.pth"]
+        raise FileNotFoundError(f"checkpoint {checkpoint_path} is a folder; pass a checkpoint file in it, e.g. "
+                                f"{checkpoint_path / inside[0]}")
     if not checkpoint_path.is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint_path} not found; convert one with `python "
                                 f"convert_hf_checkpoint.py --checkpoint_dir {checkpoint_path.parent}` (add --gguf FILE "

@@ -199,6 +199,12 @@ def test_unknown_model_without_config_is_a_clear_error(tmp_path):
         load_model(tmp_path / "mystery-model" / "model.pth")
 
 
+def test_a_checkpoint_folder_names_the_file_to_pass(tmp_path):
+    save_tiny(tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match="is a folder; pass a checkpoint file in it, e.g. .*m/model.pth"):
+        load_model(tmp_path / "m")
+
+
 def test_scripts_refuse_bad_flags_before_any_work(capsys):
     """Bad numbers and paths given to the training and evaluation scripts stop them with their own message."""
     import sys
