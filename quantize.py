@@ -586,7 +586,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Write an int8 or int4 (round-to-nearest or GPTQ) copy of a checkpoint.")
     p.add_argument("--checkpoint_path", type=Path, required=True, help="the float model.pth to quantize")
     p.add_argument("--mode", required=True, choices=MODES, help="int8 per channel, int4 groupwise, or int4 by GPTQ")
-    p.add_argument("--groupsize", type=int, default=128, help="int4: input columns per scale/zero (32, 64, 128, 256)")
+    p.add_argument("--groupsize", type=int, help="int4: input columns per scale/zero (32, 64, 128 default, 256)")
     p.add_argument("--pad", action="store_true",
                    help="int4: zero-pad input features the group size does not divide (else that is an error)")
     p.add_argument("--quantize_output", action="store_true", help="quantize the output head too")
@@ -601,6 +601,9 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="int4-gptq: where calibration runs (default cuda if available)")
     args = p.parse_args(argv)
     try:
+        if args.mode == "int8" and (args.groupsize or args.pad):
+            raise ValueError("--groupsize and --pad are for int4 modes; int8 has one scale per output channel")
+        args.groupsize = args.groupsize or 128
         for name in ("samples", "seq_len"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")

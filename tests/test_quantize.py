@@ -207,7 +207,9 @@ def test_bad_input_is_refused_clearly(tmp_path, capsys):
     torch.save({"config": {}, "state_dict": {}}, tmp_path / "head.pth")  # an MTP head, not a model
     for flags, message in [(["--checkpoint_path", str(tmp_path / "head.pth"), "--mode", "int8"], "an MTP head"),
                            (["--checkpoint_path", str(path), "--mode", "int4-gptq", "--samples", "0"],
-                            "--samples must be at least 1")]:
+                            "--samples must be at least 1"),
+                           (["--checkpoint_path", str(path), "--mode", "int8", "--groupsize", "64"],
+                            "--groupsize and --pad are for int4 modes")]:
         with pytest.raises(SystemExit):
             Q.main(flags)
         assert message in capsys.readouterr().err
