@@ -94,6 +94,7 @@ def compile_step(fn, device: str, **kw):
     if device == "cpu":  # a process-wide switch: torch.compile(options={"freezing": True}) does not reach the pass
         import torch._inductor.config as inductor_config
         inductor_config.freezing = True
+        torch._dynamo.config.capture_scalar_outputs = True  # model.cache_window: the cache slots in use
         for name, value in (("autotune_num_choices_displayed", 0), ("max_autotune_report_choices_stats", False)):
             if hasattr(inductor_config, name):  # else every matmul's autotuning table goes to stderr
                 setattr(inductor_config, name, value)

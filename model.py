@@ -123,6 +123,19 @@ class KVCache(nn.Module):
         return self.k_cache[:B], self.v_cache[:B]
 
 
+def cache_window(input_pos, max_seq_length: int) -> int:
+    """How many cache slots a step attends to. On the CPU only those up to the furthest position written: reading a
+    4096-slot chat cache whole made SmolLM2's decode 3x slower there. On a GPU the whole cache: a length read back
+    would stall the queued steps and break the CUDA graph, and decode_attention.py's kernel reads only the slots in
+    use anyway. Compiled, the CPU's length is a data-dependent size: torch._dynamo.config.capture_scalar_outputs."""
+    if input_pos.device.type != "cpu":
+        return max_seq_length
+    n = int(input_pos.max()) + 1
+    torch._check(n >= 1)
+    torch._check(n <= max_seq_length)
+    return n
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelArgs):
         super().__init__()
@@ -164,8 +177,8 @@ class Transformer(nn.Module):
             cos, sin = rope_tables(S, self.config.head_dim, self.config.rope_base, self.config.rope_scaling, idx.device)
             rope, mask = (cos[None], sin[None]), None
         else:
-            slots = torch.arange(self.max_seq_length, device=idx.device)
-            mask = slots[None, :] <= input_pos[:, None]  # (S, S_max): causal over cache slots
+            slots = torch.arange(cache_window(input_pos, self.max_seq_length), device=idx.device)
+            mask = slots[None, :] <= input_pos[:, None]  # (S, n): causal over the cache slots attended to
             pos = input_pos[None, :]  # (1, S)
             if left_pad is not None:
                 # padding slots are hidden; a padding query still sees itself so its softmax has no empty row
@@ -226,6 +239,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is not None and input_pos is not None:
             k, v = cache.update(input_pos, k, v)  # (B, H_kv, S_max, D)
+            k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]  # the slots the mask covers (cache_window)
         gqa = q.shape[1] != k.shape[1]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         return y.transpose(1, 2).reshape(B, S, -1)

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from generate import Sampling, sample
-from model import KVCache, ModelArgs, RMSNorm, Transformer, TransformerBlock, rope_tables
+from model import KVCache, ModelArgs, RMSNorm, Transformer, TransformerBlock, cache_window, rope_tables
 
 MTP_HEAD_FILE = "mtp_head.pth"  # beside model.pth; `generate.py --mtp` loads it for the embedded default
 LOSS_DECAY = 0.6  # alpha_k proportional to 0.6^(k-1), FastMTP's weighting
@@ -80,7 +80,7 @@ class MTPHead(nn.Module):
     def forward(self, hidden, emb, input_pos):
         """hidden, emb (B, S, D) written to cache slots input_pos (S,) -> block output (B, S, D), before the norm."""
         x = self.fuse(hidden, emb)
-        mask = torch.arange(self.max_seq_length, device=x.device)[None, :] <= input_pos[:, None]  # (S, S_max)
+        mask = torch.arange(cache_window(input_pos, self.max_seq_length), device=x.device)[None, :] <= input_pos[:, None]
         rope = (self.rope_cos[input_pos][None], self.rope_sin[input_pos][None])  # each (1, S, D)
         return self.block(x, rope, mask, input_pos)
 

@@ -45,6 +45,21 @@ def test_stale_cache_slots_are_invisible():
 
 
 @torch.no_grad()
+def test_cpu_steps_read_only_the_cache_slots_in_use():
+    """On the CPU a step attends to the slots up to its furthest position, not the whole cache (model.cache_window):
+    NaN in every slot beyond leaves it equal to a plain forward. Masked but read, they would turn it into NaN."""
+    model = tiny()
+    x = torch.randint(0, 97, (1, 13))
+    model.setup_caches(1, 128)
+    model(x[:, :10], torch.arange(10))
+    for layer in model.layers:
+        layer.attention.kv_cache.k_cache[:, :, 10:] = float("nan")
+        layer.attention.kv_cache.v_cache[:, :, 10:] = float("nan")
+    out = torch.cat([model(x[:, 10:11], torch.tensor([10])), model(x[:, 11:13], torch.arange(11, 13))], 1)
+    assert rel(out, tiny()(x)[:, 10:]) < 1e-5
+
+
+@torch.no_grad()
 def test_left_padded_rows_equal_their_own_runs():
     model = tiny()
     a, b = torch.randint(0, 97, (1, 12)), torch.randint(0, 97, (1, 7))
