@@ -80,7 +80,8 @@ class MTPHead(nn.Module):
     def forward(self, hidden, emb, input_pos):
         """hidden, emb (B, S, D) written to cache slots input_pos (S,) -> block output (B, S, D), before the norm."""
         x = self.fuse(hidden, emb)
-        mask = torch.arange(cache_window(input_pos, self.max_seq_length), device=x.device)[None, :] <= input_pos[:, None]
+        slots = torch.arange(cache_window(input_pos, self.max_seq_length), device=x.device)
+        mask = slots[None, :] <= input_pos[:, None]  # (S, n): causal over the cache slots attended to
         rope = (self.rope_cos[input_pos][None], self.rope_sin[input_pos][None])  # each (1, S, D)
         return self.block(x, rope, mask, input_pos)
 
