@@ -505,6 +505,8 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.float32, use_tp=False)
         import tp
         tp.apply_tp(model)
     model = model.to(device=device, dtype=dtype)
+    if use_tp:
+        tp.own_storage(model)  # a no-op on a GPU
     if quantization:
         quantize.prepare_for_device(model)
     if str(device).startswith("cuda"):

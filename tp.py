@@ -78,6 +78,18 @@ def apply_tp(model: Transformer, group: Optional[dist.ProcessGroup] = None) -> T
     return model
 
 
+def own_storage(model: Transformer) -> Transformer:
+    """Copy every shard that is a view into the checkpoint at an offset (row shards, after any rank's first) into
+    storage of its own, for a model that runs on the CPU: inductor's freezing with max-autotune (how
+    generate.compile_step compiles on the CPU) computed such a weight's matmul wrong in torch 2.13, and every rank
+    but the first then gave garbage. On a GPU, `.to(device)` has already made each shard its own copy."""
+    for module in model.modules():
+        for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            if t.device.type == "cpu" and t.storage_offset():
+                _set(module, name, t.clone())
+    return model
+
+
 def shard_block(block: TransformerBlock, rank: int, world_size: int, group) -> None:
     """Split one TransformerBlock in place: q/k/v by heads, the feed-forward by its hidden width."""
     attn, ffn = block.attention, block.feed_forward

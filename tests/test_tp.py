@@ -87,15 +87,18 @@ def run_case(spec):
             "kv_heads_ref": ref.layers[0].attention.kv_cache.k_cache.shape[1]}
 
 
-def run_compiled():
-    """The decode step compiled with fullgraph=True: the all-reduces must sit inside the one graph."""
+def run_compiled(folder):
+    """generate.py's CPU path: load_model(use_tp=True), then the decode step compiled as compile_step compiles it on
+    the CPU (fullgraph, inductor with freezing and max-autotune). The all-reduces must sit inside the one graph, and
+    rank 1's row shards, views at an offset after apply_tp, must compute right (tp.own_storage: they did not)."""
+    import generate
     ref = tiny_model(0, n_local_heads=2)
-    split = copy.deepcopy(ref)
-    tp.apply_tp(split)
+    folder.mkdir(parents=True)
+    ref.config.to_json(folder / "config.json")
+    torch.save(ref.state_dict(), folder / "model.pth")
+    split = generate.load_model(folder / "model.pth", "cpu", torch.float32, use_tp=True)
     prompt = torch.randint(0, TINY["vocab_size"], (2, PROMPT), generator=torch.Generator().manual_seed(1))
-    # aot_eager: graph capture and functionalization are where a collective would break the graph; inductor's
-    # CPU codegen would add ~40 s here on 2 cores and say nothing about the GPU's kernels
-    step = torch.compile(lambda m, x, pos: m(x, pos), fullgraph=True, backend="aot_eager")
+    step = generate.compile_step(lambda m, x, pos: m(x, pos), "cpu")
     with torch.no_grad():
         for m in (ref, split):
             m.setup_caches(2, PROMPT + STEPS)
@@ -122,7 +125,7 @@ def worker(rank, port, out_dir):
         results["bad_world"] = None
     except ValueError as e:
         results["bad_world"] = str(e)
-    results["compiled"] = run_compiled()
+    results["compiled"] = run_compiled(out_dir / f"ckpt{rank}")  # last: compile_step sets inductor's freezing
     torch.distributed.destroy_process_group()
     (out_dir / f"rank{rank}.json").write_text(json.dumps(results))
 
