@@ -122,9 +122,9 @@ class Int8Linear(nn.Module):
             return int8_gemv(x2.contiguous(), self.weight, self.scales, self.bias).view(*x.shape[:-1], -1)
         if self.unit_scales is not None and not x.is_cuda:  # torch's CPU int8 kernel, where prepare found it fits
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight, self.unit_scales)
-            y = y.to(x.dtype).view(*x.shape[:-1], -1) * self.scales
+            y = (y * self.scales).to(x.dtype).view(*x.shape[:-1], -1)  # scaled first: unscaled, float16 overflows
         else:
-            y = F.linear(x, self.weight.to(x.dtype)) * self.scales
+            y = F.linear(x, self.weight.to(x.dtype) * self.scales[:, None])
         return y if self.bias is None else y + self.bias
 
     def prepare(self, kernel: str = "triton"):

@@ -84,6 +84,16 @@ def test_cpu_int8_rows_alone_equal_rows_together():
     assert torch.equal(lin(x), torch.cat([lin(row[None]) for row in x]))
 
 
+@pytest.mark.parametrize("K", [1024, 1000])  # torch's CPU int8 kernel; the dequantizing F.linear (1000 % 16 != 0)
+def test_int8_in_float16_does_not_overflow(K):
+    """The raw int8 sums (here up to 127 x 1000) exceed float16's 65504; the scales must apply before the output is
+    float16. They did not, and an int8 SmolLM2 with --dtype float16 ended every answer at its first token."""
+    w = torch.full((8, K), 0.1)  # each row quantizes to 127 with a scale of 0.1 / 127
+    lin = Q.prepare_for_device(quantized_linear(w, "int8").to(torch.float16))
+    y = lin(torch.ones(2, K, dtype=torch.float16))
+    assert torch.isfinite(y).all() and rel_err(y.float(), torch.full((2, 8), 0.1 * K)) < 5e-3
+
+
 def test_sqnr_against_float_linear():
     torch.manual_seed(0)
     w, x = torch.randn(256, 512), torch.randn(64, 512)
