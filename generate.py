@@ -10,6 +10,7 @@ import contextlib
 import functools
 import itertools
 import os
+import re
 import resource
 import sys
 import time
@@ -468,9 +469,7 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.float32, use_tp=False)
         raise FileNotFoundError(f"checkpoint {checkpoint_path} is a folder; pass a checkpoint file in it, e.g. "
                                 f"{checkpoint_path / inside[0]}")
     if not checkpoint_path.is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint_path} not found; convert one with `python "
-                                f"convert_hf_checkpoint.py --checkpoint_dir {checkpoint_path.parent}` (add --gguf FILE "
-                                f"for a GGUF), or leave out --checkpoint_path for the embedded SmolLM2")
+        raise FileNotFoundError(f"checkpoint {checkpoint_path} not found; {how_to_make(checkpoint_path)}")
     config_file = checkpoint_path.parent / "config.json"
     config = ModelArgs.from_json(config_file) if config_file.is_file() else ModelArgs.from_name(checkpoint_path.parent.name)
     with torch.device("meta"):
@@ -515,6 +514,18 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.float32, use_tp=False)
         use_gemv(model)  # batch-1 decode matmuls through a Triton GEMV that streams weights near copy speed
         use_decode_attention(model)  # and attention that reads the cache only up to the current position
     return model.eval()
+
+
+def how_to_make(checkpoint_path: Path) -> str:
+    """The command that writes a missing checkpoint: quantize.py for a quantized copy's name (as quantize.py names
+    them) beside a model.pth, else the converter."""
+    quantized = re.fullmatch(r"model_(int8|int4|int4-gptq)(?:\.g(\d+))?\.pth", checkpoint_path.name)
+    if quantized and (checkpoint_path.parent / "model.pth").is_file():
+        mode, groupsize = quantized.groups()
+        return (f"make it with `python quantize.py --checkpoint_path {checkpoint_path.parent / 'model.pth'} --mode "
+                f"{mode}{f' --groupsize {groupsize}' if groupsize else ''}`")
+    return (f"convert one with `python convert_hf_checkpoint.py --checkpoint_dir {checkpoint_path.parent}` (add --gguf "
+            f"FILE for a GGUF), or leave out --checkpoint_path for the embedded SmolLM2")
 
 
 def quantization_touches_output(quantization) -> bool:

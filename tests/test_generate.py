@@ -1,4 +1,6 @@
 """The generation loop on tiny random models: sampling, batching, compiled step, loading, errors."""
+import re
+
 import pytest
 import torch
 
@@ -203,6 +205,18 @@ def test_a_checkpoint_folder_names_the_file_to_pass(tmp_path):
     save_tiny(tmp_path / "m")
     with pytest.raises(FileNotFoundError, match="is a folder; pass a checkpoint file in it, e.g. .*m/model.pth"):
         load_model(tmp_path / "m")
+
+
+def test_a_missing_quantized_copy_names_the_quantize_command(tmp_path):
+    save_tiny(tmp_path / "m")
+    model = tmp_path / "m" / "model.pth"
+    for name, flags in [("model_int8.pth", "--mode int8"), ("model_int4.g64.pth", "--mode int4 --groupsize 64"),
+                        ("model_int4-gptq.g128.pth", "--mode int4-gptq --groupsize 128")]:
+        command = f"make it with `python quantize.py --checkpoint_path {model} {flags}`"
+        with pytest.raises(FileNotFoundError, match=re.escape(command)):
+            load_model(tmp_path / "m" / name)
+    with pytest.raises(FileNotFoundError, match="convert one with"):  # no model.pth beside it to quantize
+        load_model(tmp_path / "other" / "model_int8.pth")
 
 
 def test_scripts_refuse_bad_flags_before_any_work(capsys):
