@@ -46,9 +46,10 @@ def copy_bandwidth(device: str, gib: float = 2.0) -> float:
 
 def random_model(name: str, device: str, dtype, quant: str, groupsize: int, gemv: bool = True,
                  kernel: str = "default", attention: bool = True) -> Transformer:
-    """A preset's shapes with random weights made on the device (no checkpoint needed)."""
-    with torch.device(device):
+    """A preset's shapes with random weights made on the device in `dtype` (no checkpoint needed, no float32 copy)."""
+    with torch.device("meta"):
         model = Transformer(ModelArgs.from_name(name)).to(dtype)
+    model = model.to_empty(device=device)
     for p in model.parameters():
         p.data.normal_(0, 0.02)
     if quant != "none":
@@ -62,6 +63,26 @@ def random_model(name: str, device: str, dtype, quant: str, groupsize: int, gemv
         from decode_attention import use_decode_attention
         use_decode_attention(model)
     return model.eval()
+
+
+def check_fits(name: str, device: str, dtype) -> None:
+    """Refuse in one line a preset whose weights alone exceed the device's free memory (the kernel's OOM killer
+    would end the process with no word on the CPU)."""
+    with torch.device("meta"):
+        need = sum(p.numel() for p in Transformer(ModelArgs.from_name(name)).parameters()) * dtype.itemsize
+    if device.startswith("cuda"):
+        free = torch.cuda.mem_get_info(torch.device(device))[0]
+    else:
+        meminfo = Path("/proc/meminfo")
+        line = next((l for l in meminfo.read_text().splitlines() if l.startswith("MemAvailable:")), None) \
+            if meminfo.is_file() else None
+        if line is None:
+            return
+        free = int(line.split()[1]) * 1024
+    if need > 0.9 * free:
+        raise ValueError(f"--model {name} needs {need / 1e9:.1f} GB of {str(dtype).replace('torch.', '')} weights and "
+                         f"{device} has {free / 1e9:.1f} GB free; pick a smaller preset (e.g. SmolLM2-135M) or a "
+                         f"narrower --dtype")
 
 
 def time_steps(fn, device, n=50, warmup=5, batches=3) -> float:
@@ -148,9 +169,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.model:
         ModelArgs.from_name(args.model)  # an unknown name fails here, not after the copy measurement
+    if args.max_new_tokens < 2:
+        raise ValueError(f"--max_new_tokens must be at least 2 (the first token is the prefill's), got "
+                         f"{args.max_new_tokens}")
     check_device(args.device)
     device = args.device
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    if args.model:
+        check_fits(args.model, device, dtype)
     compile = not args.no_compile
     if compile:
         import torch._inductor.config as inductor_config
@@ -199,7 +225,7 @@ def main(argv=None):
     with torch.no_grad():
         log(f"{label}: {model_bytes(model) / 1e9:.2f} GB of weights; compiling" if compile else f"{label}: eager")
         t = time.perf_counter()
-        generate(model, prompt, 8, s, decode_fn=decode, max_seq_length=seq)  # compile and capture the graph
+        generate(model, prompt, min(8, args.max_new_tokens), s, decode_fn=decode, max_seq_length=seq)  # compile
         compile_s = time.perf_counter() - t
         log(f"ready after {compile_s:.0f} s; timing")
         depths = [int(d) for d in args.queue_depth.split(",")] if args.queue_depth else [generate_py.QUEUE_DEPTH]

@@ -238,6 +238,10 @@ def test_scripts_refuse_bad_flags_before_any_work(capsys):
         spec_eval.main(["--mtp", "--limit", "0"])
     with pytest.raises(ValueError, match="matches no preset"):
         bench.main(["--model", "Llama-9B", "--device", "cpu"])
+    with pytest.raises(ValueError, match="--model Llama-3.1-405B needs 1623.4 GB of float32 weights and cpu has"):
+        bench.main(["--model", "Llama-3.1-405B", "--device", "cpu"])  # refused before any allocation
+    with pytest.raises(ValueError, match="--max_new_tokens must be at least 2"):
+        bench.main(["--model", "SmolLM2-135M", "--device", "cpu", "--max_new_tokens", "1"])
     with pytest.raises(SystemExit):
         eval_ppl.main(["--checkpoint_path", "/nonexistent/model.pth"])
     assert "checkpoint /nonexistent/model.pth not found" in capsys.readouterr().err
