@@ -286,9 +286,13 @@ def coverage(data: dict, rank: torch.Tensor, sizes) -> dict:
 
 
 def parse_size(size: str, vocab_size: int) -> int:
-    if str(size).lower() == "full":
+    """'full' (0), a token count, or thousands as the sizes are usually written: 4k = 4096, 16k = 16384."""
+    text = str(size).lower()
+    if text == "full":
         return 0
-    n = int(size)
+    if not text.rstrip("k").isdigit() or text.count("k") > 1:
+        raise ValueError(f"vocabulary size {size!r} is not a number, a number with k (4k = 4096) or 'full'")
+    n = int(text.rstrip("k")) * (1024 if text.endswith("k") else 1)
     if not 0 < n <= vocab_size:
         raise ValueError(f"vocabulary size {n} is out of range; use 1..{vocab_size} or 'full'")
     return 0 if n == vocab_size else n
@@ -528,7 +532,7 @@ def parse_args(argv=None):
 
     v = sub.add_parser("vocab", help="rank tokens by frequency in the distilled responses")
     v.add_argument("--data", required=True, help="output of `mtp.py distill`")
-    v.add_argument("--size", default="8192", help="draft vocabulary size: a number or 'full'")
+    v.add_argument("--size", default="8192", help="draft vocabulary size: a number, 4k/8k/16k or 'full'")
     v.add_argument("--out", default="vocab.pt", help="output file (the ranking and the size)")
 
     t = sub.add_parser("train", help="train the MTP head on distilled data")
@@ -540,8 +544,9 @@ def parse_args(argv=None):
     t.add_argument("--batch_size", type=int, default=32, help="sequences per step")
     t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, warm-up then cosine to 10%%)")
     t.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 5%% of --steps)")
-    t.add_argument("--draft_vocab", default="16384", help="draft vocabulary size (a number or 'full'), ranked "
-                                                         "from --data unless --vocab is given")
+    t.add_argument("--draft_vocab", default="16384",
+                   help="draft vocabulary size (a number, 4k/8k/16k or 'full'), ranked from --data unless --vocab "
+                        "is given")
     t.add_argument("--vocab", default=None, help="output of `mtp.py vocab` (its ranking and size)")
     t.add_argument("--targets", choices=["soft", "hard"], default="soft",
                    help="soft: the target's next-token distribution; hard: the distilled tokens")

@@ -341,6 +341,14 @@ def test_training_resumes_where_it_stopped(monkeypatch):
         assert torch.equal(a, b), name
 
 
+def test_vocabulary_sizes_as_the_issue_writes_them():
+    assert [mtp_train.parse_size(s, 49152) for s in ("4k", "8K", "16k", "4096", "full", "49152")] == \
+        [4096, 8192, 16384, 4096, 0, 0]
+    for bad, message in (("4x", "not a number"), ("kk", "not a number"), ("64k", "out of range")):
+        with pytest.raises(ValueError, match=message):
+            mtp_train.parse_size(bad, 49152)
+
+
 def test_loss_weights():
     assert [round(w, 2) for w in mtp.loss_weights(3)] == [0.51, 0.31, 0.18]
     assert mtp.loss_weights(1) == [1.0]
