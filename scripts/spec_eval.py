@@ -167,6 +167,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
+    for name, least in (("max_new_tokens", 2), ("cost_reps", 0)):  # a rate needs a token after the prefill's
+        if getattr(args, name) < least:
+            raise ValueError(f"--{name} must be at least {least}, got {getattr(args, name)}")
     if not (args.draft_checkpoint_path or args.mtp or args.mtp_checkpoint_path or args.recheck):
         raise ValueError("nothing to draft with: pass --draft_checkpoint_path, --mtp or --mtp_checkpoint_path")
     if not args.prompts.is_file():
@@ -203,7 +206,7 @@ def main(argv=None):
     L = max(map(len, prompts)) + args.max_new_tokens + spec_extra_slots(spec.k)  # one cache length for both runs
     log(f"{len(rows)} prompts, {args.max_new_tokens} new tokens at most, k={spec.k}, {s}, {dtype}, {device}"
         f"{', compiled' if args.compile else ''}; warming up")
-    run_pair(model, prompts[0], args, s, steps, spec, L, device, args.seed, 3 * (spec.k + 1))
+    run_pair(model, prompts[0], args, s, steps, spec, L, device, args.seed, min(3 * (spec.k + 1), args.max_new_tokens))
 
     results, t_start = [], time.perf_counter()
     for i, (row, ids) in enumerate(zip(rows, prompts)):

@@ -236,6 +236,10 @@ def test_scripts_refuse_bad_flags_before_any_work(capsys):
         mtp_train.main(["train", "--data", "x.pt", "--steps", "0"])
     with pytest.raises(ValueError, match="--limit must be at least 1"):
         spec_eval.main(["--mtp", "--limit", "0"])
+    with pytest.raises(ValueError, match="--max_new_tokens must be at least 2"):
+        spec_eval.main(["--mtp", "--max_new_tokens", "1"])
+    with pytest.raises(ValueError, match="--cost_reps must be at least 0"):
+        spec_eval.main(["--mtp", "--cost_reps", "-1"])
     with pytest.raises(ValueError, match="matches no preset"):
         bench.main(["--model", "Llama-9B", "--device", "cpu"])
     with pytest.raises(ValueError, match="--model Llama-3.1-405B needs 1623.4 GB of float32 weights and cpu has"):
