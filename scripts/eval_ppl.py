@@ -88,6 +88,9 @@ def main(argv=None):
         check_device(args.device)
         if args.max_tokens is not None and args.max_tokens < 2:
             raise ValueError(f"--max_tokens {args.max_tokens} leaves nothing to score; use at least 2")
+        if args.window < 2 or args.batch_size < 1:  # a window of one token scores nothing: no context to predict from
+            raise ValueError(f"--window must be at least 2 and --batch_size at least 1, got {args.window} and "
+                             f"{args.batch_size}")
         if not 0 < args.stride <= args.window:
             raise ValueError(f"--stride {args.stride} must be between 1 and --window {args.window}")
         missing = [str(c) for c in args.checkpoint_path if not c.is_file()]
@@ -102,6 +105,8 @@ def main(argv=None):
             tokenizer = get_tokenizer(path.parent)
             ids = torch.tensor(tokenizer.encode(text, bos=False, special=False), dtype=torch.long)[:args.max_tokens]
             model = load_model(path, args.device, DTYPES[args.dtype])
+            if args.window > model.config.block_size:
+                raise ValueError(f"--window {args.window} exceeds {path}'s context of {model.config.block_size} tokens")
             t0 = time.perf_counter()
             ppl, n = perplexity(model, ids, args.window, args.stride, args.batch_size, args.device, label=path.name)
             rows.append((path, describe(path), path.stat().st_size / 1e6, ppl, n, time.perf_counter() - t0))

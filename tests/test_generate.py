@@ -258,6 +258,10 @@ def test_scripts_refuse_bad_flags_before_any_work(capsys):
     with pytest.raises(SystemExit):
         eval_ppl.main(["--checkpoint_path", "/nonexistent/model.pth", "--max_tokens", "1"])
     assert "--max_tokens 1 leaves nothing to score" in capsys.readouterr().err
+    for flags in (["--window", "1", "--stride", "1"], ["--batch_size", "0"]):
+        with pytest.raises(SystemExit):
+            eval_ppl.main(["--checkpoint_path", "/nonexistent/model.pth", *flags])
+        assert "--window must be at least 2 and --batch_size at least 1" in capsys.readouterr().err
     import quantize
     for run in (lambda: eval_ppl.main(["--checkpoint_path", "/nonexistent/model.pth", "--device", "mps"]),
                 lambda: quantize.main(["--checkpoint_path", "/nonexistent/model.pth", "--mode", "int4-gptq",
