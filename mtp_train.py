@@ -569,6 +569,11 @@ def main(argv=None):
     for name in counts:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.cmd == "train" and args.lr <= 0:
+        raise ValueError(f"--lr must be positive, got {args.lr}")
+    if args.cmd == "train" and args.vocab and not Path(args.vocab).is_file():
+        raise FileNotFoundError(f"vocabulary file {args.vocab} not found; make it with `python mtp.py vocab --data "
+                                f"{args.data} --out {args.vocab}`, or leave out --vocab")
     if args.cmd == "vocab":
         data = load_corpus(args.data)
         V = int(data.get("meta", {}).get("vocab_size", int(data["ids"].max()) + 1))

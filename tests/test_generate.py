@@ -234,6 +234,10 @@ def test_scripts_refuse_bad_flags_before_any_work(capsys):
         mtp_train.main(["distill", "--batch_size", "0"])
     with pytest.raises(ValueError, match="--steps must be at least 1"):
         mtp_train.main(["train", "--data", "x.pt", "--steps", "0"])
+    with pytest.raises(ValueError, match="--lr must be positive, got -1.0"):
+        mtp_train.main(["train", "--data", "x.pt", "--lr", "-1"])
+    with pytest.raises(FileNotFoundError, match="`python mtp.py vocab --data x.pt --out /nonexistent/v.pt`"):
+        mtp_train.main(["train", "--data", "x.pt", "--vocab", "/nonexistent/v.pt"])
     with pytest.raises(ValueError, match="--limit must be at least 1"):
         spec_eval.main(["--mtp", "--limit", "0"])
     with pytest.raises(ValueError, match="--max_new_tokens must be at least 2"):
