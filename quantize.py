@@ -601,9 +601,10 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="int4-gptq: where calibration runs (default cuda if available)")
     args = p.parse_args(argv)
     try:
-        if args.mode == "int8" and (args.groupsize or args.pad):
+        if args.mode == "int8" and (args.groupsize is not None or args.pad):
             raise ValueError("--groupsize and --pad are for int4 modes; int8 has one scale per output channel")
-        args.groupsize = args.groupsize or 128
+        if args.groupsize is None:
+            args.groupsize = 128
         for name in ("samples", "seq_len"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
