@@ -10,6 +10,7 @@ Bytes per token are counted as gpt-fast does: every weight except the token-embe
 as the output head), at the size the (quantized) weights really occupy, plus the KV cache positions in use.
 """
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -70,19 +71,20 @@ def check_fits(name: str, device: str, dtype) -> None:
     would end the process with no word on the CPU)."""
     with torch.device("meta"):
         need = sum(p.numel() for p in Transformer(ModelArgs.from_name(name)).parameters()) * dtype.itemsize
-    if device.startswith("cuda"):
-        free = torch.cuda.mem_get_info(torch.device(device))[0]
-    else:
-        meminfo = Path("/proc/meminfo")
-        line = next((l for l in meminfo.read_text().splitlines() if l.startswith("MemAvailable:")), None) \
-            if meminfo.is_file() else None
-        if line is None:
-            return
-        free = int(line.split()[1]) * 1024
-    if need > 0.9 * free:
+    free = torch.cuda.mem_get_info(torch.device(device))[0] if device.startswith("cuda") else available_ram()
+    if free is not None and need > 0.9 * free:
         raise ValueError(f"--model {name} needs {need / 1e9:.1f} GB of {str(dtype).replace('torch.', '')} weights and "
                          f"{device} has {free / 1e9:.1f} GB free; pick a smaller preset (e.g. SmolLM2-135M) or a "
                          f"narrower --dtype")
+
+
+def available_ram():
+    """Linux's estimate of the bytes a process can still allocate (MemAvailable); None where there is none."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
 
 
 def time_steps(fn, device, n=50, warmup=5, batches=3) -> float:
