@@ -57,6 +57,9 @@ ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=6)
 SMALL_ROWS_CONFIG = dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=6)  # K < 4096
 # quantized weights, best of sweeps on an H100 (BENCHMARKS.md); the one-row int8 GEMV's on an H200
 INT8_CONFIG = dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, STAGES=4)  # 4 chunks in flight
+INT8_DOT_CONFIG = dict(BLOCK_N=8, BLOCK_W=256, num_warps=4, STAGES=1)
+INT8_DOT = True
+INT8_PDL = False
 INT4_CONFIG = dict(BLOCK_N=4, BLOCK_K=2048, num_warps=4, STAGES=1)  # BLOCK_K in weights (half as many bytes)
 INT8_ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=6)
 INT4_ROWS_CONFIG = dict(BLOCK_N=32, num_warps=4, num_stages=6)  # one group per step
@@ -180,6 +183,111 @@ if triton is not None:
             r = tl.rsqrt(tl.sum(ss, axis=0) / K + EPS)
             y, gate = y * r, gate * r
         y *= tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        if HAS_GATE:
+            gate *= tl.load(gs_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        y = _epilogue(y, gate, rows, rows < N, res_ptr, HAS_GATE, HAS_RES)
+        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
+
+    @triton.jit
+    def _x_range(x_ptr, nw_ptr, K: tl.constexpr, HAS_RMS: tl.constexpr):
+        # one pass over x: the largest magnitude of x (times the norm's weight nw, with HAS_RMS), which sets the
+        # int16 scale, and x's sum of squares for the norm. NaN counts as infinite, so that it reaches the output
+        cols = tl.arange(0, 1024)
+        amax, ss = tl.zeros((1024,), dtype=tl.float32), tl.zeros((1024,), dtype=tl.float32)
+        for k in range(0, K, 1024):
+            x = tl.load(x_ptr + k + cols, mask=k + cols < K, other=0.0).to(tl.float32)
+            if HAS_RMS:
+                ss += x * x
+                x *= tl.load(nw_ptr + k + cols, mask=k + cols < K, other=0.0).to(tl.float32)
+            a = tl.abs(x)
+            amax = tl.maximum(amax, tl.where(a == a, a, float("inf")))
+        return tl.max(amax, axis=0), tl.sum(ss, axis=0)
+
+    @triton.jit
+    def _int16_pairs(x4, n4, inv, HAS_RMS: tl.constexpr):
+        # four bfloat16 of x, read as one int64, -> two int32 words of two int16 each, round(x * nw * inv): the
+        # float 1.5 * 2**23 + v holds the integer v in its low mantissa bits, and prmt takes the low halves of two
+        if PRMT:
+            if HAS_RMS:
+                q01, q23 = tl.inline_asm_elementwise(
+                    "{ .reg .b32 l, h, m, n, a, b, c, d; mov.b64 {l, h}, $2; mov.b64 {m, n}, $3; "
+                    "shl.b32 a, l, 16; and.b32 b, l, 0xFFFF0000; shl.b32 c, h, 16; and.b32 d, h, 0xFFFF0000; "
+                    "shl.b32 l, m, 16; and.b32 m, m, 0xFFFF0000; shl.b32 h, n, 16; and.b32 n, n, 0xFFFF0000; "
+                    "mul.f32 a, a, l; mul.f32 b, b, m; mul.f32 c, c, h; mul.f32 d, d, n; "
+                    "fma.rn.f32 a, a, $4, 0f4B400000; fma.rn.f32 b, b, $4, 0f4B400000; "
+                    "fma.rn.f32 c, c, $4, 0f4B400000; fma.rn.f32 d, d, $4, 0f4B400000; "
+                    "prmt.b32 $0, a, b, 0x5410; prmt.b32 $1, c, d, 0x5410; }",
+                    "=r,=r,l,l,f", [x4, n4, inv], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+            else:
+                q01, q23 = tl.inline_asm_elementwise(
+                    "{ .reg .b32 l, h, a, b, c, d; mov.b64 {l, h}, $2; "
+                    "shl.b32 a, l, 16; and.b32 b, l, 0xFFFF0000; shl.b32 c, h, 16; and.b32 d, h, 0xFFFF0000; "
+                    "fma.rn.f32 a, a, $3, 0f4B400000; fma.rn.f32 b, b, $3, 0f4B400000; "
+                    "fma.rn.f32 c, c, $3, 0f4B400000; fma.rn.f32 d, d, $3, 0f4B400000; "
+                    "prmt.b32 $0, a, b, 0x5410; prmt.b32 $1, c, d, 0x5410; }",
+                    "=r,=r,l,f", [x4, inv], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+        else:
+            q = []
+            for i in tl.static_range(4):
+                x = ((x4 >> (16 * i)) & 0xFFFF).to(tl.int32) << 16
+                v = x.to(tl.float32, bitcast=True)
+                if HAS_RMS:
+                    v *= (((n4 >> (16 * i)) & 0xFFFF).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+                q.append((v * inv + 12582912.0).to(tl.int32, bitcast=True) & 0xFFFF)
+            q01, q23 = q[0] | (q[1] << 16), q[2] | (q[3] << 16)
+        return q01, q23
+
+    @triton.jit
+    def _dot4(w, q01, q23, acc):
+        # acc + the dot product of the four int8 in w with the four int16 in q01, q23: two dp2a instructions
+        if PRMT:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 t; dp2a.lo.s32.s32 t, $2, $1, $4; dp2a.hi.s32.s32 $0, $3, $1, t; }",
+                "=r,r,r,r,r", [w, q01, q23, acc], dtype=tl.int32, is_pure=True, pack=1)
+        return (acc + ((w << 24) >> 24) * ((q01 << 16) >> 16) + ((w << 16) >> 24) * (q01 >> 16)
+                + ((w << 8) >> 24) * ((q23 << 16) >> 16) + (w >> 24) * (q23 >> 16))
+
+    @triton.jit
+    def _int8_dot_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, res_ptr, nw_ptr, N, K: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, HAS_RMS: tl.constexpr, EPS: tl.constexpr, HAS_GATE: tl.constexpr,
+                         HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, STAGES: tl.constexpr,
+                         PDL: tl.constexpr):
+        # y (N,) = (w (N, K) @ x (K,)) * s (N,) + b in integers: x scaled onto int16 by its largest magnitude, each
+        # int32 word of w (four int8) times four of those in two dp2a instructions, int32 sums (each over at most
+        # K / (4 BLOCK_W) words, far from overflow) turned to float32 once at the end. The gate and HAS_RMS as in
+        # _gemv_kernel; the norm's weight nw multiplies x before the rounding
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+        amax, ss = _x_range(x_ptr, nw_ptr, K, HAS_RMS)
+        inv = 32766.0 / tl.maximum(amax, 1e-30)
+        KW: tl.constexpr = K // 4
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        words = tl.arange(0, BLOCK_W)
+        x4_ptr = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
+        n4_ptr = nw_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
+        w4_ptr = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+        g4_ptr = g_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+        acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)
+        acc_g = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)
+        for k in tl.range(0, KW, BLOCK_W, num_stages=STAGES):
+            in_k = (k + words < KW) if KW % BLOCK_W else words >= 0
+            offs, ok = rows[:, None] * KW + (k + words)[None, :], (rows[:, None] < N) & in_k[None, :]
+            w = tl.load(w4_ptr + offs, mask=ok, other=0, eviction_policy="evict_first")
+            x4 = tl.load(x4_ptr + k + words, mask=in_k, other=0)
+            n4 = tl.load(n4_ptr + k + words, mask=in_k, other=0) if HAS_RMS else x4
+            q01, q23 = _int16_pairs(x4, n4, inv, HAS_RMS)
+            acc = _dot4(w, q01[None, :], q23[None, :], acc)
+            if HAS_GATE:
+                g = tl.load(g4_ptr + offs, mask=ok, other=0, eviction_policy="evict_first")
+                acc_g = _dot4(g, q01[None, :], q23[None, :], acc_g)
+        descale = amax / 32766.0
+        if HAS_RMS:
+            descale *= tl.rsqrt(ss / K + EPS)
+        y = tl.sum(acc.to(tl.float32), axis=1) * descale * tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        gate = tl.sum(acc_g.to(tl.float32), axis=1) * descale
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
         if HAS_GATE:
@@ -363,7 +471,12 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias:
         raise ValueError(f"int8_gemv takes a norm for one row only, got {M}: apply the norm first")
     y, b = x.new_empty(M, N), bias if bias is not None else scales
     args = dict(HAS_BIAS=bias is not None, **_epilogue_args(x, gate, residual, gate_scales))
-    if M == 1:
+    if M == 1 and INT8_DOT and _int8_dot_ok(x, weight, norm_weight):
+        _int8_dot_kernel[(triton.cdiv(N, INT8_DOT_CONFIG["BLOCK_N"]),)](
+            x, weight, scales, b, y, nw_ptr=x if norm_weight is None else norm_weight, N=N, K=K,
+            HAS_RMS=norm_weight is not None, EPS=rms_eps or 0.0, **INT8_DOT_CONFIG, **args,
+            PDL=INT8_PDL and _pdl(x), launch_pdl=INT8_PDL and _pdl(x))
+    elif M == 1:
         _int8_gemv_kernel[(triton.cdiv(N, INT8_CONFIG["BLOCK_N"]),)](
             x, weight, scales, b, y, nw_ptr=x if norm_weight is None else norm_weight, N=N, K=K,
             HAS_RMS=norm_weight is not None, EPS=rms_eps or 0.0, **INT8_CONFIG, **args)
@@ -372,6 +485,14 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias:
             x, weight, scales, b, y, M=M, N=N, K=K, HAS_SCALE=True, HAS_RMS=False, EPS=0.0, PRECISION=_precision(x),
             **INT8_ROWS_CONFIG, **args, PDL=False)
     return y
+
+
+def _int8_dot_ok(x, weight, norm_weight) -> bool:
+    """Whether _int8_dot_kernel can read these: bfloat16 x (and norm weight) as int64 words of four, the int8
+    weight as int32 words, so K a multiple of 4 and the pointers aligned to those words."""
+    return (x.dtype == torch.bfloat16 and x.shape[-1] % 4 == 0 and x.data_ptr() % 8 == 0
+            and weight.data_ptr() % 4 == 0
+            and (norm_weight is None or (norm_weight.dtype == torch.bfloat16 and norm_weight.data_ptr() % 8 == 0)))
 
 
 def _epilogue_args(x, gate, residual, gate_scales=None, scales=True) -> dict:
