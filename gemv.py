@@ -60,6 +60,8 @@ INT8_CONFIG = dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, STAGES=4)  # 4 chunks in
 INT8_DOT_CONFIG = dict(BLOCK_N=8, BLOCK_W=256, num_warps=4, STAGES=1)
 INT8_DOT = True
 INT8_PDL = False
+INT4_DOT_CONFIG = dict(BLOCK_N=8, NG=2, num_warps=4)
+INT4_DOT = True
 INT4_CONFIG = dict(BLOCK_N=4, BLOCK_K=2048, num_warps=4, STAGES=1)  # BLOCK_K in weights (half as many bytes)
 INT8_ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=6)
 INT4_ROWS_CONFIG = dict(BLOCK_N=32, num_warps=4, num_stages=6)  # one group per step
@@ -250,39 +252,61 @@ if triton is not None:
                 + ((w << 8) >> 24) * ((q23 << 16) >> 16) + (w >> 24) * (q23 >> 16))
 
     @triton.jit
+    def _int8_words(w4_ptr, g4_ptr, rows, words, k, N, KW: tl.constexpr, BLOCK_W: tl.constexpr,
+                    HAS_GATE: tl.constexpr):
+        # the (BLOCK_N, BLOCK_W) int32 words (four int8 each) of W at word k, and of the gate's G (W again when
+        # there is none); each weight is read once, so not kept in L2
+        in_k = (k + words < KW) if KW % BLOCK_W else words >= 0
+        offs, ok = rows[:, None] * KW + (k + words)[None, :], (rows[:, None] < N) & in_k[None, :]
+        w = tl.load(w4_ptr + offs, mask=ok, other=0, eviction_policy="evict_first")
+        g = w
+        if HAS_GATE:
+            g = tl.load(g4_ptr + offs, mask=ok, other=0, eviction_policy="evict_first")
+        return w, g
+
+    @triton.jit
+    def _int8_dot_chunk(acc, acc_g, w, g, x4_ptr, n4_ptr, inv, words, k, KW: tl.constexpr, BLOCK_W: tl.constexpr,
+                        HAS_RMS: tl.constexpr, HAS_GATE: tl.constexpr):
+        # x's four columns of each word at word k, rounded onto int16, into the int32 sums of w (and g)
+        in_k = (k + words < KW) if KW % BLOCK_W else words >= 0
+        x4 = tl.load(x4_ptr + k + words, mask=in_k, other=0)
+        n4 = tl.load(n4_ptr + k + words, mask=in_k, other=0) if HAS_RMS else x4
+        q01, q23 = _int16_pairs(x4, n4, inv, HAS_RMS)
+        acc = _dot4(w, q01[None, :], q23[None, :], acc)
+        if HAS_GATE:
+            acc_g = _dot4(g, q01[None, :], q23[None, :], acc_g)
+        return acc, acc_g
+
+    @triton.jit
     def _int8_dot_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, res_ptr, nw_ptr, N, K: tl.constexpr,
                          HAS_BIAS: tl.constexpr, HAS_RMS: tl.constexpr, EPS: tl.constexpr, HAS_GATE: tl.constexpr,
                          HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, STAGES: tl.constexpr,
                          PDL: tl.constexpr):
         # y (N,) = (w (N, K) @ x (K,)) * s (N,) + b in integers: x scaled onto int16 by its largest magnitude, each
         # int32 word of w (four int8) times four of those in two dp2a instructions, int32 sums (each over at most
-        # K / (4 BLOCK_W) words, far from overflow) turned to float32 once at the end. The gate and HAS_RMS as in
-        # _gemv_kernel; the norm's weight nw multiplies x before the rounding
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
-        amax, ss = _x_range(x_ptr, nw_ptr, K, HAS_RMS)
-        inv = 32766.0 / tl.maximum(amax, 1e-30)
+        # K / (4 BLOCK_W) words, far from overflow) turned to float32 once at the end. The gate, HAS_RMS and PDL
+        # as in _gemv_kernel (the first chunk of weights loads before the wait); the norm's weight nw multiplies
+        # x before the rounding
         KW: tl.constexpr = K // 4
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         words = tl.arange(0, BLOCK_W)
-        x4_ptr = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
-        n4_ptr = nw_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
         w4_ptr = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
         g4_ptr = g_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-        acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)
-        acc_g = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)
-        for k in tl.range(0, KW, BLOCK_W, num_stages=STAGES):
-            in_k = (k + words < KW) if KW % BLOCK_W else words >= 0
-            offs, ok = rows[:, None] * KW + (k + words)[None, :], (rows[:, None] < N) & in_k[None, :]
-            w = tl.load(w4_ptr + offs, mask=ok, other=0, eviction_policy="evict_first")
-            x4 = tl.load(x4_ptr + k + words, mask=in_k, other=0)
-            n4 = tl.load(n4_ptr + k + words, mask=in_k, other=0) if HAS_RMS else x4
-            q01, q23 = _int16_pairs(x4, n4, inv, HAS_RMS)
-            acc = _dot4(w, q01[None, :], q23[None, :], acc)
-            if HAS_GATE:
-                g = tl.load(g4_ptr + offs, mask=ok, other=0, eviction_policy="evict_first")
-                acc_g = _dot4(g, q01[None, :], q23[None, :], acc_g)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        w, g = _int8_words(w4_ptr, g4_ptr, rows, words, 0, N, KW, BLOCK_W, HAS_GATE)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        amax, ss = _x_range(x_ptr, nw_ptr, K, HAS_RMS)
+        inv = 32766.0 / tl.maximum(amax, 1e-30)
+        x4_ptr = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
+        n4_ptr = nw_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
+        zeros = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)
+        acc, acc_g = _int8_dot_chunk(zeros, zeros, w, g, x4_ptr, n4_ptr, inv, words, 0, KW, BLOCK_W, HAS_RMS, HAS_GATE)
+        for k in tl.range(BLOCK_W, KW, BLOCK_W, num_stages=STAGES):
+            w, g = _int8_words(w4_ptr, g4_ptr, rows, words, k, N, KW, BLOCK_W, HAS_GATE)
+            acc, acc_g = _int8_dot_chunk(acc, acc_g, w, g, x4_ptr, n4_ptr, inv, words, k, KW, BLOCK_W, HAS_RMS,
+                                         HAS_GATE)
         descale = amax / 32766.0
         if HAS_RMS:
             descale *= tl.rsqrt(ss / K + EPS)
@@ -368,6 +392,60 @@ if triton is not None:
             x_hi = tl.load(x_ptr + k + lo_col + H, mask=k + lo_col + H < K_IN, other=0.0).to(tl.float32)
             acc += w_lo * x_lo[None, :] + w_hi * x_hi[None, :]
         y = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
+
+    @triton.jit
+    def _dot4_nibbles(w, q01, q23, acc):
+        # acc + the four low nibbles of w's bytes (0..15) times the four int16 in q01, q23
+        if PRMT:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 t, u; and.b32 u, $1, 0x0F0F0F0F; dp2a.lo.s32.u32 t, $2, u, $4; "
+                "dp2a.hi.s32.u32 $0, $3, u, t; }",
+                "=r,r,r,r,r", [w, q01, q23, acc], dtype=tl.int32, is_pure=True, pack=1)
+        return (acc + (w & 15) * ((q01 << 16) >> 16) + ((w >> 8) & 15) * (q01 >> 16)
+                + ((w >> 16) & 15) * ((q23 << 16) >> 16) + ((w >> 24) & 15) * (q23 >> 16))
+
+    @triton.jit
+    def _int4_dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K: tl.constexpr, K_IN: tl.constexpr,
+                         GROUPSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr,
+                         PDL: tl.constexpr):
+        # y (N,) = W x (K_IN,) + b, W (N, K) in pack_int4's layout, w = (q - 8) s + z, in integers as
+        # _int8_dot_kernel: x scaled onto int16; int32 word t of a group holds the low nibbles of columns
+        # 4t..4t+3 and the high ones of GROUPSIZE/2 + 4t.., four dp2a a word. Its sum (under 2**22) is added to
+        # the float 1.5 * 2**23 as an integer, so one subtraction makes it a float. Per word,
+        # acc += s * sum(q x) + (z - 8 s) * sum(x), NG groups of BLOCK_N rows a step
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+        amax, _ = _x_range(x_ptr, x_ptr, K_IN, False)
+        inv = 32766.0 / tl.maximum(amax, 1e-30)
+        WPG: tl.constexpr = GROUPSIZE // 8  # words a group
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        r3 = rows[:, None, None]
+        grp, t = tl.arange(0, NG), tl.arange(0, WPG)
+        x4_ptr = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
+        w4_ptr = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+        acc = tl.zeros((BLOCK_N, NG, WPG), dtype=tl.float32)
+        for g0 in range(0, K // GROUPSIZE, NG):
+            g_ok = g0 + grp < K // GROUPSIZE
+            w = tl.load(w4_ptr + r3 * (K // 8) + ((g0 + grp) * WPG)[None, :, None] + t[None, None, :],
+                        mask=(r3 < N) & g_ok[None, :, None], other=0, eviction_policy="evict_first")
+            lo = ((g0 + grp) * (GROUPSIZE // 4))[:, None] + t[None, :]  # x4 index of a word's low-nibble columns
+            x_lo = tl.load(x4_ptr + lo, mask=g_ok[:, None] & (lo * 4 < K_IN), other=0)
+            x_hi = tl.load(x4_ptr + lo + WPG, mask=g_ok[:, None] & ((lo + WPG) * 4 < K_IN), other=0)
+            l01, l23 = _int16_pairs(x_lo, x_lo, inv, False)
+            h01, h23 = _int16_pairs(x_hi, x_hi, inv, False)
+            ones = tl.full((NG, WPG), 0x01010101, tl.int32)
+            xs = _dot4_nibbles(ones, l01, l23, _dot4_nibbles(ones, h01, h23, tl.zeros((NG, WPG), tl.int32)))
+            d = _dot4_nibbles(w, l01[None], l23[None], tl.full((BLOCK_N, NG, WPG), 0x4B400000, tl.int32))
+            d = _dot4_nibbles(w >> 4, h01[None], h23[None], d)
+            sz_off, sz_ok = rows[:, None] * (K // GROUPSIZE) + (g0 + grp)[None, :], (rows[:, None] < N) & g_ok[None, :]
+            s = tl.load(s_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32)[:, :, None]
+            z = tl.load(z_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32)[:, :, None]
+            acc += (d.to(tl.float32, bitcast=True) - 12582912.0) * s + xs.to(tl.float32)[None] * (z - 8.0 * s)
+        y = tl.sum(tl.sum(acc, axis=2), axis=1) * (amax / 32766.0)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
@@ -512,7 +590,11 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
     N, K = weight.shape[0], weight.shape[1] * 2
     y, b = x.new_empty(M, N), bias if bias is not None else scales
     args = dict(K=K, K_IN=K_in, GROUPSIZE=groupsize, HAS_BIAS=bias is not None)
-    if M == 1:
+    if M == 1 and INT4_DOT and _int8_dot_ok(x, weight, None) and K_in % 4 == 0:
+        _int4_dot_kernel[(triton.cdiv(N, INT4_DOT_CONFIG["BLOCK_N"]),)](
+            x, weight, scales, zeros, b, y, N, **INT4_DOT_CONFIG, **args, PDL=INT8_PDL and _pdl(x),
+            launch_pdl=INT8_PDL and _pdl(x))
+    elif M == 1:
         cfg = dict(INT4_CONFIG, BLOCK_K=max(INT4_CONFIG["BLOCK_K"], groupsize))
         _int4_gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x, weight, scales, zeros, b, y, N, **cfg, **args)
     else:
