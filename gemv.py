@@ -7,13 +7,15 @@ verification multiplies a handful of rows (k+1) by the same weights: there cuBLA
 (SmolLM2) longer than one GEMV (scripts/profile_step.py), so 2..MAX_ROWS rows go through a second kernel that also
 reads each weight tile once and multiplies it on the tensor cores.
 
-For one row, a GEMV per weight format (a (BLOCK_N, BLOCK_K) register tile reduced once at the end; for int8 the K
-loop is pipelined, STAGES chunks in flight, since its per-byte work otherwise leaves the loads idle); for 2..16, a
-rows kernel for float and int8 weights and one for int4 (`tl.dot` against the rows padded to 16). int8 and int4 are
-the formats quantize.py writes: int8 with a scale per output row, int4 packed by `quantize.pack_int4` with a scale
-and zero per group. Integers become floats without the slow int->float conversion: OR-ing a small integer into the
-mantissa of 2**23 gives the float 2**23 + i, and one subtraction leaves i exactly (for int8 bytes on the GPU, one
-`prmt` instruction does the OR). The rows kernels multiply the weights as exact small integers in x's dtype and
+For one row, a GEMV per weight format. Float and int4: a (BLOCK_N, BLOCK_K) register tile of float32 products,
+reduced once at the end. int8 in integers: x is scaled onto int16 by its largest magnitude (under 2**-15 of it
+lost, far below x's own bfloat16 rounding), and two `dp2a` instructions multiply a 32-bit word of four int8 weights
+by four of those into int32 sums, made floats once at the end; a third of the instructions of the float products,
+which kept the loads waiting. For 2..16 rows, a rows kernel for float and int8 weights and one for int4 (`tl.dot`
+against the rows padded to 16). int8 and int4 are the formats quantize.py writes: int8 with a scale per output
+row, int4 packed by `quantize.pack_int4` with a scale and zero per group. The int4 GEMV makes its nibbles floats
+without the slow int->float conversion: OR-ing a small integer into the mantissa of 2**23 gives the float 2**23 + i,
+and one subtraction leaves i exactly. The rows kernels multiply the weights as exact small integers in x's dtype and
 apply the scales to the float32 sums: int8 once per output row at the end, int4 once per group,
 y = sum_g s_g * (x_g . (q_g - 8)) + z_g * sum(x_g).
 
@@ -29,8 +31,8 @@ x loads. A float decode or verify layer, and an int8 decode layer, is then five 
 `use_gemv(model)` swaps every float nn.Linear for `GemvLinear`, which takes these paths on CUDA and is F.linear
 otherwise (prefill, the CPU), and gives each dense TransformerBlock `fused_block`; quantize.py's Int8Linear and
 Int4Linear call `int8_gemv` / `int4_gemv`. Those four are custom ops (`_op`), so that torch.compile keeps them whole
-and CUDA graphs capture the float kernels' launches with programmatic dependent launch (`_pdl`): on Hopper a GEMV
-starts loading its weights while the kernel before it finishes.
+and CUDA graphs capture the float and int8 kernels' launches with programmatic dependent launch (`_pdl`): on
+Hopper a GEMV starts loading its weights while the kernel before it finishes.
 """
 import os
 from typing import Optional
@@ -43,7 +45,7 @@ try:
     import triton
     import triton.language as tl
     # inline PTX (NVIDIA only): not under the interpreter, nor on ROCm
-    PRMT = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1" and torch.version.hip is None)
+    PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1" and torch.version.hip is None)
 except ImportError:  # CPU-only installs: GemvLinear then always uses F.linear, quantize.py torch's kernels
     triton = None
 PDL_OK = triton is not None and os.environ.get("TRITON_INTERPRET") != "1" and torch.version.hip is None
@@ -56,12 +58,7 @@ GEMV_CONFIG = dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4, STAGES=1)
 ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=6)
 SMALL_ROWS_CONFIG = dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=6)  # K < 4096
 # quantized weights, best of sweeps on an H100 (BENCHMARKS.md); the one-row int8 GEMV's on an H200
-INT8_CONFIG = dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, STAGES=4)  # 4 chunks in flight
-INT8_DOT_CONFIG = dict(BLOCK_N=8, BLOCK_W=256, num_warps=4, STAGES=1)
-INT8_DOT = True
-INT8_PDL = False
-INT4_DOT_CONFIG = dict(BLOCK_N=8, NG=2, num_warps=4)
-INT4_DOT = True
+INT8_CONFIG = dict(BLOCK_N=8, BLOCK_W=256, num_warps=4, STAGES=1)  # BLOCK_W int32 words: 1 KB of a row a step
 INT4_CONFIG = dict(BLOCK_N=4, BLOCK_K=2048, num_warps=4, STAGES=1)  # BLOCK_K in weights (half as many bytes)
 INT8_ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=6)
 INT4_ROWS_CONFIG = dict(BLOCK_N=32, num_warps=4, num_stages=6)  # one group per step
@@ -76,23 +73,6 @@ if triton is not None:
         if HAS_RES:
             y += tl.load(res_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         return y
-
-    @triton.jit
-    def _from_int8(w):
-        # int8 -> the same integer as float32 without the slow conversion: the float 2**23 + 128 + w, minus that
-        # constant. On the GPU, prmt builds that float from a byte in one instruction: the xor (one per 4 bytes)
-        # turns each byte into w + 128, prmt places it under the exponent byte 0x4B. One line of PTX: inductor
-        # copies this source into a string in its own files, where a newline escape would break it (so no
-        # backslash anywhere in a kernel, comments included: tests/test_gemv.py checks); the interpreter runs no PTX
-        if PRMT:
-            f = tl.inline_asm_elementwise(
-                "{ .reg .b32 t, m; xor.b32 t, $4, 0x80808080; mov.b32 m, 0x4B000000; "
-                "prmt.b32 $0, t, m, 0x7540; prmt.b32 $1, t, m, 0x7541; "
-                "prmt.b32 $2, t, m, 0x7542; prmt.b32 $3, t, m, 0x7543; }",
-                "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4)
-        else:
-            f = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True)
-        return f - 8388736.0
 
     @triton.jit
     def _gemv_chunk(acc, acc_g, ss, w, g, x, HAS_GATE: tl.constexpr, HAS_RMS: tl.constexpr):
@@ -148,51 +128,6 @@ if triton is not None:
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
 
     @triton.jit
-    def _int8_chunk(acc, acc_g, ss, x_ptr, nw_ptr, w_ptr, g_ptr, rows, cols, k, N, K: tl.constexpr,
-                    BLOCK_K: tl.constexpr, HAS_RMS: tl.constexpr, HAS_GATE: tl.constexpr):
-        # one (BLOCK_N, BLOCK_K) chunk at column k into the float32 sums; with HAS_RMS x is the raw residual
-        # stream: its squares go into ss and it meets W times the norm's weight nw, as the norm would leave it
-        in_k = (k + cols < K) if K % BLOCK_K else cols >= 0
-        offs, ok = rows[:, None] * K + (k + cols)[None, :], (rows[:, None] < N) & in_k[None, :]
-        w = tl.load(w_ptr + offs, mask=ok, other=0, eviction_policy="evict_first")  # (BLOCK_N, BLOCK_K), once
-        x = tl.load(x_ptr + k + cols, mask=in_k, other=0.0).to(tl.float32)
-        if HAS_RMS:
-            ss += x * x
-            x *= tl.load(nw_ptr + k + cols, mask=in_k, other=0.0).to(tl.float32)
-        acc += _from_int8(w) * x[None, :]
-        if HAS_GATE:
-            g = tl.load(g_ptr + offs, mask=ok, other=0, eviction_policy="evict_first")
-            acc_g += _from_int8(g) * x[None, :]
-        return acc, acc_g, ss
-
-    @triton.jit
-    def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, res_ptr, nw_ptr, N, K: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, HAS_RMS: tl.constexpr, EPS: tl.constexpr, HAS_GATE: tl.constexpr,
-                          HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
-        # y (N,) = (w (N, K) @ x (K,)) * s (N,) + b, float32 accumulation; the gate likewise from g, gs. HAS_RMS:
-        # x is the raw residual stream and nw the RMSNorm's weight (a scale per output row cannot hold it, so it
-        # multiplies x as x loads), 1/rms at the end as in _gemv_kernel
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-            acc, acc_g, ss = _int8_chunk(acc, acc_g, ss, x_ptr, nw_ptr, w_ptr, g_ptr, rows, cols, k, N, K, BLOCK_K,
-                                         HAS_RMS, HAS_GATE)
-        y, gate = tl.sum(acc, axis=1), tl.sum(acc_g, axis=1)
-        if HAS_RMS:
-            r = tl.rsqrt(tl.sum(ss, axis=0) / K + EPS)
-            y, gate = y * r, gate * r
-        y *= tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-        if HAS_GATE:
-            gate *= tl.load(gs_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-        y = _epilogue(y, gate, rows, rows < N, res_ptr, HAS_GATE, HAS_RES)
-        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
-
-    @triton.jit
     def _x_range(x_ptr, nw_ptr, K: tl.constexpr, HAS_RMS: tl.constexpr):
         # one pass over x: the largest magnitude of x (times the norm's weight nw, with HAS_RMS), which sets the
         # int16 scale, and x's sum of squares for the norm. NaN counts as infinite, so that it reaches the output
@@ -211,7 +146,7 @@ if triton is not None:
     def _int16_pairs(x4, n4, inv, HAS_RMS: tl.constexpr):
         # four bfloat16 of x, read as one int64, -> two int32 words of two int16 each, round(x * nw * inv): the
         # float 1.5 * 2**23 + v holds the integer v in its low mantissa bits, and prmt takes the low halves of two
-        if PRMT:
+        if PTX:
             if HAS_RMS:
                 q01, q23 = tl.inline_asm_elementwise(
                     "{ .reg .b32 l, h, m, n, a, b, c, d; mov.b64 {l, h}, $2; mov.b64 {m, n}, $3; "
@@ -244,7 +179,7 @@ if triton is not None:
     @triton.jit
     def _dot4(w, q01, q23, acc):
         # acc + the dot product of the four int8 in w with the four int16 in q01, q23: two dp2a instructions
-        if PRMT:
+        if PTX:
             return tl.inline_asm_elementwise(
                 "{ .reg .b32 t; dp2a.lo.s32.s32 t, $2, $1, $4; dp2a.hi.s32.s32 $0, $3, $1, t; }",
                 "=r,r,r,r,r", [w, q01, q23, acc], dtype=tl.int32, is_pure=True, pack=1)
@@ -265,7 +200,7 @@ if triton is not None:
         return w, g
 
     @triton.jit
-    def _int8_dot_chunk(acc, acc_g, w, g, x4_ptr, n4_ptr, inv, words, k, KW: tl.constexpr, BLOCK_W: tl.constexpr,
+    def _int8_gemv_chunk(acc, acc_g, w, g, x4_ptr, n4_ptr, inv, words, k, KW: tl.constexpr, BLOCK_W: tl.constexpr,
                         HAS_RMS: tl.constexpr, HAS_GATE: tl.constexpr):
         # x's four columns of each word at word k, rounded onto int16, into the int32 sums of w (and g)
         in_k = (k + words < KW) if KW % BLOCK_W else words >= 0
@@ -278,7 +213,7 @@ if triton is not None:
         return acc, acc_g
 
     @triton.jit
-    def _int8_dot_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, res_ptr, nw_ptr, N, K: tl.constexpr,
+    def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, res_ptr, nw_ptr, N, K: tl.constexpr,
                          HAS_BIAS: tl.constexpr, HAS_RMS: tl.constexpr, EPS: tl.constexpr, HAS_GATE: tl.constexpr,
                          HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, STAGES: tl.constexpr,
                          PDL: tl.constexpr):
@@ -302,10 +237,10 @@ if triton is not None:
         x4_ptr = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
         n4_ptr = nw_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
         zeros = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)
-        acc, acc_g = _int8_dot_chunk(zeros, zeros, w, g, x4_ptr, n4_ptr, inv, words, 0, KW, BLOCK_W, HAS_RMS, HAS_GATE)
+        acc, acc_g = _int8_gemv_chunk(zeros, zeros, w, g, x4_ptr, n4_ptr, inv, words, 0, KW, BLOCK_W, HAS_RMS, HAS_GATE)
         for k in tl.range(BLOCK_W, KW, BLOCK_W, num_stages=STAGES):
             w, g = _int8_words(w4_ptr, g4_ptr, rows, words, k, N, KW, BLOCK_W, HAS_GATE)
-            acc, acc_g = _int8_dot_chunk(acc, acc_g, w, g, x4_ptr, n4_ptr, inv, words, k, KW, BLOCK_W, HAS_RMS,
+            acc, acc_g = _int8_gemv_chunk(acc, acc_g, w, g, x4_ptr, n4_ptr, inv, words, k, KW, BLOCK_W, HAS_RMS,
                                          HAS_GATE)
         descale = amax / 32766.0
         if HAS_RMS:
@@ -397,60 +332,6 @@ if triton is not None:
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
 
     @triton.jit
-    def _dot4_nibbles(w, q01, q23, acc):
-        # acc + the four low nibbles of w's bytes (0..15) times the four int16 in q01, q23
-        if PRMT:
-            return tl.inline_asm_elementwise(
-                "{ .reg .b32 t, u; and.b32 u, $1, 0x0F0F0F0F; dp2a.lo.s32.u32 t, $2, u, $4; "
-                "dp2a.hi.s32.u32 $0, $3, u, t; }",
-                "=r,r,r,r,r", [w, q01, q23, acc], dtype=tl.int32, is_pure=True, pack=1)
-        return (acc + (w & 15) * ((q01 << 16) >> 16) + ((w >> 8) & 15) * (q01 >> 16)
-                + ((w >> 16) & 15) * ((q23 << 16) >> 16) + ((w >> 24) & 15) * (q23 >> 16))
-
-    @triton.jit
-    def _int4_dot_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K: tl.constexpr, K_IN: tl.constexpr,
-                         GROUPSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr,
-                         PDL: tl.constexpr):
-        # y (N,) = W x (K_IN,) + b, W (N, K) in pack_int4's layout, w = (q - 8) s + z, in integers as
-        # _int8_dot_kernel: x scaled onto int16; int32 word t of a group holds the low nibbles of columns
-        # 4t..4t+3 and the high ones of GROUPSIZE/2 + 4t.., four dp2a a word. Its sum (under 2**22) is added to
-        # the float 1.5 * 2**23 as an integer, so one subtraction makes it a float. Per word,
-        # acc += s * sum(q x) + (z - 8 s) * sum(x), NG groups of BLOCK_N rows a step
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
-        amax, _ = _x_range(x_ptr, x_ptr, K_IN, False)
-        inv = 32766.0 / tl.maximum(amax, 1e-30)
-        WPG: tl.constexpr = GROUPSIZE // 8  # words a group
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        r3 = rows[:, None, None]
-        grp, t = tl.arange(0, NG), tl.arange(0, WPG)
-        x4_ptr = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
-        w4_ptr = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-        acc = tl.zeros((BLOCK_N, NG, WPG), dtype=tl.float32)
-        for g0 in range(0, K // GROUPSIZE, NG):
-            g_ok = g0 + grp < K // GROUPSIZE
-            w = tl.load(w4_ptr + r3 * (K // 8) + ((g0 + grp) * WPG)[None, :, None] + t[None, None, :],
-                        mask=(r3 < N) & g_ok[None, :, None], other=0, eviction_policy="evict_first")
-            lo = ((g0 + grp) * (GROUPSIZE // 4))[:, None] + t[None, :]  # x4 index of a word's low-nibble columns
-            x_lo = tl.load(x4_ptr + lo, mask=g_ok[:, None] & (lo * 4 < K_IN), other=0)
-            x_hi = tl.load(x4_ptr + lo + WPG, mask=g_ok[:, None] & ((lo + WPG) * 4 < K_IN), other=0)
-            l01, l23 = _int16_pairs(x_lo, x_lo, inv, False)
-            h01, h23 = _int16_pairs(x_hi, x_hi, inv, False)
-            ones = tl.full((NG, WPG), 0x01010101, tl.int32)
-            xs = _dot4_nibbles(ones, l01, l23, _dot4_nibbles(ones, h01, h23, tl.zeros((NG, WPG), tl.int32)))
-            d = _dot4_nibbles(w, l01[None], l23[None], tl.full((BLOCK_N, NG, WPG), 0x4B400000, tl.int32))
-            d = _dot4_nibbles(w >> 4, h01[None], h23[None], d)
-            sz_off, sz_ok = rows[:, None] * (K // GROUPSIZE) + (g0 + grp)[None, :], (rows[:, None] < N) & g_ok[None, :]
-            s = tl.load(s_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32)[:, :, None]
-            z = tl.load(z_ptr + sz_off, mask=sz_ok, other=0.0).to(tl.float32)[:, :, None]
-            acc += (d.to(tl.float32, bitcast=True) - 12582912.0) * s + xs.to(tl.float32)[None] * (z - 8.0 * s)
-        y = tl.sum(tl.sum(acc, axis=2), axis=1) * (amax / 32766.0)
-        if HAS_BIAS:
-            y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
-
-    @triton.jit
     def _int4_rows_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, M, K: tl.constexpr, K_IN: tl.constexpr,
                           GROUPSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
                           BLOCK_N: tl.constexpr):
@@ -486,11 +367,9 @@ def _pdl(x) -> bool:
     (gdc_launch_dependents), then waits for the previous one to finish (gdc_wait) before it reads x or writes
     anything; the one-row GEMV loads its first chunk of weights, which no kernel writes, before that wait. A float
     decode layer is GEMV, attention, GEMV, GEMV, GEMV, so most boundaries are two GEMVs. On an H200 the Llama-2-7B
-    decode step went from 3.90 to 3.65 ms (BENCHMARKS.md). The int8 and int4 kernels keep plain launches. With
-    inductor's norm kernels between the int8 matmuls PDL made the 7B step 5% slower; with the norms inside the
-    int8 GEMV, so that its GEMVs follow each other as the float ones do, still 5% slower (376.6 against 396.3
-    tok/s, one H200). A likely reason, not measured: an int8 program needs 72-120 registers, and the next
-    kernel's programs, launched early to wait on the SM, take room its own programs would use."""
+    decode step went from 3.90 to 3.65 ms (BENCHMARKS.md). The one-row int8 GEMV does the same (its first chunk
+    of weights before the wait): 82.6% of copy over the 7B layers against 78.5% with plain launches, one H200. The
+    int8 GEMV it replaced, float products a weight, lost 5% with PDL. The int4 kernels keep plain launches."""
     return PDL_OK and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
@@ -549,25 +428,25 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias:
         raise ValueError(f"int8_gemv takes a norm for one row only, got {M}: apply the norm first")
     y, b = x.new_empty(M, N), bias if bias is not None else scales
     args = dict(HAS_BIAS=bias is not None, **_epilogue_args(x, gate, residual, gate_scales))
-    if M == 1 and INT8_DOT and _int8_dot_ok(x, weight, norm_weight):
-        _int8_dot_kernel[(triton.cdiv(N, INT8_DOT_CONFIG["BLOCK_N"]),)](
-            x, weight, scales, b, y, nw_ptr=x if norm_weight is None else norm_weight, N=N, K=K,
-            HAS_RMS=norm_weight is not None, EPS=rms_eps or 0.0, **INT8_DOT_CONFIG, **args,
-            PDL=INT8_PDL and _pdl(x), launch_pdl=INT8_PDL and _pdl(x))
-    elif M == 1:
+    if M == 1 and _int8_gemv_ok(x, weight, norm_weight):
+        pdl = _pdl(x)
         _int8_gemv_kernel[(triton.cdiv(N, INT8_CONFIG["BLOCK_N"]),)](
             x, weight, scales, b, y, nw_ptr=x if norm_weight is None else norm_weight, N=N, K=K,
-            HAS_RMS=norm_weight is not None, EPS=rms_eps or 0.0, **INT8_CONFIG, **args)
-    else:
-        _rows_kernel[(triton.cdiv(N, INT8_ROWS_CONFIG["BLOCK_N"]),)](
-            x, weight, scales, b, y, M=M, N=N, K=K, HAS_SCALE=True, HAS_RMS=False, EPS=0.0, PRECISION=_precision(x),
-            **INT8_ROWS_CONFIG, **args, PDL=False)
+            HAS_RMS=norm_weight is not None, EPS=rms_eps or 0.0, **INT8_CONFIG, **args, PDL=pdl, launch_pdl=pdl)
+        return y
+    if norm_weight is not None:  # a row the one-row GEMV cannot read (see _int8_gemv_ok): the norm first
+        xf = x.float()
+        x = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + rms_eps) * norm_weight.float()).to(x.dtype)
+    _rows_kernel[(triton.cdiv(N, INT8_ROWS_CONFIG["BLOCK_N"]),)](
+        x, weight, scales, b, y, M=M, N=N, K=K, HAS_SCALE=True, HAS_RMS=False, EPS=0.0, PRECISION=_precision(x),
+        **INT8_ROWS_CONFIG, **args, PDL=False)
     return y
 
 
-def _int8_dot_ok(x, weight, norm_weight) -> bool:
-    """Whether _int8_dot_kernel can read these: bfloat16 x (and norm weight) as int64 words of four, the int8
-    weight as int32 words, so K a multiple of 4 and the pointers aligned to those words."""
+def _int8_gemv_ok(x, weight, norm_weight) -> bool:
+    """Whether the one-row int8 GEMV can read these: bfloat16 x (and norm weight) as int64 words of four, the int8
+    weight as int32 words, so K a multiple of 4 and the pointers aligned to those words. Other rows (float16 or
+    float32 models, odd widths) take the rows kernel, somewhat slower at one row, after the norm in torch."""
     return (x.dtype == torch.bfloat16 and x.shape[-1] % 4 == 0 and x.data_ptr() % 8 == 0
             and weight.data_ptr() % 4 == 0
             and (norm_weight is None or (norm_weight.dtype == torch.bfloat16 and norm_weight.data_ptr() % 8 == 0)))
@@ -590,11 +469,7 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
     N, K = weight.shape[0], weight.shape[1] * 2
     y, b = x.new_empty(M, N), bias if bias is not None else scales
     args = dict(K=K, K_IN=K_in, GROUPSIZE=groupsize, HAS_BIAS=bias is not None)
-    if M == 1 and INT4_DOT and _int8_dot_ok(x, weight, None) and K_in % 4 == 0:
-        _int4_dot_kernel[(triton.cdiv(N, INT4_DOT_CONFIG["BLOCK_N"]),)](
-            x, weight, scales, zeros, b, y, N, **INT4_DOT_CONFIG, **args, PDL=INT8_PDL and _pdl(x),
-            launch_pdl=INT8_PDL and _pdl(x))
-    elif M == 1:
+    if M == 1:
         cfg = dict(INT4_CONFIG, BLOCK_K=max(INT4_CONFIG["BLOCK_K"], groupsize))
         _int4_gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x, weight, scales, zeros, b, y, N, **cfg, **args)
     else:

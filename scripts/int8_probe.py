@@ -1,8 +1,9 @@
-"""Experiment, kept so that its figures in BENCHMARKS.md reproduce: what the one-row int8 GEMV gains from building
-each weight's float with one `prmt` (gemv._from_int8 on the GPU) instead of a sign extension and an integer add, at
-the old tile (2 rows x 4096 columns) and the new one (4 x 1024). A bare copy of gemv.py's one-row int8 kernel (no
-gate, bias or residual) with the conversion as a switch, checked against the dequantized weights, then timed over
-Llama-2-7B's 160 layers in one CUDA graph against the copy bandwidth measured in the same run.
+"""Experiment, kept so that its figures in BENCHMARKS.md reproduce: what the one-row int8 GEMV gained from building
+each weight's float with one `prmt` (`_from_int8`, in gemv.py until its int8 GEMV went to integers) instead of a
+sign extension and an integer add, at the old tile (2 rows x 4096 columns) and the new one (4 x 1024). A bare copy
+of that one-row int8 kernel (no gate, bias or residual) with the conversion as a switch, checked against the
+dequantized weights, then timed over Llama-2-7B's 160 layers in one CUDA graph against the copy bandwidth measured
+in the same run.
 
     python scripts/int8_probe.py     # under a minute on an H200
 """
@@ -14,10 +15,30 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import gemv as G  # noqa: E402
 from bench import copy_bandwidth  # noqa: E402  (scripts/ is on the path: this file's folder)
 from gemv_sweep import graph_time  # noqa: E402
 from model import ModelArgs  # noqa: E402
+
+
+PRMT = tl.constexpr(True)  # this probe runs on the GPU only
+
+
+@triton.jit
+def _from_int8(w):
+    # int8 -> the same integer as float32 without the slow conversion: the float 2**23 + 128 + w, minus that
+    # constant. On the GPU, prmt builds that float from a byte in one instruction: the xor (one per 4 bytes)
+    # turns each byte into w + 128, prmt places it under the exponent byte 0x4B. One line of PTX: inductor
+    # copies this source into a string in its own files, where a newline escape would break it (so no
+    # backslash anywhere in a kernel, comments included: tests/test_gemv.py checks); the interpreter runs no PTX
+    if PRMT:
+        f = tl.inline_asm_elementwise(
+            "{ .reg .b32 t, m; xor.b32 t, $4, 0x80808080; mov.b32 m, 0x4B000000; "
+            "prmt.b32 $0, t, m, 0x7540; prmt.b32 $1, t, m, 0x7541; "
+            "prmt.b32 $2, t, m, 0x7542; prmt.b32 $3, t, m, 0x7543; }",
+            "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4)
+    else:
+        f = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True)
+    return f - 8388736.0
 
 
 @triton.jit
@@ -32,7 +53,7 @@ def _kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K: tl.constexpr, USE_PRMT: tl.constex
                     other=0, eviction_policy="evict_first")
         x = tl.load(x_ptr + k + cols, mask=in_k, other=0.0).to(tl.float32)
         if USE_PRMT:
-            w = G._from_int8(w)
+            w = _from_int8(w)
         else:  # gemv.py's conversion before prmt
             w = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
         acc += w * x[None, :]

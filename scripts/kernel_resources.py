@@ -34,7 +34,7 @@ REGISTERS_PER_SM, SHARED_PER_SM, THREADS_PER_SM = 65536, 228 * 1024, 2048  # sm_
 
 def compile_sm90(fn, pointers: dict, consts: dict, num_warps: int, num_stages: int = 3) -> dict:
     """fn compiled for sm_90: registers a thread, shared bytes, programs an SM holds, and the instructions of its
-    innermost loop (0 if the compiler unrolled it). Arguments not in `pointers` or `consts` are int32 sizes, taken
+    weights' loop (0 if the compiler unrolled it). Arguments not in `pointers` or `consts` are int32 sizes, taken
     as multiples of 16."""
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     sig = {a: pointers.get(a, "constexpr" if a in consts else "i32") for a in fn.arg_names}
@@ -53,15 +53,17 @@ def compile_sm90(fn, pointers: dict, consts: dict, num_warps: int, num_stages: i
     # a loop is a branch back to an earlier address; sm_90 instructions are 16 bytes each
     branches = re.findall(r"/\*([0-9a-f]+)\*/[^;]*?BRA 0x([0-9a-f]+)", sass)
     loops = [(int(target, 16), int(at, 16)) for at, target in branches if int(target, 16) < int(at, 16)]
-    loop = min((b - a for a, b in loops), default=-16) // 16 + 1
+    # the weights' loop: the last of the innermost loops (the int8 GEMV's first loop runs over x alone)
+    inner = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    loop = (max(inner)[1] - max(inner)[0]) // 16 + 1 if inner else 0
     return dict(regs=regs, shared=k.metadata.shared, programs_per_sm=fit, loop_instructions=loop)
 
 
 def weight_bytes_per_step(pointers: dict, consts: dict) -> float:
-    """Bytes of weights one program streams per trip of its loop: BLOCK_N rows of a chunk (one group for the int4
-    rows kernel, which has no BLOCK_K), twice that with the gate-up pair."""
+    """Bytes of weights one program streams per trip of its loop: BLOCK_N rows of a chunk (BLOCK_W int32 words of
+    four int8 for the int8 GEMV, one group for the int4 rows kernel), twice that with the gate-up pair."""
     per_weight = {"*bf16": 2, "*i8": 1, "*u8": 0.5}[pointers["w_ptr"]]  # u8: two int4 weights a byte
-    chunk = consts.get("BLOCK_K", consts["GROUPSIZE"])
+    chunk = consts["BLOCK_W"] * 4 if "BLOCK_W" in consts else consts.get("BLOCK_K", consts["GROUPSIZE"])
     return consts["BLOCK_N"] * chunk * per_weight * (2 if consts.get("HAS_GATE") else 1)
 
 

@@ -80,6 +80,28 @@ for N, K in [(7, 33), (130, 2500)]:  # int8 at one row: the norm's weight applie
         err = ((y.double() - ref).norm() / ref.norm()).item()
         assert y.shape == ref.shape and err < 2e-3, ("int8", N, K, list(extra), err)
         worst["rms"] = max(worst.get("rms", 0), err)
+# the one-row int8 GEMV in integers (bfloat16 x, K a multiple of 4; the float16 rows above took the rows kernel,
+# after the norm in torch): x rounded onto int16 by its largest magnitude, one large activation here
+for N, K in [(7, 36), (130, 2500)]:
+    x, nw = torch.randn(1, K).bfloat16() * 3, (torch.rand(K) + 0.5).bfloat16()
+    x[0, 1] = 40
+    q8, s8 = torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N).bfloat16() / 100
+    g8, gs8 = torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N).bfloat16() / 1000
+    res = torch.randn(1, N).bfloat16()
+    wd, gd = q8.double() * s8.double()[:, None], g8.double() * gs8.double()[:, None]
+    for extra in [{}, dict(gate=g8, gate_scales=gs8, residual=res), dict(norm_weight=nw, rms_eps=1e-5),
+                  dict(gate=g8, gate_scales=gs8, residual=res, norm_weight=nw, rms_eps=1e-5)]:
+        xn = x.double()
+        if "norm_weight" in extra:
+            xn = xn * torch.rsqrt(xn.pow(2).mean(-1, keepdim=True) + 1e-5) * nw.double()
+        ref = xn @ wd.T
+        ref = ref * torch.nn.functional.silu(xn @ gd.T) + res.double() if "gate" in extra else ref
+        y = int8_gemv(x, q8, s8, None, **extra)
+        err = ((y.double() - ref).norm() / ref.norm()).item()
+        assert y.shape == ref.shape and err < 1e-2, ("int8 integers", N, K, list(extra), err)  # bfloat16 out
+        worst["int8 integers"] = max(worst.get("int8 integers", 0), err)
+    x[0, 5] = float("nan")  # reaches the output, as it would through float products
+    assert not int8_gemv(x, q8, s8).isfinite().any()
 for M, N, K in [(3, 20, 300), (16, 130, 1030)]:  # the rows kernel: each row its own rms
     x = torch.randn(M, K).half() * torch.linspace(0.5, 4, M).half()[:, None]
     w, g, res = torch.randn(N, K).half(), torch.randn(N, K).half() / 10, torch.randn(M, N).half()
@@ -275,7 +297,8 @@ def test_cuda_model_with_gemv_matches_linear(quant):
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_one_row_kernels_at_every_pipeline_depth(monkeypatch):
     """The float and int8 GEMVs with their K loops pipelined 1-4 chunks deep (STAGES), at 256- and 1024-wide
-    chunks, against float64 references; K = 1000 leaves a masked tail."""
+    chunks (of columns; the int8 GEMV's in words of four), against float64 references; K = 1000 leaves a masked
+    tail."""
     import torch
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import gemv as G
@@ -291,7 +314,8 @@ def test_cuda_one_row_kernels_at_every_pipeline_depth(monkeypatch):
             for block_k in (256, 1024):
                 for config in (G.GEMV_CONFIG, G.INT8_CONFIG):  # monkeypatch puts the shipped tiles back
                     monkeypatch.setitem(config, "STAGES", stages)
-                    monkeypatch.setitem(config, "BLOCK_K", block_k)
+                    monkeypatch.setitem(config, *(("BLOCK_W", block_k // 4) if "BLOCK_W" in config
+                                                  else ("BLOCK_K", block_k)))
                 for y, r in ((G.gemv(x, w), ref), (G.int8_gemv(x, q, s), ref8)):
                     err = ((y.double() - r).norm() / r.norm()).item()
                     assert err < 1e-2, (N, K, stages, block_k, err)
