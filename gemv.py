@@ -219,9 +219,9 @@ if triton is not None:
                          PDL: tl.constexpr):
         # y (N,) = (w (N, K) @ x (K,)) * s (N,) + b in integers: x scaled onto int16 by its largest magnitude, each
         # int32 word of w (four int8) times four of those in two dp2a instructions, int32 sums (each over at most
-        # K / (4 BLOCK_W) words, far from overflow) turned to float32 once at the end. The gate, HAS_RMS and PDL
-        # as in _gemv_kernel (the first chunk of weights loads before the wait); the norm's weight nw multiplies
-        # x before the rounding
+        # K / (4 BLOCK_W) words: _int8_gemv_ok keeps that under overflow) turned to float32 once at the end. The gate,
+        # HAS_RMS and PDL as in _gemv_kernel (the first chunk of weights loads before the wait); the norm's weight nw
+        # multiplies x before the rounding
         KW: tl.constexpr = K // 4
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         words = tl.arange(0, BLOCK_W)
@@ -446,8 +446,10 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias:
 def _int8_gemv_ok(x, weight, norm_weight) -> bool:
     """Whether the one-row int8 GEMV can read these: bfloat16 x (and norm weight) as int64 words of four, the int8
     weight as int32 words, so K a multiple of 4 and the pointers aligned to those words. Other rows (float16 or
-    float32 models, odd widths) take the rows kernel, somewhat slower at one row, after the norm in torch."""
+    float32 models, odd widths) take the rows kernel, somewhat slower at one row, after the norm in torch. Each
+    int32 sum takes at most 128 words of 4 products of up to 127 x 32766, under 2**31: K up to 512 BLOCK_W."""
     return (x.dtype == torch.bfloat16 and x.shape[-1] % 4 == 0 and x.data_ptr() % 8 == 0
+            and x.shape[-1] <= 512 * INT8_CONFIG["BLOCK_W"]
             and weight.data_ptr() % 4 == 0
             and (norm_weight is None or (norm_weight.dtype == torch.bfloat16 and norm_weight.data_ptr() % 8 == 0)))
 
