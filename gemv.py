@@ -245,7 +245,8 @@ if triton is not None:
         descale = amax / 32766.0
         if HAS_RMS:
             descale *= tl.rsqrt(ss / K + EPS)
-        y = tl.sum(acc.to(tl.float32), axis=1) * descale * tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        y = tl.sum(acc.to(tl.float32), axis=1) * descale
+        y *= tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
         gate = tl.sum(acc_g.to(tl.float32), axis=1) * descale
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)

@@ -120,8 +120,8 @@ def main():
     tile, rows_tile = ["BLOCK_N", "BLOCK_K", "num_warps", "STAGES"], ["BLOCK_N", "BLOCK_K", "num_warps", "num_stages"]
     grids = {("bf16", 1): configs(tile, [2, 4], [256, 512, 1024], [4], [1, 2, 3, 4]),
              ("bf16", 6): configs(rows_tile, [16, 32, 64], [64, 128, 256, 512], [4], [2, 3, 4, 6]),
-             ("int8", 1): configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [4, 8, 16], [64, 128, 256, 512], [4, 8],
-                                  [1, 3]),
+             ("int8", 1): configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [4, 8, 16], [64, 128, 256, 512],
+                                  [4, 8], [1, 3]),
              ("int4", 1): configs(tile, [2, 4, 8], [512, 1024, 2048], [4], [1, 2, 3, 4]),
              ("int8", 6): configs(rows_tile, [16, 32, 64], [64, 128, 256], [4], [3, 4, 6]),
              ("int4", 6): configs(["BLOCK_N", "num_warps", "num_stages"], [16, 32, 64], [4, 8], [3, 4, 6])}
