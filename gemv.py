@@ -8,8 +8,8 @@ verification multiplies a handful of rows (k+1) by the same weights: there cuBLA
 reads each weight tile once and multiplies it on the tensor cores.
 
 For one row, a GEMV per weight format. Float and int4: a (BLOCK_N, BLOCK_K) register tile of float32 products,
-reduced once at the end. int8 in integers: x is scaled onto int16 by its largest magnitude (under 2**-15 of it
-lost, far below x's own bfloat16 rounding), and two `dp2a` instructions multiply a 32-bit word of four int8 weights
+reduced once at the end. int8 in integers: x is scaled onto int16 by its largest magnitude (rounding loses under
+2**-16 of it, far below x's own bfloat16 rounding), and two `dp2a` instructions multiply a 32-bit word of four int8 weights
 by four of those into int32 sums, made floats once at the end; a third of the instructions of the float products,
 which kept the loads waiting. For 2..16 rows, a rows kernel for float and int8 weights and one for int4 (`tl.dot`
 against the rows padded to 16). int8 and int4 are the formats quantize.py writes: int8 with a scale per output
@@ -201,7 +201,7 @@ if triton is not None:
 
     @triton.jit
     def _int8_gemv_chunk(acc, acc_g, w, g, x4_ptr, n4_ptr, inv, words, k, KW: tl.constexpr, BLOCK_W: tl.constexpr,
-                        HAS_RMS: tl.constexpr, HAS_GATE: tl.constexpr):
+                         HAS_RMS: tl.constexpr, HAS_GATE: tl.constexpr):
         # x's four columns of each word at word k, rounded onto int16, into the int32 sums of w (and g)
         in_k = (k + words < KW) if KW % BLOCK_W else words >= 0
         x4 = tl.load(x4_ptr + k + words, mask=in_k, other=0)
@@ -214,9 +214,9 @@ if triton is not None:
 
     @triton.jit
     def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, res_ptr, nw_ptr, N, K: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, HAS_RMS: tl.constexpr, EPS: tl.constexpr, HAS_GATE: tl.constexpr,
-                         HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, STAGES: tl.constexpr,
-                         PDL: tl.constexpr):
+                          HAS_BIAS: tl.constexpr, HAS_RMS: tl.constexpr, EPS: tl.constexpr, HAS_GATE: tl.constexpr,
+                          HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, STAGES: tl.constexpr,
+                          PDL: tl.constexpr):
         # y (N,) = (w (N, K) @ x (K,)) * s (N,) + b in integers: x scaled onto int16 by its largest magnitude, each
         # int32 word of w (four int8) times four of those in two dp2a instructions, int32 sums (each over at most
         # K / (4 BLOCK_W) words: _int8_gemv_ok keeps that under overflow) turned to float32 once at the end. The gate,
@@ -241,7 +241,7 @@ if triton is not None:
         for k in tl.range(BLOCK_W, KW, BLOCK_W, num_stages=STAGES):
             w, g = _int8_words(w4_ptr, g4_ptr, rows, words, k, N, KW, BLOCK_W, HAS_GATE)
             acc, acc_g = _int8_gemv_chunk(acc, acc_g, w, g, x4_ptr, n4_ptr, inv, words, k, KW, BLOCK_W, HAS_RMS,
-                                         HAS_GATE)
+                                          HAS_GATE)
         descale = amax / 32766.0
         if HAS_RMS:
             descale *= tl.rsqrt(ss / K + EPS)
