@@ -12,10 +12,10 @@ reduced once at the end. int8 in integers: x is scaled onto int16 by its largest
 under 2**-16 of it, far below x's own bfloat16 rounding), and two `dp2a` instructions multiply a 32-bit word of four
 int8 weights by four of those into int32 sums, made floats once at the end: a third of the instructions of float
 products (with PDL, 83% of copy over the 7B layers against their 76%; BENCHMARKS.md). For 2..16 rows, a rows kernel
-for float and int8 weights and one for int4 (`tl.dot` against the rows padded to 16). int8 and int4 are the formats quantize.py writes: int8 with a scale per output
-row, int4 packed by `quantize.pack_int4` with a scale and zero per group. The int4 GEMV makes its nibbles floats
-without the slow int->float conversion: OR-ing a small integer into the mantissa of 2**23 gives the float 2**23 + i,
-and one subtraction leaves i exactly. The rows kernels multiply the weights as exact small integers in x's dtype and
+for float and int8 weights and one for int4 (`tl.dot` against the rows padded to 16). int8 and int4 are the
+formats quantize.py writes: int8 with a scale per output row, int4 packed by `quantize.pack_int4` with a scale and
+zero per group. The int4 GEMV makes its nibbles floats without the slow int->float conversion: OR-ing a small
+integer into the mantissa of 2**23 gives the float 2**23 + i, and one subtraction leaves i exactly. The rows kernels multiply the weights as exact small integers in x's dtype and
 apply the scales to the float32 sums: int8 once per output row at the end, int4 once per group,
 y = sum_g s_g * (x_g . (q_g - 8)) + z_g * sum(x_g).
 
