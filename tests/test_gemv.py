@@ -230,6 +230,28 @@ def test_folded_norms_keep_the_block_function():
                 assert torch.allclose(out, before, atol=1e-5, rtol=1e-5), (bias, rows, (out - before).abs().max())
 
 
+def test_int8_integer_gemv_takes_only_what_it_can_read():
+    """The integer int8 GEMV reads x as int64 words of four bfloat16 and sums at most 128 words of products in int32:
+    float16 or float32 rows, widths that are not a multiple of 4 or so wide that a sum could overflow, and unaligned
+    rows go to the rows kernel instead (after the norm in torch)."""
+    import torch
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import gemv as G
+
+    w = torch.zeros(8, 4096, dtype=torch.int8)
+    x = torch.zeros(1, 4097, dtype=torch.bfloat16)
+    assert G._int8_gemv_ok(x[:, :4096], w, None)
+    assert G._int8_gemv_ok(x[:, :4096], w, torch.ones(4096, dtype=torch.bfloat16))
+    assert not G._int8_gemv_ok(x[:, 1:], w, None)  # 2 bytes past an 8-byte boundary
+    assert not G._int8_gemv_ok(x[:, :4096].half(), w, None)
+    assert not G._int8_gemv_ok(x[:, :4096].float(), w, None)
+    assert not G._int8_gemv_ok(x[:, :4094], w[:, :4094], None)
+    assert not G._int8_gemv_ok(x[:, :4096], w, torch.ones(4096, dtype=torch.float16))
+    wide = 512 * G.INT8_CONFIG["BLOCK_W"]
+    for k, ok in ((wide, True), (wide + 4, False)):
+        assert G._int8_gemv_ok(torch.zeros(1, k, dtype=torch.bfloat16), torch.zeros(1, k, dtype=torch.int8), None) == ok
+
+
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_gemv_kernels_match_linear():
     """Both kernels in bfloat16 on the GPU against a float64 reference, at 1 row (decode) and 2..16 (verify)."""
