@@ -55,7 +55,8 @@ def compile_sm90(fn, pointers: dict, consts: dict, num_warps: int, num_stages: i
     loops = [(int(target, 16), int(at, 16)) for at, target in branches if int(target, 16) < int(at, 16)]
     # the weights' loop: the last of the innermost loops (the int8 GEMV's first loop runs over x alone)
     inner = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
-    loop = (max(inner)[1] - max(inner)[0]) // 16 + 1 if inner else 0
+    first, last = max(inner, default=(0, -16))
+    loop = (last - first) // 16 + 1
     return dict(regs=regs, shared=k.metadata.shared, programs_per_sm=fit, loop_instructions=loop)
 
 
