@@ -20,24 +20,16 @@ from gemv_sweep import graph_time  # noqa: E402
 from model import ModelArgs  # noqa: E402
 
 
-PRMT = tl.constexpr(True)  # this probe runs on the GPU only
-
-
 @triton.jit
 def _from_int8(w):
     # int8 -> the same integer as float32 without the slow conversion: the float 2**23 + 128 + w, minus that
-    # constant. On the GPU, prmt builds that float from a byte in one instruction: the xor (one per 4 bytes)
-    # turns each byte into w + 128, prmt places it under the exponent byte 0x4B. One line of PTX: inductor
-    # copies this source into a string in its own files, where a newline escape would break it (so no
-    # backslash anywhere in a kernel, comments included: tests/test_gemv.py checks); the interpreter runs no PTX
-    if PRMT:
-        f = tl.inline_asm_elementwise(
-            "{ .reg .b32 t, m; xor.b32 t, $4, 0x80808080; mov.b32 m, 0x4B000000; "
-            "prmt.b32 $0, t, m, 0x7540; prmt.b32 $1, t, m, 0x7541; "
-            "prmt.b32 $2, t, m, 0x7542; prmt.b32 $3, t, m, 0x7543; }",
-            "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4)
-    else:
-        f = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True)
+    # constant. prmt builds that float from a byte in one instruction: the xor (one per 4 bytes) turns each byte
+    # into w + 128, prmt places it under the exponent byte 0x4B (the probe runs on the GPU only: no fallback)
+    f = tl.inline_asm_elementwise(
+        "{ .reg .b32 t, m; xor.b32 t, $4, 0x80808080; mov.b32 m, 0x4B000000; "
+        "prmt.b32 $0, t, m, 0x7540; prmt.b32 $1, t, m, 0x7541; "
+        "prmt.b32 $2, t, m, 0x7542; prmt.b32 $3, t, m, 0x7543; }",
+        "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4)
     return f - 8388736.0
 
 
