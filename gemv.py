@@ -59,6 +59,7 @@ ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=6)
 SMALL_ROWS_CONFIG = dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=6)  # K < 4096
 # quantized weights, best of sweeps on an H100 (BENCHMARKS.md); the one-row int8 GEMV's on an H200
 INT8_CONFIG = dict(BLOCK_N=8, BLOCK_W=256, num_warps=4, STAGES=1)  # BLOCK_W int32 words: 1 KB of a row a step
+INT8_GATE_CONFIG = dict(INT8_CONFIG)  # the gate-up pair streams two weights: its own tile
 INT4_CONFIG = dict(BLOCK_N=4, BLOCK_K=2048, num_warps=4, STAGES=1)  # BLOCK_K in weights (half as many bytes)
 INT8_ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=6)
 INT4_ROWS_CONFIG = dict(BLOCK_N=32, num_warps=4, num_stages=6)  # one group per step
@@ -429,11 +430,12 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias:
         raise ValueError(f"int8_gemv takes a norm for one row only, got {M}: apply the norm first")
     y, b = x.new_empty(M, N), bias if bias is not None else scales
     args = dict(HAS_BIAS=bias is not None, **_epilogue_args(x, gate, residual, gate_scales))
-    if M == 1 and _int8_gemv_ok(x, weight, norm_weight):
+    cfg = INT8_CONFIG if gate is None else INT8_GATE_CONFIG
+    if M == 1 and _int8_gemv_ok(x, weight, norm_weight, cfg["BLOCK_W"]):
         pdl = _pdl(x)
-        _int8_gemv_kernel[(triton.cdiv(N, INT8_CONFIG["BLOCK_N"]),)](
+        _int8_gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
             x, weight, scales, b, y, nw_ptr=x if norm_weight is None else norm_weight, N=N, K=K,
-            HAS_RMS=norm_weight is not None, EPS=rms_eps or 0.0, **INT8_CONFIG, **args, PDL=pdl, launch_pdl=pdl)
+            HAS_RMS=norm_weight is not None, EPS=rms_eps or 0.0, **cfg, **args, PDL=pdl, launch_pdl=pdl)
         return y
     if norm_weight is not None:  # a row the one-row GEMV cannot read (see _int8_gemv_ok): the norm first
         xf = x.float()
@@ -444,13 +446,13 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias:
     return y
 
 
-def _int8_gemv_ok(x, weight, norm_weight) -> bool:
+def _int8_gemv_ok(x, weight, norm_weight, block_w: int) -> bool:
     """Whether the one-row int8 GEMV can read these: bfloat16 x (and norm weight) as int64 words of four, the int8
     weight as int32 words, so K a multiple of 4 and the pointers aligned to those words. Other rows (float16 or
     float32 models, odd widths) take the rows kernel, somewhat slower at one row, after the norm in torch. Each
-    int32 sum takes at most 128 words of 4 products of up to 127 x 32766, under 2**31: K up to 512 BLOCK_W."""
+    int32 sum takes at most 128 words of 4 products of up to 127 x 32766, under 2**31: K up to 512 block_w."""
     return (x.dtype == torch.bfloat16 and x.shape[-1] % 4 == 0 and x.data_ptr() % 8 == 0
-            and x.shape[-1] <= 512 * INT8_CONFIG["BLOCK_W"]
+            and x.shape[-1] <= 512 * block_w
             and weight.data_ptr() % 4 == 0
             and (norm_weight is None or (norm_weight.dtype == torch.bfloat16 and norm_weight.data_ptr() % 8 == 0)))
 

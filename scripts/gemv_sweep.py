@@ -122,14 +122,19 @@ def main():
              ("bf16", 6): configs(rows_tile, [16, 32, 64], [64, 128, 256, 512], [4], [2, 3, 4, 6]),
              ("int8", 1): configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [4, 8, 16], [64, 128, 256, 512],
                                   [4, 8], [1, 3]),
+             ("int8-gate", 1): configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [2, 4, 8], [128, 256, 512],
+                                       [4], [1]),
              ("int4", 1): configs(tile, [2, 4, 8], [512, 1024, 2048], [4], [1, 2, 3, 4]),
              ("int8", 6): configs(rows_tile, [16, 32, 64], [64, 128, 256], [4], [3, 4, 6]),
              ("int4", 6): configs(["BLOCK_N", "num_warps", "num_stages"], [16, 32, 64], [4, 8], [3, 4, 6])}
     names = {("bf16", 1): "GEMV_CONFIG", ("bf16", 6): "ROWS_CONFIG" if shapes[0][1] >= 4096 else "SMALL_ROWS_CONFIG",
-             ("int8", 1): "INT8_CONFIG", ("int4", 1): "INT4_CONFIG", ("int8", 6): "INT8_ROWS_CONFIG",
+             ("int8", 1): "INT8_CONFIG", ("int8-gate", 1): "INT8_GATE_CONFIG", ("int4", 1): "INT4_CONFIG",
+             ("int8", 6): "INT8_ROWS_CONFIG",
              ("int4", 6): "INT4_ROWS_CONFIG"}
     for (kind, key), grid in grids.items():
-        if (sweep and kind not in sweep) or (key == 1 and 1 not in row_counts) or (key > 1 and max(row_counts) < 2):
+        skip = sweep and kind.split("-")[0] not in sweep and kind not in sweep  # "int8" takes int8-gate too
+        if skip or (kind == "int8-gate" and args.no_pair) or (key == 1 and 1 not in row_counts) or (
+                key > 1 and max(row_counts) < 2):
             continue
         rows = 1 if key == 1 else max(row_counts)
         t0, res = time.time(), []
@@ -139,7 +144,7 @@ def main():
                 break
             setattr(G, names[kind, key], cfg)
             try:
-                res.append((tuple(cfg.values()), run(kind, rows)))
+                res.append((tuple(cfg.values()), run(kind.split("-")[0], rows)))  # int8-gate: the int8 layers
             except Exception as e:  # noqa: BLE001
                 print(kind, rows, cfg, "failed", type(e).__name__, flush=True)
         setattr(G, names[kind, key], default)

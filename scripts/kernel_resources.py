@@ -79,7 +79,8 @@ def variants(K: int):
     gate, res, norm = dict(HAS_GATE=True), dict(HAS_RES=True), dict(HAS_RMS=True)
     rows_cfg = G.ROWS_CONFIG if K >= 4096 else G.SMALL_ROWS_CONFIG
     kernels = [("float GEMV", G._gemv_kernel, bf16, G.GEMV_CONFIG, [{}, gate, res, norm, dict(gate, **norm)]),
-               ("int8 GEMV", G._int8_gemv_kernel, int8, G.INT8_CONFIG, [{}, gate, res, norm, dict(gate, **norm)]),
+               ("int8 GEMV", G._int8_gemv_kernel, int8, G.INT8_CONFIG, [{}, res, norm]),
+               ("int8 GEMV", G._int8_gemv_kernel, int8, G.INT8_GATE_CONFIG, [gate, dict(gate, **norm)]),
                ("float rows", G._rows_kernel, bf16, rows_cfg, [{}, gate, res, norm, dict(gate, **norm)]),
                ("int8 rows", G._rows_kernel, int8, G.INT8_ROWS_CONFIG,
                 [dict(HAS_SCALE=True), dict(gate, HAS_SCALE=True)]),

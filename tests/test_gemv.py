@@ -240,16 +240,17 @@ def test_int8_integer_gemv_takes_only_what_it_can_read():
 
     w = torch.zeros(8, 4096, dtype=torch.int8)
     x = torch.zeros(1, 4097, dtype=torch.bfloat16)
-    assert G._int8_gemv_ok(x[:, :4096], w, None)
-    assert G._int8_gemv_ok(x[:, :4096], w, torch.ones(4096, dtype=torch.bfloat16))
-    assert not G._int8_gemv_ok(x[:, 1:], w, None)  # 2 bytes past an 8-byte boundary
-    assert not G._int8_gemv_ok(x[:, :4096].half(), w, None)
-    assert not G._int8_gemv_ok(x[:, :4096].float(), w, None)
-    assert not G._int8_gemv_ok(x[:, :4094], w[:, :4094], None)
-    assert not G._int8_gemv_ok(x[:, :4096], w, torch.ones(4096, dtype=torch.float16))
-    wide = 512 * G.INT8_CONFIG["BLOCK_W"]
+    assert G._int8_gemv_ok(x[:, :4096], w, None, 256)
+    assert G._int8_gemv_ok(x[:, :4096], w, torch.ones(4096, dtype=torch.bfloat16), 256)
+    assert not G._int8_gemv_ok(x[:, 1:], w, None, 256)  # 2 bytes past an 8-byte boundary
+    assert not G._int8_gemv_ok(x[:, :4096].half(), w, None, 256)
+    assert not G._int8_gemv_ok(x[:, :4096].float(), w, None, 256)
+    assert not G._int8_gemv_ok(x[:, :4094], w[:, :4094], None, 256)
+    assert not G._int8_gemv_ok(x[:, :4096], w, torch.ones(4096, dtype=torch.float16), 256)
+    wide = 512 * 256
     for k, ok in ((wide, True), (wide + 4, False)):
-        assert G._int8_gemv_ok(torch.zeros(1, k, dtype=torch.bfloat16), torch.zeros(1, k, dtype=torch.int8), None) == ok
+        x, w = torch.zeros(1, k, dtype=torch.bfloat16), torch.zeros(1, k, dtype=torch.int8)
+        assert G._int8_gemv_ok(x, w, None, 256) == ok
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
