@@ -190,10 +190,14 @@ if triton is not None:
     @triton.jit
     def _int8_words(w4_ptr, g4_ptr, rows, words, k, N, KW: tl.constexpr, BLOCK_W: tl.constexpr,
                     HAS_GATE: tl.constexpr):
-        # the (BLOCK_N, BLOCK_W) int32 words (four int8 each) of W at word k, and of the gate's G (W again when
-        # there is none); each weight is read once, so not kept in L2
+        # the (BLOCK_W // 2, BLOCK_N, 2) int32 words (four int8 each) of W's rows at word k, and of the gate's G (W
+        # again when there is none). Word pairs lead and rows follow so that each thread loads the same two words
+        # (8 bytes) of every row, the two whose x (16 bytes) it loads itself in _int8_gemv_chunk: as a flat
+        # (BLOCK_N, BLOCK_W) tile, Triton gives W 16 bytes a thread and x 16, and x went through shared memory to
+        # meet its words, two barriers a chunk. Each weight is read once, so not kept in L2
         in_k = (k + words < KW) if KW % BLOCK_W else words >= 0
-        offs, ok = rows[:, None] * KW + (k + words)[None, :], (rows[:, None] < N) & in_k[None, :]
+        offs = rows[None, :, None] * KW + (k + words)[:, None, :]
+        ok = (rows[None, :, None] < N) & in_k[:, None, :]
         w = tl.load(w4_ptr + offs, mask=ok, other=0, eviction_policy="evict_first")
         g = w
         if HAS_GATE:
@@ -208,9 +212,9 @@ if triton is not None:
         x4 = tl.load(x4_ptr + k + words, mask=in_k, other=0)
         n4 = tl.load(n4_ptr + k + words, mask=in_k, other=0) if HAS_RMS else x4
         q01, q23 = _int16_pairs(x4, n4, inv, HAS_RMS)
-        acc = _dot4(w, q01[None, :], q23[None, :], acc)
+        acc = _dot4(w, q01[:, None, :], q23[:, None, :], acc)
         if HAS_GATE:
-            acc_g = _dot4(g, q01[None, :], q23[None, :], acc_g)
+            acc_g = _dot4(g, q01[:, None, :], q23[:, None, :], acc_g)
         return acc, acc_g
 
     @triton.jit
@@ -225,7 +229,7 @@ if triton is not None:
         # multiplies x before the rounding
         KW: tl.constexpr = K // 4
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        words = tl.arange(0, BLOCK_W)
+        words = tl.arange(0, BLOCK_W // 2)[:, None] * 2 + tl.arange(0, 2)[None, :]  # (BLOCK_W // 2, 2)
         w4_ptr = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
         g4_ptr = g_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
         if PDL:
@@ -237,7 +241,7 @@ if triton is not None:
         inv = 32766.0 / tl.maximum(amax, 1e-30)
         x4_ptr = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
         n4_ptr = nw_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
-        zeros = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)
+        zeros = tl.zeros((BLOCK_W // 2, BLOCK_N, 2), dtype=tl.int32)
         acc, acc_g = _int8_gemv_chunk(zeros, zeros, w, g, x4_ptr, n4_ptr, inv, words, 0, KW, BLOCK_W, HAS_RMS, HAS_GATE)
         for k in tl.range(BLOCK_W, KW, BLOCK_W, num_stages=STAGES):
             w, g = _int8_words(w4_ptr, g4_ptr, rows, words, k, N, KW, BLOCK_W, HAS_GATE)
@@ -246,9 +250,9 @@ if triton is not None:
         descale = amax / 32766.0
         if HAS_RMS:
             descale *= tl.rsqrt(ss / K + EPS)
-        y = tl.sum(acc.to(tl.float32), axis=1) * descale
+        y = tl.sum(tl.sum(acc.to(tl.float32), axis=2), axis=0) * descale
         y *= tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-        gate = tl.sum(acc_g.to(tl.float32), axis=1) * descale
+        gate = tl.sum(tl.sum(acc_g.to(tl.float32), axis=2), axis=0) * descale
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
         if HAS_GATE:
