@@ -58,8 +58,8 @@ GEMV_CONFIG = dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4, STAGES=1)
 ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=6)
 SMALL_ROWS_CONFIG = dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=6)  # K < 4096
 # quantized weights, best of sweeps on an H100 (BENCHMARKS.md); the one-row int8 GEMV's on an H200
-INT8_CONFIG = dict(BLOCK_N=8, BLOCK_W=256, num_warps=4, STAGES=1)  # BLOCK_W int32 words: 1 KB of a row a step
-INT8_GATE_CONFIG = dict(INT8_CONFIG)  # the gate-up pair streams two weights: its own tile
+INT8_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=4, STAGES=1)  # BLOCK_W int32 words: 1 KB of a row a step
+INT8_GATE_CONFIG = dict(BLOCK_N=2, BLOCK_W=512, num_warps=4, STAGES=1)  # the gate-up pair: two weights a row
 INT4_CONFIG = dict(BLOCK_N=4, BLOCK_K=2048, num_warps=4, STAGES=1)  # BLOCK_K in weights (half as many bytes)
 INT8_ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=6)
 INT4_ROWS_CONFIG = dict(BLOCK_N=32, num_warps=4, num_stages=6)  # one group per step
@@ -435,6 +435,7 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias:
     y, b = x.new_empty(M, N), bias if bias is not None else scales
     args = dict(HAS_BIAS=bias is not None, **_epilogue_args(x, gate, residual, gate_scales))
     cfg = INT8_CONFIG if gate is None else INT8_GATE_CONFIG
+    cfg = dict(cfg, BLOCK_W=max(2, min(cfg["BLOCK_W"], triton.next_power_of_2(K // 4))))  # narrow rows: no idle lanes
     if M == 1 and _int8_gemv_ok(x, weight, norm_weight, cfg["BLOCK_W"]):
         pdl = _pdl(x)
         _int8_gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
