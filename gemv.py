@@ -261,15 +261,17 @@ if triton is not None:
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
 
     @triton.jit
-    def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, res_ptr, M, N, K: tl.constexpr,
-                     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RMS: tl.constexpr, EPS: tl.constexpr,
+    def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, res_ptr, nw_ptr, M, N, K: tl.constexpr,
+                     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RMS: tl.constexpr, HAS_NW: tl.constexpr,
+                     EPS: tl.constexpr,
                      HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         # y (M, N) = x (M, K) @ W (N, K).T (* s (N,) for int8 W) + b for M <= 16: each program owns BLOCK_N rows of W
         # (and of the gate's G) and streams them once in pipelined BLOCK_K chunks (num_stages); the x rows, padded
         # to 16, ride along on the tensor cores. HAS_RMS as in _gemv_kernel: x goes into tl.dot as it is, the
         # diagonal of x x^T (a second, 16 x 16 dot) gives each row's sum of squares, and each row's 1/rms scales
-        # that row's float32 sums at the end
+        # that row's float32 sums at the end. HAS_NW (int8 W, which cannot carry the norm's weight): x is
+        # multiplied by the norm's weight nw after its squares are taken
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
@@ -285,6 +287,9 @@ if triton is not None:
                         other=0.0)
             if HAS_RMS:  # x x^T on the tensor cores: its diagonal is each row's sum of squares
                 gram = tl.dot(x, tl.trans(x), gram, input_precision=PRECISION)
+            if HAS_NW:
+                nw = tl.load(nw_ptr + k + cols, mask=in_k, other=0.0).to(tl.float32)
+                x = (x.to(tl.float32) * nw[None, :]).to(x.dtype)
             offs, ok = rows[:, None] * K + (k + cols)[None, :], (rows[:, None] < N) & in_k[None, :]
             w = tl.load(w_ptr + offs, mask=ok, other=0, eviction_policy="evict_first")
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)  # int8 is exact in 16 bits
@@ -415,8 +420,9 @@ def gemm_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     x2 = x.reshape(-1, K).contiguous()
     y, pdl, cfg = x.new_empty(*x.shape[:-1], N), _pdl(x), ROWS_CONFIG if K >= 4096 else SMALL_ROWS_CONFIG
     _rows_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
-        x2, weight, weight, bias if bias is not None else weight, y, M=x2.shape[0], N=N, K=K, HAS_SCALE=False,
-        HAS_BIAS=bias is not None, HAS_RMS=rms_eps is not None, EPS=rms_eps or 0.0, PRECISION=_precision(x2),
+        x2, weight, weight, bias if bias is not None else weight, y, nw_ptr=x2, M=x2.shape[0], N=N, K=K,
+        HAS_SCALE=False, HAS_BIAS=bias is not None, HAS_RMS=rms_eps is not None, HAS_NW=False, EPS=rms_eps or 0.0,
+        PRECISION=_precision(x2),
         **cfg, **_epilogue_args(x2, gate, residual), PDL=pdl, launch_pdl=pdl)
     return y
 
@@ -427,11 +433,9 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias:
               residual: Optional[torch.Tensor] = None, norm_weight: Optional[torch.Tensor] = None,
               rms_eps: Optional[float] = None) -> torch.Tensor:
     """x (M, K) contiguous, M <= MAX_ROWS; int8 weight (N, K), scales (N,) -> (M, N) in x's dtype, as gemv; the
-    gate is an int8 weight with its gate_scales, like them. With norm_weight (one row only), x is first put
-    through the RMSNorm of that weight and rms_eps."""
+    gate is an int8 weight with its gate_scales, like them. With norm_weight, each row of x is first put through
+    the RMSNorm of that weight and rms_eps."""
     (M, K), N = x.shape, weight.shape[0]
-    if norm_weight is not None and M != 1:
-        raise ValueError(f"int8_gemv takes a norm for one row only, got {M}: apply the norm first")
     y, b = x.new_empty(M, N), bias if bias is not None else scales
     args = dict(HAS_BIAS=bias is not None, **_epilogue_args(x, gate, residual, gate_scales))
     cfg = INT8_CONFIG if gate is None else INT8_GATE_CONFIG
@@ -442,19 +446,18 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias:
             x, weight, scales, b, y, nw_ptr=x if norm_weight is None else norm_weight, N=N, K=K,
             HAS_RMS=norm_weight is not None, EPS=rms_eps or 0.0, **cfg, **args, PDL=pdl, launch_pdl=pdl)
         return y
-    if norm_weight is not None:  # a row the one-row GEMV cannot read (see _int8_gemv_ok): the norm first
-        xf = x.float()
-        x = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + rms_eps) * norm_weight.float()).to(x.dtype)
+    pdl, norm = _pdl(x), norm_weight is not None
     _rows_kernel[(triton.cdiv(N, INT8_ROWS_CONFIG["BLOCK_N"]),)](
-        x, weight, scales, b, y, M=M, N=N, K=K, HAS_SCALE=True, HAS_RMS=False, EPS=0.0, PRECISION=_precision(x),
-        **INT8_ROWS_CONFIG, **args, PDL=False)
+        x, weight, scales, b, y, nw_ptr=norm_weight if norm else x, M=M, N=N, K=K, HAS_SCALE=True, HAS_RMS=norm,
+        HAS_NW=norm, EPS=rms_eps or 0.0, PRECISION=_precision(x), **INT8_ROWS_CONFIG, **args, PDL=pdl,
+        launch_pdl=pdl)
     return y
 
 
 def _int8_gemv_ok(x, weight, norm_weight, block_w: int) -> bool:
     """Whether the one-row int8 GEMV can read these: bfloat16 x (and norm weight) as int64 words of four, the int8
     weight as int32 words, so K a multiple of 4 and the pointers aligned to those words. Other rows (float16 or
-    float32 models, odd widths) take the rows kernel, somewhat slower at one row, after the norm in torch. Each
+    float32 models, odd widths) take the rows kernel, somewhat slower at one row. Each
     int32 sum takes at most 128 words of 4 products of up to 127 x 32766, under 2**31: K up to 512 block_w."""
     return (x.dtype == torch.bfloat16 and x.shape[-1] % 4 == 0 and x.data_ptr() % 8 == 0
             and x.shape[-1] <= 512 * block_w
@@ -507,7 +510,7 @@ def linear(layer, x, gate=None, residual=None, norm=None):
     float_kernel = (kernel and isinstance(layer, nn.Linear) and w.dtype == x.dtype and w.is_contiguous()
                     and (rows == 1 or x.dtype != torch.float32))  # rows: tuned for 16 bits; float32 stays on cuBLAS
     int8_kernel = kernel and w.dtype == torch.int8 and getattr(layer, "use_triton", False)  # a prepared Int8Linear
-    if norm is not None and not ((float_kernel or int8_kernel) and norm_inside(layer, norm, rows)):
+    if norm is not None and not ((float_kernel or int8_kernel) and norm_inside(layer, norm)):
         x, norm = norm(x), None
     eps = None if norm is None else norm.eps
     if float_kernel:
@@ -523,12 +526,12 @@ def linear(layer, x, gate=None, residual=None, norm=None):
     return y if residual is None else y + residual
 
 
-def norm_inside(layer, norm, rows: int) -> bool:
+def norm_inside(layer, norm) -> bool:
     """Whether the kernel for `layer` can apply the RMSNorm before it: a float layer whose weights carry the norm's
-    (fold_norms; any rows), or an int8 one at one row, whose GEMV multiplies x by the norm's weight as it loads."""
+    (fold_norms), or an int8 one, whose kernels multiply x by the norm's weight as it loads."""
     if getattr(norm, "folded", False):
         return True
-    return rows == 1 and getattr(layer, "use_triton", False) and layer.weight.dtype == torch.int8
+    return getattr(layer, "use_triton", False) and layer.weight.dtype == torch.int8
 
 
 class GemvLinear(nn.Linear):
@@ -539,14 +542,14 @@ class GemvLinear(nn.Linear):
 def fused_block(block, x, rope, mask, input_pos):
     """model.TransformerBlock.forward with SwiGLU's gate and up projections and the SiLU-times-up in one kernel,
     both residual adds inside the matmuls before them, and, with folded norms (fold_norms), both RMSNorms inside
-    the matmuls after them where `norm_inside` allows (folded float norms; int8 weights at one row): five kernels
+    the matmuls after them where `norm_inside` allows (folded float norms; int8 weights): five kernels
     a decode or verify layer. The same arithmetic up to rounding, each fused step computing in float32 and
     rounding once. Where the norms cannot go in at one row (int4), the residual adds stay in inductor's kernels,
     where they ride along with the next RMSNorm: inside the matmuls they made the int8 7B decode step 2% slower
     when its norms were kernels of their own (BENCHMARKS.md)."""
     attn, ffn, norm1, norm2 = block.attention, block.feed_forward, block.attention_norm, block.ffn_norm
     rows = x.shape[0] * x.shape[1]
-    if rows == 1 and not (norm_inside(attn.wqkv, norm1, rows) and norm_inside(ffn.w3, norm2, rows)):
+    if rows == 1 and not (norm_inside(attn.wqkv, norm1) and norm_inside(ffn.w3, norm2)):
         h = x + attn(norm1(x), rope, mask, input_pos)
         return h + ffn.w2(linear(ffn.w3, norm2(h), gate=ffn.w1))
     h = linear(attn.wo, attn.attend(linear(attn.wqkv, x, norm=norm1), rope, mask, input_pos), residual=x)

@@ -74,7 +74,8 @@ def variants(K: int):
     bf16 = dict.fromkeys(["x_ptr", "w_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "g_ptr", "gs_ptr", "res_ptr", "nw_ptr"],
                          "*bf16")
     int8, int4 = dict(bf16, w_ptr="*i8", g_ptr="*i8"), dict(bf16, w_ptr="*u8")
-    off = dict(K=K, K_IN=K, GROUPSIZE=128, HAS_BIAS=False, HAS_GATE=False, HAS_RES=False, HAS_RMS=False, EPS=1e-5,
+    off = dict(K=K, K_IN=K, GROUPSIZE=128, HAS_BIAS=False, HAS_GATE=False, HAS_RES=False, HAS_RMS=False, HAS_NW=False,
+               EPS=1e-5,
                PRECISION="tf32", PDL=True)
     gate, res, norm = dict(HAS_GATE=True), dict(HAS_RES=True), dict(HAS_RMS=True)
     rows_cfg = G.ROWS_CONFIG if K >= 4096 else G.SMALL_ROWS_CONFIG
@@ -83,7 +84,7 @@ def variants(K: int):
                ("int8 GEMV", G._int8_gemv_kernel, int8, G.INT8_GATE_CONFIG, [gate, dict(gate, **norm)]),
                ("float rows", G._rows_kernel, bf16, rows_cfg, [{}, gate, res, norm, dict(gate, **norm)]),
                ("int8 rows", G._rows_kernel, int8, G.INT8_ROWS_CONFIG,
-                [dict(HAS_SCALE=True), dict(gate, HAS_SCALE=True)]),
+                [dict(HAS_SCALE=True), dict(gate, HAS_SCALE=True), dict(gate, HAS_SCALE=True, HAS_NW=True, **norm)]),
                ("int4 GEMV g128", G._int4_gemv_kernel, int4, G.INT4_CONFIG, [{}]),
                ("int4 rows g128", G._int4_rows_kernel, int4, G.INT4_ROWS_CONFIG, [{}])]
     for name, fn, pointers, cfg, extras in kernels:

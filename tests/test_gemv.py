@@ -66,11 +66,11 @@ for N, K, bias in [(7, 33, True), (130, 2500, False)]:
     err = ((y.double() - ref).norm() / ref.norm()).item()
     assert y.shape == ref.shape and err < 2e-3, (N, K, err)
     worst["rms"] = max(worst.get("rms", 0), err)
-for N, K in [(7, 33), (130, 2500)]:  # int8 at one row: the norm's weight applied to x as it loads
-    x, nw = torch.randn(1, K).half() * 3, (torch.rand(K) + 0.5).half()
+for M, N, K in [(1, 7, 33), (1, 130, 2500), (3, 20, 300)]:  # int8: the norm's weight applied to x as it loads
+    x, nw = torch.randn(M, K).half() * torch.linspace(3, 6, M).half()[:, None], (torch.rand(K) + 0.5).half()
     q8, s8 = torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N).half() / 100
     g8, gs8 = torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N).half() / 1000
-    res = torch.randn(1, N).half()
+    res = torch.randn(M, N).half()
     xn = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5) * nw.double()
     wd, gd = q8.double() * s8.double()[:, None], g8.double() * gs8.double()[:, None]
     for extra in [{}, dict(gate=g8, gate_scales=gs8, residual=res)]:
@@ -78,7 +78,7 @@ for N, K in [(7, 33), (130, 2500)]:  # int8 at one row: the norm's weight applie
         ref = ref * torch.nn.functional.silu(xn @ gd.T) + res.double() if extra else ref
         y = int8_gemv(x, q8, s8, None, **extra, norm_weight=nw, rms_eps=1e-5)
         err = ((y.double() - ref).norm() / ref.norm()).item()
-        assert y.shape == ref.shape and err < 2e-3, ("int8", N, K, list(extra), err)
+        assert y.shape == ref.shape and err < 2e-3, ("int8", M, N, K, list(extra), err)
         worst["rms"] = max(worst.get("rms", 0), err)
 # the one-row int8 GEMV in integers (bfloat16 x, K a multiple of 4; the float16 rows above took the rows kernel,
 # after the norm in torch): x rounded onto int16 by its largest magnitude, one large activation here
