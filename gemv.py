@@ -11,9 +11,10 @@ For one row, a GEMV per weight format. Float and int4: a (BLOCK_N, BLOCK_K) regi
 reduced once at the end. int8 in integers: x is scaled onto int16 by its largest magnitude (the rounding loses
 under 2**-16 of it, far below x's own bfloat16 rounding), and two `dp2a` instructions multiply a 32-bit word of four
 int8 weights by four of those into int32 sums, made floats once at the end: a third of the instructions of float
-products (with PDL, 83% of copy over the 7B layers against their 76%; BENCHMARKS.md). For 2..16 rows, a rows kernel
-for float and int8 weights and one for int4 (`tl.dot` against the rows padded to 16). int8 and int4 are the
-formats quantize.py writes: int8 with a scale per output row, int4 packed by `quantize.pack_int4` with a scale and
+products (with PDL, 88% of copy over the 7B layers at the best tile of a sweep, against their 76%; BENCHMARKS.md).
+Its tile is (word pairs, rows, 2), so that each thread loads two words of every row and, itself, the x they need.
+For 2..16 rows, a rows kernel for float and int8 weights and one for int4 (`tl.dot` against the rows padded to
+16). int8 and int4 are the formats quantize.py writes: int8 with a scale per output row, int4 packed by `quantize.pack_int4` with a scale and
 zero per group. The int4 GEMV makes its nibbles floats without the slow int->float conversion: OR-ing a small
 integer into the mantissa of 2**23 gives the float 2**23 + i, and one subtraction leaves i exactly. The rows
 kernels multiply the weights as exact small integers in x's dtype and apply the scales to the float32 sums: int8
@@ -24,8 +25,8 @@ The float and int8 kernels also take in the small steps around a matmul, so that
 with the SiLU-times-up, and the residual adds happen in the epilogues of wo and w2. The RMSNorms go in too: the
 kernel, which reads all of x in every program anyway, sums its squares on the way and scales by 1/rms at the end.
 For float weights `fold_norms` moves each norm's weight into the matmuls after it (so x itself is not scaled, and
-in the rows kernel it still streams straight into the tensor cores); the one-row int8 GEMV multiplies x by it as
-x loads. A float decode or verify layer, and an int8 decode layer, is then five kernels: wqkv, attention
+in the rows kernel it still streams straight into the tensor cores); the int8 kernels multiply x by it as x
+loads. A float or int8 decode or verify layer is then five kernels: wqkv, attention
 (decode_attention.py), wo, the gate-up pair, w2.
 
 `use_gemv(model)` swaps every float nn.Linear for `GemvLinear`, which takes these paths on CUDA and is F.linear
@@ -58,7 +59,7 @@ GEMV_CONFIG = dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4, STAGES=1)
 ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=6)
 SMALL_ROWS_CONFIG = dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=6)  # K < 4096
 # quantized weights, best of sweeps on an H100 (BENCHMARKS.md); the one-row int8 GEMV's on an H200
-INT8_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=4, STAGES=1)  # BLOCK_W int32 words: 1 KB of a row a step
+INT8_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=4, STAGES=1)  # BLOCK_W int32 words: 2 KB of a row a step
 INT8_GATE_CONFIG = dict(BLOCK_N=2, BLOCK_W=512, num_warps=4, STAGES=1)  # the gate-up pair: two weights a row
 INT4_CONFIG = dict(BLOCK_N=4, BLOCK_K=2048, num_warps=4, STAGES=1)  # BLOCK_K in weights (half as many bytes)
 INT8_ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=6)
@@ -263,9 +264,8 @@ if triton is not None:
     @triton.jit
     def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, res_ptr, nw_ptr, M, N, K: tl.constexpr,
                      HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RMS: tl.constexpr, HAS_NW: tl.constexpr,
-                     EPS: tl.constexpr,
-                     HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                     EPS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         # y (M, N) = x (M, K) @ W (N, K).T (* s (N,) for int8 W) + b for M <= 16: each program owns BLOCK_N rows of W
         # (and of the gate's G) and streams them once in pipelined BLOCK_K chunks (num_stages); the x rows, padded
         # to 16, ride along on the tensor cores. HAS_RMS as in _gemv_kernel: x goes into tl.dot as it is, the
@@ -422,8 +422,7 @@ def gemm_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     _rows_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
         x2, weight, weight, bias if bias is not None else weight, y, nw_ptr=x2, M=x2.shape[0], N=N, K=K,
         HAS_SCALE=False, HAS_BIAS=bias is not None, HAS_RMS=rms_eps is not None, HAS_NW=False, EPS=rms_eps or 0.0,
-        PRECISION=_precision(x2),
-        **cfg, **_epilogue_args(x2, gate, residual), PDL=pdl, launch_pdl=pdl)
+        PRECISION=_precision(x2), **cfg, **_epilogue_args(x2, gate, residual), PDL=pdl, launch_pdl=pdl)
     return y
 
 
@@ -456,8 +455,8 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias:
 def _int8_gemv_ok(x, weight, norm_weight, block_w: int) -> bool:
     """Whether the one-row int8 GEMV can read these: bfloat16 x (and norm weight) as int64 words of four, the int8
     weight as int32 words, so K a multiple of 4 and the pointers aligned to those words. Other rows (float16 or
-    float32 models, odd widths) take the rows kernel, somewhat slower at one row. Each
-    int32 sum takes at most 128 words of 4 products of up to 127 x 32766, under 2**31: K up to 512 block_w."""
+    float32 models, odd widths) take the rows kernel, somewhat slower at one row. Each int32 sum takes at most 128
+    words of 4 products of up to 127 x 32766, under 2**31: K up to 512 block_w."""
     return (x.dtype == torch.bfloat16 and x.shape[-1] % 4 == 0 and x.data_ptr() % 8 == 0
             and x.shape[-1] <= 512 * block_w
             and weight.data_ptr() % 4 == 0

@@ -75,8 +75,7 @@ def variants(K: int):
                          "*bf16")
     int8, int4 = dict(bf16, w_ptr="*i8", g_ptr="*i8"), dict(bf16, w_ptr="*u8")
     off = dict(K=K, K_IN=K, GROUPSIZE=128, HAS_BIAS=False, HAS_GATE=False, HAS_RES=False, HAS_RMS=False, HAS_NW=False,
-               EPS=1e-5,
-               PRECISION="tf32", PDL=True)
+               EPS=1e-5, PRECISION="tf32", PDL=True)
     gate, res, norm = dict(HAS_GATE=True), dict(HAS_RES=True), dict(HAS_RMS=True)
     rows_cfg = G.ROWS_CONFIG if K >= 4096 else G.SMALL_ROWS_CONFIG
     kernels = [("float GEMV", G._gemv_kernel, bf16, G.GEMV_CONFIG, [{}, gate, res, norm, dict(gate, **norm)]),

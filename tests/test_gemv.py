@@ -80,8 +80,8 @@ for M, N, K in [(1, 7, 33), (1, 130, 2500), (3, 20, 300)]:  # int8: the norm's w
         err = ((y.double() - ref).norm() / ref.norm()).item()
         assert y.shape == ref.shape and err < 2e-3, ("int8", M, N, K, list(extra), err)
         worst["rms"] = max(worst.get("rms", 0), err)
-# the one-row int8 GEMV in integers (bfloat16 x, K a multiple of 4; the float16 rows above took the rows kernel,
-# after the norm in torch): x rounded onto int16 by its largest magnitude, one large activation here
+# the one-row int8 GEMV in integers (bfloat16 x, K a multiple of 4; the float16 rows above took the rows kernel):
+# x rounded onto int16 by its largest magnitude, one large activation here
 for N, K in [(7, 36), (130, 2500)]:
     x, nw = torch.randn(1, K).bfloat16() * 3, (torch.rand(K) + 0.5).bfloat16()
     x[0, 1] = 40
@@ -233,7 +233,7 @@ def test_folded_norms_keep_the_block_function():
 def test_int8_integer_gemv_takes_only_what_it_can_read():
     """The integer int8 GEMV reads x as int64 words of four bfloat16 and sums at most 128 words of products in int32:
     float16 or float32 rows, widths that are not a multiple of 4 or so wide that a sum could overflow, and unaligned
-    rows go to the rows kernel instead (after the norm in torch)."""
+    rows go to the rows kernel instead (which takes the norm too)."""
     import torch
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import gemv as G
