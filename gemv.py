@@ -17,8 +17,9 @@ For 2..16 rows, a rows kernel for float and int8 weights and one for int4 (`tl.d
 16). int8 and int4 are the formats quantize.py writes: int8 with a scale per output row, int4 packed by
 `quantize.pack_int4` with a scale and zero per group. The int4 GEMV makes its nibbles floats without the slow
 int->float conversion: OR-ing a small integer into the mantissa of 2**23 gives the float 2**23 + i, and one
-subtraction leaves i exactly. The rows kernels multiply the weights as exact small integers in x's dtype and apply the scales to the float32 sums: int8
-once per output row at the end, int4 once per group, y = sum_g s_g * (x_g . (q_g - 8)) + z_g * sum(x_g).
+subtraction leaves i exactly. The rows kernels multiply the weights as exact small integers in x's dtype and apply
+the scales to the float32 sums: int8 once per output row at the end, int4 once per group,
+y = sum_g s_g * (x_g . (q_g - 8)) + z_g * sum(x_g).
 
 The float and int8 kernels also take in the small steps around a matmul, so that a layer launches fewer kernels
 (`linear`, `fused_block`): SwiGLU's gate and up projections run as one kernel that streams both weights and ends
