@@ -446,6 +446,10 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias:
             x, weight, scales, b, y, nw_ptr=x if norm_weight is None else norm_weight, N=N, K=K,
             HAS_RMS=norm_weight is not None, EPS=rms_eps or 0.0, **cfg, **args, PDL=pdl, launch_pdl=pdl)
         return y
+    if norm_weight is not None and x.dtype == torch.float16:  # x times the norm's weight, before 1/rms, could overflow
+        xf = x.float()
+        x = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + rms_eps) * norm_weight.float()).half()
+        norm_weight = None
     norm = norm_weight is not None
     _rows_kernel[(triton.cdiv(N, INT8_ROWS_CONFIG["BLOCK_N"]),)](
         x, weight, scales, b, y, nw_ptr=norm_weight if norm else x, M=M, N=N, K=K, HAS_SCALE=True, HAS_RMS=norm,

@@ -66,11 +66,14 @@ for N, K, bias in [(7, 33, True), (130, 2500, False)]:
     err = ((y.double() - ref).norm() / ref.norm()).item()
     assert y.shape == ref.shape and err < 2e-3, (N, K, err)
     worst["rms"] = max(worst.get("rms", 0), err)
-for M, N, K in [(1, 7, 33), (1, 130, 2500), (3, 20, 300)]:  # int8: the norm's weight applied to x as it loads
-    x, nw = torch.randn(M, K).half() * torch.linspace(3, 6, M).half()[:, None], (torch.rand(K) + 0.5).half()
+# int8: the norm's weight applied to x as it loads (float16 x: in torch first, where x times it could overflow)
+for M, N, K, dtype in [(1, 7, 33, torch.half), (1, 130, 2500, torch.half), (3, 20, 300, torch.half),
+                       (3, 20, 300, torch.float), (1, 130, 2500, torch.float)]:
+    x = (torch.randn(M, K) * torch.linspace(3, 6, M)[:, None]).to(dtype)
+    nw = (torch.rand(K) + 0.5).to(dtype)
     q8, s8 = torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N).half() / 100
     g8, gs8 = torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N).half() / 1000
-    res = torch.randn(M, N).half()
+    res = torch.randn(M, N).to(dtype)
     xn = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5) * nw.double()
     wd, gd = q8.double() * s8.double()[:, None], g8.double() * gs8.double()[:, None]
     for extra in [{}, dict(gate=g8, gate_scales=gs8, residual=res)]:
@@ -78,7 +81,7 @@ for M, N, K in [(1, 7, 33), (1, 130, 2500), (3, 20, 300)]:  # int8: the norm's w
         ref = ref * torch.nn.functional.silu(xn @ gd.T) + res.double() if extra else ref
         y = int8_gemv(x, q8, s8, None, **extra, norm_weight=nw, rms_eps=1e-5)
         err = ((y.double() - ref).norm() / ref.norm()).item()
-        assert y.shape == ref.shape and err < 2e-3, ("int8", M, N, K, list(extra), err)
+        assert y.shape == ref.shape and err < 2e-3, ("int8", M, N, K, dtype, list(extra), err)
         worst["rms"] = max(worst.get("rms", 0), err)
 # the one-row int8 GEMV in integers (bfloat16 x, K a multiple of 4; the float16 rows above took the rows kernel):
 # x rounded onto int16 by its largest magnitude, one large activation here
