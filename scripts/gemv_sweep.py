@@ -49,7 +49,8 @@ def graph_time(fn, n=20):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", nargs="*", default=None, metavar="KIND",
-                   help="also sweep the Triton kernels' tile configs (all, or the kinds named: bf16 int8 int4)")
+                   help="also sweep the Triton kernels' tile configs (all, or the kinds named: bf16 int8 int4; int8 "
+                        "includes the gate-up pair's own tile, int8-gate alone sweeps only that one)")
     p.add_argument("--model", default="Llama-2-7B", help="whose layer shapes (a model.py preset name)")
     p.add_argument("--groupsize", type=int, default=128, help="int4 group size")
     p.add_argument("--rows", default="1,6", help="input rows to time, comma-separated")
