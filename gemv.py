@@ -7,19 +7,22 @@ verification multiplies a handful of rows (k+1) by the same weights: there cuBLA
 (SmolLM2) longer than one GEMV (scripts/profile_step.py), so 2..MAX_ROWS rows go through a second kernel that also
 reads each weight tile once and multiplies it on the tensor cores.
 
-For one row, a GEMV per weight format. Float and int4: a (BLOCK_N, BLOCK_K) register tile of float32 products,
-reduced once at the end. int8 in integers: x is scaled onto int16 by its largest magnitude (the rounding loses
-under 2**-16 of it, far below x's own bfloat16 rounding), and two `dp2a` instructions multiply a 32-bit word of four
-int8 weights by four of those into int32 sums, made floats once at the end: a third of the instructions of float
+For one row, a GEMV per weight format. Float: a (BLOCK_N, BLOCK_K) register tile of float32 products, reduced
+once at the end. int8 in integers: x is scaled onto int16 by its largest magnitude (the rounding loses under 2**-16
+of it, far below x's own bfloat16 rounding), and two `dp2a` instructions multiply a 32-bit word of four int8
+weights by four of those into int32 sums, made floats once at the end: a third of the instructions of float
 products (with PDL, 88% of copy over the 7B layers at the best tile of a sweep, against their 76%; BENCHMARKS.md).
 Its tile is (word pairs, rows, 2), so that each thread loads two words of every row and, itself, the x they need.
-For 2..16 rows, a rows kernel for float and int8 weights and one for int4 (`tl.dot` against the rows padded to
-16). int8 and int4 are the formats quantize.py writes: int8 with a scale per output row, int4 packed by
-`quantize.pack_int4` with a scale and zero per group. The int4 GEMV makes its nibbles floats without the slow
-int->float conversion: OR-ing a small integer into the mantissa of 2**23 gives the float 2**23 + i, and one
-subtraction leaves i exactly. The rows kernels multiply the weights as exact small integers in x's dtype and apply
-the scales to the float32 sums: int8 once per output row at the end, int4 once per group,
-y = sum_g s_g * (x_g . (q_g - 8)) + z_g * sum(x_g).
+For 2..16 rows, a rows kernel for float and int8 weights (`tl.dot` against the rows padded to 16): it multiplies
+the int8 weights as exact small integers in x's dtype and applies the scales to the float32 sums at the end. int4
+takes the int8 GEMV's integers for 1..16 rows, each row of x its own int16 scale: a word of pack_int4's layout
+holds 8 weights, two masks make their nibbles bytes, four dp2a multiply them by 8 columns of x, and each group
+adds y += s * D + (z - 8 s) * X in float32 (D the integer products, X the integer sum of x over the same columns).
+Compiled for sm_90 (scripts/kernel_resources.py) one row takes 160 warp-instructions per KB of weights, against
+520 for the float-product GEMV it replaced; 4 and 8 rows take 400 and 953, against 880 for the tl.dot rows kernel
+it replaced. Not yet timed on a GPU: quantize.py keeps torch's int4 kernel the CUDA default. int8 and int4 are the
+formats quantize.py writes: int8 with a scale per output row, int4 packed by `quantize.pack_int4` with a scale and
+zero per group.
 
 The float and int8 kernels also take in the small steps around a matmul, so that a layer launches fewer kernels
 (`linear`, `fused_block`): SwiGLU's gate and up projections run as one kernel that streams both weights and ends
@@ -62,9 +65,9 @@ SMALL_ROWS_CONFIG = dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=6)  # 
 # quantized weights, best of sweeps on an H100 (BENCHMARKS.md); the one-row int8 GEMV's on an H200
 INT8_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=4, STAGES=1)  # BLOCK_W int32 words: 2 KB of a row a step
 INT8_GATE_CONFIG = dict(BLOCK_N=2, BLOCK_W=512, num_warps=4, STAGES=1)  # the gate-up pair: two weights a row
-INT4_CONFIG = dict(BLOCK_N=4, BLOCK_K=2048, num_warps=4, STAGES=1)  # BLOCK_K in weights (half as many bytes)
+INT4_CONFIG = dict(BLOCK_N=8, BLOCK_W=256, num_warps=4, STAGES=1)  # BLOCK_W int32 words: 2048 weights of a row
 INT8_ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=6)
-INT4_ROWS_CONFIG = dict(BLOCK_N=32, num_warps=4, num_stages=6)  # one group per step
+INT4_ROWS_CONFIG = dict(BLOCK_MN=32, BLOCK_N=8, BLOCK_W=256, num_warps=4, STAGES=1)  # BLOCK_N <= BLOCK_MN / x's rows
 
 if triton is not None:
     @triton.jit
@@ -192,9 +195,9 @@ if triton is not None:
     @triton.jit
     def _int8_words(w4_ptr, g4_ptr, rows, words, k, N, KW: tl.constexpr, BLOCK_W: tl.constexpr,
                     HAS_GATE: tl.constexpr):
-        # the (BLOCK_W // 2, BLOCK_N, 2) int32 words (four int8 each) of W's rows at word k, and of the gate's G (W
-        # again when there is none). Word pairs lead and rows follow so that each thread loads the same two words
-        # (8 bytes) of every row, the two whose x (16 bytes) it loads itself in _int8_gemv_chunk: as a flat
+        # the (BLOCK_W // 2, BLOCK_N, 2) int32 words (four int8 each; eight int4 for _int4_kernel) of W's rows at
+        # word k, and of the gate's G (W again when there is none). Word pairs lead and rows follow so that each
+        # thread loads the same two words (8 bytes) of every row, and itself the x they need: as a flat
         # (BLOCK_N, BLOCK_W) tile, Triton gives W 16 bytes a thread and x 16, and x went through shared memory to
         # meet its words, two barriers a chunk. Each weight is read once, so not kept in L2
         in_k = (k + words < KW) if KW % BLOCK_W else words >= 0
@@ -312,65 +315,61 @@ if triton is not None:
         tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K: tl.constexpr, K_IN: tl.constexpr,
-                          GROUPSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
-        # y (N,) = W x (K_IN,) + b, W (N, K) in pack_int4's layout, dequantized as w = (q - 8) * s + z
-        H: tl.constexpr = GROUPSIZE // 2
-        NG: tl.constexpr = BLOCK_K // GROUPSIZE  # groups per chunk
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        j = tl.arange(0, BLOCK_K // 2)  # byte in the chunk
-        lo_col = (j // H) * GROUPSIZE + j % H  # its low nibble's column; the high one's is H further
-        groups = tl.arange(0, NG)
-        acc = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
-        for k in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-            b_ok = (k // 2 + j < K // 2) if K % BLOCK_K else j >= 0
-            b = tl.load(w_ptr + rows[:, None] * (K // 2) + (k // 2 + j)[None, :],
-                        mask=(rows[:, None] < N) & b_ok[None, :], other=0, eviction_policy="evict_first").to(tl.int32)
-            g_off = rows[:, None] * (K // GROUPSIZE) + (k // GROUPSIZE + groups)[None, :]  # (BLOCK_N, NG)
-            g_ok = (rows[:, None] < N) & (k // GROUPSIZE + groups < K // GROUPSIZE)[None, :]
-            s = tl.load(s_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)[:, :, None]  # one per byte of its group
-            s = tl.reshape(tl.broadcast_to(s, (BLOCK_N, NG, H)), (BLOCK_N, BLOCK_K // 2))
-            z = tl.load(z_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)[:, :, None]
-            z = tl.reshape(tl.broadcast_to(z, (BLOCK_N, NG, H)), (BLOCK_N, BLOCK_K // 2))
-            w_lo = (((b & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0) * s + z  # 2**23 + 8
-            w_hi = (((b >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0) * s + z
-            x_lo = tl.load(x_ptr + k + lo_col, mask=k + lo_col < K_IN, other=0.0).to(tl.float32)
-            x_hi = tl.load(x_ptr + k + lo_col + H, mask=k + lo_col + H < K_IN, other=0.0).to(tl.float32)
-            acc += w_lo * x_lo[None, :] + w_hi * x_hi[None, :]
-        y = tl.sum(acc, axis=1)
-        if HAS_BIAS:
-            y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
+    def _x_amax(x_ptr, M, K: tl.constexpr, MP: tl.constexpr):
+        # (MP, 1): each of x's M rows' largest magnitude (0 for the padding rows), NaN counted as infinite
+        C: tl.constexpr = 1024 // MP
+        ms, cols = tl.arange(0, MP)[:, None], tl.arange(0, C)[None, :]
+        amax = tl.zeros((MP, C), dtype=tl.float32)
+        for k in range(0, K, C):
+            a = tl.abs(tl.load(x_ptr + ms * K + k + cols, mask=(ms < M) & (k + cols < K), other=0.0).to(tl.float32))
+            amax = tl.maximum(amax, tl.where(a == a, a, float("inf")))
+        return tl.max(amax, axis=1, keep_dims=True)
 
     @triton.jit
-    def _int4_rows_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, M, K: tl.constexpr, K_IN: tl.constexpr,
-                          GROUPSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                          BLOCK_N: tl.constexpr):
-        # y (M, N) = x (M, K_IN) @ W.T + b for M <= 16, one group of W (pack_int4's layout) per step
-        H: tl.constexpr = GROUPSIZE // 2
+    def _int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K: tl.constexpr, GROUPSIZE: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, MP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+                     STAGES: tl.constexpr):
+        # y (M, N) = x (M, K) @ W.T + b for M <= MP rows of bfloat16 x, W (N, K) in pack_int4's layout and
+        # dequantized as w = (q - 8) * s + z, in integers as the int8 GEMV: each x row rounded onto int16 by its
+        # largest magnitude. An int32 word of W holds 8 weights, its low nibbles 4 columns of a group's first
+        # half and its high nibbles the same 4 of its second half: two masks make them bytes 0..15, and four dp2a
+        # multiply them by their 8 columns of x. A thread takes a pair of words (one group) of each of its rows
+        # and the x they need, in the int8 GEMV's tile with x's rows as a third axis, (word pairs, rows, MP, 2);
+        # it sums their 8 dp2a in int32, D, and adds s * D + (z - 8 s) * X in float32, X the sum of those 16
+        # columns of x (both exact in float32: under 2**24)
+        KW: tl.constexpr = K // 8
+        WPG: tl.constexpr = GROUPSIZE // 8  # words a group
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        ms = tl.arange(0, 16)
-        j = tl.arange(0, H)  # byte j of a group: column j in its low nibble, j + H in its high one
-        acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-        for g in range(0, K // GROUPSIZE):
-            b = tl.load(w_ptr + rows[:, None] * (K // 2) + (g * H + j)[None, :], mask=rows[:, None] < N, other=0,
-                        eviction_policy="evict_first").to(tl.int32)  # (BLOCK_N, H)
-            c = g * GROUPSIZE + j
-            x_lo = tl.load(x_ptr + ms[:, None] * K_IN + c[None, :], mask=(ms[:, None] < M) & (c < K_IN)[None, :],
-                           other=0.0)  # (16, H)
-            x_hi = tl.load(x_ptr + ms[:, None] * K_IN + (c + H)[None, :],
-                           mask=(ms[:, None] < M) & (c + H < K_IN)[None, :], other=0.0)
-            d = tl.dot(x_lo, tl.trans(((b & 15) - 8).to(x_lo.dtype)), input_precision=PRECISION)  # (16, BLOCK_N)
-            d = tl.dot(x_hi, tl.trans(((b >> 4) - 8).to(x_lo.dtype)), d, input_precision=PRECISION)
-            x_sum = tl.sum(x_lo.to(tl.float32), axis=1) + tl.sum(x_hi.to(tl.float32), axis=1)  # (16,)
-            s = tl.load(s_ptr + rows * (K // GROUPSIZE) + g, mask=rows < N, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + rows * (K // GROUPSIZE) + g, mask=rows < N, other=0.0).to(tl.float32)
-            acc += d * s[None, :] + x_sum[:, None] * z[None, :]
+        ms = tl.arange(0, MP)[None, None, :, None]
+        pairs = tl.arange(0, BLOCK_W // 2)
+        words = pairs[:, None] * 2 + tl.arange(0, 2)[None, :]  # (BLOCK_W // 2, 2)
+        w4_ptr = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+        x4_ptr = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
+        amax = _x_amax(x_ptr, M, K, MP)
+        inv = tl.reshape(32766.0 / tl.maximum(amax, 1e-30), (1, 1, MP, 1))
+        ones = tl.full((1, 1, 1, 1), 0x01010101, tl.int32)
+        acc = tl.zeros((BLOCK_W // 2, BLOCK_N, MP), dtype=tl.float32)
+        for k in tl.range(0, KW, BLOCK_W, num_stages=STAGES):
+            w, _ = _int8_words(w4_ptr, w4_ptr, rows, words, k, N, KW, BLOCK_W, False)
+            w_lo, w_hi = (w & 0x0F0F0F0F)[:, :, None, :], ((w >> 4) & 0x0F0F0F0F)[:, :, None, :]
+            group = (k + pairs * 2) // WPG
+            lo = tl.multiple_of(group * (2 * WPG) + (k + pairs * 2) % WPG, 2)  # the pair's first-half x, as int64
+            x_offs = ms * (K // 4) + (lo[:, None] + tl.arange(0, 2)[None, :])[:, None, None, :]
+            x_ok = ((k + words < KW) if KW % BLOCK_W else words >= 0)[:, None, None, :] & (ms < M)
+            l01, l23 = _int16_pairs(tl.load(x4_ptr + x_offs, mask=x_ok, other=0), 0, inv, False)  # (., 1, MP, 2)
+            h01, h23 = _int16_pairs(tl.load(x4_ptr + x_offs + WPG, mask=x_ok, other=0), 0, inv, False)
+            d = tl.sum(_dot4(w_hi, h01, h23, _dot4(w_lo, l01, l23, 0)), axis=3)  # (BLOCK_W // 2, BLOCK_N, MP)
+            xs = tl.sum(_dot4(ones, h01, h23, _dot4(ones, l01, l23, 0)), axis=3)  # (BLOCK_W // 2, 1, MP)
+            g_offs = rows[None, :] * (K // GROUPSIZE) + group[:, None]  # (BLOCK_W // 2, BLOCK_N)
+            g_ok = (rows[None, :] < N) & (k + pairs * 2 < KW)[:, None]
+            s = tl.load(s_ptr + g_offs, mask=g_ok, other=0.0).to(tl.float32)[:, :, None]
+            z = tl.load(z_ptr + g_offs, mask=g_ok, other=0.0).to(tl.float32)[:, :, None]
+            acc += d.to(tl.float32) * s + xs.to(tl.float32) * (z - 8.0 * s)
+        y = tl.trans(tl.sum(acc, axis=0)) * (amax / 32766.0)  # (MP, BLOCK_N)
         if HAS_BIAS:
-            acc += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + ms[:, None] * N + rows[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=(ms[:, None] < M) & (rows[None, :] < N))
+            y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
+        m2 = tl.arange(0, MP)[:, None]
+        tl.store(y_ptr + m2 * N + rows[None, :], y.to(y_ptr.dtype.element_ty), mask=(m2 < M) & (rows[None, :] < N))
 
 
 def _pdl(x) -> bool:
@@ -381,7 +380,7 @@ def _pdl(x) -> bool:
     decode layer is GEMV, attention, GEMV, GEMV, GEMV, so most boundaries are two GEMVs. On an H200 the Llama-2-7B
     decode step went from 3.90 to 3.65 ms (BENCHMARKS.md). The one-row int8 GEMV does the same (its first chunk
     of weights before the wait): 82.6% of copy over the 7B layers against 78.5% with plain launches, one H200. The
-    int8 GEMV it replaced, float products a weight, lost 5% with PDL. The int4 kernels keep plain launches."""
+    int8 GEMV it replaced, float products a weight, lost 5% with PDL. The int4 kernel keeps plain launches."""
     return PDL_OK and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
@@ -480,18 +479,27 @@ def _epilogue_args(x, gate, residual, gate_scales=None, scales=True) -> dict:
 def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, groupsize: int,
               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x (M, K_in) contiguous, M <= MAX_ROWS; packed weight (N, K/2) uint8 with scales, zeros (N, K/g), K >= K_in
-    padded to whole groups -> (M, N) in x's dtype."""
-    M, K_in = x.shape
-    N, K = weight.shape[0], weight.shape[1] * 2
-    y, b = x.new_empty(M, N), bias if bias is not None else scales
-    args = dict(K=K, K_IN=K_in, GROUPSIZE=groupsize, HAS_BIAS=bias is not None)
-    if M == 1:
-        cfg = dict(INT4_CONFIG, BLOCK_K=max(INT4_CONFIG["BLOCK_K"], groupsize))
-        _int4_gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](x, weight, scales, zeros, b, y, N, **cfg, **args)
-    else:
-        _int4_rows_kernel[(triton.cdiv(N, INT4_ROWS_CONFIG["BLOCK_N"]),)](
-            x, weight, scales, zeros, b, y, N, M, PRECISION=_precision(x), **INT4_ROWS_CONFIG, **args)
-    return y
+    padded to whole groups -> (M, N) in x's dtype, computed from x in bfloat16 (as torch's int4 kernels do)."""
+    (M, K_in), N, K = x.shape, weight.shape[0], weight.shape[1] * 2
+    xb = x.to(torch.bfloat16)
+    if K_in != K or xb.data_ptr() % 8:  # the kernel reads x as int64 words, whole groups of them
+        xb = F.pad(xb, (0, K - K_in))
+    y, b, cfg = xb.new_empty(M, N), bias if bias is not None else scales, int4_config(M, K)
+    _int4_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](xb, weight, scales, zeros, b, y, M, N, K=K, GROUPSIZE=groupsize,
+                                                    HAS_BIAS=bias is not None, **cfg)
+    return y.to(x.dtype)
+
+
+def int4_config(M: int, K: int) -> dict:
+    """The int4 kernel's tile for M rows of x, K wide: x's rows padded to a power of two (MP), fewer weight rows
+    a program the more x rows there are (each weight word meets every x row), and no more words a chunk than a row
+    has. At 256 words a chunk each of the 128 threads takes one pair for all its rows, and x loads in the layout
+    the weights do (with fewer, x went through shared memory to meet them)."""
+    MP = triton.next_power_of_2(M)
+    cfg = dict(INT4_CONFIG) if M == 1 else dict(INT4_ROWS_CONFIG)
+    if M > 1:
+        cfg["BLOCK_N"] = max(1, min(cfg["BLOCK_N"], cfg.pop("BLOCK_MN") // MP))
+    return dict(cfg, MP=MP, BLOCK_W=max(2, min(cfg["BLOCK_W"], triton.next_power_of_2(K // 8))))
 
 
 def _precision(x) -> str:

@@ -61,11 +61,13 @@ def compile_sm90(fn, pointers: dict, consts: dict, num_warps: int, num_stages: i
 
 
 def weight_bytes_per_step(pointers: dict, consts: dict) -> float:
-    """Bytes of weights one program streams per trip of its loop: BLOCK_N rows of a chunk (BLOCK_W int32 words of
-    four int8 for the int8 GEMV, one group for the int4 rows kernel), twice that with the gate-up pair."""
-    per_weight = {"*bf16": 2, "*i8": 1, "*u8": 0.5}[pointers["w_ptr"]]  # u8: two int4 weights a byte
-    chunk = consts["BLOCK_W"] * 4 if "BLOCK_W" in consts else consts.get("BLOCK_K", consts["GROUPSIZE"])
-    return consts["BLOCK_N"] * chunk * per_weight * (2 if consts.get("HAS_GATE") else 1)
+    """Bytes of weights one program streams per trip of its loop: BLOCK_N rows of a chunk (BLOCK_W int32 words for
+    the int8 and int4 kernels, BLOCK_K weights for the others), twice that with the gate-up pair."""
+    if "BLOCK_W" in consts:  # int32 words
+        chunk = consts["BLOCK_W"] * 4
+    else:
+        chunk = consts["BLOCK_K"] * {"*bf16": 2, "*i8": 1}[pointers["w_ptr"]]
+    return consts["BLOCK_N"] * chunk * (2 if consts.get("HAS_GATE") else 1)
 
 
 def variants(K: int):
@@ -84,8 +86,9 @@ def variants(K: int):
                ("float rows", G._rows_kernel, bf16, rows_cfg, [{}, gate, res, norm, dict(gate, **norm)]),
                ("int8 rows", G._rows_kernel, int8, G.INT8_ROWS_CONFIG,
                 [dict(HAS_SCALE=True), dict(gate, HAS_SCALE=True), dict(gate, HAS_SCALE=True, HAS_NW=True, **norm)]),
-               ("int4 GEMV g128", G._int4_gemv_kernel, int4, G.INT4_CONFIG, [{}]),
-               ("int4 rows g128", G._int4_rows_kernel, int4, G.INT4_ROWS_CONFIG, [{}])]
+               ("int4 GEMV g128", G._int4_kernel, int4, G.int4_config(1, K), [{}]),
+               ("int4 rows g128, 4 rows", G._int4_kernel, int4, G.int4_config(4, K), [{}]),
+               ("int4 rows g128, 8 rows", G._int4_kernel, int4, G.int4_config(8, K), [{}])]
     for name, fn, pointers, cfg, extras in kernels:
         cfg = dict(cfg)
         warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages", 3)
