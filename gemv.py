@@ -65,9 +65,9 @@ SMALL_ROWS_CONFIG = dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=6)  # 
 # quantized weights, best of sweeps on an H100 (BENCHMARKS.md); the one-row int8 GEMV's on an H200
 INT8_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=4, STAGES=1)  # BLOCK_W int32 words: 2 KB of a row a step
 INT8_GATE_CONFIG = dict(BLOCK_N=2, BLOCK_W=512, num_warps=4, STAGES=1)  # the gate-up pair: two weights a row
-INT4_CONFIG = dict(BLOCK_N=8, BLOCK_W=256, num_warps=4, STAGES=1)  # BLOCK_W int32 words: 2048 weights of a row
+INT4_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=4, STAGES=1)  # BLOCK_W int32 words: 4096 weights of a row
 INT8_ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=6)
-INT4_ROWS_CONFIG = dict(BLOCK_MN=32, BLOCK_N=8, BLOCK_W=256, num_warps=4, STAGES=1)  # BLOCK_N <= BLOCK_MN / x's rows
+INT4_ROWS_CONFIG = dict(BLOCK_MN=32, BLOCK_N=8, BLOCK_W=512, num_warps=4, STAGES=1)  # BLOCK_N <= BLOCK_MN / x's rows
 
 if triton is not None:
     @triton.jit
@@ -316,14 +316,14 @@ if triton is not None:
 
     @triton.jit
     def _x_amax(x_ptr, M, K: tl.constexpr, MP: tl.constexpr):
-        # (MP, 1): each of x's M rows' largest magnitude (0 for the padding rows), NaN counted as infinite
+        # (MP,): each of x's M rows' largest magnitude (0 for the padding rows), NaN counted as infinite
         C: tl.constexpr = 1024 // MP
         ms, cols = tl.arange(0, MP)[:, None], tl.arange(0, C)[None, :]
         amax = tl.zeros((MP, C), dtype=tl.float32)
         for k in range(0, K, C):
             a = tl.abs(tl.load(x_ptr + ms * K + k + cols, mask=(ms < M) & (k + cols < K), other=0.0).to(tl.float32))
             amax = tl.maximum(amax, tl.where(a == a, a, float("inf")))
-        return tl.max(amax, axis=1, keep_dims=True)
+        return tl.max(amax, axis=1)
 
     @triton.jit
     def _int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K: tl.constexpr, GROUPSIZE: tl.constexpr,
@@ -333,43 +333,49 @@ if triton is not None:
         # dequantized as w = (q - 8) * s + z, in integers as the int8 GEMV: each x row rounded onto int16 by its
         # largest magnitude. An int32 word of W holds 8 weights, its low nibbles 4 columns of a group's first
         # half and its high nibbles the same 4 of its second half: two masks make them bytes 0..15, and four dp2a
-        # multiply them by their 8 columns of x. A thread takes a pair of words (one group) of each of its rows
-        # and the x they need, in the int8 GEMV's tile with x's rows as a third axis, (word pairs, rows, MP, 2);
-        # it sums their 8 dp2a in int32, D, and adds s * D + (z - 8 s) * X in float32, X the sum of those 16
-        # columns of x (both exact in float32: under 2**24)
+        # multiply them by their 8 columns of x. A thread takes two pairs of words of a group, one in each half of
+        # the group's words (so that each load of a warp reads whole 32-byte sectors at g >= 128), of each of its
+        # rows, and the x they need, in the int8 GEMV's tile with x's rows as a third axis, (pairs, rows, MP, 2).
+        # It sums their 16 dp2a in int32, D, and adds s * D + (z - 8 s) * X in float32, X the sum of those 32
+        # columns of x (both exact in float32: under 2**24), once for four words
         KW: tl.constexpr = K // 8
         WPG: tl.constexpr = GROUPSIZE // 8  # words a group
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         ms = tl.arange(0, MP)[None, None, :, None]
-        pairs = tl.arange(0, BLOCK_W // 2)
-        words = pairs[:, None] * 2 + tl.arange(0, 2)[None, :]  # (BLOCK_W // 2, 2)
+        pairs = tl.arange(0, BLOCK_W // 4)
+        pair = (pairs // (WPG // 4)) * WPG + (pairs % (WPG // 4)) * 2  # its first word; the other pair WPG / 2 on
+        words = pair[:, None] + tl.arange(0, 2)[None, :]  # (BLOCK_W // 4, 2)
         w4_ptr = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
         x4_ptr = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
         amax = _x_amax(x_ptr, M, K, MP)
-        inv = tl.reshape(32766.0 / tl.maximum(amax, 1e-30), (1, 1, MP, 1))
+        inv = (32766.0 / tl.maximum(amax, 1e-30))[None, None, :, None]
         ones = tl.full((1, 1, 1, 1), 0x01010101, tl.int32)
-        acc = tl.zeros((BLOCK_W // 2, BLOCK_N, MP), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_W // 4, BLOCK_N, MP), dtype=tl.float32)
         for k in tl.range(0, KW, BLOCK_W, num_stages=STAGES):
-            w, _ = _int8_words(w4_ptr, w4_ptr, rows, words, k, N, KW, BLOCK_W, False)
-            w_lo, w_hi = (w & 0x0F0F0F0F)[:, :, None, :], ((w >> 4) & 0x0F0F0F0F)[:, :, None, :]
-            group = (k + pairs * 2) // WPG
-            lo = tl.multiple_of(group * (2 * WPG) + (k + pairs * 2) % WPG, 2)  # the pair's first-half x, as int64
+            group = (k + pair) // WPG
+            lo = tl.multiple_of(group * (2 * WPG) + pair % WPG, 2)  # the pair's first-half x, as int64 words
             x_offs = ms * (K // 4) + (lo[:, None] + tl.arange(0, 2)[None, :])[:, None, None, :]
             x_ok = ((k + words < KW) if KW % BLOCK_W else words >= 0)[:, None, None, :] & (ms < M)
-            l01, l23 = _int16_pairs(tl.load(x4_ptr + x_offs, mask=x_ok, other=0), 0, inv, False)  # (., 1, MP, 2)
-            h01, h23 = _int16_pairs(tl.load(x4_ptr + x_offs + WPG, mask=x_ok, other=0), 0, inv, False)
-            d = tl.sum(_dot4(w_hi, h01, h23, _dot4(w_lo, l01, l23, 0)), axis=3)  # (BLOCK_W // 2, BLOCK_N, MP)
-            xs = tl.sum(_dot4(ones, h01, h23, _dot4(ones, l01, l23, 0)), axis=3)  # (BLOCK_W // 2, 1, MP)
-            g_offs = rows[None, :] * (K // GROUPSIZE) + group[:, None]  # (BLOCK_W // 2, BLOCK_N)
-            g_ok = (rows[None, :] < N) & (k + pairs * 2 < KW)[:, None]
+            d = tl.zeros((BLOCK_W // 4, BLOCK_N, MP, 2), dtype=tl.int32)
+            xs = tl.zeros((BLOCK_W // 4, 1, MP, 2), dtype=tl.int32)
+            for half in tl.static_range(2):
+                w, _ = _int8_words(w4_ptr, w4_ptr, rows, words + half * (WPG // 2), k, N, KW, BLOCK_W, False)
+                w_lo, w_hi = (w & 0x0F0F0F0F)[:, :, None, :], ((w >> 4) & 0x0F0F0F0F)[:, :, None, :]
+                x_half = x_offs + half * (WPG // 2)
+                l01, l23 = _int16_pairs(tl.load(x4_ptr + x_half, mask=x_ok, other=0), 0, inv, False)  # (., 1, MP, 2)
+                h01, h23 = _int16_pairs(tl.load(x4_ptr + x_half + WPG, mask=x_ok, other=0), 0, inv, False)
+                d = _dot4(w_hi, h01, h23, _dot4(w_lo, l01, l23, d))
+                xs = _dot4(ones, h01, h23, _dot4(ones, l01, l23, xs))
+            g_offs = rows[None, :] * (K // GROUPSIZE) + group[:, None]  # (BLOCK_W // 4, BLOCK_N)
+            g_ok = (rows[None, :] < N) & (k + pair < KW)[:, None]
             s = tl.load(s_ptr + g_offs, mask=g_ok, other=0.0).to(tl.float32)[:, :, None]
             z = tl.load(z_ptr + g_offs, mask=g_ok, other=0.0).to(tl.float32)[:, :, None]
-            acc += d.to(tl.float32) * s + xs.to(tl.float32) * (z - 8.0 * s)
-        y = tl.trans(tl.sum(acc, axis=0)) * (amax / 32766.0)  # (MP, BLOCK_N)
+            acc += tl.sum(d, axis=3).to(tl.float32) * s + tl.sum(xs, axis=3).to(tl.float32) * (z - 8.0 * s)
+        y = tl.sum(acc, axis=0) * (amax / 32766.0)[None, :]  # (BLOCK_N, MP)
         if HAS_BIAS:
-            y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
-        m2 = tl.arange(0, MP)[:, None]
-        tl.store(y_ptr + m2 * N + rows[None, :], y.to(y_ptr.dtype.element_ty), mask=(m2 < M) & (rows[None, :] < N))
+            y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
+        m2 = tl.arange(0, MP)[None, :]
+        tl.store(y_ptr + m2 * N + rows[:, None], y.to(y_ptr.dtype.element_ty), mask=(m2 < M) & (rows[:, None] < N))
 
 
 def _pdl(x) -> bool:
@@ -493,13 +499,15 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
 def int4_config(M: int, K: int) -> dict:
     """The int4 kernel's tile for M rows of x, K wide: x's rows padded to a power of two (MP), fewer weight rows
     a program the more x rows there are (each weight word meets every x row), and no more words a chunk than a row
-    has. At 256 words a chunk each of the 128 threads takes one pair for all its rows, and x loads in the layout
-    the weights do (with fewer, x went through shared memory to meet them)."""
+    has. Each thread takes four words of a chunk for all its rows, so that x loads in the layout the weights do:
+    with more threads than that (4 warps at 256 words), x went through shared memory to meet them, so narrow rows
+    get fewer warps."""
     MP = triton.next_power_of_2(M)
     cfg = dict(INT4_CONFIG) if M == 1 else dict(INT4_ROWS_CONFIG)
     if M > 1:
         cfg["BLOCK_N"] = max(1, min(cfg["BLOCK_N"], cfg.pop("BLOCK_MN") // MP))
-    return dict(cfg, MP=MP, BLOCK_W=max(2, min(cfg["BLOCK_W"], triton.next_power_of_2(K // 8))))
+    block_w = min(cfg["BLOCK_W"], triton.next_power_of_2(K // 8))
+    return dict(cfg, MP=MP, BLOCK_W=block_w, num_warps=max(1, min(cfg["num_warps"], block_w // 128)))
 
 
 def _precision(x) -> str:
