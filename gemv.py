@@ -18,8 +18,8 @@ the int8 weights as exact small integers in x's dtype and applies the scales to 
 takes the int8 GEMV's integers for 1..16 rows, each row of x its own int16 scale: a word of pack_int4's layout
 holds 8 weights, two masks make their nibbles bytes, four dp2a multiply them by 8 columns of x, and each group
 adds y += s * D + (z - 8 s) * X in float32 (D the integer products, X the integer sum of x over the same columns).
-Compiled for sm_90 (scripts/kernel_resources.py) one row takes 160 warp-instructions per KB of weights, against
-520 for the float-product GEMV it replaced; 4 and 8 rows take 400 and 953, against 880 for the tl.dot rows kernel
+Compiled for sm_90 (scripts/kernel_resources.py) one row takes 130 warp-instructions per KB of weights, against
+520 for the float-product GEMV it replaced; 4 and 8 rows take 339 and 844, against 880 for the tl.dot rows kernel
 it replaced. Not yet timed on a GPU: quantize.py keeps torch's int4 kernel the CUDA default. int8 and int4 are the
 formats quantize.py writes: int8 with a scale per output row, int4 packed by `quantize.pack_int4` with a scale and
 zero per group.
