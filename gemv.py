@@ -485,15 +485,15 @@ def _epilogue_args(x, gate, residual, gate_scales=None, scales=True) -> dict:
 def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, groupsize: int,
               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x (M, K_in) contiguous, M <= MAX_ROWS; packed weight (N, K/2) uint8 with scales, zeros (N, K/g), K >= K_in
-    padded to whole groups -> (M, N) in x's dtype, computed from x in bfloat16 (as torch's int4 kernels do)."""
+    padded to whole groups -> (M, N) in x's dtype, computed from x rounded to bfloat16 (as torch's int4 kernels do)."""
     (M, K_in), N, K = x.shape, weight.shape[0], weight.shape[1] * 2
     xb = x.to(torch.bfloat16)
     if K_in != K or xb.data_ptr() % 8:  # the kernel reads x as int64 words, whole groups of them
         xb = F.pad(xb, (0, K - K_in))
-    y, b, cfg = xb.new_empty(M, N), bias if bias is not None else scales, int4_config(M, K)
+    y, b, cfg = x.new_empty(M, N), bias if bias is not None else scales, int4_config(M, K)
     _int4_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](xb, weight, scales, zeros, b, y, M, N, K=K, GROUPSIZE=groupsize,
                                                     HAS_BIAS=bias is not None, **cfg)
-    return y.to(x.dtype)
+    return y
 
 
 def int4_config(M: int, K: int) -> dict:
