@@ -15,14 +15,14 @@ products (with PDL, 88% of copy over the 7B layers at the best tile of a sweep, 
 Its tile is (word pairs, rows, 2), so that each thread loads two words of every row and, itself, the x they need.
 For 2..16 rows, a rows kernel for float and int8 weights (`tl.dot` against the rows padded to 16): it multiplies
 the int8 weights as exact small integers in x's dtype and applies the scales to the float32 sums at the end. int4
-takes the int8 GEMV's integers for 1..16 rows, each row of x its own int16 scale: a word of pack_int4's layout
-holds 8 weights, two masks make their nibbles bytes, four dp2a multiply them by 8 columns of x, and each group
-adds y += s * D + (z - 8 s) * X in float32 (D the integer products, X the integer sum of x over the same columns).
-Compiled for sm_90 (scripts/kernel_resources.py) one row takes 130 warp-instructions per KB of weights, against
-520 for the float-product GEMV it replaced; 4 and 8 rows take 339 and 844, against 880 for the tl.dot rows kernel
-it replaced. Not yet timed on a GPU: quantize.py keeps torch's int4 kernel the CUDA default. int8 and int4 are the
-formats quantize.py writes: int8 with a scale per output row, int4 packed by `quantize.pack_int4` with a scale and
-zero per group.
+(pack_int4's layout: a scale and zero per group, w = (q - 8) s + z): one row in the int8 GEMV's integers, a word of
+8 weights masked into bytes and multiplied by 8 columns of x in four dp2a, each group adding s * D + (z - 8 s) * X
+in float32 (D the integer products, X the integer sum of x over the same columns); 2..16 rows on the tensor cores, a
+group a step, its nibbles made 16-bit floats OFFSET + q by a prmt under OFFSET's exponent byte (no int-to-float
+conversion), D = x . (OFFSET + q) and X from two dots each, then s * D + (z - (OFFSET + 8) s) * X. Compiled for sm_90
+(scripts/kernel_resources.py) they take 128 and 298 warp-instructions per KB of weights, against 520 and 880 for
+the float-product kernels they replaced; not yet timed on a GPU, so quantize.py keeps torch's int4 kernel the CUDA
+default. int8 and int4 are the formats quantize.py writes.
 
 The float and int8 kernels also take in the small steps around a matmul, so that a layer launches fewer kernels
 (`linear`, `fused_block`): SwiGLU's gate and up projections run as one kernel that streams both weights and ends
@@ -62,12 +62,14 @@ MAX_ROWS = 16  # the rows kernels pad to 16 (tl.dot's smallest tile): 2..16 rows
 GEMV_CONFIG = dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4, STAGES=1)
 ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=6)
 SMALL_ROWS_CONFIG = dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=6)  # K < 4096
-# quantized weights, best of sweeps on an H100 (BENCHMARKS.md); the one-row int8 GEMV's on an H200
+# quantized weights: the one-row int8 GEMV's tiles swept on an H200, the int8 rows kernel's on an H100 (BENCHMARKS.md);
+# the int4 kernels' not timed yet. The one-row int4 GEMV gives each thread four words of a chunk for all its rows, so
+# at most BLOCK_W / 4 threads: with more, x went through shared memory to meet the weights (narrow rows: fewer warps)
 INT8_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=4, STAGES=1)  # BLOCK_W int32 words: 2 KB of a row a step
 INT8_GATE_CONFIG = dict(BLOCK_N=2, BLOCK_W=512, num_warps=4, STAGES=1)  # the gate-up pair: two weights a row
 INT4_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=4, STAGES=1)  # BLOCK_W int32 words: 4096 weights of a row
 INT8_ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=6)
-INT4_ROWS_CONFIG = dict(BLOCK_MN=32, BLOCK_N=8, BLOCK_W=512, num_warps=4, STAGES=1)  # BLOCK_N <= BLOCK_MN / x's rows
+INT4_ROWS_CONFIG = dict(BLOCK_N=32, num_warps=2, num_stages=4)  # one group a step
 
 if triton is not None:
     @triton.jit
@@ -315,67 +317,93 @@ if triton is not None:
         tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _x_amax(x_ptr, M, K: tl.constexpr, MP: tl.constexpr):
-        # (MP,): each of x's M rows' largest magnitude (0 for the padding rows), NaN counted as infinite
-        C: tl.constexpr = 1024 // MP
-        ms, cols = tl.arange(0, MP)[:, None], tl.arange(0, C)[None, :]
-        amax = tl.zeros((MP, C), dtype=tl.float32)
-        for k in range(0, K, C):
-            a = tl.abs(tl.load(x_ptr + ms * K + k + cols, mask=(ms < M) & (k + cols < K), other=0.0).to(tl.float32))
-            amax = tl.maximum(amax, tl.where(a == a, a, float("inf")))
-        return tl.max(amax, axis=1)
-
-    @triton.jit
-    def _int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K: tl.constexpr, GROUPSIZE: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, MP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-                     STAGES: tl.constexpr):
-        # y (M, N) = x (M, K) @ W.T + b for M <= MP rows of bfloat16 x, W (N, K) in pack_int4's layout and
-        # dequantized as w = (q - 8) * s + z, in integers as the int8 GEMV: each x row rounded onto int16 by its
-        # largest magnitude. An int32 word of W holds 8 weights, its low nibbles 4 columns of a group's first
-        # half and its high nibbles the same 4 of its second half: two masks make them bytes 0..15, and four dp2a
-        # multiply them by their 8 columns of x. A thread takes two pairs of words of a group, one in each half of
-        # the group's words (so that each load of a warp reads whole 32-byte sectors at g >= 128), of each of its
-        # rows, and the x they need, in the int8 GEMV's tile with x's rows as a third axis, (pairs, rows, MP, 2).
-        # It sums their 16 dp2a in int32, D, and adds s * D + (z - 8 s) * X in float32, X the sum of those 32
-        # columns of x (both exact in float32: under 2**24), once for four words
+    def _int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K: tl.constexpr, GROUPSIZE: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, STAGES: tl.constexpr):
+        # y (N,) = W x (K,) + b for bfloat16 x, W (N, K) in pack_int4's layout and dequantized as w = (q - 8) s + z,
+        # in integers as the int8 GEMV: x rounded onto int16 by its largest magnitude. An int32 word of W holds 8
+        # weights, its low nibbles 4 columns of a group's first half and its high nibbles the same 4 of its second
+        # half: two masks make them bytes 0..15, and four dp2a multiply them by their 8 columns of x. A thread
+        # takes two pairs of words of a group, one in each half of the group's words (so that each load of a warp
+        # reads whole 32-byte sectors at g >= 128), of each of its rows, and the x they need, in the int8 GEMV's
+        # tile (pairs, rows, 2). It sums their 16 dp2a in int32, D, and adds s * D + (z - 8 s) * X in float32, X
+        # the sum of those 32 columns of x (both exact in float32: under 2**24), once for four words
         KW: tl.constexpr = K // 8
         WPG: tl.constexpr = GROUPSIZE // 8  # words a group
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        ms = tl.arange(0, MP)[None, None, :, None]
         pairs = tl.arange(0, BLOCK_W // 4)
         pair = (pairs // (WPG // 4)) * WPG + (pairs % (WPG // 4)) * 2  # its first word; the other pair WPG / 2 on
         words = pair[:, None] + tl.arange(0, 2)[None, :]  # (BLOCK_W // 4, 2)
         w4_ptr = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
         x4_ptr = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
-        amax = _x_amax(x_ptr, M, K, MP)
-        inv = (32766.0 / tl.maximum(amax, 1e-30))[None, None, :, None]
-        ones = tl.full((1, 1, 1, 1), 0x01010101, tl.int32)
-        acc = tl.zeros((BLOCK_W // 4, BLOCK_N, MP), dtype=tl.float32)
+        amax = _x_range(x_ptr, x_ptr, K, False)[0]
+        inv = 32766.0 / tl.maximum(amax, 1e-30)
+        ones = tl.full((1, 1, 1), 0x01010101, tl.int32)
+        acc = tl.zeros((BLOCK_W // 4, BLOCK_N), dtype=tl.float32)
         for k in tl.range(0, KW, BLOCK_W, num_stages=STAGES):
             group = (k + pair) // WPG
             lo = tl.multiple_of(group * (2 * WPG) + pair % WPG, 2)  # the pair's first-half x, as int64 words
-            x_offs = ms * (K // 4) + (lo[:, None] + tl.arange(0, 2)[None, :])[:, None, None, :]
-            x_ok = ((k + words < KW) if KW % BLOCK_W else words >= 0)[:, None, None, :] & (ms < M)
-            d = tl.zeros((BLOCK_W // 4, BLOCK_N, MP, 2), dtype=tl.int32)
-            xs = tl.zeros((BLOCK_W // 4, 1, MP, 2), dtype=tl.int32)
+            x_offs = (lo[:, None] + tl.arange(0, 2)[None, :])[:, None, :]  # (BLOCK_W // 4, 1, 2)
+            x_ok = ((k + words < KW) if KW % BLOCK_W else words >= 0)[:, None, :]
+            d = tl.zeros((BLOCK_W // 4, BLOCK_N, 2), dtype=tl.int32)
+            xs = tl.zeros((BLOCK_W // 4, 1, 2), dtype=tl.int32)
             for half in tl.static_range(2):
-                w, _ = _int8_words(w4_ptr, w4_ptr, rows, words + half * (WPG // 2), k, N, KW, BLOCK_W, False)
-                w_lo, w_hi = (w & 0x0F0F0F0F)[:, :, None, :], ((w >> 4) & 0x0F0F0F0F)[:, :, None, :]
+                w = _int8_words(w4_ptr, w4_ptr, rows, words + half * (WPG // 2), k, N, KW, BLOCK_W, False)[0]
                 x_half = x_offs + half * (WPG // 2)
-                l01, l23 = _int16_pairs(tl.load(x4_ptr + x_half, mask=x_ok, other=0), 0, inv, False)  # (., 1, MP, 2)
+                l01, l23 = _int16_pairs(tl.load(x4_ptr + x_half, mask=x_ok, other=0), 0, inv, False)
                 h01, h23 = _int16_pairs(tl.load(x4_ptr + x_half + WPG, mask=x_ok, other=0), 0, inv, False)
-                d = _dot4(w_hi, h01, h23, _dot4(w_lo, l01, l23, d))
+                d = _dot4((w >> 4) & 0x0F0F0F0F, h01, h23, _dot4(w & 0x0F0F0F0F, l01, l23, d))
                 xs = _dot4(ones, h01, h23, _dot4(ones, l01, l23, xs))
             g_offs = rows[None, :] * (K // GROUPSIZE) + group[:, None]  # (BLOCK_W // 4, BLOCK_N)
             g_ok = (rows[None, :] < N) & (k + pair < KW)[:, None]
-            s = tl.load(s_ptr + g_offs, mask=g_ok, other=0.0).to(tl.float32)[:, :, None]
-            z = tl.load(z_ptr + g_offs, mask=g_ok, other=0.0).to(tl.float32)[:, :, None]
-            acc += tl.sum(d, axis=3).to(tl.float32) * s + tl.sum(xs, axis=3).to(tl.float32) * (z - 8.0 * s)
-        y = tl.sum(acc, axis=0) * (amax / 32766.0)[None, :]  # (BLOCK_N, MP)
+            s = tl.load(s_ptr + g_offs, mask=g_ok, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g_offs, mask=g_ok, other=0.0).to(tl.float32)
+            acc += tl.sum(d, axis=2).to(tl.float32) * s + tl.sum(xs, axis=2).to(tl.float32) * (z - 8.0 * s)
+        y = tl.sum(acc, axis=0) * (amax / 32766.0)
         if HAS_BIAS:
-            y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
-        m2 = tl.arange(0, MP)[None, :]
-        tl.store(y_ptr + m2 * N + rows[:, None], y.to(y_ptr.dtype.element_ty), mask=(m2 < M) & (rows[:, None] < N))
+            y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
+
+    @triton.jit
+    def _nibbles(b, HI: tl.constexpr, OFFSET: tl.constexpr, like):
+        # uint8 bytes -> OFFSET + their low nibbles and OFFSET + their high ones, exactly, in a 16-bit float dtype
+        # whose OFFSET has the bit pattern HI << 8 (bfloat16: 0x43 -> 128; float16: 0x64 -> 1024): two masks and
+        # one prmt for two bytes place each nibble under that exponent byte, no int-to-float conversion
+        if PTX:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 l, h; and.b32 l, $4, 0x0F0F0F0F; shr.b32 h, $4, 4; and.b32 h, h, 0x0F0F0F0F; "
+                "prmt.b32 $0, l, $5, 0x5140; prmt.b32 $1, l, $5, 0x7362; "
+                "prmt.b32 $2, h, $5, 0x5140; prmt.b32 $3, h, $5, 0x7362; }",
+                "=r,=r,=r,=r,r,r,r,r,r", [b, HI * 0x01010101], dtype=(like.dtype, like.dtype), is_pure=True, pack=4)
+        return ((b & 15).to(tl.float32) + OFFSET).to(like.dtype), ((b >> 4).to(tl.float32) + OFFSET).to(like.dtype)
+
+    @triton.jit
+    def _int4_rows_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K: tl.constexpr, GROUPSIZE: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, HI: tl.constexpr, OFFSET: tl.constexpr, BLOCK_N: tl.constexpr):
+        # y (M, N) = x (M, K) @ W.T + b for 2 <= M <= 16 rows of 16-bit x on the tensor cores, W in pack_int4's
+        # layout, a group a step: its bytes become OFFSET + q in x's dtype (_nibbles), two dots give D = x . (OFFSET
+        # + q) over the group's two halves and two more against ones each row's sum X (in D's layout, no shuffles),
+        # and y += s * D + (z - (OFFSET + 8) s) * X in float32
+        H: tl.constexpr = GROUPSIZE // 2
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ms = tl.arange(0, 16)[:, None]
+        j = tl.arange(0, H)
+        acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        ones = tl.full((H, BLOCK_N), 1.0, tl.float32).to(x_ptr.dtype.element_ty)
+        for g in range(0, K // GROUPSIZE):
+            b = tl.load(w_ptr + rows[:, None] * (K // 2) + (g * H + j)[None, :], mask=rows[:, None] < N, other=0,
+                        eviction_policy="evict_first")  # (BLOCK_N, H) bytes
+            c = g * GROUPSIZE + j[None, :]
+            x_lo = tl.load(x_ptr + ms * K + c, mask=ms < M, other=0.0)
+            x_hi = tl.load(x_ptr + ms * K + c + H, mask=ms < M, other=0.0)
+            w_lo, w_hi = _nibbles(b, HI, OFFSET, x_lo)
+            d = tl.dot(x_hi, tl.trans(w_hi), tl.dot(x_lo, tl.trans(w_lo)))  # (16, BLOCK_N)
+            xs = tl.dot(x_hi, ones, tl.dot(x_lo, ones))  # each row's sum over the group, in d's layout
+            s = tl.load(s_ptr + rows * (K // GROUPSIZE) + g, mask=rows < N, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + rows * (K // GROUPSIZE) + g, mask=rows < N, other=0.0).to(tl.float32)
+            acc += d * s[None, :] + xs * (z - (OFFSET + 8.0) * s)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + ms * N + rows[None, :], acc.to(y_ptr.dtype.element_ty), mask=(ms < M) & (rows[None, :] < N))
 
 
 def _pdl(x) -> bool:
@@ -485,29 +513,30 @@ def _epilogue_args(x, gate, residual, gate_scales=None, scales=True) -> dict:
 def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, groupsize: int,
               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x (M, K_in) contiguous, M <= MAX_ROWS; packed weight (N, K/2) uint8 with scales, zeros (N, K/g), K >= K_in
-    padded to whole groups -> (M, N) in x's dtype, computed from x rounded to bfloat16 (as torch's int4 kernels do)."""
+    padded to whole groups -> (M, N) in x's dtype. One row computes from x rounded to bfloat16, as torch's int4
+    kernels do; more rows from float16 x as it is, other x rounded to bfloat16."""
     (M, K_in), N, K = x.shape, weight.shape[0], weight.shape[1] * 2
-    xb = x.to(torch.bfloat16)
-    if K_in != K or xb.data_ptr() % 8:  # the kernel reads x as int64 words, whole groups of them
-        xb = F.pad(xb, (0, K - K_in))
-    y, b, cfg = x.new_empty(M, N), bias if bias is not None else scales, int4_config(M, K)
-    _int4_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](xb, weight, scales, zeros, b, y, M, N, K=K, GROUPSIZE=groupsize,
-                                                    HAS_BIAS=bias is not None, **cfg)
+    y, b = x.new_empty(M, N), bias if bias is not None else scales
+    xw = x.to(torch.bfloat16) if M == 1 or x.dtype != torch.float16 else x
+    if K_in != K or xw.data_ptr() % 8:  # the kernels read whole groups of x, the GEMV as int64 words
+        xw = F.pad(xw, (0, K - K_in))
+    if M == 1:
+        cfg = int4_config(K)
+        _int4_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](xw, weight, scales, zeros, b, y, N, K=K, GROUPSIZE=groupsize,
+                                                        HAS_BIAS=bias is not None, **cfg)
+        return y
+    magic = dict(HI=0x43, OFFSET=128.0) if xw.dtype == torch.bfloat16 else dict(HI=0x64, OFFSET=1024.0)
+    _int4_rows_kernel[(triton.cdiv(N, INT4_ROWS_CONFIG["BLOCK_N"]),)](
+        xw, weight, scales, zeros, b, y, M, N, K=K, GROUPSIZE=groupsize, HAS_BIAS=bias is not None, **magic,
+        **INT4_ROWS_CONFIG)
     return y
 
 
-def int4_config(M: int, K: int) -> dict:
-    """The int4 kernel's tile for M rows of x, K wide: x's rows padded to a power of two (MP), fewer weight rows
-    a program the more x rows there are (each weight word meets every x row), and no more words a chunk than a row
-    has. Each thread takes four words of a chunk for all its rows, so that x loads in the layout the weights do:
-    with more threads than that (4 warps at 256 words), x went through shared memory to meet them, so narrow rows
-    get fewer warps."""
-    MP = triton.next_power_of_2(M)
-    cfg = dict(INT4_CONFIG) if M == 1 else dict(INT4_ROWS_CONFIG)
-    if M > 1:
-        cfg["BLOCK_N"] = max(1, min(cfg["BLOCK_N"], cfg.pop("BLOCK_MN") // MP))
-    block_w = min(cfg["BLOCK_W"], triton.next_power_of_2(K // 8))
-    return dict(cfg, MP=MP, BLOCK_W=block_w, num_warps=max(1, min(cfg["num_warps"], block_w // 128)))
+def int4_config(K: int) -> dict:
+    """The one-row int4 GEMV's tile for rows K wide: no more words a chunk than a row has, and at most a thread for
+    four of them (INT4_CONFIG)."""
+    block_w = min(INT4_CONFIG["BLOCK_W"], triton.next_power_of_2(K // 8))
+    return dict(INT4_CONFIG, BLOCK_W=block_w, num_warps=max(1, min(INT4_CONFIG["num_warps"], block_w // 128)))
 
 
 def _precision(x) -> str:

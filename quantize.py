@@ -18,9 +18,9 @@ gemv.py's Triton GEMV for one row (decode; 2462 GB/s alone, 84% of copy), its ro
 torch's `_weight_int8pack_mm` in bfloat16 (a dequantizing F.linear decoded no faster than float32 there). int4 is
 repacked for torch's packed-int4 matmul on either device, `_weight_int4pack_mm` (tinygemm: 1636 GB/s at one row,
 6 rows in 1.75x the time of one) on CUDA and `_weight_int4pack_mm_for_cpu` on the CPU, both computing in bfloat16
-(on the CPU ~30x faster than float32). gemv.py's Triton int4 kernel is selectable with int4_kernel="triton": since
-session 29 in integers like the int8 GEMV, a quarter of the instructions at one row of the float-product kernel
-measured at 1154 GB/s, not yet timed itself.
+(on the CPU ~30x faster than float32). gemv.py's Triton int4 kernels are selectable with int4_kernel="triton":
+since session 29 without float products (a quarter and a third of the instructions of the ones measured at 1154 GB/s
+at one row and 353 at six), not yet timed themselves.
 Decisions: embeddings, the output head (unless --quantize_output) and the MoE router stay float; MoE experts are
 int8 per channel in every mode (an int4 expert would need one kernel call per chosen expert); int4 layers whose
 output width is not a multiple of 16 (torch's CPU kernel; CUDA needs 8) stay float and are listed; an input width

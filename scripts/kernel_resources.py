@@ -62,11 +62,14 @@ def compile_sm90(fn, pointers: dict, consts: dict, num_warps: int, num_stages: i
 
 def weight_bytes_per_step(pointers: dict, consts: dict) -> float:
     """Bytes of weights one program streams per trip of its loop: BLOCK_N rows of a chunk (BLOCK_W int32 words for
-    the int8 and int4 kernels, BLOCK_K weights for the others), twice that with the gate-up pair."""
+    the int8 and int4 GEMVs, BLOCK_K weights for the float and int8 rows kernels, a group for the int4 one), twice
+    that with the gate-up pair."""
     if "BLOCK_W" in consts:  # int32 words
         chunk = consts["BLOCK_W"] * 4
-    else:
+    elif "BLOCK_K" in consts:
         chunk = consts["BLOCK_K"] * {"*bf16": 2, "*i8": 1}[pointers["w_ptr"]]
+    else:  # the int4 rows kernel: a group of int4 weights
+        chunk = consts["GROUPSIZE"] // 2
     return consts["BLOCK_N"] * chunk * (2 if consts.get("HAS_GATE") else 1)
 
 
@@ -86,9 +89,8 @@ def variants(K: int):
                ("float rows", G._rows_kernel, bf16, rows_cfg, [{}, gate, res, norm, dict(gate, **norm)]),
                ("int8 rows", G._rows_kernel, int8, G.INT8_ROWS_CONFIG,
                 [dict(HAS_SCALE=True), dict(gate, HAS_SCALE=True), dict(gate, HAS_SCALE=True, HAS_NW=True, **norm)]),
-               ("int4 GEMV g128", G._int4_kernel, int4, G.int4_config(1, K), [{}]),
-               ("int4 rows g128, 4 rows", G._int4_kernel, int4, G.int4_config(4, K), [{}]),
-               ("int4 rows g128, 8 rows", G._int4_kernel, int4, G.int4_config(8, K), [{}])]
+               ("int4 GEMV g128", G._int4_kernel, int4, G.int4_config(K), [{}]),
+               ("int4 rows g128", G._int4_rows_kernel, int4, G.INT4_ROWS_CONFIG, [dict(HI=0x43, OFFSET=128.0)])]
     for name, fn, pointers, cfg, extras in kernels:
         cfg = dict(cfg)
         warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages", 3)
