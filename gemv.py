@@ -36,7 +36,7 @@ loads. A float or int8 decode or verify layer is then five kernels: wqkv, attent
 `use_gemv(model)` swaps every float nn.Linear for `GemvLinear`, which takes these paths on CUDA and is F.linear
 otherwise (prefill, the CPU), and gives each dense TransformerBlock `fused_block`; quantize.py's Int8Linear and
 Int4Linear call `int8_gemv` / `int4_gemv`. Those four are custom ops (`_op`), so that torch.compile keeps them whole
-and CUDA graphs capture the float and int8 kernels' launches with programmatic dependent launch (`_pdl`): on
+and CUDA graphs capture the GEMVs' launches with programmatic dependent launch (`_pdl`): on
 Hopper a GEMV starts loading its weights while the kernel before it finishes.
 """
 import os
@@ -317,8 +317,40 @@ if triton is not None:
         tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
+    def _int4_words(w4_ptr, rows, words, k, N, KW: tl.constexpr, WPG: tl.constexpr, BLOCK_W: tl.constexpr):
+        # a chunk's two pairs of words a thread: `words` in the first half of a group's words, the same WPG / 2 on
+        return (_int8_words(w4_ptr, w4_ptr, rows, words, k, N, KW, BLOCK_W, False)[0],
+                _int8_words(w4_ptr, w4_ptr, rows, words + WPG // 2, k, N, KW, BLOCK_W, False)[0])
+
+    @triton.jit
+    def _int4_chunk(acc, wa, wb, x4_ptr, s_ptr, z_ptr, inv, rows, pair, words, k, N, K: tl.constexpr,
+                    GROUPSIZE: tl.constexpr, BLOCK_W: tl.constexpr):
+        # the chunk at word k into acc: per thread and row, 16 dp2a over its four words, then once in float32
+        KW: tl.constexpr = K // 8
+        WPG: tl.constexpr = GROUPSIZE // 8
+        group = (k + pair) // WPG
+        lo = tl.multiple_of(group * (2 * WPG) + pair % WPG, 2)  # the pair's first-half x, as int64 words
+        x_offs = (lo[:, None] + tl.arange(0, 2)[None, :])[:, None, :]  # (BLOCK_W // 4, 1, 2)
+        x_ok = ((k + words < KW) if KW % BLOCK_W else words >= 0)[:, None, :]
+        ones = tl.full((1, 1, 1), 0x01010101, tl.int32)
+        d, xs = tl.zeros_like(wa), tl.zeros((BLOCK_W // 4, 1, 2), dtype=tl.int32)
+        for half in tl.static_range(2):
+            w = wa if half == 0 else wb
+            x_half = x_offs + half * (WPG // 2)
+            l01, l23 = _int16_pairs(tl.load(x4_ptr + x_half, mask=x_ok, other=0), 0, inv, False)
+            h01, h23 = _int16_pairs(tl.load(x4_ptr + x_half + WPG, mask=x_ok, other=0), 0, inv, False)
+            d = _dot4((w >> 4) & 0x0F0F0F0F, h01, h23, _dot4(w & 0x0F0F0F0F, l01, l23, d))
+            xs = _dot4(ones, h01, h23, _dot4(ones, l01, l23, xs))
+        g_offs = rows[None, :] * (K // GROUPSIZE) + group[:, None]  # (BLOCK_W // 4, BLOCK_N)
+        g_ok = (rows[None, :] < N) & (k + pair < KW)[:, None]
+        s = tl.load(s_ptr + g_offs, mask=g_ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g_offs, mask=g_ok, other=0.0).to(tl.float32)
+        return acc + tl.sum(d, axis=2).to(tl.float32) * s + tl.sum(xs, axis=2).to(tl.float32) * (z - 8.0 * s)
+
+    @triton.jit
     def _int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K: tl.constexpr, GROUPSIZE: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, STAGES: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, STAGES: tl.constexpr,
+                     PDL: tl.constexpr):
         # y (N,) = W x (K,) + b for bfloat16 x, W (N, K) in pack_int4's layout and dequantized as w = (q - 8) s + z,
         # in integers as the int8 GEMV: x rounded onto int16 by its largest magnitude. An int32 word of W holds 8
         # weights, its low nibbles 4 columns of a group's first half and its high nibbles the same 4 of its second
@@ -326,7 +358,8 @@ if triton is not None:
         # takes two pairs of words of a group, one in each half of the group's words (so that each load of a warp
         # reads whole 32-byte sectors at g >= 128), of each of its rows, and the x they need, in the int8 GEMV's
         # tile (pairs, rows, 2). It sums their 16 dp2a in int32, D, and adds s * D + (z - 8 s) * X in float32, X
-        # the sum of those 32 columns of x (both exact in float32: under 2**24), once for four words
+        # the sum of those 32 columns of x (both exact in float32: under 2**24), once for four words. PDL as in
+        # the int8 GEMV: the first chunk of weights loads before the wait
         KW: tl.constexpr = K // 8
         WPG: tl.constexpr = GROUPSIZE // 8  # words a group
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -335,29 +368,18 @@ if triton is not None:
         words = pair[:, None] + tl.arange(0, 2)[None, :]  # (BLOCK_W // 4, 2)
         w4_ptr = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
         x4_ptr = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        wa, wb = _int4_words(w4_ptr, rows, words, 0, N, KW, WPG, BLOCK_W)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         amax = _x_range(x_ptr, x_ptr, K, False)[0]
         inv = 32766.0 / tl.maximum(amax, 1e-30)
-        ones = tl.full((1, 1, 1), 0x01010101, tl.int32)
-        acc = tl.zeros((BLOCK_W // 4, BLOCK_N), dtype=tl.float32)
-        for k in tl.range(0, KW, BLOCK_W, num_stages=STAGES):
-            group = (k + pair) // WPG
-            lo = tl.multiple_of(group * (2 * WPG) + pair % WPG, 2)  # the pair's first-half x, as int64 words
-            x_offs = (lo[:, None] + tl.arange(0, 2)[None, :])[:, None, :]  # (BLOCK_W // 4, 1, 2)
-            x_ok = ((k + words < KW) if KW % BLOCK_W else words >= 0)[:, None, :]
-            d = tl.zeros((BLOCK_W // 4, BLOCK_N, 2), dtype=tl.int32)
-            xs = tl.zeros((BLOCK_W // 4, 1, 2), dtype=tl.int32)
-            for half in tl.static_range(2):
-                w = _int8_words(w4_ptr, w4_ptr, rows, words + half * (WPG // 2), k, N, KW, BLOCK_W, False)[0]
-                x_half = x_offs + half * (WPG // 2)
-                l01, l23 = _int16_pairs(tl.load(x4_ptr + x_half, mask=x_ok, other=0), 0, inv, False)
-                h01, h23 = _int16_pairs(tl.load(x4_ptr + x_half + WPG, mask=x_ok, other=0), 0, inv, False)
-                d = _dot4((w >> 4) & 0x0F0F0F0F, h01, h23, _dot4(w & 0x0F0F0F0F, l01, l23, d))
-                xs = _dot4(ones, h01, h23, _dot4(ones, l01, l23, xs))
-            g_offs = rows[None, :] * (K // GROUPSIZE) + group[:, None]  # (BLOCK_W // 4, BLOCK_N)
-            g_ok = (rows[None, :] < N) & (k + pair < KW)[:, None]
-            s = tl.load(s_ptr + g_offs, mask=g_ok, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + g_offs, mask=g_ok, other=0.0).to(tl.float32)
-            acc += tl.sum(d, axis=2).to(tl.float32) * s + tl.sum(xs, axis=2).to(tl.float32) * (z - 8.0 * s)
+        acc = _int4_chunk(tl.zeros((BLOCK_W // 4, BLOCK_N), dtype=tl.float32), wa, wb, x4_ptr, s_ptr, z_ptr, inv,
+                          rows, pair, words, 0, N, K, GROUPSIZE, BLOCK_W)
+        for k in tl.range(BLOCK_W, KW, BLOCK_W, num_stages=STAGES):
+            wa, wb = _int4_words(w4_ptr, rows, words, k, N, KW, WPG, BLOCK_W)
+            acc = _int4_chunk(acc, wa, wb, x4_ptr, s_ptr, z_ptr, inv, rows, pair, words, k, N, K, GROUPSIZE, BLOCK_W)
         y = tl.sum(acc, axis=0) * (amax / 32766.0)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
@@ -414,7 +436,8 @@ def _pdl(x) -> bool:
     decode layer is GEMV, attention, GEMV, GEMV, GEMV, so most boundaries are two GEMVs. On an H200 the Llama-2-7B
     decode step went from 3.90 to 3.65 ms (BENCHMARKS.md). The one-row int8 GEMV does the same (its first chunk
     of weights before the wait): 82.6% of copy over the 7B layers against 78.5% with plain launches, one H200. The
-    int8 GEMV it replaced, float products a weight, lost 5% with PDL. The int4 kernel keeps plain launches."""
+    int8 GEMV it replaced, float products a weight, lost 5% with PDL. The one-row int4 GEMV, in the same integers,
+    launches the same way (not timed yet); the int8 and int4 rows kernels launch plainly."""
     return PDL_OK and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
@@ -521,9 +544,9 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
     if K_in != K or xw.data_ptr() % 8:  # the kernels read whole groups of x, the GEMV as int64 words
         xw = F.pad(xw, (0, K - K_in))
     if M == 1:
-        cfg = int4_config(K)
+        cfg, pdl = int4_config(K), _pdl(x)
         _int4_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](xw, weight, scales, zeros, b, y, N, K=K, GROUPSIZE=groupsize,
-                                                        HAS_BIAS=bias is not None, **cfg)
+                                                        HAS_BIAS=bias is not None, **cfg, PDL=pdl, launch_pdl=pdl)
         return y
     magic = dict(HI=0x43, OFFSET=128.0) if xw.dtype == torch.bfloat16 else dict(HI=0x64, OFFSET=1024.0)
     _int4_rows_kernel[(triton.cdiv(N, INT4_ROWS_CONFIG["BLOCK_N"]),)](
