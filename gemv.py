@@ -36,8 +36,8 @@ loads. A float or int8 decode or verify layer is then five kernels: wqkv, attent
 `use_gemv(model)` swaps every float nn.Linear for `GemvLinear`, which takes these paths on CUDA and is F.linear
 otherwise (prefill, the CPU), and gives each dense TransformerBlock `fused_block`; quantize.py's Int8Linear and
 Int4Linear call `int8_gemv` / `int4_gemv`. Those four are custom ops (`_op`), so that torch.compile keeps them whole
-and CUDA graphs capture the GEMVs' launches with programmatic dependent launch (`_pdl`): on
-Hopper a GEMV starts loading its weights while the kernel before it finishes.
+and CUDA graphs capture the GEMVs' launches with programmatic dependent launch (`_pdl`): on Hopper a GEMV starts
+loading its weights while the kernel before it finishes.
 """
 import os
 from typing import Optional
