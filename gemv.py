@@ -24,14 +24,14 @@ conversion), D = x . (OFFSET + q) and X from two dots each, then s * D + (z - (O
 the float-product kernels they replaced; not yet timed on a GPU, so quantize.py keeps torch's int4 kernel the CUDA
 default. int8 and int4 are the formats quantize.py writes.
 
-The float and int8 kernels also take in the small steps around a matmul, so that a layer launches fewer kernels
+The float, int8 and int4 kernels also take in the small steps around a matmul, so that a layer launches fewer kernels
 (`linear`, `fused_block`): SwiGLU's gate and up projections run as one kernel that streams both weights and ends
 with the SiLU-times-up, and the residual adds happen in the epilogues of wo and w2. The RMSNorms go in too: the
 kernel, which reads all of x in every program anyway, sums its squares on the way and scales by 1/rms at the end.
 For float weights `fold_norms` moves each norm's weight into the matmuls after it (so x itself is not scaled, and
-in the rows kernel it still streams straight into the tensor cores); the int8 kernels multiply x by it as x
-loads. A float or int8 decode or verify layer is then five kernels: wqkv, attention
-(decode_attention.py), wo, the gate-up pair, w2.
+in the rows kernel it still streams straight into the tensor cores); the int8 and int4 kernels multiply x by it as
+x loads. A decode or verify layer is then five kernels: wqkv, attention (decode_attention.py), wo, the gate-up
+pair, w2.
 
 `use_gemv(model)` swaps every float nn.Linear for `GemvLinear`, which takes these paths on CUDA and is F.linear
 otherwise (prefill, the CPU), and gives each dense TransformerBlock `fused_block`; quantize.py's Int8Linear and
@@ -323,9 +323,18 @@ if triton is not None:
                 _int8_words(w4_ptr, w4_ptr, rows, words + WPG // 2, k, N, KW, BLOCK_W, False)[0])
 
     @triton.jit
-    def _int4_chunk(acc, wa, wb, x4_ptr, s_ptr, z_ptr, inv, rows, pair, words, k, N, K: tl.constexpr,
-                    GROUPSIZE: tl.constexpr, BLOCK_W: tl.constexpr):
-        # the chunk at word k into acc: per thread and row, 16 dp2a over its four words, then once in float32
+    def _int4_group_sums(d, xs, s_ptr, z_ptr, g_offs, g_ok):
+        # (pairs, rows) float32: s * D + (z - 8 s) * X for each thread's four words
+        s = tl.load(s_ptr + g_offs, mask=g_ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g_offs, mask=g_ok, other=0.0).to(tl.float32)
+        return tl.sum(d, axis=2).to(tl.float32) * s + xs * (z - 8.0 * s)
+
+    @triton.jit
+    def _int4_chunk(acc, acc_g, wa, wb, ga, gb, x4_ptr, n4_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr, inv, rows, pair,
+                    words, k, N, K: tl.constexpr, GROUPSIZE: tl.constexpr, BLOCK_W: tl.constexpr,
+                    HAS_RMS: tl.constexpr, HAS_GATE: tl.constexpr):
+        # the chunk at word k into acc (and the gate's into acc_g): per thread and row 16 dp2a over its four words,
+        # then once in float32; x times the norm's weight nw with HAS_RMS, before the rounding
         KW: tl.constexpr = K // 8
         WPG: tl.constexpr = GROUPSIZE // 8
         group = (k + pair) // WPG
@@ -333,24 +342,31 @@ if triton is not None:
         x_offs = (lo[:, None] + tl.arange(0, 2)[None, :])[:, None, :]  # (BLOCK_W // 4, 1, 2)
         x_ok = ((k + words < KW) if KW % BLOCK_W else words >= 0)[:, None, :]
         ones = tl.full((1, 1, 1), 0x01010101, tl.int32)
-        d, xs = tl.zeros_like(wa), tl.zeros((BLOCK_W // 4, 1, 2), dtype=tl.int32)
-        for half in tl.static_range(2):
-            w = wa if half == 0 else wb
-            x_half = x_offs + half * (WPG // 2)
-            l01, l23 = _int16_pairs(tl.load(x4_ptr + x_half, mask=x_ok, other=0), 0, inv, False)
-            h01, h23 = _int16_pairs(tl.load(x4_ptr + x_half + WPG, mask=x_ok, other=0), 0, inv, False)
-            d = _dot4((w >> 4) & 0x0F0F0F0F, h01, h23, _dot4(w & 0x0F0F0F0F, l01, l23, d))
-            xs = _dot4(ones, h01, h23, _dot4(ones, l01, l23, xs))
+        d, dg, xs = tl.zeros_like(wa), tl.zeros_like(wa), tl.zeros((BLOCK_W // 4, 1, 2), dtype=tl.int32)
+        for half in tl.static_range(4):  # the pairs' first-half columns (low nibbles), then their second-half ones
+            offs = x_offs + (half % 2) * (WPG // 2) + (half // 2) * WPG
+            x4 = tl.load(x4_ptr + offs, mask=x_ok, other=0)
+            n4 = tl.load(n4_ptr + offs, mask=x_ok, other=0) if HAS_RMS else x4
+            q01, q23 = _int16_pairs(x4, n4, inv, HAS_RMS)
+            w, g = (wa, ga) if half % 2 == 0 else (wb, gb)
+            shift = 4 * (half // 2)
+            d = _dot4((w >> shift) & 0x0F0F0F0F, q01, q23, d)
+            if HAS_GATE:
+                dg = _dot4((g >> shift) & 0x0F0F0F0F, q01, q23, dg)
+            xs = _dot4(ones, q01, q23, xs)
+        xs = tl.sum(xs, axis=2).to(tl.float32)
         g_offs = rows[None, :] * (K // GROUPSIZE) + group[:, None]  # (BLOCK_W // 4, BLOCK_N)
         g_ok = (rows[None, :] < N) & (k + pair < KW)[:, None]
-        s = tl.load(s_ptr + g_offs, mask=g_ok, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + g_offs, mask=g_ok, other=0.0).to(tl.float32)
-        return acc + tl.sum(d, axis=2).to(tl.float32) * s + tl.sum(xs, axis=2).to(tl.float32) * (z - 8.0 * s)
+        acc += _int4_group_sums(d, xs, s_ptr, z_ptr, g_offs, g_ok)
+        if HAS_GATE:
+            acc_g += _int4_group_sums(dg, xs, gs_ptr, gz_ptr, g_offs, g_ok)
+        return acc, acc_g
 
     @triton.jit
-    def _int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K: tl.constexpr, GROUPSIZE: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, STAGES: tl.constexpr,
-                     PDL: tl.constexpr):
+    def _int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, gz_ptr, res_ptr, nw_ptr, N,
+                     K: tl.constexpr, GROUPSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RMS: tl.constexpr,
+                     EPS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_W: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
         # y (N,) = W x (K,) + b for bfloat16 x, W (N, K) in pack_int4's layout and dequantized as w = (q - 8) s + z,
         # in integers as the int8 GEMV: x rounded onto int16 by its largest magnitude. An int32 word of W holds 8
         # weights, its low nibbles 4 columns of a group's first half and its high nibbles the same 4 of its second
@@ -358,8 +374,8 @@ if triton is not None:
         # takes two pairs of words of a group, one in each half of the group's words (so that each load of a warp
         # reads whole 32-byte sectors at g >= 128), of each of its rows, and the x they need, in the int8 GEMV's
         # tile (pairs, rows, 2). It sums their 16 dp2a in int32, D, and adds s * D + (z - 8 s) * X in float32, X
-        # the sum of those 32 columns of x (both exact in float32: under 2**24), once for four words. PDL as in
-        # the int8 GEMV: the first chunk of weights loads before the wait
+        # the sum of those 32 columns of x (both exact in float32: under 2**24), once for four words. The gate
+        # (an int4 G with its own scales and zeros), the norm, the residual and PDL as in the int8 GEMV
         KW: tl.constexpr = K // 8
         WPG: tl.constexpr = GROUPSIZE // 8  # words a group
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -367,22 +383,32 @@ if triton is not None:
         pair = (pairs // (WPG // 4)) * WPG + (pairs % (WPG // 4)) * 2  # its first word; the other pair WPG / 2 on
         words = pair[:, None] + tl.arange(0, 2)[None, :]  # (BLOCK_W // 4, 2)
         w4_ptr = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+        g4_ptr = g_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
         x4_ptr = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
+        n4_ptr = nw_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         wa, wb = _int4_words(w4_ptr, rows, words, 0, N, KW, WPG, BLOCK_W)
+        ga, gb = _int4_words(g4_ptr, rows, words, 0, N, KW, WPG, BLOCK_W) if HAS_GATE else (wa, wb)
         if PDL:
             tl.extra.cuda.gdc_wait()
-        amax = _x_range(x_ptr, x_ptr, K, False)[0]
+        amax, ss = _x_range(x_ptr, nw_ptr, K, HAS_RMS)
         inv = 32766.0 / tl.maximum(amax, 1e-30)
-        acc = _int4_chunk(tl.zeros((BLOCK_W // 4, BLOCK_N), dtype=tl.float32), wa, wb, x4_ptr, s_ptr, z_ptr, inv,
-                          rows, pair, words, 0, N, K, GROUPSIZE, BLOCK_W)
+        zeros = tl.zeros((BLOCK_W // 4, BLOCK_N), dtype=tl.float32)
+        acc, acc_g = _int4_chunk(zeros, zeros, wa, wb, ga, gb, x4_ptr, n4_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr, inv,
+                                 rows, pair, words, 0, N, K, GROUPSIZE, BLOCK_W, HAS_RMS, HAS_GATE)
         for k in tl.range(BLOCK_W, KW, BLOCK_W, num_stages=STAGES):
             wa, wb = _int4_words(w4_ptr, rows, words, k, N, KW, WPG, BLOCK_W)
-            acc = _int4_chunk(acc, wa, wb, x4_ptr, s_ptr, z_ptr, inv, rows, pair, words, k, N, K, GROUPSIZE, BLOCK_W)
-        y = tl.sum(acc, axis=0) * (amax / 32766.0)
+            ga, gb = _int4_words(g4_ptr, rows, words, k, N, KW, WPG, BLOCK_W) if HAS_GATE else (wa, wb)
+            acc, acc_g = _int4_chunk(acc, acc_g, wa, wb, ga, gb, x4_ptr, n4_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr, inv,
+                                     rows, pair, words, k, N, K, GROUPSIZE, BLOCK_W, HAS_RMS, HAS_GATE)
+        descale = amax / 32766.0
+        if HAS_RMS:
+            descale *= tl.rsqrt(ss / K + EPS)
+        y, gate = tl.sum(acc, axis=0) * descale, tl.sum(acc_g, axis=0) * descale
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        y = _epilogue(y, gate, rows, rows < N, res_ptr, HAS_GATE, HAS_RES)
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
 
     @triton.jit
@@ -399,33 +425,57 @@ if triton is not None:
         return ((b & 15).to(tl.float32) + OFFSET).to(like.dtype), ((b >> 4).to(tl.float32) + OFFSET).to(like.dtype)
 
     @triton.jit
-    def _int4_rows_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K: tl.constexpr, GROUPSIZE: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, HI: tl.constexpr, OFFSET: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _int4_rows_group(acc, b, s_ptr, z_ptr, g, x_lo, x_hi, xs, rows, N, K: tl.constexpr, GROUPSIZE: tl.constexpr,
+                         HI: tl.constexpr, OFFSET: tl.constexpr):
+        # acc + group g's s * D + (z - (OFFSET + 8) s) * X, D from two dots against the group's nibbles b
+        w_lo, w_hi = _nibbles(b, HI, OFFSET, x_lo)
+        d = tl.dot(x_hi, tl.trans(w_hi), tl.dot(x_lo, tl.trans(w_lo)))  # (16, BLOCK_N)
+        s = tl.load(s_ptr + rows * (K // GROUPSIZE) + g, mask=rows < N, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + rows * (K // GROUPSIZE) + g, mask=rows < N, other=0.0).to(tl.float32)
+        return acc + d * s[None, :] + xs * (z - (OFFSET + 8.0) * s)[None, :]
+
+    @triton.jit
+    def _int4_rows_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, gz_ptr, res_ptr, nw_ptr, M, N,
+                          K: tl.constexpr, GROUPSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RMS: tl.constexpr,
+                          EPS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, HI: tl.constexpr,
+                          OFFSET: tl.constexpr, BLOCK_N: tl.constexpr):
         # y (M, N) = x (M, K) @ W.T + b for 2 <= M <= 16 rows of 16-bit x on the tensor cores, W in pack_int4's
         # layout, a group a step: its bytes become OFFSET + q in x's dtype (_nibbles), two dots give D = x . (OFFSET
         # + q) over the group's two halves and two more against ones each row's sum X (in D's layout, no shuffles),
-        # and y += s * D + (z - (OFFSET + 8) s) * X in float32
+        # and y += s * D + (z - (OFFSET + 8) s) * X in float32. The gate, the norm and the residual as in the
+        # int8 rows kernel (_rows_kernel with HAS_NW)
         H: tl.constexpr = GROUPSIZE // 2
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         ms = tl.arange(0, 16)[:, None]
         j = tl.arange(0, H)
         acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        acc_g = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        gram = tl.zeros((16, 16), dtype=tl.float32)
         ones = tl.full((H, BLOCK_N), 1.0, tl.float32).to(x_ptr.dtype.element_ty)
         for g in range(0, K // GROUPSIZE):
-            b = tl.load(w_ptr + rows[:, None] * (K // 2) + (g * H + j)[None, :], mask=rows[:, None] < N, other=0,
-                        eviction_policy="evict_first")  # (BLOCK_N, H) bytes
+            offs = rows[:, None] * (K // 2) + (g * H + j)[None, :]
+            b = tl.load(w_ptr + offs, mask=rows[:, None] < N, other=0, eviction_policy="evict_first")  # (BLOCK_N, H)
             c = g * GROUPSIZE + j[None, :]
             x_lo = tl.load(x_ptr + ms * K + c, mask=ms < M, other=0.0)
             x_hi = tl.load(x_ptr + ms * K + c + H, mask=ms < M, other=0.0)
-            w_lo, w_hi = _nibbles(b, HI, OFFSET, x_lo)
-            d = tl.dot(x_hi, tl.trans(w_hi), tl.dot(x_lo, tl.trans(w_lo)))  # (16, BLOCK_N)
-            xs = tl.dot(x_hi, ones, tl.dot(x_lo, ones))  # each row's sum over the group, in d's layout
-            s = tl.load(s_ptr + rows * (K // GROUPSIZE) + g, mask=rows < N, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + rows * (K // GROUPSIZE) + g, mask=rows < N, other=0.0).to(tl.float32)
-            acc += d * s[None, :] + xs * (z - (OFFSET + 8.0) * s)[None, :]
+            if HAS_RMS:  # x x^T on the tensor cores: its diagonal is each row's sum of squares
+                gram = tl.dot(x_hi, tl.trans(x_hi), tl.dot(x_lo, tl.trans(x_lo), gram))
+                x_lo = (x_lo.to(tl.float32) * tl.load(nw_ptr + c).to(tl.float32)).to(x_lo.dtype)
+                x_hi = (x_hi.to(tl.float32) * tl.load(nw_ptr + c + H).to(tl.float32)).to(x_hi.dtype)
+            xs = tl.dot(x_hi, ones, tl.dot(x_lo, ones))  # each row's sum over the group, in D's layout
+            acc = _int4_rows_group(acc, b, s_ptr, z_ptr, g, x_lo, x_hi, xs, rows, N, K, GROUPSIZE, HI, OFFSET)
+            if HAS_GATE:
+                bg = tl.load(g_ptr + offs, mask=rows[:, None] < N, other=0, eviction_policy="evict_first")
+                acc_g = _int4_rows_group(acc_g, bg, gs_ptr, gz_ptr, g, x_lo, x_hi, xs, rows, N, K, GROUPSIZE, HI,
+                                         OFFSET)
+        if HAS_RMS:
+            r = tl.rsqrt(tl.sum(tl.where(ms == tl.arange(0, 16)[None, :], gram, 0.0), axis=1) / K + EPS)[:, None]
+            acc, acc_g = acc * r, acc_g * r
         if HAS_BIAS:
             acc += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + ms * N + rows[None, :], acc.to(y_ptr.dtype.element_ty), mask=(ms < M) & (rows[None, :] < N))
+        offs, ok = ms * N + rows[None, :], (ms < M) & (rows[None, :] < N)
+        acc = _epilogue(acc, acc_g, offs, ok, res_ptr, HAS_GATE, HAS_RES)
+        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 def _pdl(x) -> bool:
@@ -534,24 +584,36 @@ def _epilogue_args(x, gate, residual, gate_scales=None, scales=True) -> dict:
 
 @_op
 def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, groupsize: int,
-              bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+              bias: Optional[torch.Tensor] = None, gate: Optional[torch.Tensor] = None,
+              gate_scales: Optional[torch.Tensor] = None, gate_zeros: Optional[torch.Tensor] = None,
+              residual: Optional[torch.Tensor] = None, norm_weight: Optional[torch.Tensor] = None,
+              rms_eps: Optional[float] = None) -> torch.Tensor:
     """x (M, K_in) contiguous, M <= MAX_ROWS; packed weight (N, K/2) uint8 with scales, zeros (N, K/g), K >= K_in
-    padded to whole groups -> (M, N) in x's dtype. One row computes from x rounded to bfloat16, as torch's int4
-    kernels do; more rows from float16 x as it is, other x rounded to bfloat16."""
+    padded to whole groups -> (M, N) in x's dtype, as int8_gemv (the gate another int4 weight with its scales and
+    zeros). One row computes from x rounded to bfloat16, as torch's int4 kernels do; more rows from float16 x as
+    it is, other x rounded to bfloat16."""
     (M, K_in), N, K = x.shape, weight.shape[0], weight.shape[1] * 2
     y, b = x.new_empty(M, N), bias if bias is not None else scales
     xw = x.to(torch.bfloat16) if M == 1 or x.dtype != torch.float16 else x
+    if norm_weight is not None and (K_in != K or xw.dtype == torch.float16):  # the kernels' mean is over K; and
+        xf = xw.float()  # float16 x times the norm's weight, before 1/rms, could overflow
+        xw = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + rms_eps) * norm_weight.float()).to(xw.dtype)
+        norm_weight = None
     if K_in != K or xw.data_ptr() % 8:  # the kernels read whole groups of x, the GEMV as int64 words
         xw = F.pad(xw, (0, K - K_in))
+    nw = xw if norm_weight is None else norm_weight.to(xw.dtype).contiguous()
+    args = dict(g_ptr=weight if gate is None else gate, gs_ptr=scales if gate is None else gate_scales,
+                gz_ptr=zeros if gate is None else gate_zeros, res_ptr=x if residual is None else residual.contiguous(),
+                nw_ptr=nw, K=K, GROUPSIZE=groupsize, HAS_BIAS=bias is not None, HAS_RMS=norm_weight is not None,
+                EPS=rms_eps or 0.0, HAS_GATE=gate is not None, HAS_RES=residual is not None)
     if M == 1:
         cfg, pdl = int4_config(K), _pdl(x)
-        _int4_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](xw, weight, scales, zeros, b, y, N, K=K, GROUPSIZE=groupsize,
-                                                        HAS_BIAS=bias is not None, **cfg, PDL=pdl, launch_pdl=pdl)
+        _int4_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](xw, weight, scales, zeros, b, y, N=N, **args, **cfg, PDL=pdl,
+                                                        launch_pdl=pdl)
         return y
     magic = dict(HI=0x43, OFFSET=128.0) if xw.dtype == torch.bfloat16 else dict(HI=0x64, OFFSET=1024.0)
-    _int4_rows_kernel[(triton.cdiv(N, INT4_ROWS_CONFIG["BLOCK_N"]),)](
-        xw, weight, scales, zeros, b, y, M, N, K=K, GROUPSIZE=groupsize, HAS_BIAS=bias is not None, **magic,
-        **INT4_ROWS_CONFIG)
+    _int4_rows_kernel[(triton.cdiv(N, INT4_ROWS_CONFIG["BLOCK_N"]),)](xw, weight, scales, zeros, b, y, M=M, N=N,
+                                                                     **args, **magic, **INT4_ROWS_CONFIG)
     return y
 
 
@@ -577,20 +639,25 @@ def linear(layer, x, gate=None, residual=None, norm=None):
     g = gate.weight if gate is not None else None
     kernel = triton is not None and x.is_cuda and rows <= MAX_ROWS and (
         gate is None or (type(gate) is type(layer) and gate.bias is None and g.shape == w.shape
-                         and g.dtype == w.dtype and g.is_contiguous()))
+                         and g.dtype == w.dtype and g.is_contiguous()
+                         and getattr(gate, "groupsize", None) == getattr(layer, "groupsize", None)))
     float_kernel = (kernel and isinstance(layer, nn.Linear) and w.dtype == x.dtype and w.is_contiguous()
                     and (rows == 1 or x.dtype != torch.float32))  # rows: tuned for 16 bits; float32 stays on cuBLAS
-    int8_kernel = kernel and w.dtype == torch.int8 and getattr(layer, "use_triton", False)  # a prepared Int8Linear
-    if norm is not None and not ((float_kernel or int8_kernel) and norm_inside(layer, norm)):
+    quant_kernel = kernel and getattr(layer, "use_triton", False)  # a prepared Int8Linear (int8) or Int4Linear (uint8)
+    if norm is not None and not ((float_kernel or quant_kernel) and norm_inside(layer, norm)):
         x, norm = norm(x), None
     eps = None if norm is None else norm.eps
     if float_kernel:
         if rows == 1:
             return gemv(x, w, layer.bias, g, residual, eps)
         return gemm_rows(x, w, layer.bias, g, residual, eps)
-    if int8_kernel:
-        y = int8_gemv(x.reshape(rows, -1).contiguous(), w, layer.scales, layer.bias, g,
-                      None if gate is None else gate.scales, residual, None if norm is None else norm.weight, eps)
+    if quant_kernel:
+        x2, nw = x.reshape(rows, -1).contiguous(), None if norm is None else norm.weight
+        if w.dtype == torch.int8:
+            y = int8_gemv(x2, w, layer.scales, layer.bias, g, None if gate is None else gate.scales, residual, nw, eps)
+        else:
+            y = int4_gemv(x2, w, layer.scales, layer.zeros, layer.groupsize, layer.bias, g,
+                          *((None, None) if gate is None else (gate.scales, gate.zeros)), residual, nw, eps)
         return y.view(*x.shape[:-1], -1)
     y = F.linear(x, w, layer.bias) if isinstance(layer, nn.Linear) else layer(x)
     y = y if gate is None else F.silu(gate(x)) * y
@@ -599,10 +666,11 @@ def linear(layer, x, gate=None, residual=None, norm=None):
 
 def norm_inside(layer, norm) -> bool:
     """Whether the kernel for `layer` can apply the RMSNorm before it: a float layer whose weights carry the norm's
-    (fold_norms), or an int8 one, whose kernels multiply x by the norm's weight as it loads."""
+    (fold_norms), or a quantized one on our kernels (Int8Linear, Int4Linear with use_triton), which multiply x by
+    the norm's weight as it loads."""
     if getattr(norm, "folded", False):
         return True
-    return getattr(layer, "use_triton", False) and layer.weight.dtype == torch.int8
+    return getattr(layer, "use_triton", False) and layer.weight.dtype in (torch.int8, torch.uint8)
 
 
 class GemvLinear(nn.Linear):
@@ -613,11 +681,11 @@ class GemvLinear(nn.Linear):
 def fused_block(block, x, rope, mask, input_pos):
     """model.TransformerBlock.forward with SwiGLU's gate and up projections and the SiLU-times-up in one kernel,
     both residual adds inside the matmuls before them, and, with folded norms (fold_norms), both RMSNorms inside
-    the matmuls after them where `norm_inside` allows (folded float norms; int8 weights): five kernels
-    a decode or verify layer. The same arithmetic up to rounding, each fused step computing in float32 and
-    rounding once. Where the norms cannot go in at one row (int4), the residual adds stay in inductor's kernels,
-    where they ride along with the next RMSNorm: inside the matmuls they made the int8 7B decode step 2% slower
-    when its norms were kernels of their own (BENCHMARKS.md)."""
+    the matmuls after them where `norm_inside` allows (folded float norms; int8 weights; int4 on our kernels): five
+    kernels a decode or verify layer. The same arithmetic up to rounding, each fused step computing in float32 and
+    rounding once. Where the norms cannot go in at one row (int4 on torch's kernel), the residual adds stay in
+    inductor's kernels, where they ride along with the next RMSNorm: inside the matmuls they made the int8 7B decode
+    step 2% slower when its norms were kernels of their own (BENCHMARKS.md)."""
     attn, ffn, norm1, norm2 = block.attention, block.feed_forward, block.attention_norm, block.ffn_norm
     rows = x.shape[0] * x.shape[1]
     if rows == 1 and not (norm_inside(attn.wqkv, norm1) and norm_inside(ffn.w3, norm2)):

@@ -2,8 +2,8 @@
 1 input row (decode) and 6 (speculative verify) over a model's layer shapes (Llama-2-7B by default) with random
 weights, all matmuls of a step replayed as one CUDA graph, against the device-to-device copy bandwidth measured in
 the same run. Counts the bytes the quantized weights and their scales occupy. The feed-forward's gate and up
-projections run as one call (gemv.py's gate-up pair) for the bf16 and int8 kernels, as in the model, unless
---no_pair. --sweep also tries a grid of tile configs for the Triton kernels.
+projections run as one call (gemv.py's gate-up pair) for the bf16, int8 and Triton int4 kernels, as in the model,
+unless --no_pair. --sweep also tries a grid of tile configs for the Triton kernels.
 
     python scripts/gemv_sweep.py           # under a minute on an H100
     python scripts/gemv_sweep.py --sweep   # about 6 minutes; the best configs go into gemv.py by hand
@@ -57,8 +57,8 @@ def main():
     p.add_argument("--kinds", default="bf16,bf16-cublas,int8,int4,int4-tinygemm", help="kernels to time")
     p.add_argument("--budget", type=float, default=60, help="seconds of sweeping per kernel and row count")
     p.add_argument("--no_pair", action="store_true",
-                   help="w1 and w3 as two matmuls (default for bf16 and int8: one call with w1 as w3's gate, as the "
-                        "model runs them)")
+                   help="w1 and w3 as two matmuls (default for bf16, int8 and int4: one call with w1 as w3's gate, "
+                        "as the model runs them)")
     p.add_argument("--no_pdl", action="store_true", help="plain launches: no programmatic dependent launch")
     args = p.parse_args()
     G.PDL_OK = G.PDL_OK and not args.no_pdl
@@ -101,7 +101,8 @@ def main():
             fn = lambda: [G.int8_gemv(xi, w, s, None, *(g or (None, None)))  # noqa: E731
                           for xi, (w, s), g in plan(xs, w8)]
         elif kind == "int4":
-            fn = lambda: [G.int4_gemv(xi, w, s, z, g) for xi, (w, s, z) in zip(xs, w4)]  # noqa: E731
+            fn = lambda: [G.int4_gemv(xi, w, s, z, g, None, *(gt or (None, None, None)))  # noqa: E731
+                          for xi, (w, s, z), gt in plan(xs, w4)]
         else:
             fn = lambda: [torch.ops.aten._weight_int4pack_mm(xi, w, g, sz) for xi, (w, sz) in zip(xs, tiny)]  # noqa: E731
         return {"int8": bytes8, "bf16": bytes16, "bf16-cublas": bytes16}.get(kind, bytes4) / graph_time(fn) / 1e9

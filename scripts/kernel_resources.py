@@ -76,9 +76,9 @@ def weight_bytes_per_step(pointers: dict, consts: dict) -> float:
 def variants(K: int):
     """(name, kernel, pointer types, constexprs, num_warps, num_stages) for each kernel variant the model runs,
     with the tiles gemv.py ships for width K."""
-    bf16 = dict.fromkeys(["x_ptr", "w_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "g_ptr", "gs_ptr", "res_ptr", "nw_ptr"],
-                         "*bf16")
-    int8, int4 = dict(bf16, w_ptr="*i8", g_ptr="*i8"), dict(bf16, w_ptr="*u8")
+    bf16 = dict.fromkeys(["x_ptr", "w_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "g_ptr", "gs_ptr", "gz_ptr", "res_ptr",
+                          "nw_ptr"], "*bf16")
+    int8, int4 = dict(bf16, w_ptr="*i8", g_ptr="*i8"), dict(bf16, w_ptr="*u8", g_ptr="*u8")
     off = dict(K=K, K_IN=K, GROUPSIZE=128, HAS_BIAS=False, HAS_GATE=False, HAS_RES=False, HAS_RMS=False, HAS_NW=False,
                EPS=1e-5, PRECISION="tf32", PDL=True)
     gate, res, norm = dict(HAS_GATE=True), dict(HAS_RES=True), dict(HAS_RMS=True)
@@ -89,8 +89,9 @@ def variants(K: int):
                ("float rows", G._rows_kernel, bf16, rows_cfg, [{}, gate, res, norm, dict(gate, **norm)]),
                ("int8 rows", G._rows_kernel, int8, G.INT8_ROWS_CONFIG,
                 [dict(HAS_SCALE=True), dict(gate, HAS_SCALE=True), dict(gate, HAS_SCALE=True, HAS_NW=True, **norm)]),
-               ("int4 GEMV g128", G._int4_kernel, int4, G.int4_config(K), [{}]),
-               ("int4 rows g128", G._int4_rows_kernel, int4, G.INT4_ROWS_CONFIG, [dict(HI=0x43, OFFSET=128.0)])]
+               ("int4 GEMV g128", G._int4_kernel, int4, G.int4_config(K), [{}, gate, res, dict(gate, **norm)]),
+               ("int4 rows g128", G._int4_rows_kernel, int4, dict(G.INT4_ROWS_CONFIG, HI=0x43, OFFSET=128.0),
+                [{}, gate, dict(gate, **norm)])]
     for name, fn, pointers, cfg, extras in kernels:
         cfg = dict(cfg)
         warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages", 3)

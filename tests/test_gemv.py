@@ -37,7 +37,7 @@ for M, N, K, bias in [(2, 7, 33, False), (6, 64, 1024, True), (16, 130, 2500, Fa
     assert y.shape == ref.shape and err < 1e-3, (M, N, K, err)
     worst["rows"] = max(worst.get("rows", 0), err)
 # the fused steps: y = (W @ x) * silu(G @ x) + residual, G a second weight (SwiGLU's gate), for every kernel
-from gemv import int8_gemv
+from gemv import int4_gemv, int8_gemv
 for M, N, K in [(1, 7, 33), (1, 130, 2500), (3, 64, 300), (16, 20, 1030)]:
     x, w, g = torch.randn(M, K).half(), torch.randn(N, K).half(), torch.randn(N, K).half() / 10
     res = torch.randn(M, N).half()
@@ -105,6 +105,34 @@ for N, K in [(7, 36), (130, 2500)]:
         worst["int8 integers"] = max(worst.get("int8 integers", 0), err)
     x[0, 5] = float("nan")  # reaches the output, as it would through float products
     assert not int8_gemv(x, q8, s8).isfinite().any()
+# int4 (pack_int4's layout), the gate another int4 weight: one row in bfloat16 (the GEMV in integers), 4 and 16 rows
+# in float16 (the rows kernel's bfloat16 tl.dot is wrong under the interpreter); 300 features pad to 320
+import quantize as Q
+for M, N, K, g, dtype in [(1, 24, 256, 64, torch.bfloat16), (1, 130, 2560, 128, torch.bfloat16),
+                          (1, 20, 300, 32, torch.bfloat16), (4, 20, 256, 32, torch.half), (16, 33, 512, 128, torch.half)]:
+    K4 = -(-K // g) * g
+    x = (torch.randn(M, K) * torch.linspace(1, 3, M)[:, None]).to(dtype)
+    nw, res = (torch.rand(K) + 0.5).to(dtype), torch.randn(M, N).to(dtype)
+    packed, dequantized = [], []
+    for _ in range(2):  # the weight and the gate
+        w = torch.nn.functional.pad(torch.randn(N, K), (0, K4 - K))
+        s, z = Q.int4_qparams(w, g)
+        q = Q.quantize_int4(w, s, z, g)
+        packed.append((Q.pack_int4(q, g), s.to(dtype), z.to(dtype)))
+        dequantized.append(Q.dequantize_int4(q, s.to(dtype).float(), z.to(dtype).float(), g)[:, :K].double())
+    gate = dict(gate=packed[1][0], gate_scales=packed[1][1], gate_zeros=packed[1][2])
+    for extra in [{}, gate, dict(residual=res), dict(norm_weight=nw, rms_eps=1e-5),
+                  dict(gate, residual=res, norm_weight=nw, rms_eps=1e-5)]:
+        xn = x.double()
+        if "norm_weight" in extra:
+            xn = xn * torch.rsqrt(xn.pow(2).mean(-1, keepdim=True) + 1e-5) * nw.double()
+        ref = xn @ dequantized[0].T
+        ref = ref * torch.nn.functional.silu(xn @ dequantized[1].T) if "gate" in extra else ref
+        ref = ref + res.double() if "residual" in extra else ref
+        y = int4_gemv(x, *packed[0], g, None, **extra)
+        err = ((y.double() - ref).norm() / ref.norm()).item()
+        assert y.shape == ref.shape and err < 1e-2, ("int4", M, N, K, g, list(extra), err)
+        worst["int4 fused"] = max(worst.get("int4 fused", 0), err)
 for M, N, K in [(3, 20, 300), (16, 130, 1030)]:  # the rows kernel: each row its own rms
     x = torch.randn(M, K).half() * torch.linspace(0.5, 4, M).half()[:, None]
     w, g, res = torch.randn(N, K).half(), torch.randn(N, K).half() / 10, torch.randn(M, N).half()
