@@ -268,6 +268,12 @@ if triton is not None:
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
 
     @triton.jit
+    def _rows_rms(gram, K: tl.constexpr, EPS: tl.constexpr):
+        # (16, 1): each row's 1/rms from the diagonal of x x^T, its sum of squares
+        ms = tl.arange(0, 16)
+        return tl.rsqrt(tl.sum(tl.where(ms[:, None] == ms[None, :], gram, 0.0), axis=1) / K + EPS)[:, None]
+
+    @triton.jit
     def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, res_ptr, nw_ptr, M, N, K: tl.constexpr,
                      HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RMS: tl.constexpr, HAS_NW: tl.constexpr,
                      EPS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, PRECISION: tl.constexpr,
@@ -303,8 +309,7 @@ if triton is not None:
                 g = tl.load(g_ptr + offs, mask=ok, other=0, eviction_policy="evict_first")
                 acc_g = tl.dot(x, tl.trans(g.to(x.dtype)), acc_g, input_precision=PRECISION)
         if HAS_RMS:
-            ss = tl.sum(tl.where(ms[:, None] == ms[None, :], gram, 0.0), axis=1)
-            r = tl.rsqrt(ss / K + EPS)[:, None]
+            r = _rows_rms(gram, K, EPS)
             acc, acc_g = acc * r, acc_g * r
         if HAS_SCALE:
             acc *= tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
@@ -469,7 +474,7 @@ if triton is not None:
                 acc_g = _int4_rows_group(acc_g, bg, gs_ptr, gz_ptr, g, x_lo, x_hi, xs, rows, N, K, GROUPSIZE, HI,
                                          OFFSET)
         if HAS_RMS:
-            r = tl.rsqrt(tl.sum(tl.where(ms == tl.arange(0, 16)[None, :], gram, 0.0), axis=1) / K + EPS)[:, None]
+            r = _rows_rms(gram, K, EPS)
             acc, acc_g = acc * r, acc_g * r
         if HAS_BIAS:
             acc += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
@@ -602,10 +607,9 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
     if K_in != K or xw.data_ptr() % 8:  # the kernels read whole groups of x, the GEMV as int64 words
         xw = F.pad(xw, (0, K - K_in))
     nw = xw if norm_weight is None else norm_weight.to(xw.dtype).contiguous()
-    args = dict(g_ptr=weight if gate is None else gate, gs_ptr=scales if gate is None else gate_scales,
-                gz_ptr=zeros if gate is None else gate_zeros, res_ptr=x if residual is None else residual.contiguous(),
+    args = dict(_epilogue_args(x, gate, residual, gate_scales), gz_ptr=x if gate_zeros is None else gate_zeros,
                 nw_ptr=nw, K=K, GROUPSIZE=groupsize, HAS_BIAS=bias is not None, HAS_RMS=norm_weight is not None,
-                EPS=rms_eps or 0.0, HAS_GATE=gate is not None, HAS_RES=residual is not None)
+                EPS=rms_eps or 0.0)
     if M == 1:
         cfg, pdl = int4_config(K), _pdl(x)
         _int4_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](xw, weight, scales, zeros, b, y, N=N, **args, **cfg, PDL=pdl,
