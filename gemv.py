@@ -68,6 +68,7 @@ SMALL_ROWS_CONFIG = dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=6)  # 
 INT8_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=4, STAGES=1)  # BLOCK_W int32 words: 2 KB of a row a step
 INT8_GATE_CONFIG = dict(BLOCK_N=2, BLOCK_W=512, num_warps=4, STAGES=1)  # the gate-up pair: two weights a row
 INT4_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=4, STAGES=1)  # BLOCK_W int32 words: 4096 weights of a row
+INT4_GATE_CONFIG = dict(BLOCK_N=4, BLOCK_W=512, num_warps=4, STAGES=1)  # the gate-up pair (85 registers, not 128)
 INT8_ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=6)
 INT4_ROWS_CONFIG = dict(BLOCK_N=32, num_warps=2, num_stages=4)  # one group a step
 
@@ -611,7 +612,7 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
                 nw_ptr=nw, K=K, GROUPSIZE=groupsize, HAS_BIAS=bias is not None, HAS_RMS=norm_weight is not None,
                 EPS=rms_eps or 0.0)
     if M == 1:
-        cfg, pdl = int4_config(K), _pdl(x)
+        cfg, pdl = int4_config(K, gate is not None), _pdl(x)
         _int4_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](xw, weight, scales, zeros, b, y, N=N, **args, **cfg, PDL=pdl,
                                                         launch_pdl=pdl)
         return y
@@ -621,11 +622,12 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
     return y
 
 
-def int4_config(K: int) -> dict:
-    """The one-row int4 GEMV's tile for rows K wide: no more words a chunk than a row has, and at most a thread for
-    four of them (INT4_CONFIG)."""
-    block_w = min(INT4_CONFIG["BLOCK_W"], triton.next_power_of_2(K // 8))
-    return dict(INT4_CONFIG, BLOCK_W=block_w, num_warps=max(1, min(INT4_CONFIG["num_warps"], block_w // 128)))
+def int4_config(K: int, gate: bool = False) -> dict:
+    """The one-row int4 GEMV's tile for rows K wide (with the gate-up pair: its own): no more words a chunk than a
+    row has, and at most a thread for four of them (INT4_CONFIG)."""
+    cfg = INT4_GATE_CONFIG if gate else INT4_CONFIG
+    block_w = min(cfg["BLOCK_W"], triton.next_power_of_2(K // 8))
+    return dict(cfg, BLOCK_W=block_w, num_warps=max(1, min(cfg["num_warps"], block_w // 128)))
 
 
 def _precision(x) -> str:

@@ -50,7 +50,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", nargs="*", default=None, metavar="KIND",
                    help="also sweep the Triton kernels' tile configs (all, or the kinds named: bf16 int8 int4; int8 "
-                        "includes the gate-up pair's own tile, int8-gate alone sweeps only that one)")
+                        "and int4 include the gate-up pair's own tile, int8-gate or int4-gate alone sweeps only that "
+                        "one)")
     p.add_argument("--model", default="Llama-2-7B", help="whose layer shapes (a model.py preset name)")
     p.add_argument("--groupsize", type=int, default=128, help="int4 group size")
     p.add_argument("--rows", default="1,6", help="input rows to time, comma-separated")
@@ -128,15 +129,16 @@ def main():
                                        [4], [1]),
              ("int4", 1): configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [4, 8, 16], [128, 256, 512],
                                   [4, 8], [1, 3]),
+             ("int4-gate", 1): configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [2, 4, 8], [256, 512],
+                                       [4], [1]),
              ("int8", 6): configs(rows_tile, [16, 32, 64], [64, 128, 256], [4], [3, 4, 6]),
              ("int4", 6): configs(["BLOCK_N", "num_warps", "num_stages"], [16, 32, 64], [1, 2, 4], [2, 4, 6])}
     names = {("bf16", 1): "GEMV_CONFIG", ("bf16", 6): "ROWS_CONFIG" if shapes[0][1] >= 4096 else "SMALL_ROWS_CONFIG",
              ("int8", 1): "INT8_CONFIG", ("int8-gate", 1): "INT8_GATE_CONFIG", ("int4", 1): "INT4_CONFIG",
-             ("int8", 6): "INT8_ROWS_CONFIG",
-             ("int4", 6): "INT4_ROWS_CONFIG"}
+             ("int4-gate", 1): "INT4_GATE_CONFIG", ("int8", 6): "INT8_ROWS_CONFIG", ("int4", 6): "INT4_ROWS_CONFIG"}
     for (kind, key), grid in grids.items():
         skip = sweep and kind.split("-")[0] not in sweep and kind not in sweep  # "int8" takes int8-gate too
-        if skip or (kind == "int8-gate" and args.no_pair) or (key == 1 and 1 not in row_counts) or (
+        if skip or (kind.endswith("-gate") and args.no_pair) or (key == 1 and 1 not in row_counts) or (
                 key > 1 and max(row_counts) < 2):
             continue
         rows = 1 if key == 1 else max(row_counts)
@@ -147,7 +149,7 @@ def main():
                 break
             setattr(G, names[kind, key], cfg)
             try:
-                res.append((tuple(cfg.values()), run(kind.split("-")[0], rows)))  # int8-gate: the int8 layers
+                res.append((tuple(cfg.values()), run(kind.split("-")[0], rows)))  # int8-gate: all int8 layers
             except Exception as e:  # noqa: BLE001
                 print(kind, rows, cfg, "failed", type(e).__name__, flush=True)
         setattr(G, names[kind, key], default)
