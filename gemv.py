@@ -20,7 +20,7 @@ the int8 weights as exact small integers in x's dtype and applies the scales to 
 in float32 (D the integer products, X the integer sum of x over the same columns); 2..16 rows on the tensor cores, a
 group a step, its nibbles made 16-bit floats OFFSET + q by a prmt under OFFSET's exponent byte (no int-to-float
 conversion), D = x . (OFFSET + q) and X from two dots each, then s * D + (z - (OFFSET + 8) s) * X. Compiled for sm_90
-(scripts/kernel_resources.py) they take 128 and 298 warp-instructions per KB of weights, against 520 and 880 for
+(scripts/kernel_resources.py) they take 128 and 282 warp-instructions per KB of weights, against 520 and 880 for
 the float-product kernels they replaced; not yet timed on a GPU, so quantize.py keeps torch's int4 kernel the CUDA
 default. int8 and int4 are the formats quantize.py writes.
 
