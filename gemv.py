@@ -559,9 +559,7 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias:
             HAS_RMS=norm_weight is not None, EPS=rms_eps or 0.0, **cfg, **args, PDL=pdl, launch_pdl=pdl)
         return y
     if norm_weight is not None and x.dtype == torch.float16:  # x times the norm's weight, before 1/rms, could overflow
-        xf = x.float()
-        x = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + rms_eps) * norm_weight.float()).half()
-        norm_weight = None
+        x, norm_weight = _rms_norm(x, norm_weight, rms_eps), None
     norm = norm_weight is not None
     _rows_kernel[(triton.cdiv(N, INT8_ROWS_CONFIG["BLOCK_N"]),)](
         x, weight, scales, b, y, nw_ptr=norm_weight if norm else x, M=M, N=N, K=K, HAS_SCALE=True, HAS_RMS=norm,
@@ -578,6 +576,12 @@ def _int8_gemv_ok(x, weight, norm_weight, block_w: int) -> bool:
             and x.shape[-1] <= 512 * block_w
             and weight.data_ptr() % 4 == 0
             and (norm_weight is None or (norm_weight.dtype == torch.bfloat16 and norm_weight.data_ptr() % 8 == 0)))
+
+
+def _rms_norm(x, weight, eps: float):
+    """The RMSNorm in torch, in float32, back in x's dtype: for rows the kernels cannot normalize themselves."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
 
 
 def _epilogue_args(x, gate, residual, gate_scales=None, scales=True) -> dict:
@@ -601,10 +605,9 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
     (M, K_in), N, K = x.shape, weight.shape[0], weight.shape[1] * 2
     y, b = x.new_empty(M, N), bias if bias is not None else scales
     xw = x.to(torch.bfloat16) if M == 1 or x.dtype != torch.float16 else x
-    if norm_weight is not None and (K_in != K or xw.dtype == torch.float16):  # the kernels' mean is over K; and
-        xf = xw.float()  # float16 x times the norm's weight, before 1/rms, could overflow
-        xw = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + rms_eps) * norm_weight.float()).to(xw.dtype)
-        norm_weight = None
+    # the kernels' mean is over the padded K, and float16 x times the norm's weight, before 1/rms, could overflow
+    if norm_weight is not None and (K_in != K or xw.dtype == torch.float16):
+        xw, norm_weight = _rms_norm(xw, norm_weight, rms_eps), None
     if K_in != K or xw.data_ptr() % 8:  # the kernels read whole groups of x, the GEMV as int64 words
         xw = F.pad(xw, (0, K - K_in))
     nw = xw if norm_weight is None else norm_weight.to(xw.dtype).contiguous()
