@@ -668,7 +668,7 @@ def linear(layer, x, gate=None, residual=None, norm=None):
             y = int4_gemv(x2, w, layer.scales, layer.zeros, layer.groupsize, layer.bias, g,
                           *((None, None) if gate is None else (gate.scales, gate.zeros)), residual, nw, eps)
         return y.view(*x.shape[:-1], -1)
-    y = F.linear(x, w, layer.bias) if isinstance(layer, nn.Linear) else layer(x)
+    y = F.linear(x, w, layer.bias) if type(layer) is GemvLinear else layer(x)  # (its forward is this function)
     y = y if gate is None else F.silu(gate(x)) * y
     return y if residual is None else y + residual
 
@@ -732,7 +732,7 @@ def use_gemv(model: nn.Module) -> nn.Module:
         return model
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
+            if isinstance(child, nn.Linear) and not isinstance(child, GemvLinear):
                 new = GemvLinear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
                 new.weight, new.bias = child.weight, child.bias
                 setattr(parent, name, new)

@@ -143,7 +143,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.dim, eps=config.norm_eps)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output = Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.max_batch_size = -1
@@ -215,8 +215,8 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv, self.head_dim = config.n_head, config.n_local_heads, config.head_dim
         # q, k and v in one matmul: at batch 1 a decode step is three weight reads fewer kernels
-        self.wqkv = nn.Linear(config.dim, (self.n_head + 2 * self.n_kv) * self.head_dim, bias=config.attention_bias)
-        self.wo = nn.Linear(self.n_head * self.head_dim, config.dim, bias=False)
+        self.wqkv = Linear(config.dim, (self.n_head + 2 * self.n_kv) * self.head_dim, bias=config.attention_bias)
+        self.wo = Linear(self.n_head * self.head_dim, config.dim, bias=False)
         self.kv_cache: Optional[KVCache] = None
         self.decode_attention = None  # CUDA kernel for a few new positions: decode_attention.use_decode_attention
 
@@ -248,9 +248,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, config: ModelArgs):
         super().__init__()
-        self.w1 = nn.Linear(config.dim, config.intermediate_size, bias=False)  # gate
-        self.w3 = nn.Linear(config.dim, config.intermediate_size, bias=False)  # up
-        self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)  # down
+        self.w1 = Linear(config.dim, config.intermediate_size, bias=False)  # gate
+        self.w3 = Linear(config.dim, config.intermediate_size, bias=False)  # up
+        self.w2 = Linear(config.intermediate_size, config.dim, bias=False)  # down
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -262,7 +262,7 @@ class MOEFeedForward(nn.Module):
     def __init__(self, config: ModelArgs):
         super().__init__()
         E, D, I = config.num_experts, config.dim, config.intermediate_size
-        self.gate = nn.Linear(D, E, bias=False)
+        self.gate = Linear(D, E, bias=False)
         self.w1 = nn.Parameter(torch.empty(E, I, D))
         self.w3 = nn.Parameter(torch.empty(E, I, D))
         self.w2 = nn.Parameter(torch.empty(E, D, I))
@@ -285,6 +285,27 @@ class MOEFeedForward(nn.Module):
             h = F.silu(torch.einsum("ti,eoi->teo", x, self.w1)) * torch.einsum("ti,eoi->teo", x, self.w3)  # (T, E, I)
             out = torch.einsum("teo,te->to", torch.einsum("tei,edi->ted", h, self.w2), dense)
         return out.reshape(shape)
+
+
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def linear(x, weight, bias=None):
+    """F.linear, except float32 on the CPU, outside torch.compile and autograd: there it runs through oneDNN.
+    torch sends float32 F.linear to MKL, whose matrix-vector product is single-threaded and, on AMD CPUs, far below
+    the memory's speed: SmolLM2's 113 MB output head takes 6.5 ms (17 GB/s) there and 2.5 ms (46 GB/s) through
+    oneDNN on 2 AMD cores, and its eager decode goes from 24 to 40-44 tok/s (BENCHMARKS.md). Compiled, F.linear is
+    traced as usual and inductor picks its own kernels."""
+    if (ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):

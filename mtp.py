@@ -30,10 +30,9 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from generate import Sampling, sample
-from model import KVCache, ModelArgs, RMSNorm, Transformer, TransformerBlock, cache_window, rope_tables
+from model import KVCache, Linear, ModelArgs, RMSNorm, Transformer, TransformerBlock, cache_window, linear, rope_tables
 
 MTP_HEAD_FILE = "mtp_head.pth"  # beside model.pth; `generate.py --mtp` loads it for the embedded default
 LOSS_DECAY = 0.6  # alpha_k proportional to 0.6^(k-1), FastMTP's weighting
@@ -48,7 +47,7 @@ class MTPHead(nn.Module):
         self.config = config
         self.hnorm = RMSNorm(config.dim, config.norm_eps)
         self.enorm = RMSNorm(config.dim, config.norm_eps)
-        self.eh_proj = nn.Linear(2 * config.dim, config.dim, bias=False)
+        self.eh_proj = Linear(2 * config.dim, config.dim, bias=False)
         self.block = TransformerBlock(config)
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.max_seq_length = -1
@@ -86,7 +85,7 @@ class MTPHead(nn.Module):
         return self.block(x, rope, mask, input_pos)
 
     def logits(self, y):
-        return F.linear(self.norm(y), self.draft_weight)  # (..., N)
+        return linear(self.norm(y), self.draft_weight)  # (..., N)
 
     def sample(self, y, s: Sampling):
         """y (B, D) -> drafted full-vocabulary id (B,) and its distribution over the FULL vocabulary (B, V), zero

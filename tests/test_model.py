@@ -104,3 +104,22 @@ def test_config_json_round_trip(tmp_path):
     args = ModelArgs.from_name("Llama-3.2-1B")
     args.to_json(tmp_path / "config.json")
     assert ModelArgs.from_json(tmp_path / "config.json") == args
+
+
+def test_cpu_linear_is_f_linear():
+    """model.linear sends float32 CPU matmuls outside autograd through oneDNN: it must give F.linear's result up to
+    float32 rounding at decode, verify and prefill shapes, with a bias and with a strided weight, and under
+    autograd take F.linear's path, whose gradient it must then carry."""
+    import torch
+    import torch.nn.functional as F
+    from model import linear
+
+    torch.manual_seed(0)
+    w, b = torch.randn(96, 64), torch.randn(96)
+    for x in (torch.randn(1, 1, 64), torch.randn(1, 4, 64), torch.randn(2, 33, 64)):
+        for weight, bias in ((w, None), (w, b), (torch.randn(96, 128)[:, ::2], b)):
+            with torch.no_grad():
+                torch.testing.assert_close(linear(x, weight, bias), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    x = torch.randn(3, 64)
+    linear(x, w.requires_grad_(True)).sum().backward()
+    torch.testing.assert_close(w.grad, x.sum(0).expand(96, 64))
