@@ -295,9 +295,9 @@ def linear(x, weight, bias=None):
     torch sends float32 F.linear to MKL, whose matrix-vector product is single-threaded and, on AMD CPUs, far below
     the memory's speed: SmolLM2's 113 MB output head takes 6.5 ms (17 GB/s) there and 2.5 ms (46 GB/s) through
     oneDNN on 2 AMD cores, and its eager decode goes from 24 to 40-44 tok/s (BENCHMARKS.md). Compiled, F.linear is
-    traced as usual and inductor picks its own kernels."""
-    if (ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and not torch.compiler.is_compiling()
+    traced as usual and inductor picks its own kernels. `torch.backends.mkldnn.enabled = False` turns it off."""
+    if (not torch.compiler.is_compiling() and ONEDNN and torch.backends.mkldnn.enabled
+            and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
