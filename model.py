@@ -293,7 +293,7 @@ ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_li
 def linear(x, weight, bias=None):
     """F.linear, except float32 on the CPU, outside torch.compile and autograd: there it runs through oneDNN.
     torch sends float32 F.linear to MKL, whose matrix-vector product is single-threaded and, on AMD CPUs, far below
-    the memory's speed: SmolLM2's 113 MB output head takes 6.5 ms (17 GB/s) there and 2.5 ms (46 GB/s) through
+    the memory's speed: SmolLM2's 113 MB output head takes 6.0 ms (19 GB/s) there and 1.8 ms (64 GB/s) through
     oneDNN on 2 AMD cores, and its eager decode goes from 24 to 40-44 tok/s (BENCHMARKS.md). Compiled, F.linear is
     traced as usual and inductor picks its own kernels. `torch.backends.mkldnn.enabled = False` turns it off."""
     if (not torch.compiler.is_compiling() and ONEDNN and torch.backends.mkldnn.enabled
