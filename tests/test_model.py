@@ -112,6 +112,7 @@ def test_cpu_linear_is_f_linear():
     autograd take F.linear's path, whose gradient it must then carry."""
     import torch
     import torch.nn.functional as F
+    import model
     from model import linear
 
     torch.manual_seed(0)
@@ -120,6 +121,10 @@ def test_cpu_linear_is_f_linear():
         for weight, bias in ((w, None), (w, b), (torch.randn(96, 128)[:, ::2], b)):
             with torch.no_grad():
                 torch.testing.assert_close(linear(x, weight, bias), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    if model.ONEDNN:  # the fast path is the one taken outside autograd (this CPU build has oneDNN)
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            linear(torch.randn(1, 64), w)
+        assert "mkldnn::_linear_pointwise" in {e.name for e in prof.events()}
     x = torch.randn(3, 64)
     linear(x, w.requires_grad_(True)).sum().backward()
     torch.testing.assert_close(w.grad, x.sum(0).expand(96, 64))
