@@ -287,7 +287,9 @@ class MOEFeedForward(nn.Module):
         return out.reshape(shape)
 
 
-ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# builds whose float32 F.linear goes to MKL (x86) and that ship oneDNN's linear; elsewhere F.linear is left alone
+ONEDNN = (torch.backends.mkl.is_available() and torch.backends.mkldnn.is_available()
+          and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def linear(x, weight, bias=None):
