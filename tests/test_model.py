@@ -128,3 +128,19 @@ def test_cpu_linear_is_f_linear():
     x = torch.randn(3, 64)
     linear(x, w.requires_grad_(True)).sum().backward()
     torch.testing.assert_close(w.grad, x.sum(0).expand(96, 64))
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.float16, 5e-3), (torch.bfloat16, 3e-2)])
+@torch.no_grad()
+def test_cpu_half_precision_tracks_float32(dtype, bound):
+    """--dtype float16 / bfloat16 on the CPU (README suggests float16 for eager speed there): prefill, one-token
+    decode and a multi-token step through the cache give float32's logits up to half precision's rounding."""
+    torch.manual_seed(1)
+    x = torch.randint(0, 97, (1, 24))
+    full = tiny()(x)
+    model = tiny().to(dtype)
+    model.setup_caches(1, 32)
+    steps = [model(x[:, :16], torch.arange(16))] + [model(x[:, t:t + 1], torch.tensor([t])) for t in range(16, 20)]
+    steps.append(model(x[:, 20:], torch.arange(20, 24)))
+    out = torch.cat(steps, 1)
+    assert out.dtype == dtype and rel(out.float(), full) < bound
