@@ -20,16 +20,21 @@ def rel(a, b):
 
 @pytest.mark.parametrize("kw", [{}, {"num_experts": 4, "num_activated_experts": 2}, {"attention_bias": True},
                                 {"tie_embeddings": True}])
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-5), (torch.float16, 5e-3), (torch.bfloat16, 3e-2)])
 @torch.no_grad()
-def test_incremental_decode_equals_full_forward(kw):
-    model = tiny(**kw)
+def test_incremental_decode_equals_full_forward(kw, dtype, bound):
+    """Prefill, one-token decode and a multi-token step through the cache give a plain float32 forward's logits;
+    in half precision (--dtype on the CPU; README suggests float16 for eager speed there) up to its rounding."""
+    torch.manual_seed(1)
     x = torch.randint(0, 97, (2, 40))
-    full = model(x)
+    full = tiny(**kw)(x)
+    model = tiny(**kw).to(dtype)
     model.setup_caches(2, 64)
     steps = [model(x[:, :25], torch.arange(25))]
     steps += [model(x[:, t:t + 1], torch.tensor([t])) for t in range(25, 32)]
     steps.append(model(x[:, 32:], torch.arange(32, 40)))  # a multi-token step, as speculative verification does
-    assert rel(torch.cat(steps, 1), full) < 1e-5
+    out = torch.cat(steps, 1)
+    assert out.dtype == dtype and rel(out.float(), full) < bound
 
 
 @torch.no_grad()
@@ -110,7 +115,6 @@ def test_cpu_linear_is_f_linear():
     """model.linear sends float32 CPU matmuls outside autograd through oneDNN: it must give F.linear's result up to
     float32 rounding at decode, verify and prefill shapes, with a bias and with a strided weight, and under
     autograd take F.linear's path, whose gradient it must then carry."""
-    import torch
     import torch.nn.functional as F
     import model
     from model import linear
@@ -129,18 +133,3 @@ def test_cpu_linear_is_f_linear():
     linear(x, w.requires_grad_(True)).sum().backward()
     torch.testing.assert_close(w.grad, x.sum(0).expand(96, 64))
 
-
-@pytest.mark.parametrize("dtype,bound", [(torch.float16, 5e-3), (torch.bfloat16, 3e-2)])
-@torch.no_grad()
-def test_cpu_half_precision_tracks_float32(dtype, bound):
-    """--dtype float16 / bfloat16 on the CPU (README suggests float16 for eager speed there): prefill, one-token
-    decode and a multi-token step through the cache give float32's logits up to half precision's rounding."""
-    torch.manual_seed(1)
-    x = torch.randint(0, 97, (1, 24))
-    full = tiny()(x)
-    model = tiny().to(dtype)
-    model.setup_caches(1, 32)
-    steps = [model(x[:, :16], torch.arange(16))] + [model(x[:, t:t + 1], torch.tensor([t])) for t in range(16, 20)]
-    steps.append(model(x[:, 20:], torch.arange(20, 24)))
-    out = torch.cat(steps, 1)
-    assert out.dtype == dtype and rel(out.float(), full) < bound
