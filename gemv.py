@@ -644,9 +644,9 @@ def linear(layer, x, gate=None, residual=None, norm=None):
     model.RMSNorm: one kernel on CUDA for up to MAX_ROWS rows; the same arithmetic in plain torch where no kernel
     here applies. The norm runs inside the kernel where `norm_inside` says it can; otherwise first, as its own
     kernel."""
-    rows, w = x.numel() // x.shape[-1], layer.weight
-    g = gate.weight if gate is not None else None
-    kernel = triton is not None and x.is_cuda and rows <= MAX_ROWS and (
+    rows, w = x.numel() // x.shape[-1], getattr(layer, "weight", None)  # None: int4 repacked for torch's kernel
+    g = getattr(gate, "weight", None)
+    kernel = triton is not None and w is not None and x.is_cuda and rows <= MAX_ROWS and (
         gate is None or (type(gate) is type(layer) and gate.bias is None and g.shape == w.shape
                          and g.dtype == w.dtype and g.is_contiguous()
                          and getattr(gate, "groupsize", None) == getattr(layer, "groupsize", None)))

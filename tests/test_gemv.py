@@ -216,13 +216,16 @@ def test_custom_ops_compile_whole():
     run_interpreted(COMPILED, TORCHINDUCTOR_FORCE_DISABLE_CACHES="1")
 
 
-def one_block(bias: bool, rows: int):
-    """A tiny model's only block with its caches, and a block call's inputs for `rows` new positions from 0:
-    (block, (x, rope, mask, input_pos))."""
+def one_block(bias: bool, rows: int, int4: bool = False):
+    """A tiny model's only block with its caches (int4: quantized, g32, laid out for torch's kernel), and a block
+    call's inputs for `rows` new positions from 0: (block, (x, rope, mask, input_pos))."""
     import torch
+    import quantize
     from conftest import tiny
 
     model = tiny(n_layer=1, attention_bias=bias)
+    if int4:
+        quantize.prepare_for_device(quantize.quantize_model(model, "int4", 32, pad=True, verbose=False)[0])
     model.setup_caches(1, 32)
     pos = torch.arange(rows)
     mask = torch.arange(32)[None, :] <= pos[:, None]
@@ -238,6 +241,19 @@ def test_fused_block_is_the_block_forward():
 
     for bias, rows in [(False, 3), (True, 3), (False, 1)]:  # verify, decode
         block, inputs = one_block(bias, rows)
+        with torch.no_grad():
+            assert torch.equal(fused_block(block, *inputs), block(*inputs))
+
+
+def test_fused_block_takes_int4_repacked_for_torch():
+    """An Int4Linear prepared for torch's kernel keeps no `weight` (it was repacked): gemv.linear, and so fused_block,
+    must still run such a block (they fall back to the layer's forward), decode and verify."""
+    import torch
+    from gemv import fused_block
+
+    for rows in (1, 3):
+        block, inputs = one_block(False, rows, int4=True)
+        assert not hasattr(block.attention.wqkv, "weight")
         with torch.no_grad():
             assert torch.equal(fused_block(block, *inputs), block(*inputs))
 
