@@ -70,7 +70,7 @@ INT8_GATE_CONFIG = dict(BLOCK_N=2, BLOCK_W=512, num_warps=4, STAGES=1)  # the ga
 INT4_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=4, STAGES=1)  # BLOCK_W int32 words: 4096 weights of a row
 INT4_GATE_CONFIG = dict(BLOCK_N=4, BLOCK_W=512, num_warps=4, STAGES=1)  # the gate-up pair (85 registers, not 128)
 INT8_ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=6)
-INT4_ROWS_CONFIG = dict(BLOCK_N=32, num_warps=2, num_stages=4)  # one group a step
+INT4_ROWS_CONFIG = dict(BLOCK_N=32, GROUPS=1, num_warps=4, num_stages=6)  # GROUPS: groups of W a step
 
 if triton is not None:
     @triton.jit
@@ -431,26 +431,27 @@ if triton is not None:
         return ((b & 15).to(tl.float32) + OFFSET).to(like.dtype), ((b >> 4).to(tl.float32) + OFFSET).to(like.dtype)
 
     @triton.jit
-    def _int4_rows_group(acc, b, s_ptr, z_ptr, g, x_lo, x_hi, xs, rows, N, K: tl.constexpr, GROUPSIZE: tl.constexpr,
-                         HI: tl.constexpr, OFFSET: tl.constexpr):
+    def _int4_rows_group(acc, b, s_ptr, z_ptr, g, g_ok, x_lo, x_hi, xs, rows, N, K: tl.constexpr,
+                         GROUPSIZE: tl.constexpr, HI: tl.constexpr, OFFSET: tl.constexpr):
         # acc + group g's s * D + (z - (OFFSET + 8) s) * X, D from two dots against the group's nibbles b
         w_lo, w_hi = _nibbles(b, HI, OFFSET, x_lo)
         d = tl.dot(x_hi, tl.trans(w_hi), tl.dot(x_lo, tl.trans(w_lo)))  # (16, BLOCK_N)
-        s = tl.load(s_ptr + rows * (K // GROUPSIZE) + g, mask=rows < N, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + rows * (K // GROUPSIZE) + g, mask=rows < N, other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + rows * (K // GROUPSIZE) + g, mask=(rows < N) & g_ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + rows * (K // GROUPSIZE) + g, mask=(rows < N) & g_ok, other=0.0).to(tl.float32)
         return acc + d * s[None, :] + xs * (z - (OFFSET + 8.0) * s)[None, :]
 
     @triton.jit
     def _int4_rows_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, gz_ptr, res_ptr, nw_ptr, M, N,
                           K: tl.constexpr, GROUPSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RMS: tl.constexpr,
                           EPS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, HI: tl.constexpr,
-                          OFFSET: tl.constexpr, BLOCK_N: tl.constexpr):
+                          OFFSET: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
         # y (M, N) = x (M, K) @ W.T + b for 2 <= M <= 16 rows of 16-bit x on the tensor cores, W in pack_int4's
-        # layout, a group a step: its bytes become OFFSET + q in x's dtype (_nibbles), two dots give D = x . (OFFSET
-        # + q) over the group's two halves and two more against ones each row's sum X (in D's layout, no shuffles),
-        # and y += s * D + (z - (OFFSET + 8) s) * X in float32. The gate, the norm and the residual as in the
-        # int8 rows kernel (_rows_kernel with HAS_NW)
+        # layout, GROUPS groups a step: each group's bytes become OFFSET + q in x's dtype (_nibbles), two dots give
+        # D = x . (OFFSET + q) over the group's two halves and two more against ones each row's sum X (in D's
+        # layout, no shuffles), and y += s * D + (z - (OFFSET + 8) s) * X in float32. The gate, the norm and the
+        # residual as in the int8 rows kernel (_rows_kernel with HAS_NW)
         H: tl.constexpr = GROUPSIZE // 2
+        NG: tl.constexpr = K // GROUPSIZE
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         ms = tl.arange(0, 16)[:, None]
         j = tl.arange(0, H)
@@ -458,22 +459,28 @@ if triton is not None:
         acc_g = tl.zeros((16, BLOCK_N), dtype=tl.float32)
         gram = tl.zeros((16, 16), dtype=tl.float32)
         ones = tl.full((H, BLOCK_N), 1.0, tl.float32).to(x_ptr.dtype.element_ty)
-        for g in range(0, K // GROUPSIZE):
-            offs = rows[:, None] * (K // 2) + (g * H + j)[None, :]
-            b = tl.load(w_ptr + offs, mask=rows[:, None] < N, other=0, eviction_policy="evict_first")  # (BLOCK_N, H)
-            c = g * GROUPSIZE + j[None, :]
-            x_lo = tl.load(x_ptr + ms * K + c, mask=ms < M, other=0.0)
-            x_hi = tl.load(x_ptr + ms * K + c + H, mask=ms < M, other=0.0)
-            if HAS_RMS:  # x x^T on the tensor cores: its diagonal is each row's sum of squares
-                gram = tl.dot(x_hi, tl.trans(x_hi), tl.dot(x_lo, tl.trans(x_lo), gram))
-                x_lo = (x_lo.to(tl.float32) * tl.load(nw_ptr + c).to(tl.float32)).to(x_lo.dtype)
-                x_hi = (x_hi.to(tl.float32) * tl.load(nw_ptr + c + H).to(tl.float32)).to(x_hi.dtype)
-            xs = tl.dot(x_hi, ones, tl.dot(x_lo, ones))  # each row's sum over the group, in D's layout
-            acc = _int4_rows_group(acc, b, s_ptr, z_ptr, g, x_lo, x_hi, xs, rows, N, K, GROUPSIZE, HI, OFFSET)
-            if HAS_GATE:
-                bg = tl.load(g_ptr + offs, mask=rows[:, None] < N, other=0, eviction_policy="evict_first")
-                acc_g = _int4_rows_group(acc_g, bg, gs_ptr, gz_ptr, g, x_lo, x_hi, xs, rows, N, K, GROUPSIZE, HI,
-                                         OFFSET)
+        for g0 in range(0, NG, GROUPS):
+            for i in tl.static_range(GROUPS):  # more bytes in flight a step than one group's
+                g = g0 + i
+                g_ok = (g < NG) if NG % GROUPS else g >= 0
+                offs = rows[:, None] * (K // 2) + (g * H + j)[None, :]
+                b = tl.load(w_ptr + offs, mask=(rows[:, None] < N) & g_ok, other=0,
+                            eviction_policy="evict_first")  # (BLOCK_N, H)
+                c = g * GROUPSIZE + j[None, :]
+                x_lo = tl.load(x_ptr + ms * K + c, mask=(ms < M) & g_ok, other=0.0)
+                x_hi = tl.load(x_ptr + ms * K + c + H, mask=(ms < M) & g_ok, other=0.0)
+                if HAS_RMS:  # x x^T on the tensor cores: its diagonal is each row's sum of squares
+                    gram = tl.dot(x_hi, tl.trans(x_hi), tl.dot(x_lo, tl.trans(x_lo), gram))
+                    x_lo = (x_lo.to(tl.float32) * tl.load(nw_ptr + c, mask=g_ok, other=0).to(tl.float32)).to(x_lo.dtype)
+                    x_hi = (x_hi.to(tl.float32) * tl.load(nw_ptr + c + H, mask=g_ok, other=0).to(tl.float32)).to(
+                        x_hi.dtype)
+                xs = tl.dot(x_hi, ones, tl.dot(x_lo, ones))  # each row's sum over the group, in D's layout
+                acc = _int4_rows_group(acc, b, s_ptr, z_ptr, g, g_ok, x_lo, x_hi, xs, rows, N, K, GROUPSIZE, HI,
+                                       OFFSET)
+                if HAS_GATE:
+                    bg = tl.load(g_ptr + offs, mask=(rows[:, None] < N) & g_ok, other=0, eviction_policy="evict_first")
+                    acc_g = _int4_rows_group(acc_g, bg, gs_ptr, gz_ptr, g, g_ok, x_lo, x_hi, xs, rows, N, K, GROUPSIZE,
+                                             HI, OFFSET)
         if HAS_RMS:
             r = _rows_rms(gram, K, EPS)
             acc, acc_g = acc * r, acc_g * r

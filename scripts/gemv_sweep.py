@@ -132,7 +132,8 @@ def main():
              ("int4-gate", 1): configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [2, 4, 8], [256, 512],
                                        [4], [1]),
              ("int8", 6): configs(rows_tile, [16, 32, 64], [64, 128, 256], [4], [3, 4, 6]),
-             ("int4", 6): configs(["BLOCK_N", "num_warps", "num_stages"], [16, 32, 64], [1, 2, 4], [2, 4, 6])}
+             ("int4", 6): configs(["BLOCK_N", "GROUPS", "num_warps", "num_stages"], [16, 32, 64], [2, 4, 1], [4, 8],
+                                  [3, 4, 6])}
     names = {("bf16", 1): "GEMV_CONFIG", ("bf16", 6): "ROWS_CONFIG" if shapes[0][1] >= 4096 else "SMALL_ROWS_CONFIG",
              ("int8", 1): "INT8_CONFIG", ("int8-gate", 1): "INT8_GATE_CONFIG", ("int4", 1): "INT4_CONFIG",
              ("int4-gate", 1): "INT4_GATE_CONFIG", ("int8", 6): "INT8_ROWS_CONFIG", ("int4", 6): "INT4_ROWS_CONFIG"}
