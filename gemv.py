@@ -62,13 +62,13 @@ MAX_ROWS = 16  # the rows kernels pad to 16 (tl.dot's smallest tile): 2..16 rows
 GEMV_CONFIG = dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4, STAGES=1)
 ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=6)
 SMALL_ROWS_CONFIG = dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=6)  # K < 4096
-# quantized weights: the one-row int8 GEMV's tiles swept on an H200, the int8 rows kernel's on an H100 (BENCHMARKS.md);
-# the int4 kernels' not timed yet. The one-row int4 GEMV gives each thread four words of a chunk for all its rows, so
+# quantized weights: the one-row int8 GEMV's tiles swept on an H200, the int8 rows kernel's and the int4 kernels' on an
+# H100 (BENCHMARKS.md). The one-row int4 GEMV gives each thread four words of a chunk for all its rows, so
 # at most BLOCK_W / 4 threads: with more, x went through shared memory to meet the weights (narrow rows: fewer warps)
 INT8_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=4, STAGES=1)  # BLOCK_W int32 words: 2 KB of a row a step
 INT8_GATE_CONFIG = dict(BLOCK_N=2, BLOCK_W=512, num_warps=4, STAGES=1)  # the gate-up pair: two weights a row
 INT4_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=4, STAGES=1)  # BLOCK_W int32 words: 4096 weights of a row
-INT4_GATE_CONFIG = dict(BLOCK_N=4, BLOCK_W=512, num_warps=4, STAGES=1)  # the gate-up pair (85 registers, not 128)
+INT4_GATE_CONFIG = dict(BLOCK_N=2, BLOCK_W=256, num_warps=4, STAGES=1)  # the gate-up pair: two weights a row
 INT8_ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=6)
 INT4_ROWS_CONFIG = dict(BLOCK_N=32, GROUPS=1, num_warps=4, num_stages=6)  # GROUPS: groups of W a step
 
