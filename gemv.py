@@ -15,14 +15,14 @@ products (with PDL, 88% of copy over the 7B layers at the best tile of a sweep, 
 Its tile is (word pairs, rows, 2), so that each thread loads two words of every row and, itself, the x they need.
 For 2..16 rows, a rows kernel for float and int8 weights (`tl.dot` against the rows padded to 16): it multiplies
 the int8 weights as exact small integers in x's dtype and applies the scales to the float32 sums at the end. int4
-(pack_int4's layout: a scale and zero per group, w = (q - 8) s + z): one row in the int8 GEMV's integers, a word of
-8 weights masked into bytes and multiplied by 8 columns of x in four dp2a, each group adding s * D + (z - 8 s) * X
-in float32 (D the integer products, X the integer sum of x over the same columns); 2..16 rows on the tensor cores, a
-group a step, its nibbles made 16-bit floats OFFSET + q by a prmt under OFFSET's exponent byte (no int-to-float
-conversion), D = x . (OFFSET + q) and X from two dots each, then s * D + (z - (OFFSET + 8) s) * X. Compiled for sm_90
-(scripts/kernel_resources.py) they take 128 and 282 warp-instructions per KB of weights, against 520 and 880 for
-the float-product kernels they replaced; not yet timed on a GPU, so quantize.py keeps torch's int4 kernel the CUDA
-default. int8 and int4 are the formats quantize.py writes.
+(pack_int4's layout: a scale and zero per group, w = (q - 8) s + z): the int8 GEMV's integers, a word of 8 weights
+masked into bytes and multiplied by 8 columns of x in four dp2a, each group adding s * D + (z - 8 s) * X in float32
+(D the integer products, X the integer sum of x over the same columns), for up to INT4_GEMV_ROWS rows of x (the
+weights loaded and masked once, the dp2a and float work per row); more rows on the tensor cores, GROUPS groups a
+step, the nibbles made 16-bit floats OFFSET + q by a prmt under OFFSET's exponent byte (no int-to-float
+conversion), D = x . (OFFSET + q) and X from two dots each, then s * D + (z - (OFFSET + 8) s) * X. On an H100 the
+one-row GEMV streams Llama-2-7B's int4 layers at 72-76% of copy, against 56% for torch's tinygemm; the tensor-core
+rows kernel at 16-17%, against tinygemm's 31-41% (BENCHMARKS.md). int8 and int4 are the formats quantize.py writes.
 
 The float, int8 and int4 kernels also take in the small steps around a matmul, so that a layer launches fewer kernels
 (`linear`, `fused_block`): SwiGLU's gate and up projections run as one kernel that streams both weights and ends
@@ -70,7 +70,9 @@ INT8_GATE_CONFIG = dict(BLOCK_N=2, BLOCK_W=512, num_warps=4, STAGES=1)  # the ga
 INT4_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=4, STAGES=1)  # BLOCK_W int32 words: 4096 weights of a row
 INT4_GATE_CONFIG = dict(BLOCK_N=2, BLOCK_W=256, num_warps=4, STAGES=1)  # the gate-up pair: two weights a row
 INT8_ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=6)
+INT4_FEW_CONFIG = dict(BLOCK_N=4, BLOCK_W=256, num_warps=4, STAGES=1)  # 2..INT4_GEMV_ROWS rows of x
 INT4_ROWS_CONFIG = dict(BLOCK_N=32, GROUPS=1, num_warps=4, num_stages=6)  # GROUPS: groups of W a step
+INT4_GEMV_ROWS = 4  # the int4 GEMV takes up to this many rows of x, the tensor-core rows kernel more
 
 if triton is not None:
     @triton.jit
@@ -137,19 +139,20 @@ if triton is not None:
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
 
     @triton.jit
-    def _x_range(x_ptr, nw_ptr, K: tl.constexpr, HAS_RMS: tl.constexpr):
-        # one pass over x: the largest magnitude of x (times the norm's weight nw, with HAS_RMS), which sets the
-        # int16 scale, and x's sum of squares for the norm. NaN counts as infinite, so that it reaches the output
-        cols = tl.arange(0, 1024)
-        amax, ss = tl.zeros((1024,), dtype=tl.float32), tl.zeros((1024,), dtype=tl.float32)
-        for k in range(0, K, 1024):
-            x = tl.load(x_ptr + k + cols, mask=k + cols < K, other=0.0).to(tl.float32)
+    def _x_range(x_ptr, nw_ptr, M, K: tl.constexpr, MP: tl.constexpr, HAS_RMS: tl.constexpr):
+        # one pass over x's M rows (MP: M padded to a power of two): each row's largest magnitude (times the norm's
+        # weight nw, with HAS_RMS), which sets its int16 scale, and its sum of squares for the norm, as (MP,).
+        # NaN counts as infinite, so that it reaches the output
+        ms, cols = tl.arange(0, MP)[:, None], tl.arange(0, 1024 // MP)[None, :]
+        amax, ss = tl.zeros((MP, 1024 // MP), dtype=tl.float32), tl.zeros((MP, 1024 // MP), dtype=tl.float32)
+        for k in range(0, K, 1024 // MP):
+            x = tl.load(x_ptr + ms * K + k + cols, mask=(ms < M) & (k + cols < K), other=0.0).to(tl.float32)
             if HAS_RMS:
                 ss += x * x
                 x *= tl.load(nw_ptr + k + cols, mask=k + cols < K, other=0.0).to(tl.float32)
             a = tl.abs(x)
             amax = tl.maximum(amax, tl.where(a == a, a, float("inf")))
-        return tl.max(amax, axis=0), tl.sum(ss, axis=0)
+        return tl.max(amax, axis=1), tl.sum(ss, axis=1)
 
     @triton.jit
     def _int16_pairs(x4, n4, inv, HAS_RMS: tl.constexpr):
@@ -245,7 +248,7 @@ if triton is not None:
         w, g = _int8_words(w4_ptr, g4_ptr, rows, words, 0, N, KW, BLOCK_W, HAS_GATE)
         if PDL:
             tl.extra.cuda.gdc_wait()
-        amax, ss = _x_range(x_ptr, nw_ptr, K, HAS_RMS)
+        amax, ss = _x_range(x_ptr, nw_ptr, 1, K, 1, HAS_RMS)  # (1,)
         inv = 32766.0 / tl.maximum(amax, 1e-30)
         x4_ptr = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
         n4_ptr = nw_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
@@ -330,37 +333,42 @@ if triton is not None:
 
     @triton.jit
     def _int4_group_sums(d, xs, s_ptr, z_ptr, g_offs, g_ok):
-        # (pairs, rows) float32: s * D + (z - 8 s) * X for each thread's four words
-        s = tl.load(s_ptr + g_offs, mask=g_ok, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + g_offs, mask=g_ok, other=0.0).to(tl.float32)
-        return tl.sum(d, axis=2).to(tl.float32) * s + xs * (z - 8.0 * s)
+        # (x rows, pairs, rows) float32: s * D + (z - 8 s) * X for each thread's four words
+        s = tl.load(s_ptr + g_offs, mask=g_ok, other=0.0).to(tl.float32)[None]
+        z = tl.load(z_ptr + g_offs, mask=g_ok, other=0.0).to(tl.float32)[None]
+        return tl.sum(d, axis=3).to(tl.float32) * s + xs * (z - 8.0 * s)
 
     @triton.jit
-    def _int4_chunk(acc, acc_g, wa, wb, ga, gb, x4_ptr, n4_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr, inv, rows, pair,
-                    words, k, N, K: tl.constexpr, GROUPSIZE: tl.constexpr, BLOCK_W: tl.constexpr,
-                    HAS_RMS: tl.constexpr, HAS_GATE: tl.constexpr):
-        # the chunk at word k into acc (and the gate's into acc_g): per thread and row 16 dp2a over its four words,
-        # then once in float32; x times the norm's weight nw with HAS_RMS, before the rounding
+    def _int4_chunk(acc, acc_g, wa, wb, ga, gb, x4_ptr, n4_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr, inv, ms, M, rows,
+                    pair, words, k, N, K: tl.constexpr, GROUPSIZE: tl.constexpr, BLOCK_W: tl.constexpr,
+                    BLOCK_N: tl.constexpr, MP: tl.constexpr, HAS_RMS: tl.constexpr, HAS_GATE: tl.constexpr):
+        # the chunk at word k into acc (and the gate's into acc_g): per thread, x row and W row 16 dp2a over its four
+        # words, then once in float32; x times the norm's weight nw with HAS_RMS, before the rounding. The nibbles
+        # are masked out once for all x rows
         KW: tl.constexpr = K // 8
         WPG: tl.constexpr = GROUPSIZE // 8
         group = (k + pair) // WPG
         lo = tl.multiple_of(group * (2 * WPG) + pair % WPG, 2)  # the pair's first-half x, as int64 words
-        x_offs = (lo[:, None] + tl.arange(0, 2)[None, :])[:, None, :]  # (BLOCK_W // 4, 1, 2)
-        x_ok = ((k + words < KW) if KW % BLOCK_W else words >= 0)[:, None, :]
-        ones = tl.full((1, 1, 1), 0x01010101, tl.int32)
-        d, dg, xs = tl.zeros_like(wa), tl.zeros_like(wa), tl.zeros((BLOCK_W // 4, 1, 2), dtype=tl.int32)
+        n_offs = (lo[:, None] + tl.arange(0, 2)[None, :])[None, :, None, :]  # (1, BLOCK_W // 4, 1, 2)
+        x_offs = ms[:, None, None, None] * (K // 4) + n_offs  # (MP, BLOCK_W // 4, 1, 2)
+        n_ok = ((k + words < KW) if KW % BLOCK_W else words >= 0)[None, :, None, :]
+        x_ok = n_ok if MP == 1 else (ms < M)[:, None, None, None] & n_ok
+        ones = tl.full((1, 1, 1, 1), 0x01010101, tl.int32)
+        d = tl.zeros((MP, BLOCK_W // 4, BLOCK_N, 2), dtype=tl.int32)
+        dg = d
+        xs = tl.zeros((MP, BLOCK_W // 4, 1, 2), dtype=tl.int32)
         for half in tl.static_range(4):  # the pairs' first-half columns (low nibbles), then their second-half ones
-            offs = x_offs + (half % 2) * (WPG // 2) + (half // 2) * WPG
-            x4 = tl.load(x4_ptr + offs, mask=x_ok, other=0)
-            n4 = tl.load(n4_ptr + offs, mask=x_ok, other=0) if HAS_RMS else x4
+            shift = (half % 2) * (WPG // 2) + (half // 2) * WPG
+            x4 = tl.load(x4_ptr + x_offs + shift, mask=x_ok, other=0)
+            n4 = tl.load(n4_ptr + n_offs + shift, mask=n_ok, other=0) if HAS_RMS else x4
             q01, q23 = _int16_pairs(x4, n4, inv, HAS_RMS)
             w, g = (wa, ga) if half % 2 == 0 else (wb, gb)
-            shift = 4 * (half // 2)
-            d = _dot4((w >> shift) & 0x0F0F0F0F, q01, q23, d)
+            nibble = 4 * (half // 2)
+            d = _dot4(((w >> nibble) & 0x0F0F0F0F)[None], q01, q23, d)
             if HAS_GATE:
-                dg = _dot4((g >> shift) & 0x0F0F0F0F, q01, q23, dg)
+                dg = _dot4(((g >> nibble) & 0x0F0F0F0F)[None], q01, q23, dg)
             xs = _dot4(ones, q01, q23, xs)
-        xs = tl.sum(xs, axis=2).to(tl.float32)
+        xs = tl.sum(xs, axis=3).to(tl.float32)
         g_offs = rows[None, :] * (K // GROUPSIZE) + group[:, None]  # (BLOCK_W // 4, BLOCK_N)
         g_ok = (rows[None, :] < N) & (k + pair < KW)[:, None]
         acc += _int4_group_sums(d, xs, s_ptr, z_ptr, g_offs, g_ok)
@@ -372,16 +380,19 @@ if triton is not None:
     def _int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, gz_ptr, res_ptr, nw_ptr, N,
                      K: tl.constexpr, GROUPSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RMS: tl.constexpr,
                      EPS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_W: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
-        # y (N,) = W x (K,) + b for bfloat16 x, W (N, K) in pack_int4's layout and dequantized as w = (q - 8) s + z,
-        # in integers as the int8 GEMV: x rounded onto int16 by its largest magnitude. An int32 word of W holds 8
-        # weights, its low nibbles 4 columns of a group's first half and its high nibbles the same 4 of its second
-        # half: two masks make them bytes 0..15, and four dp2a multiply them by their 8 columns of x. A thread
-        # takes two pairs of words of a group, one in each half of the group's words (so that each load of a warp
-        # reads whole 32-byte sectors at g >= 128), of each of its rows, and the x they need, in the int8 GEMV's
-        # tile (pairs, rows, 2). It sums their 16 dp2a in int32, D, and adds s * D + (z - 8 s) * X in float32, X
-        # the sum of those 32 columns of x (both exact in float32: under 2**24), once for four words. The gate
-        # (an int4 G with its own scales and zeros), the norm, the residual and PDL as in the int8 GEMV
+                     BLOCK_W: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr, M, MP: tl.constexpr):
+        # y (M, N) = x (M, K) @ W.T + b for a few bfloat16 rows of x (M <= MP, a power of two), W (N, K) in
+        # pack_int4's layout and dequantized as w = (q - 8) s + z, in integers as the int8 GEMV: each row of x
+        # rounded onto int16 by its largest magnitude. An int32 word of W holds 8 weights, its low nibbles 4 columns
+        # of a group's first half and its high nibbles the same 4 of its second half: two masks make them bytes
+        # 0..15, and four dp2a multiply them by their 8 columns of a row of x. A thread takes two pairs of words of
+        # a group, one in each half of the group's words (so that each load of a warp reads whole 32-byte sectors at
+        # g >= 128), of each of its rows, and the x they need, in the int8 GEMV's tile with x's rows in front (x
+        # rows, pairs, rows, 2). It sums their 16 dp2a in int32, D, and adds s * D + (z - 8 s) * X in float32, X the
+        # sum of those 32 columns of x (both exact in float32: under 2**24), once for four words. The weights are
+        # read and unmasked once for all rows of x; the dp2a and the float work are per row, so rows cost issue
+        # slots. The gate (an int4 G with its own scales and zeros), the norm, the residual and PDL as in the int8
+        # GEMV
         KW: tl.constexpr = K // 8
         WPG: tl.constexpr = GROUPSIZE // 8  # words a group
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -398,24 +409,27 @@ if triton is not None:
         ga, gb = _int4_words(g4_ptr, rows, words, 0, N, KW, WPG, BLOCK_W) if HAS_GATE else (wa, wb)
         if PDL:
             tl.extra.cuda.gdc_wait()
-        amax, ss = _x_range(x_ptr, nw_ptr, K, HAS_RMS)
-        inv = 32766.0 / tl.maximum(amax, 1e-30)
-        zeros = tl.zeros((BLOCK_W // 4, BLOCK_N), dtype=tl.float32)
+        ms = tl.arange(0, MP)
+        amax, ss = _x_range(x_ptr, nw_ptr, M, K, MP, HAS_RMS)  # (MP,)
+        inv = (32766.0 / tl.maximum(amax, 1e-30))[:, None, None, None]
+        zeros = tl.zeros((MP, BLOCK_W // 4, BLOCK_N), dtype=tl.float32)
         acc, acc_g = _int4_chunk(zeros, zeros, wa, wb, ga, gb, x4_ptr, n4_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr, inv,
-                                 rows, pair, words, 0, N, K, GROUPSIZE, BLOCK_W, HAS_RMS, HAS_GATE)
+                                 ms, M, rows, pair, words, 0, N, K, GROUPSIZE, BLOCK_W, BLOCK_N, MP, HAS_RMS, HAS_GATE)
         for k in tl.range(BLOCK_W, KW, BLOCK_W, num_stages=STAGES):
             wa, wb = _int4_words(w4_ptr, rows, words, k, N, KW, WPG, BLOCK_W)
             ga, gb = _int4_words(g4_ptr, rows, words, k, N, KW, WPG, BLOCK_W) if HAS_GATE else (wa, wb)
             acc, acc_g = _int4_chunk(acc, acc_g, wa, wb, ga, gb, x4_ptr, n4_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr, inv,
-                                     rows, pair, words, k, N, K, GROUPSIZE, BLOCK_W, HAS_RMS, HAS_GATE)
+                                     ms, M, rows, pair, words, k, N, K, GROUPSIZE, BLOCK_W, BLOCK_N, MP, HAS_RMS,
+                                     HAS_GATE)
         descale = amax / 32766.0
         if HAS_RMS:
             descale *= tl.rsqrt(ss / K + EPS)
-        y, gate = tl.sum(acc, axis=0) * descale, tl.sum(acc_g, axis=0) * descale
+        y, gate = tl.sum(acc, axis=1) * descale[:, None], tl.sum(acc_g, axis=1) * descale[:, None]  # (MP, BLOCK_N)
         if HAS_BIAS:
-            y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-        y = _epilogue(y, gate, rows, rows < N, res_ptr, HAS_GATE, HAS_RES)
-        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
+            y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
+        offs, ok = ms[:, None] * N + rows[None, :], (ms[:, None] < M) & (rows[None, :] < N)
+        y = _epilogue(y, gate, offs, ok, res_ptr, HAS_GATE, HAS_RES)
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
     def _nibbles(b, HI: tl.constexpr, OFFSET: tl.constexpr, like):
@@ -607,11 +621,11 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
               rms_eps: Optional[float] = None) -> torch.Tensor:
     """x (M, K_in) contiguous, M <= MAX_ROWS; packed weight (N, K/2) uint8 with scales, zeros (N, K/g), K >= K_in
     padded to whole groups -> (M, N) in x's dtype, as int8_gemv (the gate another int4 weight with its scales and
-    zeros). One row computes from x rounded to bfloat16, as torch's int4 kernels do; more rows from float16 x as
-    it is, other x rounded to bfloat16."""
+    zeros). Up to INT4_GEMV_ROWS rows compute from x rounded to bfloat16, as torch's int4 kernels do (the GEMV in
+    integers); more from float16 x as it is, other x rounded to bfloat16 (the rows kernel on the tensor cores)."""
     (M, K_in), N, K = x.shape, weight.shape[0], weight.shape[1] * 2
     y, b = x.new_empty(M, N), bias if bias is not None else scales
-    xw = x.to(torch.bfloat16) if M == 1 or x.dtype != torch.float16 else x
+    xw = x.to(torch.bfloat16) if M <= INT4_GEMV_ROWS or x.dtype != torch.float16 else x
     # the kernels' mean is over the padded K, and float16 x times the norm's weight, before 1/rms, could overflow
     if norm_weight is not None and (K_in != K or xw.dtype == torch.float16):
         xw, norm_weight = _rms_norm(xw, norm_weight, rms_eps), None
@@ -621,10 +635,10 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
     args = dict(_epilogue_args(x, gate, residual, gate_scales), gz_ptr=x if gate_zeros is None else gate_zeros,
                 nw_ptr=nw, K=K, GROUPSIZE=groupsize, HAS_BIAS=bias is not None, HAS_RMS=norm_weight is not None,
                 EPS=rms_eps or 0.0)
-    if M == 1:
-        cfg, pdl = int4_config(K, gate is not None), _pdl(x)
+    if M <= INT4_GEMV_ROWS:
+        cfg, pdl = int4_config(K, gate is not None, M), _pdl(x)
         _int4_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](xw, weight, scales, zeros, b, y, N=N, **args, **cfg, PDL=pdl,
-                                                        launch_pdl=pdl)
+                                                        launch_pdl=pdl, M=M, MP=triton.next_power_of_2(M))
         return y
     magic = dict(HI=0x43, OFFSET=128.0) if xw.dtype == torch.bfloat16 else dict(HI=0x64, OFFSET=1024.0)
     _int4_rows_kernel[(triton.cdiv(N, INT4_ROWS_CONFIG["BLOCK_N"]),)](xw, weight, scales, zeros, b, y, M=M, N=N,
@@ -632,10 +646,10 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
     return y
 
 
-def int4_config(K: int, gate: bool = False) -> dict:
-    """The one-row int4 GEMV's tile for rows K wide (with the gate-up pair: its own): no more words a chunk than a
-    row has, and at most a thread for four of them (INT4_CONFIG)."""
-    cfg = INT4_GATE_CONFIG if gate else INT4_CONFIG
+def int4_config(K: int, gate: bool = False, rows: int = 1) -> dict:
+    """The int4 GEMV's tile for W's rows K wide (with the gate-up pair, or more than one row of x: its own): no more
+    words a chunk than a row has, and at most a thread for four of them (INT4_CONFIG)."""
+    cfg = INT4_FEW_CONFIG if rows > 1 else INT4_GATE_CONFIG if gate else INT4_CONFIG
     block_w = min(cfg["BLOCK_W"], triton.next_power_of_2(K // 8))
     return dict(cfg, BLOCK_W=block_w, num_warps=max(1, min(cfg["num_warps"], block_w // 128)))
 

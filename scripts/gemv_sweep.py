@@ -131,18 +131,21 @@ def main():
                                   [4, 8], [1, 3]),
              ("int4-gate", 1): configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [2, 4, 8], [256, 512],
                                        [4], [1]),
+             ("int4-few", G.INT4_GEMV_ROWS): configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [2, 4, 8],
+                                                     [128, 256, 512], [2, 4], [1]),
              ("int8", 6): configs(rows_tile, [16, 32, 64], [64, 128, 256], [4], [3, 4, 6]),
              ("int4", 6): configs(["BLOCK_N", "GROUPS", "num_warps", "num_stages"], [16, 32, 64], [2, 4, 1], [4, 8],
                                   [3, 4, 6])}
     names = {("bf16", 1): "GEMV_CONFIG", ("bf16", 6): "ROWS_CONFIG" if shapes[0][1] >= 4096 else "SMALL_ROWS_CONFIG",
              ("int8", 1): "INT8_CONFIG", ("int8-gate", 1): "INT8_GATE_CONFIG", ("int4", 1): "INT4_CONFIG",
-             ("int4-gate", 1): "INT4_GATE_CONFIG", ("int8", 6): "INT8_ROWS_CONFIG", ("int4", 6): "INT4_ROWS_CONFIG"}
+             ("int4-gate", 1): "INT4_GATE_CONFIG", ("int8", 6): "INT8_ROWS_CONFIG", ("int4", 6): "INT4_ROWS_CONFIG",
+             ("int4-few", G.INT4_GEMV_ROWS): "INT4_FEW_CONFIG"}
     for (kind, key), grid in grids.items():
         skip = sweep and kind.split("-")[0] not in sweep and kind not in sweep  # "int8" takes int8-gate too
         if skip or (kind.endswith("-gate") and args.no_pair) or (key == 1 and 1 not in row_counts) or (
                 key > 1 and max(row_counts) < 2):
             continue
-        rows = 1 if key == 1 else max(row_counts)
+        rows = min(max(row_counts), key)  # the int4 GEMV's few-rows tile: no more rows than it takes
         t0, res = time.time(), []
         default = dict(getattr(G, names[kind, key]))
         for cfg in grid:
