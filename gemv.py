@@ -70,7 +70,7 @@ INT8_GATE_CONFIG = dict(BLOCK_N=2, BLOCK_W=512, num_warps=4, STAGES=1)  # the ga
 INT4_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=4, STAGES=1)  # BLOCK_W int32 words: 4096 weights of a row
 INT4_GATE_CONFIG = dict(BLOCK_N=2, BLOCK_W=256, num_warps=4, STAGES=1)  # the gate-up pair: two weights a row
 INT8_ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=6)
-INT4_FEW_CONFIG = dict(BLOCK_N=4, BLOCK_W=256, num_warps=4, STAGES=1)  # 2..INT4_GEMV_ROWS rows of x
+INT4_FEW_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=4, STAGES=1)  # 2..INT4_GEMV_ROWS rows of x
 INT4_ROWS_CONFIG = dict(BLOCK_N=32, GROUPS=1, num_warps=4, num_stages=6)  # GROUPS: groups of W a step
 INT4_GEMV_ROWS = 4  # the int4 GEMV takes up to this many rows of x, the tensor-core rows kernel more
 

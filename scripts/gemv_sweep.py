@@ -131,8 +131,8 @@ def main():
                                   [4, 8], [1, 3]),
              ("int4-gate", 1): configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [2, 4, 8], [256, 512],
                                        [4], [1]),
-             ("int4-few", G.INT4_GEMV_ROWS): configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [2, 4, 8],
-                                                     [128, 256, 512], [2, 4], [1]),
+             ("int4-few", G.INT4_GEMV_ROWS): configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [8, 4, 16, 2],
+                                                     [512, 256], [4, 2], [1]),
              ("int8", 6): configs(rows_tile, [16, 32, 64], [64, 128, 256], [4], [3, 4, 6]),
              ("int4", 6): configs(["BLOCK_N", "GROUPS", "num_warps", "num_stages"], [16, 32, 64], [2, 4, 1], [4, 8],
                                   [3, 4, 6])}
