@@ -72,7 +72,8 @@ INT4_GATE_CONFIG = dict(BLOCK_N=2, BLOCK_W=256, num_warps=4, STAGES=1)  # the ga
 INT8_ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=6)
 INT4_FEW_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=4, STAGES=1)  # 2..INT4_GEMV_ROWS rows of x
 INT4_ROWS_CONFIG = dict(BLOCK_N=32, GROUPS=1, num_warps=4, num_stages=6)  # GROUPS: groups of W a step
-INT4_GEMV_ROWS = 4  # the int4 GEMV takes up to this many rows of x, the tensor-core rows kernel more
+INT4_GEMV_ROWS = 4  # the int4 GEMV takes up to this many rows of x a pass over W
+INT4_TENSOR_CORES = True  # more rows: the tensor-core rows kernel (else the GEMV, a pass each INT4_GEMV_ROWS)
 
 if triton is not None:
     @triton.jit
@@ -625,7 +626,8 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
     integers); more from float16 x as it is, other x rounded to bfloat16 (the rows kernel on the tensor cores)."""
     (M, K_in), N, K = x.shape, weight.shape[0], weight.shape[1] * 2
     y, b = x.new_empty(M, N), bias if bias is not None else scales
-    xw = x.to(torch.bfloat16) if M <= INT4_GEMV_ROWS or x.dtype != torch.float16 else x
+    integer = M <= INT4_GEMV_ROWS or not INT4_TENSOR_CORES  # the GEMV in integers
+    xw = x.to(torch.bfloat16) if integer or x.dtype != torch.float16 else x
     # the kernels' mean is over the padded K, and float16 x times the norm's weight, before 1/rms, could overflow
     if norm_weight is not None and (K_in != K or xw.dtype == torch.float16):
         xw, norm_weight = _rms_norm(xw, norm_weight, rms_eps), None
@@ -635,10 +637,17 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
     args = dict(_epilogue_args(x, gate, residual, gate_scales), gz_ptr=x if gate_zeros is None else gate_zeros,
                 nw_ptr=nw, K=K, GROUPSIZE=groupsize, HAS_BIAS=bias is not None, HAS_RMS=norm_weight is not None,
                 EPS=rms_eps or 0.0)
-    if M <= INT4_GEMV_ROWS:
-        cfg, pdl = int4_config(K, gate is not None, M), _pdl(x)
-        _int4_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](xw, weight, scales, zeros, b, y, N=N, **args, **cfg, PDL=pdl,
-                                                        launch_pdl=pdl, M=M, MP=triton.next_power_of_2(M))
+    if integer:
+        pdl = _pdl(x)
+        for r in range(0, M, INT4_GEMV_ROWS):
+            m = min(INT4_GEMV_ROWS, M - r)
+            cfg = int4_config(K, gate is not None, m)
+            if M > m:  # this pass's rows of x, y and the residual
+                args.update(_epilogue_args(x, gate, None if residual is None else residual.reshape(M, N)[r:r + m],
+                                           gate_scales))
+            _int4_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](xw[r:r + m], weight, scales, zeros, b, y[r:r + m], N=N,
+                                                            **args, **cfg, PDL=pdl, launch_pdl=pdl, M=m,
+                                                            MP=triton.next_power_of_2(m))
         return y
     magic = dict(HI=0x43, OFFSET=128.0) if xw.dtype == torch.bfloat16 else dict(HI=0x64, OFFSET=1024.0)
     _int4_rows_kernel[(triton.cdiv(N, INT4_ROWS_CONFIG["BLOCK_N"]),)](xw, weight, scales, zeros, b, y, M=M, N=N,
