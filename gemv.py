@@ -18,8 +18,8 @@ the int8 weights as exact small integers in x's dtype and applies the scales to 
 (pack_int4's layout: a scale and zero per group, w = (q - 8) s + z): the int8 GEMV's integers, a word of 8 weights
 masked into bytes and multiplied by 8 columns of x in four dp2a, each group adding s * D + (z - 8 s) * X in float32
 (D the integer products, X the integer sum of x over the same columns), for up to INT4_GEMV_ROWS rows of x (the
-weights loaded and masked once, the dp2a and float work per row); more rows on the tensor cores, GROUPS groups a
-step, the nibbles made 16-bit floats OFFSET + q by a prmt under OFFSET's exponent byte (no int-to-float
+weights loaded and masked once, the dp2a and float work per row); more rows on the tensor cores, a group a step,
+the nibbles made 16-bit floats OFFSET + q by a prmt under OFFSET's exponent byte (no int-to-float
 conversion), D = x . (OFFSET + q) and X from two dots each, then s * D + (z - (OFFSET + 8) s) * X. On an H100 the
 one-row GEMV streams Llama-2-7B's int4 layers at 72-76% of copy, against 56% for torch's tinygemm; the tensor-core
 rows kernel at 16-17%, against tinygemm's 31-41% (BENCHMARKS.md). int8 and int4 are the formats quantize.py writes.
@@ -71,9 +71,8 @@ INT4_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=4, STAGES=1)  # BLOCK_W int
 INT4_GATE_CONFIG = dict(BLOCK_N=2, BLOCK_W=256, num_warps=4, STAGES=1)  # the gate-up pair: two weights a row
 INT8_ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=6)
 INT4_FEW_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=4, STAGES=1)  # 2..INT4_GEMV_ROWS rows of x
-INT4_ROWS_CONFIG = dict(BLOCK_N=32, GROUPS=1, num_warps=4, num_stages=6)  # GROUPS: groups of W a step
-INT4_GEMV_ROWS = 4  # the int4 GEMV takes up to this many rows of x a pass over W
-INT4_TENSOR_CORES = True  # more rows: the tensor-core rows kernel (else the GEMV, a pass each INT4_GEMV_ROWS)
+INT4_ROWS_CONFIG = dict(BLOCK_N=32, num_warps=4, num_stages=6)  # a group of W a step
+INT4_GEMV_ROWS = 4  # the int4 GEMV takes up to this many rows of x, the tensor-core rows kernel more
 
 if triton is not None:
     @triton.jit
@@ -446,27 +445,26 @@ if triton is not None:
         return ((b & 15).to(tl.float32) + OFFSET).to(like.dtype), ((b >> 4).to(tl.float32) + OFFSET).to(like.dtype)
 
     @triton.jit
-    def _int4_rows_group(acc, b, s_ptr, z_ptr, g, g_ok, x_lo, x_hi, xs, rows, N, K: tl.constexpr,
-                         GROUPSIZE: tl.constexpr, HI: tl.constexpr, OFFSET: tl.constexpr):
+    def _int4_rows_group(acc, b, s_ptr, z_ptr, g, x_lo, x_hi, xs, rows, N, K: tl.constexpr, GROUPSIZE: tl.constexpr,
+                         HI: tl.constexpr, OFFSET: tl.constexpr):
         # acc + group g's s * D + (z - (OFFSET + 8) s) * X, D from two dots against the group's nibbles b
         w_lo, w_hi = _nibbles(b, HI, OFFSET, x_lo)
         d = tl.dot(x_hi, tl.trans(w_hi), tl.dot(x_lo, tl.trans(w_lo)))  # (16, BLOCK_N)
-        s = tl.load(s_ptr + rows * (K // GROUPSIZE) + g, mask=(rows < N) & g_ok, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + rows * (K // GROUPSIZE) + g, mask=(rows < N) & g_ok, other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + rows * (K // GROUPSIZE) + g, mask=rows < N, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + rows * (K // GROUPSIZE) + g, mask=rows < N, other=0.0).to(tl.float32)
         return acc + d * s[None, :] + xs * (z - (OFFSET + 8.0) * s)[None, :]
 
     @triton.jit
     def _int4_rows_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, gz_ptr, res_ptr, nw_ptr, M, N,
                           K: tl.constexpr, GROUPSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RMS: tl.constexpr,
                           EPS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, HI: tl.constexpr,
-                          OFFSET: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+                          OFFSET: tl.constexpr, BLOCK_N: tl.constexpr):
         # y (M, N) = x (M, K) @ W.T + b for 2 <= M <= 16 rows of 16-bit x on the tensor cores, W in pack_int4's
-        # layout, GROUPS groups a step: each group's bytes become OFFSET + q in x's dtype (_nibbles), two dots give
-        # D = x . (OFFSET + q) over the group's two halves and two more against ones each row's sum X (in D's
-        # layout, no shuffles), and y += s * D + (z - (OFFSET + 8) s) * X in float32. The gate, the norm and the
-        # residual as in the int8 rows kernel (_rows_kernel with HAS_NW)
+        # layout, a group a step: its bytes become OFFSET + q in x's dtype (_nibbles), two dots give D = x . (OFFSET
+        # + q) over the group's two halves and two more against ones each row's sum X (in D's layout, no shuffles),
+        # and y += s * D + (z - (OFFSET + 8) s) * X in float32. The gate, the norm and the residual as in the
+        # int8 rows kernel (_rows_kernel with HAS_NW)
         H: tl.constexpr = GROUPSIZE // 2
-        NG: tl.constexpr = K // GROUPSIZE
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         ms = tl.arange(0, 16)[:, None]
         j = tl.arange(0, H)
@@ -474,28 +472,22 @@ if triton is not None:
         acc_g = tl.zeros((16, BLOCK_N), dtype=tl.float32)
         gram = tl.zeros((16, 16), dtype=tl.float32)
         ones = tl.full((H, BLOCK_N), 1.0, tl.float32).to(x_ptr.dtype.element_ty)
-        for g0 in range(0, NG, GROUPS):
-            for i in tl.static_range(GROUPS):  # more bytes in flight a step than one group's
-                g = g0 + i
-                g_ok = (g < NG) if NG % GROUPS else g >= 0
-                offs = rows[:, None] * (K // 2) + (g * H + j)[None, :]
-                b = tl.load(w_ptr + offs, mask=(rows[:, None] < N) & g_ok, other=0,
-                            eviction_policy="evict_first")  # (BLOCK_N, H)
-                c = g * GROUPSIZE + j[None, :]
-                x_lo = tl.load(x_ptr + ms * K + c, mask=(ms < M) & g_ok, other=0.0)
-                x_hi = tl.load(x_ptr + ms * K + c + H, mask=(ms < M) & g_ok, other=0.0)
-                if HAS_RMS:  # x x^T on the tensor cores: its diagonal is each row's sum of squares
-                    gram = tl.dot(x_hi, tl.trans(x_hi), tl.dot(x_lo, tl.trans(x_lo), gram))
-                    x_lo = (x_lo.to(tl.float32) * tl.load(nw_ptr + c, mask=g_ok, other=0).to(tl.float32)).to(x_lo.dtype)
-                    x_hi = (x_hi.to(tl.float32) * tl.load(nw_ptr + c + H, mask=g_ok, other=0).to(tl.float32)).to(
-                        x_hi.dtype)
-                xs = tl.dot(x_hi, ones, tl.dot(x_lo, ones))  # each row's sum over the group, in D's layout
-                acc = _int4_rows_group(acc, b, s_ptr, z_ptr, g, g_ok, x_lo, x_hi, xs, rows, N, K, GROUPSIZE, HI,
-                                       OFFSET)
-                if HAS_GATE:
-                    bg = tl.load(g_ptr + offs, mask=(rows[:, None] < N) & g_ok, other=0, eviction_policy="evict_first")
-                    acc_g = _int4_rows_group(acc_g, bg, gs_ptr, gz_ptr, g, g_ok, x_lo, x_hi, xs, rows, N, K, GROUPSIZE,
-                                             HI, OFFSET)
+        for g in range(0, K // GROUPSIZE):
+            offs = rows[:, None] * (K // 2) + (g * H + j)[None, :]
+            b = tl.load(w_ptr + offs, mask=rows[:, None] < N, other=0, eviction_policy="evict_first")  # (BLOCK_N, H)
+            c = g * GROUPSIZE + j[None, :]
+            x_lo = tl.load(x_ptr + ms * K + c, mask=ms < M, other=0.0)
+            x_hi = tl.load(x_ptr + ms * K + c + H, mask=ms < M, other=0.0)
+            if HAS_RMS:  # x x^T on the tensor cores: its diagonal is each row's sum of squares
+                gram = tl.dot(x_hi, tl.trans(x_hi), tl.dot(x_lo, tl.trans(x_lo), gram))
+                x_lo = (x_lo.to(tl.float32) * tl.load(nw_ptr + c).to(tl.float32)).to(x_lo.dtype)
+                x_hi = (x_hi.to(tl.float32) * tl.load(nw_ptr + c + H).to(tl.float32)).to(x_hi.dtype)
+            xs = tl.dot(x_hi, ones, tl.dot(x_lo, ones))  # each row's sum over the group, in D's layout
+            acc = _int4_rows_group(acc, b, s_ptr, z_ptr, g, x_lo, x_hi, xs, rows, N, K, GROUPSIZE, HI, OFFSET)
+            if HAS_GATE:
+                bg = tl.load(g_ptr + offs, mask=rows[:, None] < N, other=0, eviction_policy="evict_first")
+                acc_g = _int4_rows_group(acc_g, bg, gs_ptr, gz_ptr, g, x_lo, x_hi, xs, rows, N, K, GROUPSIZE, HI,
+                                         OFFSET)
         if HAS_RMS:
             r = _rows_rms(gram, K, EPS)
             acc, acc_g = acc * r, acc_g * r
@@ -626,8 +618,7 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
     integers); more from float16 x as it is, other x rounded to bfloat16 (the rows kernel on the tensor cores)."""
     (M, K_in), N, K = x.shape, weight.shape[0], weight.shape[1] * 2
     y, b = x.new_empty(M, N), bias if bias is not None else scales
-    integer = M <= INT4_GEMV_ROWS or not INT4_TENSOR_CORES  # the GEMV in integers
-    xw = x.to(torch.bfloat16) if integer or x.dtype != torch.float16 else x
+    xw = x.to(torch.bfloat16) if M <= INT4_GEMV_ROWS or x.dtype != torch.float16 else x
     # the kernels' mean is over the padded K, and float16 x times the norm's weight, before 1/rms, could overflow
     if norm_weight is not None and (K_in != K or xw.dtype == torch.float16):
         xw, norm_weight = _rms_norm(xw, norm_weight, rms_eps), None
@@ -637,17 +628,10 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
     args = dict(_epilogue_args(x, gate, residual, gate_scales), gz_ptr=x if gate_zeros is None else gate_zeros,
                 nw_ptr=nw, K=K, GROUPSIZE=groupsize, HAS_BIAS=bias is not None, HAS_RMS=norm_weight is not None,
                 EPS=rms_eps or 0.0)
-    if integer:
-        pdl = _pdl(x)
-        for r in range(0, M, INT4_GEMV_ROWS):
-            m = min(INT4_GEMV_ROWS, M - r)
-            cfg = int4_config(K, gate is not None, m)
-            if M > m:  # this pass's rows of x, y and the residual
-                args.update(_epilogue_args(x, gate, None if residual is None else residual.reshape(M, N)[r:r + m],
-                                           gate_scales))
-            _int4_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](xw[r:r + m], weight, scales, zeros, b, y[r:r + m], N=N,
-                                                            **args, **cfg, PDL=pdl, launch_pdl=pdl, M=m,
-                                                            MP=triton.next_power_of_2(m))
+    if M <= INT4_GEMV_ROWS:
+        cfg, pdl = int4_config(K, gate is not None, M), _pdl(x)
+        _int4_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](xw, weight, scales, zeros, b, y, N=N, **args, **cfg, PDL=pdl,
+                                                        launch_pdl=pdl, M=M, MP=triton.next_power_of_2(M))
         return y
     magic = dict(HI=0x43, OFFSET=128.0) if xw.dtype == torch.bfloat16 else dict(HI=0x64, OFFSET=1024.0)
     _int4_rows_kernel[(triton.cdiv(N, INT4_ROWS_CONFIG["BLOCK_N"]),)](xw, weight, scales, zeros, b, y, M=M, N=N,
