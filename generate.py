@@ -460,9 +460,11 @@ def acceptance_summary(accepted: list, k: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------------ loading
-def load_model(checkpoint_path, device="cpu", dtype=torch.float32, use_tp=False) -> Transformer:
+def load_model(checkpoint_path, device="cpu", dtype=torch.float32, use_tp=False,
+               int4_kernel="triton") -> Transformer:
     """Build on the meta device, swap in quantized modules if the checkpoint says so, load with mmap + assign
-    (no copy of the weights), split for tensor parallel, then move only what this process keeps."""
+    (no copy of the weights), split for tensor parallel, then move only what this process keeps. int4_kernel:
+    quantize.prepare_for_device's, for int4 weights on CUDA ("torch" when the model will verify drafts)."""
     checkpoint_path = Path(checkpoint_path)
     if checkpoint_path.is_dir():
         inside = sorted(p.name for p in checkpoint_path.glob("model*.pth")) or ["model.pth"]
@@ -507,7 +509,7 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.float32, use_tp=False)
     if use_tp:
         tp.own_storage(model)  # a no-op on a GPU
     if quantization:
-        quantize.prepare_for_device(model)
+        quantize.prepare_for_device(model, int4_kernel=int4_kernel)
     if str(device).startswith("cuda"):
         from decode_attention import use_decode_attention
         from gemv import use_gemv
@@ -772,7 +774,10 @@ def main(argv=None):
 
     checkpoint = resolve_checkpoint(args.checkpoint_path)
     t = time.perf_counter()
-    model = load_model(checkpoint, device, dtype, use_tp=rank is not None)
+    speculating = args.draft_checkpoint_path or args.mtp or args.mtp_checkpoint_path
+    # an int4 target that verifies drafts runs torch's int4 kernel, 1.8-1.9x gemv.py's at 4-6 rows (H100)
+    model = load_model(checkpoint, device, dtype, use_tp=rank is not None,
+                       int4_kernel="torch" if speculating else "triton")
     tokenizer = get_tokenizer(checkpoint.parent)
     print(f"loaded {checkpoint} in {time.perf_counter() - t:.1f} s ({model_bytes(model) / 1e9:.2f} GB of weights "
           f"read per step, {dtype}, {device})", file=sys.stderr)

@@ -15,12 +15,12 @@ Decode at batch 1 reads every weight once per token, so it runs as fast as those
 picks each layer's kernel, by default the faster one measured on an H100 (BENCHMARKS.md): int8 on CUDA runs
 gemv.py's Triton GEMV for one row (decode; 2462 GB/s alone, 84% of copy), its rows kernel for 2..MAX_ROWS
 (speculative verify; 2186 GB/s at 6 rows) and dequantizes into F.linear above that (prefill); on the CPU int8 runs
-torch's `_weight_int8pack_mm` in bfloat16 (a dequantizing F.linear decoded no faster than float32 there). int4 is
-repacked for torch's packed-int4 matmul on either device, `_weight_int4pack_mm` (tinygemm: 1636 GB/s at one row,
-6 rows in 1.75x the time of one) on CUDA and `_weight_int4pack_mm_for_cpu` on the CPU, both computing in bfloat16
-(on the CPU ~30x faster than float32). gemv.py's Triton int4 kernels are selectable with int4_kernel="triton":
-since session 29 without float products (a quarter and a third of the instructions of the ones measured at 1154 GB/s
-at one row and 353 at six), not yet timed themselves.
+torch's `_weight_int8pack_mm` in bfloat16 (a dequantizing F.linear decoded no faster than float32 there). int4 on
+CUDA runs gemv.py's Triton kernels on the stored layout (one row in integers: 2247 GB/s over Llama-2-7B's layers,
+76% of copy, a 7B decoding at 467 tok/s) and dequantizes into F.linear above MAX_ROWS; or, with int4_kernel="torch",
+is repacked for torch's `_weight_int4pack_mm` (tinygemm: 1661 GB/s at one row, 365 tok/s, but 1.8-1.9x the
+Triton kernels' speed at 4 and 6 rows, so generate.py takes it when it speculates). On the CPU int4 always runs
+`_weight_int4pack_mm_for_cpu`. torch's kernels compute in bfloat16 (on the CPU ~30x faster than float32).
 Decisions: embeddings, the output head (unless --quantize_output) and the MoE router stay float; MoE experts are
 int8 per channel in every mode (an int4 expert would need one kernel call per chosen expert); int4 layers whose
 output width is not a multiple of 16 (torch's CPU kernel; CUDA needs 8) stay float and are listed; an input width
@@ -192,7 +192,8 @@ class Int4Linear(nn.Module):
             raise ValueError(f"int4 layers run on CPU and CUDA, not {device.type}; use --mode int8 there")
         self.prepared_for = device.type
         self.use_triton = kernel == "triton" and device.type == "cuda" and triton is not None
-        if self.use_triton:
+        if self.use_triton:  # the kernels index the stored tensors as dense rows (tensor parallel may slice them)
+            self.weight, self.scales, self.zeros = (t.contiguous() for t in (self.weight, self.scales, self.zeros))
             return
         q = unpack_int4(self.weight, self.groupsize)  # (N, K) 0..15
         self.padded_in = q.shape[1]  # derived from the tensors: tensor parallel may have sliced them
@@ -276,11 +277,12 @@ def apply_quantization(model: Transformer, info: dict) -> Transformer:
     return model
 
 
-def prepare_for_device(model, int8_kernel: str = "triton", int4_kernel: str = "torch"):
+def prepare_for_device(model, int8_kernel: str = "triton", int4_kernel: str = "triton"):
     """After `model.to(device, dtype)` (and tensor-parallel slicing): lay the quantized tensors out for their
     kernels. On CUDA int8 runs our Triton GEMV for up to MAX_ROWS rows ("triton") or dequantizes in the matmul
-    ("torch"); int4 runs torch's packed-int4 matmul ("torch", both devices) or our Triton GEMV ("triton", CUDA).
-    The defaults are the faster ones on an H100 (BENCHMARKS.md); without triton installed, torch's are used."""
+    ("torch"); int4 runs our Triton kernels ("triton", CUDA) or torch's packed-int4 matmul ("torch", both devices;
+    the CPU always). The defaults decode fastest on an H100; for int4, "torch" verifies 2..16 rows faster, which
+    is why generate.py asks for it when it speculates (BENCHMARKS.md). Without triton installed, torch's are used."""
     for name, kernel in (("int8_kernel", int8_kernel), ("int4_kernel", int4_kernel)):
         if kernel not in ("torch", "triton"):
             raise ValueError(f"{name} must be 'torch' or 'triton', not {kernel!r}")

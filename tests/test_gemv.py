@@ -227,7 +227,8 @@ def one_block(bias: bool, rows: int, int4: bool = False):
 
     model = tiny(n_layer=1, attention_bias=bias)
     if int4:
-        quantize.prepare_for_device(quantize.quantize_model(model, "int4", 32, pad=True, verbose=False)[0])
+        quantize.prepare_for_device(quantize.quantize_model(model, "int4", 32, pad=True, verbose=False)[0],
+                                    int4_kernel="torch")
     model.setup_caches(1, 32)
     pos = torch.arange(rows)
     mask = torch.arange(32)[None, :] <= pos[:, None]

@@ -297,3 +297,21 @@ def test_generate_refuses_bad_numbers_before_loading(flags, message):
     import generate as gen
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         gen.main(["--checkpoint_path", "/nonexistent/model.pth", *flags])  # checked before the missing file
+
+
+@pytest.mark.parametrize("flags, kernel", [([], "triton"), (["--mtp"], "torch"),
+                                           (["--draft_checkpoint_path", "d.pth"], "torch")])
+def test_int4_target_takes_torchs_kernel_only_to_verify_drafts(flags, kernel, monkeypatch):
+    """gemv.py's int4 GEMV decodes fastest, torch's int4 kernel verifies 2..16 rows faster (BENCHMARKS.md): main
+    picks by whether it will speculate."""
+    import generate as gen
+
+    asked = {}
+
+    def stop(*args, **kwargs):
+        asked.update(kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(gen, "load_model", stop)
+    with pytest.raises(KeyboardInterrupt):
+        gen.main(["--checkpoint_path", "/nonexistent/model.pth", *flags])
+    assert asked["int4_kernel"] == kernel
