@@ -22,7 +22,8 @@ weights loaded and masked once, the dp2a and float work per row); more rows on t
 the nibbles made 16-bit floats OFFSET + q by a prmt under OFFSET's exponent byte (no int-to-float
 conversion), D = x . (OFFSET + q) and X from two dots each, then s * D + (z - (OFFSET + 8) s) * X. On an H100 the
 GEMV streams Llama-2-7B's int4 layers at 72-76% of copy at one row, against 56% for torch's tinygemm, and at 22%
-at four (tinygemm 41%); the tensor-core kernel at 16-18% (tinygemm 31-41%) (BENCHMARKS.md). int8 and int4 are the formats quantize.py writes.
+at four (tinygemm 41%); the tensor-core kernel at 16-18% (tinygemm 31-41%) (BENCHMARKS.md). int8 and int4 are
+the formats quantize.py writes.
 
 The float, int8 and int4 kernels also take in the small steps around a matmul, so that a layer launches fewer kernels
 (`linear`, `fused_block`): SwiGLU's gate and up projections run as one kernel that streams both weights and ends
