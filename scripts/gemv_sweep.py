@@ -144,7 +144,7 @@ def main():
         if skip or (kind.endswith("-gate") and args.no_pair) or (key == 1 and 1 not in row_counts) or (
                 key > 1 and max(row_counts) < 2):
             continue
-        rows = min(max(row_counts), key)  # the int4 GEMV's few-rows tile: no more rows than it takes
+        rows = 1 if key == 1 else min(max(row_counts), key) if kind == "int4-few" else max(row_counts)
         t0, res = time.time(), []
         default = dict(getattr(G, names[kind, key]))
         for cfg in grid:
