@@ -418,10 +418,15 @@ class Speculation:
     step_fn: Callable = spec_step
 
 
+def speculates(args) -> bool:
+    """Whether the run drafts tokens for the target to verify (a draft checkpoint or the MTP head)."""
+    return bool(args.draft_checkpoint_path or args.mtp or args.mtp_checkpoint_path)
+
+
 def load_speculation(args, model: Transformer, tokenizer, target_dir: Path, device: str, dtype):
-    """A Speculation for --draft_checkpoint_path or --mtp/--mtp_checkpoint_path (None without them): the draft,
-    checked against the target, with its steps (compiled with --compile)."""
-    if not (args.draft_checkpoint_path or args.mtp or args.mtp_checkpoint_path):
+    """A Speculation when the run `speculates` (else None): the draft, checked against the target, with its steps
+    (compiled with --compile)."""
+    if not speculates(args):
         return None
     if args.batch_size > 1 or args.prompts_file:
         raise ValueError("speculative decoding takes one prompt at a time; drop --batch_size/--prompts_file or "
@@ -774,10 +779,9 @@ def main(argv=None):
 
     checkpoint = resolve_checkpoint(args.checkpoint_path)
     t = time.perf_counter()
-    speculating = args.draft_checkpoint_path or args.mtp or args.mtp_checkpoint_path
     # an int4 target that verifies drafts runs torch's int4 kernel, 1.8-1.9x gemv.py's at 4-6 rows (H100)
     model = load_model(checkpoint, device, dtype, use_tp=rank is not None,
-                       int4_kernel="torch" if speculating else "triton")
+                       int4_kernel="torch" if speculates(args) else "triton")
     tokenizer = get_tokenizer(checkpoint.parent)
     print(f"loaded {checkpoint} in {time.perf_counter() - t:.1f} s ({model_bytes(model) / 1e9:.2f} GB of weights "
           f"read per step, {dtype}, {device})", file=sys.stderr)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from bench import time_steps  # noqa: E402  (scripts/, beside this file)
 from generate import (Sampling, check_device, compile_steps, decode_one_token, generate,  # noqa: E402
                       load_model, load_speculation, parse_args as generate_args, prefill, resolve_checkpoint,
-                      spec_extra_slots, speculative_generate, synchronize)
+                      spec_extra_slots, speculates, speculative_generate, synchronize)
 
 DEV_PROMPTS = ROOT.parent / "shared/prompts/dev.jsonl"
 
@@ -170,7 +170,7 @@ def main(argv=None):
     for name, least in (("max_new_tokens", 2), ("cost_reps", 0)):  # a rate needs a token after the prefill's
         if getattr(args, name) < least:
             raise ValueError(f"--{name} must be at least {least}, got {getattr(args, name)}")
-    if not (args.draft_checkpoint_path or args.mtp or args.mtp_checkpoint_path or args.recheck):
+    if not (speculates(args) or args.recheck):
         raise ValueError("nothing to draft with: pass --draft_checkpoint_path, --mtp or --mtp_checkpoint_path")
     if not args.prompts.is_file():
         raise FileNotFoundError(f"prompts file {args.prompts} not found; pass --prompts")
