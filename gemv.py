@@ -87,6 +87,17 @@ if triton is not None:
         return y
 
     @triton.jit
+    def _store_rows(y, g, b_ptr, y_ptr, res_ptr, ms, rows, M, N, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr,
+                    HAS_RES: tl.constexpr):
+        # float32 results y (and the gate's g) for x rows ms and W rows `rows`, (len(ms), len(rows)): plus the bias,
+        # through _epilogue, stored where they are in range
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
+        offs, ok = ms[:, None] * N + rows[None, :], (ms[:, None] < M) & (rows[None, :] < N)
+        y = _epilogue(y, g, offs, ok, res_ptr, HAS_GATE, HAS_RES)
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
     def _gemv_chunk(acc, acc_g, ss, w, g, x, HAS_GATE: tl.constexpr, HAS_RMS: tl.constexpr):
         acc += w.to(tl.float32) * x[None, :]
         if HAS_GATE:
@@ -320,11 +331,7 @@ if triton is not None:
             acc *= tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
             if HAS_GATE:
                 acc_g *= tl.load(gs_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
-        offs, ok = ms[:, None] * N + rows[None, :], (ms[:, None] < M) & (rows[None, :] < N)
-        acc = _epilogue(acc, acc_g, offs, ok, res_ptr, HAS_GATE, HAS_RES)
-        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
+        _store_rows(acc, acc_g, b_ptr, y_ptr, res_ptr, ms, rows, M, N, HAS_BIAS, HAS_GATE, HAS_RES)
 
     @triton.jit
     def _int4_words(w4_ptr, rows, words, k, N, KW: tl.constexpr, WPG: tl.constexpr, BLOCK_W: tl.constexpr):
@@ -426,11 +433,7 @@ if triton is not None:
         if HAS_RMS:
             descale *= tl.rsqrt(ss / K + EPS)
         y, gate = tl.sum(acc, axis=1) * descale[:, None], tl.sum(acc_g, axis=1) * descale[:, None]  # (MP, BLOCK_N)
-        if HAS_BIAS:
-            y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
-        offs, ok = ms[:, None] * N + rows[None, :], (ms[:, None] < M) & (rows[None, :] < N)
-        y = _epilogue(y, gate, offs, ok, res_ptr, HAS_GATE, HAS_RES)
-        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
+        _store_rows(y, gate, b_ptr, y_ptr, res_ptr, ms, rows, M, N, HAS_BIAS, HAS_GATE, HAS_RES)
 
     @triton.jit
     def _nibbles(b, HI: tl.constexpr, OFFSET: tl.constexpr, like):
@@ -492,11 +495,7 @@ if triton is not None:
         if HAS_RMS:
             r = _rows_rms(gram, K, EPS)
             acc, acc_g = acc * r, acc_g * r
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
-        offs, ok = ms * N + rows[None, :], (ms < M) & (rows[None, :] < N)
-        acc = _epilogue(acc, acc_g, offs, ok, res_ptr, HAS_GATE, HAS_RES)
-        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=ok)
+        _store_rows(acc, acc_g, b_ptr, y_ptr, res_ptr, tl.arange(0, 16), rows, M, N, HAS_BIAS, HAS_GATE, HAS_RES)
 
 
 def _pdl(x) -> bool:
