@@ -3,7 +3,8 @@
 weights, all matmuls of a step replayed as one CUDA graph, against the device-to-device copy bandwidth measured in
 the same run. Counts the bytes the quantized weights and their scales occupy. The feed-forward's gate and up
 projections run as one call (gemv.py's gate-up pair) for the bf16, int8 and Triton int4 kernels, as in the model,
-unless --no_pair. --sweep also tries a grid of tile configs for the Triton kernels.
+unless --no_pair; with --norms the Triton kernels also take what they take in the model: the RMSNorm before wqkv and
+the gate-up pair, the residual add after wo and w2. --sweep also tries a grid of tile configs for the Triton kernels.
 
     python scripts/gemv_sweep.py           # under a minute on an H100
     python scripts/gemv_sweep.py --sweep   # about 6 minutes; the best configs go into gemv.py by hand
@@ -61,6 +62,9 @@ def main():
                    help="w1 and w3 as two matmuls (default for bf16, int8 and int4: one call with w1 as w3's gate, "
                         "as the model runs them)")
     p.add_argument("--no_pdl", action="store_true", help="plain launches: no programmatic dependent launch")
+    p.add_argument("--norms", action="store_true",
+                   help="the Triton kernels with the RMSNorm before wqkv and the gate-up pair and the residual add "
+                        "after wo and w2, as the model runs them")
     args = p.parse_args()
     G.PDL_OK = G.PDL_OK and not args.no_pdl
     sweep, g, row_counts = args.sweep, args.groupsize, [int(r) for r in args.rows.split(",")]
@@ -80,30 +84,36 @@ def main():
     bytes4 = sum(w.numel() + 2 * s.numel() * 2 for w, s, _ in w4)
     copy = copy_bandwidth("cuda")  # the same measurement as bench.py's
     x = torch.randn(max(row_counts), max(k for _, k in shapes), device="cuda", dtype=torch.bfloat16)
+    norm_w = 1 + 0.1 * torch.randn(x.shape[-1], device="cuda", dtype=torch.bfloat16)
+    res = {r: [torch.randn(r, n, device="cuda", dtype=torch.bfloat16) for n, _ in shapes] for r in row_counts}
     print(f"copy {copy:.0f} GB/s", flush=True)
 
     tiny = [(torch.ops.aten._convert_weight_to_int4pack(w, Q.cuda_inner_k_tiles(k)),
              torch.stack([s, z], -1).transpose(0, 1).contiguous()) for (w, s, z), (_, k) in zip(w4, shapes)]
 
-    def plan(xs, ws):
-        """(x, weight, gate) per call: the feed-forward's w3 (index 3 of a layer) takes w1 (index 2) as its gate"""
-        if args.no_pair:
-            return [(xi, w, None) for xi, w in zip(xs, ws)]
-        return [(xi, w, ws[i - 1] if i % 5 == 3 else None) for i, (xi, w) in enumerate(zip(xs, ws)) if i % 5 != 2]
+    def plan(xs, ws, rows):
+        """(x, weight, gate, residual, norm weight) per call: the feed-forward's w3 (index 3 of a layer) takes w1
+        (index 2) as its gate; with --norms wqkv, w1 and w3 take a norm, wo and w2 a residual"""
+        calls = [(xi, w, None if args.no_pair or i % 5 != 3 else ws[i - 1],
+                  res[rows][i] if args.norms and i % 5 in (1, 4) else None,
+                  norm_w[:xi.shape[-1]] if args.norms and i % 5 in (0, 2, 3) else None)
+                 for i, (xi, w) in enumerate(zip(xs, ws))]
+        return calls if args.no_pair else [c for i, c in enumerate(calls) if i % 5 != 2]
 
     def run(kind, rows):
         xs = [x[:rows, :k].contiguous() for _, k in shapes]
         if kind == "bf16":
             f = G.gemv if rows == 1 else G.gemm_rows
-            fn = lambda: [f(xi, w, gate=g) for xi, w, g in plan(xs, wb)]  # noqa: E731
+            fn = lambda: [f(xi, w, gate=g, residual=r, rms_eps=None if nw is None else 1e-5)  # noqa: E731
+                          for xi, w, g, r, nw in plan(xs, wb, rows)]
         elif kind == "bf16-cublas":
             fn = lambda: [torch.nn.functional.linear(xi, w) for xi, w in zip(xs, wb)]  # noqa: E731
         elif kind == "int8":
-            fn = lambda: [G.int8_gemv(xi, w, s, None, *(g or (None, None)))  # noqa: E731
-                          for xi, (w, s), g in plan(xs, w8)]
+            fn = lambda: [G.int8_gemv(xi, w, s, None, *(g or (None, None)), r, nw, 1e-5)  # noqa: E731
+                          for xi, (w, s), g, r, nw in plan(xs, w8, rows)]
         elif kind == "int4":
-            fn = lambda: [G.int4_gemv(xi, w, s, z, g, None, *(gt or (None, None, None)))  # noqa: E731
-                          for xi, (w, s, z), gt in plan(xs, w4)]
+            fn = lambda: [G.int4_gemv(xi, w, s, z, g, None, *(gt or (None, None, None)), r, nw, 1e-5)  # noqa: E731
+                          for xi, (w, s, z), gt, r, nw in plan(xs, w4, rows)]
         else:
             fn = lambda: [torch.ops.aten._weight_int4pack_mm(xi, w, g, sz) for xi, (w, sz) in zip(xs, tiny)]  # noqa: E731
         return {"int8": bytes8, "bf16": bytes16, "bf16-cublas": bytes16}.get(kind, bytes4) / graph_time(fn) / 1e9
