@@ -59,23 +59,37 @@ if triton is not None:
         return x * cos + x_rot * sin
 
     @triton.jit
+    def _prefetch(ptrs, ok):
+        # ask L2 for the lines at ptrs where ok: a hint, which changes nothing that a later load reads
+        return tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+            "=r,l,r", [ptrs, ok.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
     def _attention_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, o_ptr, acc_ptr, ml_ptr,
-                          sx_b, sx_s, sr_b, sr_s, sk_b, sk_h, sk_s, sm_b, sm_s, n_kv, S,
+                          sx_b, sx_s, sr_b, sr_s, sk_b, sk_h, sk_s, sm_b, sm_s, n_kv, S, S_max,
                           SCALE: tl.constexpr, G: tl.constexpr, D: tl.constexpr, R: tl.constexpr, CHUNK: tl.constexpr,
                           BLOCK_L: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, CAUSAL: tl.constexpr,
-                          PDL: tl.constexpr):
+                          PDL: tl.constexpr, LINES: tl.constexpr):
         # one program: KV head `hk` of batch row `b` over cache slots [chunk * CHUNK, (chunk + 1) * CHUNK)
-        # rows r = g * S + s: query s of the g-th query head sharing KV head `hk`. PDL: let the next kernel
-        # launch, then wait for the one before (which wrote qkv) before reading or writing anything
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
+        # rows r = g * S + s: query s of the g-th query head sharing KV head `hk`
         b, hk, chunk = tl.program_id(0) // n_kv, tl.program_id(0) % n_kv, tl.program_id(1)
+        start = chunk * CHUNK
+        kv = b * sk_b + hk * sk_h
+        if PDL:
+            # let the next kernel launch, then wait for the one before (which wrote qkv) before reading qkv or
+            # writing anything. The slots before the first new position were written by earlier steps, not by the
+            # kernel waited for: their trip from memory to L2 (LINES 128-byte lines a slot) starts before the wait
+            tl.extra.cuda.gdc_launch_dependents()
+            ahead = start + tl.arange(0, CHUNK)
+            old = (ahead < tl.minimum(tl.load(pos_ptr), S_max))[:, None] & (tl.arange(0, LINES) >= 0)[None, :]
+            lines = kv + ahead[:, None] * sk_s + (tl.arange(0, LINES) * (D // LINES))[None, :]
+            _prefetch(k_ptr + lines, old)
+            _prefetch(v_ptr + lines, old)
+            tl.extra.cuda.gdc_wait()
         d = tl.arange(0, D)
         t = tl.arange(0, 16)  # the new positions
         pos = tl.load(pos_ptr + t, mask=t < S, other=0)
-        start = chunk * CHUNK
-        kv = b * sk_b + hk * sk_h
         # the new keys (after RoPE) and values whose slots are in this chunk, into the cache
         mine = (t < S) & (pos >= start) & (pos < start + CHUNK)
         row = b * sx_b + t * sx_s  # in qkv: q heads, then k heads, then v heads
@@ -186,8 +200,9 @@ def _attend(qkv, cos, sin, k_cache, v_cache, mask, input_pos, n_head: int, pdl: 
     _attention_kernel[(B * n_kv, n_chunks)](
         qkv, cos, sin, k_cache, v_cache, m, input_pos, out, part_acc, part_ml, qkv.stride(0), qkv.stride(1),
         cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1), k_cache.stride(0), k_cache.stride(1),
-        k_cache.stride(2), sm_b, sm_s, n_kv, S, SCALE=1.0 / math.sqrt(D), G=G, D=D, R=R, CHUNK=CHUNK, BLOCK_L=BLOCK_L,
-        SPLIT=n_chunks > 1, PRECISION=precision, CAUSAL=causal, PDL=pdl, num_warps=NUM_WARPS,
+        k_cache.stride(2), sm_b, sm_s, n_kv, S, S_max, SCALE=1.0 / math.sqrt(D), G=G, D=D, R=R, CHUNK=CHUNK,
+        BLOCK_L=BLOCK_L, SPLIT=n_chunks > 1, PRECISION=precision, CAUSAL=causal, PDL=pdl,
+        LINES=max(1, D * k_cache.element_size() // 128), num_warps=NUM_WARPS,
         **({"launch_pdl": True} if pdl else {}))  # only the custom op's launch: a traced one keeps inductor's
     if n_chunks > 1:
         _merge_kernel[(B * n_kv,)](part_acc, part_ml, out, n_kv, S, N_CHUNKS=n_chunks, G=G, D=D, R=R, num_warps=4)
