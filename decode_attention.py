@@ -23,7 +23,9 @@ inputs of at most MAX_QUERIES positions and keeps SDPA for prefill, training and
 launches its float GEMVs, so that it starts while the GEMV before it drains and lets the one after it start early.
 That takes a custom op (`decode_attention_pdl`), which declares the two caches as the only tensors it writes:
 traced by torch.compile, a kernel with PDL's inline PTX counts as writing every input, and CUDA graphs are then
-skipped. Not yet the default: no GPU has timed it (`scripts/bench.py --pdl_attention`).
+skipped. Before it waits, each program asks L2 for the cache slots it will read that earlier steps wrote (a
+prefetch hint: it changes no value read). Not the default: launched with PDL alone it left the Llama-2-7B step
+as it was (3.573 against 3.569 ms, H200); the prefetch is not timed yet (`scripts/bench.py --pdl_attention`).
 """
 import math
 import os
