@@ -85,7 +85,8 @@ def main():
     copy = copy_bandwidth("cuda")  # the same measurement as bench.py's
     x = torch.randn(max(row_counts), max(k for _, k in shapes), device="cuda", dtype=torch.bfloat16)
     norm_w = 1 + 0.1 * torch.randn(x.shape[-1], device="cuda", dtype=torch.bfloat16)
-    res = {r: [torch.randn(r, n, device="cuda", dtype=torch.bfloat16) for n, _ in shapes] for r in row_counts}
+    res = {r: [torch.randn(r, n, device="cuda", dtype=torch.bfloat16) for n, _ in shapes] if args.norms else None
+           for r in row_counts}
     print(f"copy {copy:.0f} GB/s", flush=True)
 
     tiny = [(torch.ops.aten._convert_weight_to_int4pack(w, Q.cuda_inner_k_tiles(k)),
