@@ -13,8 +13,10 @@ of it, far below x's own bfloat16 rounding), and two `dp2a` instructions multipl
 weights by four of those into int32 sums, made floats once at the end: a third of the instructions of float
 products (with PDL, 88% of copy over the 7B layers at the best tile of a sweep, against their 76%; BENCHMARKS.md).
 Its tile is (word pairs, rows, 2), so that each thread loads two words of every row and, itself, the x they need.
-For 2..16 rows, a rows kernel for float and int8 weights (`tl.dot` against the rows padded to 16): it multiplies
-the int8 weights as exact small integers in x's dtype and applies the scales to the float32 sums at the end. int4
+The float GEMV also takes a few rows of x, each weight loaded once for all (`FLOAT_GEMV_ROWS`; off until a GPU
+times it against the rows kernel). For 2..16 rows, a rows kernel for float and int8 weights (`tl.dot` against the
+rows padded to 16): it multiplies the int8 weights as exact small integers in x's dtype and applies the scales to
+the float32 sums at the end. int4
 (pack_int4's layout: a scale and zero per group, w = (q - 8) s + z): the int8 GEMV's integers, a word of 8 weights
 masked into bytes and multiplied by 8 columns of x in four dp2a, each group adding s * D + (z - 8 s) * X in float32
 (D the integer products, X the integer sum of x over the same columns), for up to INT4_GEMV_ROWS rows of x (the
@@ -63,6 +65,10 @@ MAX_ROWS = 16  # the rows kernels pad to 16 (tl.dot's smallest tile): 2..16 rows
 GEMV_CONFIG = dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4, STAGES=1)
 ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=6)
 SMALL_ROWS_CONFIG = dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=6)  # K < 4096
+# gemm_rows hands up to this many rows to the GEMV, which loads each weight once for all of them, instead of the
+# tensor-core rows kernel: meant for small models' verify, where each matmul is a few microseconds of latency. Not
+# timed on a GPU yet, so 1: off (compiled for sm_90, the GEMV at 4 rows of K = 576 takes 40-64 registers)
+FLOAT_GEMV_ROWS = 1
 # quantized weights: the one-row int8 GEMV's tiles swept on an H200, the int8 rows kernel's and the int4 kernels' on an
 # H100 (BENCHMARKS.md). The one-row int4 GEMV gives each thread four words of a chunk for all its rows, so
 # at most BLOCK_W / 4 threads: with more, x went through shared memory to meet the weights (narrow rows: fewer warps)
@@ -99,18 +105,21 @@ if triton is not None:
 
     @triton.jit
     def _gemv_chunk(acc, acc_g, ss, w, g, x, HAS_GATE: tl.constexpr, HAS_RMS: tl.constexpr):
-        acc += w.to(tl.float32) * x[None, :]
+        # x (x rows, 1, BLOCK_K) times the (1, BLOCK_N, BLOCK_K) chunk of W (and of the gate's G), into (x rows,
+        # BLOCK_N, BLOCK_K) float32 sums; x's squares into ss
+        acc += w.to(tl.float32) * x
         if HAS_GATE:
-            acc_g += g.to(tl.float32) * x[None, :]
+            acc_g += g.to(tl.float32) * x
         if HAS_RMS:
             ss += x * x
         return acc, acc_g, ss
 
     @triton.jit
     def _weight_chunk(w_ptr, g_ptr, rows, cols, k, N, K: tl.constexpr, HAS_GATE: tl.constexpr):
-        # the (BLOCK_N, BLOCK_K) chunk of W at column k, and of the gate's G (W again when there is none); each
+        # the (1, BLOCK_N, BLOCK_K) chunk of W at column k, and of the gate's G (W again when there is none); each
         # weight is read once, so not kept in L2
-        offs, ok = rows[:, None] * K + (k + cols)[None, :], (rows[:, None] < N) & (k + cols < K)[None, :]
+        offs = rows[None, :, None] * K + (k + cols)[None, None, :]
+        ok = (rows[None, :, None] < N) & (k + cols < K)[None, None, :]
         w = tl.load(w_ptr + offs, mask=ok, other=0.0, eviction_policy="evict_first")
         g = w
         if HAS_GATE:
@@ -120,35 +129,41 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(w_ptr, x_ptr, b_ptr, y_ptr, g_ptr, res_ptr, N, K: tl.constexpr, HAS_BIAS: tl.constexpr,
                      HAS_RMS: tl.constexpr, EPS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr):
-        # each program owns BLOCK_N rows of W (N, K), and of the gate's G (N, K) when there is one, and walks K in
-        # wide, coalesced chunks; fp32 accumulation. K is a compile-time constant: one specialization per layer
-        # width, with a static loop. HAS_RMS: x is the raw residual stream, and W's rows already carry the
-        # RMSNorm's weight (fold_norms); every program reads all of x anyway, so it sums x*x on the way and
-        # scales its results by 1/rms at the end. PDL (see _pdl): the first chunk of weights is loaded before
-        # waiting for the kernel before, whose output x is, so those loads overlap that kernel's last wave
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr, M,
+                     MP: tl.constexpr):
+        # y (M, N) = x (M, K) @ W.T + b for a few rows of x (M <= MP, a power of two; decode: one). Each program owns
+        # BLOCK_N rows of W (N, K), and of the gate's G (N, K) when there is one, and walks K in wide, coalesced
+        # chunks, each weight loaded once for all rows of x; fp32 accumulation in a (x rows, BLOCK_N, BLOCK_K) tile
+        # whose operands are loaded 3-D, so that at one row it compiles as the 2-D GEMV did. K is a compile-time
+        # constant: one specialization per layer width, with a static loop. HAS_RMS: x is the raw residual stream,
+        # and W's rows already carry the RMSNorm's weight (fold_norms); every program reads all of x anyway, so it
+        # sums x*x on the way and scales each row's results by its 1/rms at the end. PDL (see _pdl): the first
+        # chunk of weights is loaded before waiting for the kernel before, whose output x is, so those loads
+        # overlap that kernel's last wave
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
+        ms = tl.arange(0, MP)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         w, g = _weight_chunk(w_ptr, g_ptr, rows, cols, 0, N, K, HAS_GATE)
         if PDL:
             tl.extra.cuda.gdc_wait()
-        x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-        zeros = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        acc, acc_g, ss = _gemv_chunk(zeros, zeros, tl.zeros((BLOCK_K,), dtype=tl.float32), w, g, x, HAS_GATE, HAS_RMS)
+        x_ok = (ms < M)[:, None, None] if MP > 1 else (ms >= 0)[:, None, None]  # one row: no mask to compute
+        x = tl.load(x_ptr + ms[:, None, None] * K + cols[None, None, :], mask=x_ok & (cols < K)[None, None, :],
+                    other=0.0)
+        zeros = tl.zeros((MP, BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc, acc_g, ss = _gemv_chunk(zeros, zeros, tl.zeros((MP, 1, BLOCK_K), dtype=tl.float32), w, g,
+                                     x.to(tl.float32), HAS_GATE, HAS_RMS)
         for k in tl.range(BLOCK_K, K, BLOCK_K, num_stages=STAGES):
             w, g = _weight_chunk(w_ptr, g_ptr, rows, cols, k, N, K, HAS_GATE)
-            x = tl.load(x_ptr + k + cols, mask=k + cols < K, other=0.0).to(tl.float32)
-            acc, acc_g, ss = _gemv_chunk(acc, acc_g, ss, w, g, x, HAS_GATE, HAS_RMS)
-        y, gate = tl.sum(acc, axis=1), tl.sum(acc_g, axis=1)
+            x = tl.load(x_ptr + ms[:, None, None] * K + (k + cols)[None, None, :],
+                        mask=x_ok & (k + cols < K)[None, None, :], other=0.0)
+            acc, acc_g, ss = _gemv_chunk(acc, acc_g, ss, w, g, x.to(tl.float32), HAS_GATE, HAS_RMS)
+        y, gate = tl.sum(acc, axis=2), tl.sum(acc_g, axis=2)  # (MP, BLOCK_N)
         if HAS_RMS:
-            r = tl.rsqrt(tl.sum(ss, axis=0) / K + EPS)
+            r = tl.rsqrt(tl.sum(tl.sum(ss, axis=2), axis=1) / K + EPS)[:, None]
             y, gate = y * r, gate * r
-        if HAS_BIAS:
-            y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-        y = _epilogue(y, gate, rows, rows < N, res_ptr, HAS_GATE, HAS_RES)
-        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
+        _store_rows(y, gate, b_ptr, y_ptr, res_ptr, ms, rows, M, N, HAS_BIAS, HAS_GATE, HAS_RES)
 
     @triton.jit
     def _x_range(x_ptr, nw_ptr, M, K: tl.constexpr, MP: tl.constexpr, HAS_RMS: tl.constexpr):
@@ -528,12 +543,19 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
     optional, (..., N); the gate G is a second weight like W (SwiGLU's w1 beside w3), the residual is shaped like
     the output. With rms_eps, x is first divided by its root mean square (an RMSNorm whose weight is all ones:
     fold_norms moved it into W and G)."""
+    return _gemv_launch(x.contiguous(), weight, bias, x.new_empty(*x.shape[:-1], weight.shape[0]), gate, residual,
+                        rms_eps, 1)
+
+
+def _gemv_launch(x, weight, bias, y, gate, residual, rms_eps, M: int):
+    """The GEMV kernel over M rows of x (contiguous), into y."""
     N, K = weight.shape
-    y, pdl = x.new_empty(*x.shape[:-1], N), _pdl(x)
+    pdl = _pdl(x)
     _gemv_kernel[(triton.cdiv(N, GEMV_CONFIG["BLOCK_N"]),)](
-        weight, x.contiguous(), bias if bias is not None else weight, y, N=N, K=K, HAS_BIAS=bias is not None,
+        weight, x, bias if bias is not None else weight, y, N=N, K=K, HAS_BIAS=bias is not None,
         HAS_RMS=rms_eps is not None, EPS=rms_eps or 0.0, **GEMV_CONFIG,
-        **_epilogue_args(x, gate, residual, scales=False), PDL=pdl, launch_pdl=pdl)
+        **_epilogue_args(x, gate, residual, scales=False), PDL=pdl, launch_pdl=pdl, M=M,
+        MP=triton.next_power_of_2(M))
     return y
 
 
@@ -542,9 +564,11 @@ def gemm_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
               gate: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
               rms_eps: Optional[float] = None) -> torch.Tensor:
     """x: (..., K) holding 2..MAX_ROWS rows of bfloat16 or float16, weight (N, K) contiguous -> (..., N), as gemv
-    (with rms_eps each row divided by its own root mean square)."""
+    (with rms_eps each row divided by its own root mean square); up to FLOAT_GEMV_ROWS rows through the GEMV."""
     N, K = weight.shape
     x2 = x.reshape(-1, K).contiguous()
+    if x2.shape[0] <= FLOAT_GEMV_ROWS:
+        return _gemv_launch(x2, weight, bias, x.new_empty(*x.shape[:-1], N), gate, residual, rms_eps, x2.shape[0])
     y, pdl, cfg = x.new_empty(*x.shape[:-1], N), _pdl(x), ROWS_CONFIG if K >= 4096 else SMALL_ROWS_CONFIG
     _rows_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
         x2, weight, weight, bias if bias is not None else weight, y, nw_ptr=x2, M=x2.shape[0], N=N, K=K,

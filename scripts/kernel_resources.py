@@ -83,7 +83,9 @@ def variants(K: int):
                EPS=1e-5, PRECISION="tf32", PDL=True)
     gate, res, norm = dict(HAS_GATE=True), dict(HAS_RES=True), dict(HAS_RMS=True)
     rows_cfg = G.ROWS_CONFIG if K >= 4096 else G.SMALL_ROWS_CONFIG
-    kernels = [("float GEMV", G._gemv_kernel, bf16, G.GEMV_CONFIG, [{}, gate, res, norm, dict(gate, **norm)]),
+    kernels = [("float GEMV", G._gemv_kernel, bf16, dict(G.GEMV_CONFIG, MP=1),
+                [{}, gate, res, norm, dict(gate, **norm)]),
+               ("float GEMV x4 rows", G._gemv_kernel, bf16, dict(G.GEMV_CONFIG, MP=4), [{}, dict(gate, **norm)]),
                ("int8 GEMV", G._int8_gemv_kernel, int8, G.INT8_CONFIG, [{}, res, norm]),
                ("int8 GEMV", G._int8_gemv_kernel, int8, G.INT8_GATE_CONFIG, [gate, dict(gate, **norm)]),
                ("float rows", G._rows_kernel, bf16, rows_cfg, [{}, gate, res, norm, dict(gate, **norm)]),

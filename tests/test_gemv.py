@@ -144,6 +144,23 @@ for M, N, K in [(3, 20, 300), (16, 130, 1030)]:  # the rows kernel: each row its
     err = ((y.double() - ref).norm() / ref.norm()).item()
     assert y.shape == ref.shape and err < 2e-3, (M, N, K, err)
     worst["rms"] = max(worst.get("rms", 0), err)
+import gemv as G  # the float GEMV over a few rows (off by default: FLOAT_GEMV_ROWS), fused steps and all
+G.FLOAT_GEMV_ROWS = 4
+for M, N, K, bias in [(2, 7, 33, True), (3, 130, 2500, False), (4, 20, 300, True)]:
+    x = (torch.randn(M, K) * torch.linspace(0.5, 4, M)[:, None]).bfloat16()
+    w, g, res = torch.randn(N, K).bfloat16(), torch.randn(N, K).bfloat16() / 10, torch.randn(M, N).bfloat16()
+    b = torch.randn(N).bfloat16() if bias else None
+    for extra in [{}, dict(gate=g, residual=res, rms_eps=1e-5)]:
+        xn = x.double()
+        if extra:
+            xn = xn * torch.rsqrt(xn.pow(2).mean(-1, keepdim=True) + 1e-5)
+        ref = torch.nn.functional.linear(xn, w.double(), None if b is None else b.double())
+        ref = ref * torch.nn.functional.silu(xn @ g.double().T) + res.double() if extra else ref
+        y = gemm_rows(x, w, b, **extra)
+        err = ((y.double() - ref).norm() / ref.norm()).item()
+        assert y.shape == ref.shape and err < 1e-2, ("float GEMV rows", M, N, K, list(extra), err)
+        worst["float GEMV rows"] = max(worst.get("float GEMV rows", 0), err)
+G.FLOAT_GEMV_ROWS = 1
 model = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 8, bias=False))
 use_gemv(model)
 assert all(type(m) is GemvLinear for m in model) and model[0].weight.shape == (4, 8)
