@@ -11,11 +11,11 @@ starts from the fused q/k/v projection: RoPE on the queries and the new keys, an
 into the cache, would otherwise be kernels of their own in every layer.
 
 One program per (batch row, KV head) and chunk of CHUNK cache slots; the query heads that share a KV head
-(grouped-query attention) and the S queries ride together as the rows of one `tl.dot`. A program attends the slots
-of its chunk that hold earlier positions, then the new keys and values whose slots fall in its chunk straight from
-registers, and writes those into the cache last: its loads of the cache wait only for the positions, never for its
-own stores, and no other program reads those slots. With more than one chunk, a second kernel merges the chunks'
-partial softmax sums (flash-decoding); empty chunks past the furthest position cost a launch slot and nothing else.
+(grouped-query attention) and the S queries ride together as the rows of one `tl.dot`. A program first writes
+the new keys and values whose slots fall in its own chunk, then waits for all its threads (so that what it reads
+next includes them) and attends; no other program reads those slots. With more than one chunk, a second kernel
+merges the chunks' partial softmax sums (flash-decoding); empty chunks past the furthest position cost a launch
+slot and nothing else.
 
 `use_decode_attention(model)` hands this function to every `Attention` of model.py, which calls it for CUDA
 inputs of at most MAX_QUERIES positions and keeps SDPA for prefill, training and the CPU. `pdl=True` hands it
@@ -68,27 +68,6 @@ if triton is not None:
             "=r,l,r", [ptrs, ok.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
-    def _seen(slots, renewed, q_pos, mask_ptr, mask_rows, valid, in_range, CAUSAL: tl.constexpr):
-        # (R, n) bool: which of the slots each query row attends: model.py's causal rule (slot <= its position)
-        # or the model's own mask, never a slot whose old contents this call replaces (`renewed`)
-        if CAUSAL:
-            seen = slots[None, :] <= q_pos[:, None]
-        else:
-            seen = tl.load(mask_ptr + mask_rows[:, None] + slots[None, :], mask=valid[:, None] & in_range[None, :],
-                           other=0) != 0
-        return seen & (in_range & ~renewed)[None, :]
-
-    @triton.jit
-    def _softmax_step(acc, l_i, m_i, scores, v, PRECISION: tl.constexpr):
-        # online softmax: fold the (R, n) scores of n more slots, and their values v (n, D), into acc, l_i, m_i
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet stays at zero
-        p = tl.exp(scores - m_ref[:, None])
-        alpha = tl.exp(m_i - m_ref)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        return acc, l_i * alpha + tl.sum(p, axis=1), m_new
-
-    @triton.jit
     def _attention_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, o_ptr, acc_ptr, ml_ptr,
                           sx_b, sx_s, sr_b, sr_s, sk_b, sk_h, sk_s, sm_b, sm_s, n_kv, S, S_max,
                           SCALE: tl.constexpr, G: tl.constexpr, D: tl.constexpr, R: tl.constexpr, CHUNK: tl.constexpr,
@@ -112,15 +91,23 @@ if triton is not None:
             tl.extra.cuda.gdc_wait()
         d = tl.arange(0, D)
         t = tl.arange(0, 16)  # the new positions
-        pos = tl.load(pos_ptr + t, mask=t < S, other=-1)
+        pos = tl.load(pos_ptr + t, mask=t < S, other=0)
+        # the new keys (after RoPE) and values whose slots are in this chunk, into the cache
+        mine = (t < S) & (pos >= start) & (pos < start + CHUNK)
+        row = b * sx_b + t * sx_s  # in qkv: q heads, then k heads, then v heads
+        k_new = _rope(qkv_ptr, row + (n_kv * G + hk) * D, cos_ptr, sin_ptr, b * sr_b + t * sr_s, mine, D)
+        v_new = tl.load(qkv_ptr + (row + (n_kv * G + n_kv + hk) * D)[:, None] + d[None, :], mask=mine[:, None],
+                        other=0.0)
+        tl.store(k_ptr + kv + pos[:, None] * sk_s + d[None, :], k_new.to(k_ptr.dtype.element_ty), mask=mine[:, None])
+        tl.store(v_ptr + kv + pos[:, None] * sk_s + d[None, :], v_new.to(v_ptr.dtype.element_ty), mask=mine[:, None])
+        tl.debug_barrier()  # the stores above are seen by every thread's loads below
         r = tl.arange(0, R)
         s, h = r % S, hk * G + r // S
         valid = r < G * S
-        row = b * sx_b + t * sx_s  # in qkv: q heads, then k heads, then v heads
         q = _rope(qkv_ptr, b * sx_b + s * sx_s + h * D, cos_ptr, sin_ptr, b * sr_b + s * sr_s, valid, D)
         q = q.to(k_ptr.dtype.element_ty)  # rounded to the cache's dtype like the keys it meets
-        q_pos = tl.load(pos_ptr + s, mask=valid, other=-1)  # (R,) each row's own position
         end = tl.minimum(start + CHUNK, tl.max(pos) + 1)  # no query sees a slot past the furthest position
+        q_pos = tl.load(pos_ptr + s, mask=valid, other=-1)  # (R,) each row's own position
         m_i = tl.full((R,), float("-inf"), tl.float32)
         l_i = tl.zeros((R,), tl.float32)
         acc = tl.zeros((R, D), tl.float32)
@@ -128,23 +115,21 @@ if triton is not None:
             slots = start + i * BLOCK_L + tl.arange(0, BLOCK_L)
             in_range = slots < end
             k = tl.load(k_ptr + kv + slots[:, None] * sk_s + d[None, :], mask=in_range[:, None], other=0.0)
-            v = tl.load(v_ptr + kv + slots[:, None] * sk_s + d[None, :], mask=in_range[:, None], other=0.0)
-            renewed = tl.max((slots[None, :] == pos[:, None]).to(tl.int32), axis=0) != 0  # a new position's slot
-            seen = _seen(slots, renewed, q_pos, mask_ptr, b * sm_b + s * sm_s, valid, in_range, CAUSAL)
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * SCALE  # (R, BLOCK_L), float32
-            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, tl.where(seen, scores, float("-inf")), v, PRECISION)
-        # the new keys (after RoPE) and values whose slots are in this chunk: attended from registers, then
-        # written into the cache (no slot read above is among them)
-        mine = (t < S) & (pos >= start) & (pos < start + CHUNK)
-        k_new = _rope(qkv_ptr, row + (n_kv * G + hk) * D, cos_ptr, sin_ptr, b * sr_b + t * sr_s, mine, D)
-        k_new = k_new.to(k_ptr.dtype.element_ty)
-        v_new = tl.load(qkv_ptr + (row + (n_kv * G + n_kv + hk) * D)[:, None] + d[None, :], mask=mine[:, None],
-                        other=0.0).to(v_ptr.dtype.element_ty)
-        seen = _seen(pos, t < 0, q_pos, mask_ptr, b * sm_b + s * sm_s, valid, mine, CAUSAL)
-        scores = tl.dot(q, tl.trans(k_new), input_precision=PRECISION) * SCALE  # (R, 16)
-        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, tl.where(seen, scores, float("-inf")), v_new, PRECISION)
-        tl.store(k_ptr + kv + pos[:, None] * sk_s + d[None, :], k_new, mask=mine[:, None])
-        tl.store(v_ptr + kv + pos[:, None] * sk_s + d[None, :], v_new, mask=mine[:, None])
+            if CAUSAL:
+                seen = slots[None, :] <= q_pos[:, None]
+            else:
+                seen = tl.load(mask_ptr + b * sm_b + s[:, None] * sm_s + slots[None, :],
+                               mask=valid[:, None] & in_range[None, :], other=0) != 0
+            scores = tl.where(seen, scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet stays at zero
+            p = tl.exp(scores - m_ref[:, None])
+            alpha = tl.exp(m_i - m_ref)
+            v = tl.load(v_ptr + kv + slots[:, None] * sk_s + d[None, :], mask=in_range[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_i = m_new
         if SPLIT:  # partial sums of this chunk, merged by _merge_kernel
             part = (tl.program_id(0) * tl.num_programs(1) + chunk) * R + r
             tl.store(acc_ptr + part[:, None] * D + d[None, :], acc)
