@@ -627,8 +627,10 @@ def _int_programs(x, N: int, block_n: int) -> dict:
     """The integer GEMVs' BLOCKS of block_n rows of W (N rows) and the PROGRAMS that take them in turn: one a block,
     or with INT_PROGRAMS_PER_SM at most that many an SM, so that each makes x's range once for several blocks."""
     blocks = triton.cdiv(N, block_n)
+    if not INT_PROGRAMS_PER_SM:
+        return dict(BLOCKS=blocks, PROGRAMS=blocks)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1  # 1: the interpreter
-    return dict(BLOCKS=blocks, PROGRAMS=min(blocks, INT_PROGRAMS_PER_SM * sms) if INT_PROGRAMS_PER_SM else blocks)
+    return dict(BLOCKS=blocks, PROGRAMS=min(blocks, INT_PROGRAMS_PER_SM * sms))
 
 
 def _int8_gemv_ok(x, weight, norm_weight, block_w: int) -> bool:
