@@ -13,6 +13,9 @@ of it, far below x's own bfloat16 rounding), and two `dp2a` instructions multipl
 weights by four of those into int32 sums, made floats once at the end: a third of the instructions of float
 products (with PDL, 88% of copy over the 7B layers at the best tile of a sweep, against their 76%; BENCHMARKS.md).
 Its tile is (word pairs, rows, 2), so that each thread loads two words of every row and, itself, the x they need.
+x's range takes each program a pass over all of x (and the norm's weight) before its first dp2a, about 6 points of
+copy at kernel level (H100); with `INT_PROGRAMS_PER_SM` (off until a GPU times it) a program makes it once for
+several blocks of rows, taken in turn.
 The float GEMV also takes a few rows of x, each weight loaded once for all (`FLOAT_GEMV_ROWS`; off until a GPU
 times it against the rows kernel). For 2..16 rows, a rows kernel for float and int8 weights (`tl.dot` against the
 rows padded to 16): it multiplies the int8 weights as exact small integers in x's dtype and applies the scales to
