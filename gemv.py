@@ -13,9 +13,6 @@ of it, far below x's own bfloat16 rounding), and two `dp2a` instructions multipl
 weights by four of those into int32 sums, made floats once at the end: a third of the instructions of float
 products (with PDL, 88% of copy over the 7B layers at the best tile of a sweep, against their 76%; BENCHMARKS.md).
 Its tile is (word pairs, rows, 2), so that each thread loads two words of every row and, itself, the x they need.
-x's range takes each program a pass over all of x (and the norm's weight) before its first dp2a, about 6 points of
-copy at kernel level (H100); with `INT_PROGRAMS_PER_SM` (off until a GPU times it) a program makes it once for
-several blocks of rows, taken in turn.
 The float GEMV also takes a few rows of x, each weight loaded once for all (`FLOAT_GEMV_ROWS`; off until a GPU
 times it against the rows kernel). For 2..16 rows, a rows kernel for float and int8 weights (`tl.dot` against the
 rows padded to 16): it multiplies the int8 weights as exact small integers in x's dtype and applies the scales to
@@ -83,9 +80,6 @@ INT8_ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=6)
 INT4_FEW_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=4, STAGES=1)  # 2..INT4_GEMV_ROWS rows of x
 INT4_ROWS_CONFIG = dict(BLOCK_N=32, num_warps=4, num_stages=6)  # a group of W a step
 INT4_GEMV_ROWS = 4  # the int4 GEMV takes up to this many rows of x, the tensor-core rows kernel more
-# the int8 and int4 GEMVs make x's range (a pass over all of x, and the norm's weight) once a program, then take
-# blocks of BLOCK_N rows in turn: at most this many programs an SM, or 0 for one program a block (not timed yet, so 0)
-INT_PROGRAMS_PER_SM = 0
 
 if triton is not None:
     @triton.jit
@@ -265,50 +259,44 @@ if triton is not None:
     def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, res_ptr, nw_ptr, N, K: tl.constexpr,
                           HAS_BIAS: tl.constexpr, HAS_RMS: tl.constexpr, EPS: tl.constexpr, HAS_GATE: tl.constexpr,
                           HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, STAGES: tl.constexpr,
-                          PDL: tl.constexpr, BLOCKS: tl.constexpr, PROGRAMS: tl.constexpr):
+                          PDL: tl.constexpr):
         # y (N,) = (w (N, K) @ x (K,)) * s (N,) + b in integers: x scaled onto int16 by its largest magnitude, each
         # int32 word of w (four int8) times four of those in two dp2a instructions, int32 sums (each over at most
         # K / (4 BLOCK_W) words: _int8_gemv_ok keeps that under overflow) turned to float32 once at the end. The gate,
         # HAS_RMS and PDL as in _gemv_kernel (the first chunk of weights loads before the wait); the norm's weight nw
-        # multiplies x before the rounding. PROGRAMS programs take the BLOCKS blocks of BLOCK_N rows in turn
+        # multiplies x before the rounding
         KW: tl.constexpr = K // 4
-        lanes = tl.arange(0, BLOCK_N)
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         words = tl.arange(0, BLOCK_W // 2)[:, None] * 2 + tl.arange(0, 2)[None, :]  # (BLOCK_W // 2, 2)
         w4_ptr = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
         g4_ptr = g_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
-        rows = tl.program_id(0) * BLOCK_N + lanes
         w, g = _int8_words(w4_ptr, g4_ptr, rows, words, 0, N, KW, BLOCK_W, HAS_GATE)
         if PDL:
             tl.extra.cuda.gdc_wait()
         amax, ss = _x_range(x_ptr, nw_ptr, 1, K, 1, HAS_RMS)  # (1,)
         inv = 32766.0 / tl.maximum(amax, 1e-30)
+        x4_ptr = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
+        n4_ptr = nw_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
+        zeros = tl.zeros((BLOCK_W // 2, BLOCK_N, 2), dtype=tl.int32)
+        acc, acc_g = _int8_gemv_chunk(zeros, zeros, w, g, x4_ptr, n4_ptr, inv, words, 0, KW, BLOCK_W, HAS_RMS, HAS_GATE)
+        for k in tl.range(BLOCK_W, KW, BLOCK_W, num_stages=STAGES):
+            w, g = _int8_words(w4_ptr, g4_ptr, rows, words, k, N, KW, BLOCK_W, HAS_GATE)
+            acc, acc_g = _int8_gemv_chunk(acc, acc_g, w, g, x4_ptr, n4_ptr, inv, words, k, KW, BLOCK_W, HAS_RMS,
+                                          HAS_GATE)
         descale = amax / 32766.0
         if HAS_RMS:
             descale *= tl.rsqrt(ss / K + EPS)
-        x4_ptr = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
-        n4_ptr = nw_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
-        for first in range(0, BLOCKS, PROGRAMS):  # the blocks of rows it takes (_int_programs), x's range made once
-            rows = (first + tl.program_id(0)) * BLOCK_N + lanes
-            zeros = tl.zeros((BLOCK_W // 2, BLOCK_N, 2), dtype=tl.int32)
-            acc, acc_g = _int8_gemv_chunk(zeros, zeros, w, g, x4_ptr, n4_ptr, inv, words, 0, KW, BLOCK_W, HAS_RMS,
-                                          HAS_GATE)
-            for k in tl.range(BLOCK_W, KW, BLOCK_W, num_stages=STAGES):
-                w, g = _int8_words(w4_ptr, g4_ptr, rows, words, k, N, KW, BLOCK_W, HAS_GATE)
-                acc, acc_g = _int8_gemv_chunk(acc, acc_g, w, g, x4_ptr, n4_ptr, inv, words, k, KW, BLOCK_W, HAS_RMS,
-                                              HAS_GATE)
-            if PROGRAMS < BLOCKS:  # its next block's first chunk, in flight during this one's sums and store
-                w, g = _int8_words(w4_ptr, g4_ptr, rows + PROGRAMS * BLOCK_N, words, 0, N, KW, BLOCK_W, HAS_GATE)
-            y = tl.sum(tl.sum(acc.to(tl.float32), axis=2), axis=0) * descale
-            y *= tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-            gate = tl.sum(tl.sum(acc_g.to(tl.float32), axis=2), axis=0) * descale
-            if HAS_BIAS:
-                y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-            if HAS_GATE:
-                gate *= tl.load(gs_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-            y = _epilogue(y, gate, rows, rows < N, res_ptr, HAS_GATE, HAS_RES)
-            tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
+        y = tl.sum(tl.sum(acc.to(tl.float32), axis=2), axis=0) * descale
+        y *= tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        gate = tl.sum(tl.sum(acc_g.to(tl.float32), axis=2), axis=0) * descale
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        if HAS_GATE:
+            gate *= tl.load(gs_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        y = _epilogue(y, gate, rows, rows < N, res_ptr, HAS_GATE, HAS_RES)
+        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
 
     @triton.jit
     def _rows_rms(gram, K: tl.constexpr, EPS: tl.constexpr):
@@ -415,8 +403,7 @@ if triton is not None:
     def _int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, gz_ptr, res_ptr, nw_ptr, N,
                      K: tl.constexpr, GROUPSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RMS: tl.constexpr,
                      EPS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_W: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr, M, MP: tl.constexpr,
-                     BLOCKS: tl.constexpr, PROGRAMS: tl.constexpr):
+                     BLOCK_W: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr, M, MP: tl.constexpr):
         # y (M, N) = x (M, K) @ W.T + b for a few bfloat16 rows of x (M <= MP, a power of two), W (N, K) in
         # pack_int4's layout and dequantized as w = (q - 8) s + z, in integers as the int8 GEMV: each row of x
         # rounded onto int16 by its largest magnitude. An int32 word of W holds 8 weights, its low nibbles 4 columns
@@ -427,11 +414,11 @@ if triton is not None:
         # rows, pairs, rows, 2). It sums their 16 dp2a in int32, D, and adds s * D + (z - 8 s) * X in float32, X the
         # sum of those 32 columns of x (both exact in float32: under 2**24), once for four words. The weights are
         # read and unmasked once for all rows of x; the dp2a and the float work are per row, so rows cost issue
-        # slots. The gate (an int4 G with its own scales and zeros), the norm, the residual, PDL and the blocks of
-        # rows a program takes as in the int8 GEMV
+        # slots. The gate (an int4 G with its own scales and zeros), the norm, the residual and PDL as in the int8
+        # GEMV
         KW: tl.constexpr = K // 8
         WPG: tl.constexpr = GROUPSIZE // 8  # words a group
-        lanes = tl.arange(0, BLOCK_N)
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         pairs = tl.arange(0, BLOCK_W // 4)
         pair = (pairs // (WPG // 4)) * WPG + (pairs % (WPG // 4)) * 2  # its first word; the other pair WPG / 2 on
         words = pair[:, None] + tl.arange(0, 2)[None, :]  # (BLOCK_W // 4, 2)
@@ -441,7 +428,6 @@ if triton is not None:
         n4_ptr = nw_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
-        rows = tl.program_id(0) * BLOCK_N + lanes
         wa, wb = _int4_words(w4_ptr, rows, words, 0, N, KW, WPG, BLOCK_W)
         ga, gb = _int4_words(g4_ptr, rows, words, 0, N, KW, WPG, BLOCK_W) if HAS_GATE else (wa, wb)
         if PDL:
@@ -449,27 +435,20 @@ if triton is not None:
         ms = tl.arange(0, MP)
         amax, ss = _x_range(x_ptr, nw_ptr, M, K, MP, HAS_RMS)  # (MP,)
         inv = (32766.0 / tl.maximum(amax, 1e-30))[:, None, None, None]
+        zeros = tl.zeros((MP, BLOCK_W // 4, BLOCK_N), dtype=tl.float32)
+        acc, acc_g = _int4_chunk(zeros, zeros, wa, wb, ga, gb, x4_ptr, n4_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr, inv,
+                                 ms, M, rows, pair, words, 0, N, K, GROUPSIZE, BLOCK_W, BLOCK_N, MP, HAS_RMS, HAS_GATE)
+        for k in tl.range(BLOCK_W, KW, BLOCK_W, num_stages=STAGES):
+            wa, wb = _int4_words(w4_ptr, rows, words, k, N, KW, WPG, BLOCK_W)
+            ga, gb = _int4_words(g4_ptr, rows, words, k, N, KW, WPG, BLOCK_W) if HAS_GATE else (wa, wb)
+            acc, acc_g = _int4_chunk(acc, acc_g, wa, wb, ga, gb, x4_ptr, n4_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr, inv,
+                                     ms, M, rows, pair, words, k, N, K, GROUPSIZE, BLOCK_W, BLOCK_N, MP, HAS_RMS,
+                                     HAS_GATE)
         descale = amax / 32766.0
         if HAS_RMS:
             descale *= tl.rsqrt(ss / K + EPS)
-        for first in range(0, BLOCKS, PROGRAMS):  # the blocks of rows it takes (_int_programs), x's range made once
-            rows = (first + tl.program_id(0)) * BLOCK_N + lanes
-            zeros = tl.zeros((MP, BLOCK_W // 4, BLOCK_N), dtype=tl.float32)
-            acc, acc_g = _int4_chunk(zeros, zeros, wa, wb, ga, gb, x4_ptr, n4_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr, inv,
-                                     ms, M, rows, pair, words, 0, N, K, GROUPSIZE, BLOCK_W, BLOCK_N, MP, HAS_RMS,
-                                     HAS_GATE)
-            for k in tl.range(BLOCK_W, KW, BLOCK_W, num_stages=STAGES):
-                wa, wb = _int4_words(w4_ptr, rows, words, k, N, KW, WPG, BLOCK_W)
-                ga, gb = _int4_words(g4_ptr, rows, words, k, N, KW, WPG, BLOCK_W) if HAS_GATE else (wa, wb)
-                acc, acc_g = _int4_chunk(acc, acc_g, wa, wb, ga, gb, x4_ptr, n4_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr,
-                                         inv, ms, M, rows, pair, words, k, N, K, GROUPSIZE, BLOCK_W, BLOCK_N, MP,
-                                         HAS_RMS, HAS_GATE)
-            if PROGRAMS < BLOCKS:  # its next block's first chunk, in flight during this one's sums and store
-                nxt = rows + PROGRAMS * BLOCK_N
-                wa, wb = _int4_words(w4_ptr, nxt, words, 0, N, KW, WPG, BLOCK_W)
-                ga, gb = _int4_words(g4_ptr, nxt, words, 0, N, KW, WPG, BLOCK_W) if HAS_GATE else (wa, wb)
-            y, gate = tl.sum(acc, axis=1) * descale[:, None], tl.sum(acc_g, axis=1) * descale[:, None]  # (MP, BLOCK_N)
-            _store_rows(y, gate, b_ptr, y_ptr, res_ptr, ms, rows, M, N, HAS_BIAS, HAS_GATE, HAS_RES)
+        y, gate = tl.sum(acc, axis=1) * descale[:, None], tl.sum(acc_g, axis=1) * descale[:, None]  # (MP, BLOCK_N)
+        _store_rows(y, gate, b_ptr, y_ptr, res_ptr, ms, rows, M, N, HAS_BIAS, HAS_GATE, HAS_RES)
 
     @triton.jit
     def _nibbles(b, HI: tl.constexpr, OFFSET: tl.constexpr, like):
@@ -612,10 +591,10 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias:
     cfg = INT8_CONFIG if gate is None else INT8_GATE_CONFIG
     cfg = dict(cfg, BLOCK_W=max(2, min(cfg["BLOCK_W"], triton.next_power_of_2(K // 4))))  # narrow rows: no idle lanes
     if M == 1 and _int8_gemv_ok(x, weight, norm_weight, cfg["BLOCK_W"]):
-        pdl, grid = _pdl(x), _int_programs(x, N, cfg["BLOCK_N"])
-        _int8_gemv_kernel[(grid["PROGRAMS"],)](
+        pdl = _pdl(x)
+        _int8_gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
             x, weight, scales, b, y, nw_ptr=x if norm_weight is None else norm_weight, N=N, K=K,
-            HAS_RMS=norm_weight is not None, EPS=rms_eps or 0.0, **cfg, **args, PDL=pdl, launch_pdl=pdl, **grid)
+            HAS_RMS=norm_weight is not None, EPS=rms_eps or 0.0, **cfg, **args, PDL=pdl, launch_pdl=pdl)
         return y
     if norm_weight is not None and x.dtype == torch.float16:  # x times the norm's weight, before 1/rms, could overflow
         x, norm_weight = _rms_norm(x, norm_weight, rms_eps), None
@@ -624,16 +603,6 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias:
         x, weight, scales, b, y, nw_ptr=norm_weight if norm else x, M=M, N=N, K=K, HAS_SCALE=True, HAS_RMS=norm,
         HAS_NW=norm, EPS=rms_eps or 0.0, PRECISION=_precision(x), **INT8_ROWS_CONFIG, **args, PDL=False)
     return y
-
-
-def _int_programs(x, N: int, block_n: int) -> dict:
-    """The integer GEMVs' BLOCKS of block_n rows of W (N rows) and the PROGRAMS that take them in turn: one a block,
-    or with INT_PROGRAMS_PER_SM at most that many an SM, so that each makes x's range once for several blocks."""
-    blocks = triton.cdiv(N, block_n)
-    if not INT_PROGRAMS_PER_SM:
-        return dict(BLOCKS=blocks, PROGRAMS=blocks)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1  # 1: the interpreter
-    return dict(BLOCKS=blocks, PROGRAMS=min(blocks, INT_PROGRAMS_PER_SM * sms))
 
 
 def _int8_gemv_ok(x, weight, norm_weight, block_w: int) -> bool:
@@ -685,9 +654,8 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
                 EPS=rms_eps or 0.0)
     if M <= INT4_GEMV_ROWS:
         cfg, pdl = int4_config(K, gate is not None, M), _pdl(x)
-        grid = _int_programs(x, N, cfg["BLOCK_N"])
-        _int4_kernel[(grid["PROGRAMS"],)](xw, weight, scales, zeros, b, y, N=N, **args, **cfg, PDL=pdl, launch_pdl=pdl,
-                                          M=M, MP=triton.next_power_of_2(M), **grid)
+        _int4_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](xw, weight, scales, zeros, b, y, N=N, **args, **cfg, PDL=pdl,
+                                                        launch_pdl=pdl, M=M, MP=triton.next_power_of_2(M))
         return y
     magic = dict(HI=0x43, OFFSET=128.0) if xw.dtype == torch.bfloat16 else dict(HI=0x64, OFFSET=1024.0)
     _int4_rows_kernel[(triton.cdiv(N, INT4_ROWS_CONFIG["BLOCK_N"]),)](xw, weight, scales, zeros, b, y, M=M, N=N,

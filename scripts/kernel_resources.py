@@ -73,15 +73,14 @@ def weight_bytes_per_step(pointers: dict, consts: dict) -> float:
     return consts["BLOCK_N"] * chunk * (2 if consts.get("HAS_GATE") else 1)
 
 
-def variants(K: int, programs: int = 0):
+def variants(K: int):
     """(name, kernel, pointer types, constexprs, num_warps, num_stages) for each kernel variant the model runs,
-    with the tiles gemv.py ships for width K; the integer GEMVs over 1536 blocks of rows, a program each or
-    `programs` programs taking them in turn (gemv.INT_PROGRAMS_PER_SM)."""
+    with the tiles gemv.py ships for width K."""
     bf16 = dict.fromkeys(["x_ptr", "w_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "g_ptr", "gs_ptr", "gz_ptr", "res_ptr",
                           "nw_ptr"], "*bf16")
     int8, int4 = dict(bf16, w_ptr="*i8", g_ptr="*i8"), dict(bf16, w_ptr="*u8", g_ptr="*u8")
     off = dict(K=K, GROUPSIZE=128, HAS_BIAS=False, HAS_GATE=False, HAS_RES=False, HAS_RMS=False, HAS_NW=False,
-               EPS=1e-5, PRECISION="tf32", PDL=True, BLOCKS=1536, PROGRAMS=programs or 1536)
+               EPS=1e-5, PRECISION="tf32", PDL=True)
     gate, res, norm = dict(HAS_GATE=True), dict(HAS_RES=True), dict(HAS_RMS=True)
     rows_cfg = G.ROWS_CONFIG if K >= 4096 else G.SMALL_ROWS_CONFIG
     kernels = [("float GEMV", G._gemv_kernel, bf16, dict(G.GEMV_CONFIG, MP=1),
@@ -114,13 +113,11 @@ def variants(K: int, programs: int = 0):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--K", type=int, default=4096, help="input features of the weights (a layer's width)")
-    p.add_argument("--programs", type=int, default=0,
-                   help="the integer GEMVs with this many programs taking 1536 blocks of rows in turn (0: one a block)")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("error: TRITON_INTERPRET=1 is set, and the interpreter compiles nothing; unset it")
     print(f"{f'kernel, K={args.K}':<30} {'registers':>9} {'shared B':>9} {'programs/SM':>12} {'instr/KB':>9}")
-    for name, fn, pointers, consts, warps, stages in variants(args.K, args.programs):
+    for name, fn, pointers, consts, warps, stages in variants(args.K):
         r = compile_sm90(fn, pointers, consts, warps, stages)
         # the loop is counted in a second build, K wide enough that the compiler keeps it a loop
         loop = compile_sm90(fn, pointers, dict(consts, K=1 << 16), warps, stages)

@@ -207,12 +207,6 @@ def test_gemv_matches_linear_under_the_interpreter():
     run_interpreted(CHECK)
 
 
-def test_integer_gemvs_with_several_blocks_a_program():
-    """The same checks with gemv.INT_PROGRAMS_PER_SM set: under the interpreter (one "SM") two programs take every
-    block of rows of the int8 and int4 GEMVs in turn, each making x's range once."""
-    run_interpreted("import gemv\ngemv.INT_PROGRAMS_PER_SM = 2\n" + CHECK)
-
-
 COMPILED = r"""
 import torch
 import gemv as G
