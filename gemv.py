@@ -13,17 +13,22 @@ of it, far below x's own bfloat16 rounding), and two `dp2a` instructions multipl
 weights by four of those into int32 sums, made floats once at the end: a third of the instructions of float
 products (with PDL, 88% of copy over the 7B layers at the best tile of a sweep, against their 76%; BENCHMARKS.md).
 Its tile is (word pairs, rows, 2), so that each thread loads two words of every row and, itself, the x they need.
+x's range costs each program a pass over all of x (and the norm's weight) before its first dp2a: about 6 points of
+copy at kernel level (H100).
 The float GEMV also takes a few rows of x, each weight loaded once for all (`FLOAT_GEMV_ROWS`; off until a GPU
 times it against the rows kernel). For 2..16 rows, a rows kernel for float and int8 weights (`tl.dot` against the
 rows padded to 16): it multiplies the int8 weights as exact small integers in x's dtype and applies the scales to
 the float32 sums at the end. int4
 (pack_int4's layout: a scale and zero per group, w = (q - 8) s + z): the int8 GEMV's integers, a word of 8 weights
 masked into bytes and multiplied by 8 columns of x in four dp2a, each group adding s * D + (z - 8 s) * X in float32
-(D the integer products, X the integer sum of x over the same columns), for up to INT4_GEMV_ROWS rows of x (the
+(D the integer products, X the integer sum of x over the same columns) times the int16 scale of those columns, which
+each thread makes from its own 32 columns of x (packed bfloat16x2 maxima) instead of a pass over all of x first
+(63.6% of copy in the 7B against 59.2%), for up to INT4_GEMV_ROWS rows of x (the
 weights loaded and masked once, the dp2a and float work per row); more rows on the tensor cores, a group a step,
 the nibbles made 16-bit floats OFFSET + q by a prmt under OFFSET's exponent byte (no int-to-float
 conversion), D = x . (OFFSET + q) and X from two dots each, then s * D + (z - (OFFSET + 8) s) * X. On an H100 the
-GEMV streams Llama-2-7B's int4 layers at 72-76% of copy at one row, against 56% for torch's tinygemm, and at 22%
+GEMV streams Llama-2-7B's int4 layers at about 78% of copy at one row (71% with the model's norms and residual adds
+in), against 56% for torch's tinygemm, and at 22%
 at four (tinygemm 41%); the tensor-core kernel at 16-18% (tinygemm 31-41%) (BENCHMARKS.md). int8 and int4 are
 the formats quantize.py writes.
 
@@ -166,36 +171,39 @@ if triton is not None:
         _store_rows(y, gate, b_ptr, y_ptr, res_ptr, ms, rows, M, N, HAS_BIAS, HAS_GATE, HAS_RES)
 
     @triton.jit
-    def _x_range(x_ptr, nw_ptr, M, K: tl.constexpr, MP: tl.constexpr, HAS_RMS: tl.constexpr):
-        # one pass over x's M rows (MP: M padded to a power of two): each row's largest magnitude (times the norm's
-        # weight nw, with HAS_RMS), which sets its int16 scale, and its sum of squares for the norm, as (MP,).
-        # NaN counts as infinite, so that it reaches the output
-        ms, cols = tl.arange(0, MP)[:, None], tl.arange(0, 1024 // MP)[None, :]
-        amax, ss = tl.zeros((MP, 1024 // MP), dtype=tl.float32), tl.zeros((MP, 1024 // MP), dtype=tl.float32)
-        for k in range(0, K, 1024 // MP):
-            x = tl.load(x_ptr + ms * K + k + cols, mask=(ms < M) & (k + cols < K), other=0.0).to(tl.float32)
+    def _x_range(x_ptr, nw_ptr, K: tl.constexpr, HAS_RMS: tl.constexpr):
+        # one pass over x (K,): its largest magnitude (times the norm's weight nw, with HAS_RMS), which sets its int16
+        # scale, and its sum of squares for the norm. NaN counts as infinite, so that it reaches the output
+        cols = tl.arange(0, 1024)
+        amax, ss = tl.zeros((1024,), dtype=tl.float32), tl.zeros((1024,), dtype=tl.float32)
+        for k in range(0, K, 1024):
+            x = tl.load(x_ptr + k + cols, mask=k + cols < K, other=0.0).to(tl.float32)
             if HAS_RMS:
                 ss += x * x
                 x *= tl.load(nw_ptr + k + cols, mask=k + cols < K, other=0.0).to(tl.float32)
             a = tl.abs(x)
             amax = tl.maximum(amax, tl.where(a == a, a, float("inf")))
-        return tl.max(amax, axis=1), tl.sum(ss, axis=1)
+        return tl.max(amax, axis=0), tl.sum(ss, axis=0)
 
     @triton.jit
-    def _int16_pairs(x4, n4, inv, HAS_RMS: tl.constexpr):
+    def _int16_pairs(x4, n4, inv, ss, HAS_RMS: tl.constexpr):
         # four bfloat16 of x, read as one int64, -> two int32 words of two int16 each, round(x * nw * inv): the
-        # float 1.5 * 2**23 + v holds the integer v in its low mantissa bits, and prmt takes the low halves of two
+        # float 1.5 * 2**23 + v holds the integer v in its low mantissa bits, and prmt takes the low halves of two.
+        # With HAS_RMS also ss + x's four squares (the int4 GEMV's norm; unused, ptxas drops them)
         if PTX:
             if HAS_RMS:
-                q01, q23 = tl.inline_asm_elementwise(
-                    "{ .reg .b32 l, h, m, n, a, b, c, d; mov.b64 {l, h}, $2; mov.b64 {m, n}, $3; "
+                q01, q23, ss = tl.inline_asm_elementwise(
+                    "{ .reg .b32 l, h, m, n, a, b, c, d; mov.b64 {l, h}, $3; mov.b64 {m, n}, $4; "
                     "shl.b32 a, l, 16; and.b32 b, l, 0xFFFF0000; shl.b32 c, h, 16; and.b32 d, h, 0xFFFF0000; "
+                    "fma.rn.f32 $2, a, a, $6; fma.rn.f32 $2, b, b, $2; fma.rn.f32 $2, c, c, $2; "
+                    "fma.rn.f32 $2, d, d, $2; "
                     "shl.b32 l, m, 16; and.b32 m, m, 0xFFFF0000; shl.b32 h, n, 16; and.b32 n, n, 0xFFFF0000; "
                     "mul.f32 a, a, l; mul.f32 b, b, m; mul.f32 c, c, h; mul.f32 d, d, n; "
-                    "fma.rn.f32 a, a, $4, 0f4B400000; fma.rn.f32 b, b, $4, 0f4B400000; "
-                    "fma.rn.f32 c, c, $4, 0f4B400000; fma.rn.f32 d, d, $4, 0f4B400000; "
+                    "fma.rn.f32 a, a, $5, 0f4B400000; fma.rn.f32 b, b, $5, 0f4B400000; "
+                    "fma.rn.f32 c, c, $5, 0f4B400000; fma.rn.f32 d, d, $5, 0f4B400000; "
                     "prmt.b32 $0, a, b, 0x5410; prmt.b32 $1, c, d, 0x5410; }",
-                    "=r,=r,l,l,f", [x4, n4, inv], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+                    "=r,=r,=f,l,l,f,f", [x4, n4, inv, ss], dtype=(tl.int32, tl.int32, tl.float32), is_pure=True,
+                    pack=1)
             else:
                 q01, q23 = tl.inline_asm_elementwise(
                     "{ .reg .b32 l, h, a, b, c, d; mov.b64 {l, h}, $2; "
@@ -207,13 +215,43 @@ if triton is not None:
         else:
             q = []
             for i in tl.static_range(4):
-                x = ((x4 >> (16 * i)) & 0xFFFF).to(tl.int32) << 16
-                v = x.to(tl.float32, bitcast=True)
+                v = (((x4 >> (16 * i)) & 0xFFFF).to(tl.int32) << 16).to(tl.float32, bitcast=True)
                 if HAS_RMS:
+                    ss += v * v
                     v *= (((n4 >> (16 * i)) & 0xFFFF).to(tl.int32) << 16).to(tl.float32, bitcast=True)
                 q.append((v * inv + 12582912.0).to(tl.int32, bitcast=True) & 0xFFFF)
             q01, q23 = q[0] | (q[1] << 16), q[2] | (q[3] << 16)
-        return q01, q23
+        return q01, q23, ss
+
+    @triton.jit
+    def _pair_max(x4, n4, m, HAS_RMS: tl.constexpr):
+        # m: a running largest |x * nw|, two bfloat16 packed in an int32 (NaN wins), with four more of x (an int64)
+        # and of the norm's weight nw: a few bfloat16x2 instructions, no conversion to float32
+        if PTX:
+            if HAS_RMS:
+                return tl.inline_asm_elementwise(
+                    "{ .reg .b32 l, h, m, n, z; mov.b64 {l, h}, $1; mov.b64 {m, n}, $2; mov.b32 z, 0x80008000; "
+                    "fma.rn.bf16x2 l, l, m, z; fma.rn.bf16x2 h, h, n, z; abs.bf16x2 l, l; abs.bf16x2 h, h; "
+                    "max.NaN.bf16x2 l, l, h; max.NaN.bf16x2 $0, l, $3; }",
+                    "=r,l,l,r", [x4, n4, m], dtype=tl.int32, is_pure=True, pack=1)
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 l, h; mov.b64 {l, h}, $1; abs.bf16x2 l, l; abs.bf16x2 h, h; "
+                "max.NaN.bf16x2 l, l, h; max.NaN.bf16x2 $0, l, $2; }",
+                "=r,l,r", [x4, m], dtype=tl.int32, is_pure=True, pack=1)
+        a = (m << 16).to(tl.float32, bitcast=True)
+        for i in tl.static_range(4):
+            v = (((x4 >> (16 * i)) & 0xFFFF).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+            if HAS_RMS:
+                v *= (((n4 >> (16 * i)) & 0xFFFF).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+            v = tl.abs(v)
+            a = tl.maximum(a, tl.where(v == v, v, float("inf")))
+        return ((a.to(tl.int32, bitcast=True) + 0xFFFF) >> 16) & 0xFFFF  # rounded up to a bfloat16, in the low half
+
+    @triton.jit
+    def _unpack_max(m):
+        # the larger of the two bfloat16 packed in each int32 of m, as float32 (NaN -> inf: it reaches the output)
+        a = tl.maximum((m << 16).to(tl.float32, bitcast=True), (m & -65536).to(tl.float32, bitcast=True))
+        return tl.where(a == a, a, float("inf"))
 
     @triton.jit
     def _dot4(w, q01, q23, acc):
@@ -249,7 +287,7 @@ if triton is not None:
         in_k = (k + words < KW) if KW % BLOCK_W else words >= 0
         x4 = tl.load(x4_ptr + k + words, mask=in_k, other=0)
         n4 = tl.load(n4_ptr + k + words, mask=in_k, other=0) if HAS_RMS else x4
-        q01, q23 = _int16_pairs(x4, n4, inv, HAS_RMS)
+        q01, q23, _ = _int16_pairs(x4, n4, inv, inv, HAS_RMS)
         acc = _dot4(w, q01[:, None, :], q23[:, None, :], acc)
         if HAS_GATE:
             acc_g = _dot4(g, q01[:, None, :], q23[:, None, :], acc_g)
@@ -275,7 +313,7 @@ if triton is not None:
         w, g = _int8_words(w4_ptr, g4_ptr, rows, words, 0, N, KW, BLOCK_W, HAS_GATE)
         if PDL:
             tl.extra.cuda.gdc_wait()
-        amax, ss = _x_range(x_ptr, nw_ptr, 1, K, 1, HAS_RMS)  # (1,)
+        amax, ss = _x_range(x_ptr, nw_ptr, K, HAS_RMS)
         inv = 32766.0 / tl.maximum(amax, 1e-30)
         x4_ptr = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
         n4_ptr = nw_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
@@ -362,12 +400,24 @@ if triton is not None:
         return tl.sum(d, axis=3).to(tl.float32) * s + xs * (z - 8.0 * s)
 
     @triton.jit
-    def _int4_chunk(acc, acc_g, wa, wb, ga, gb, x4_ptr, n4_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr, inv, ms, M, rows,
+    def _x_words(x4_ptr, n4_ptr, x_offs, n_offs, x_ok, n_ok, half: tl.constexpr, m, WPG: tl.constexpr,
+                 HAS_RMS: tl.constexpr):
+        # a pair's x for its words' low nibbles (half 0, 1) or high ones (2, 3), in the group's first half of columns
+        # (0, 2) or its second (1, 3), and the norm's weight there; their largest |x * nw| into m
+        shift = (half % 2) * (WPG // 2) + (half // 2) * WPG
+        x4 = tl.load(x4_ptr + x_offs + shift, mask=x_ok, other=0)
+        n4 = tl.load(n4_ptr + n_offs + shift, mask=n_ok, other=0) if HAS_RMS else x4
+        return x4, n4, _pair_max(x4, n4, m, HAS_RMS)
+
+    @triton.jit
+    def _int4_chunk(acc, acc_g, ss, wa, wb, ga, gb, x4_ptr, n4_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr, ms, M, rows,
                     pair, words, k, N, K: tl.constexpr, GROUPSIZE: tl.constexpr, BLOCK_W: tl.constexpr,
                     BLOCK_N: tl.constexpr, MP: tl.constexpr, HAS_RMS: tl.constexpr, HAS_GATE: tl.constexpr):
-        # the chunk at word k into acc (and the gate's into acc_g): per thread, x row and W row 16 dp2a over its four
-        # words, then once in float32; x times the norm's weight nw with HAS_RMS, before the rounding. The nibbles
-        # are masked out once for all x rows
+        # the chunk at word k into acc (and the gate's into acc_g), x's squares into ss: per thread, x row and W row
+        # 16 dp2a over its four words, then once in float32. The 32 columns of x a thread takes are rounded onto
+        # int16 by their own largest magnitude (times the norm's weight nw with HAS_RMS), so that no pass over all
+        # of x comes first: 32640, not 32767, because that largest product is rounded to bfloat16 (to nearest, 2**-9
+        # at most). The nibbles are masked out once for all x rows
         KW: tl.constexpr = K // 8
         WPG: tl.constexpr = GROUPSIZE // 8
         group = (k + pair) // WPG
@@ -380,11 +430,16 @@ if triton is not None:
         d = tl.zeros((MP, BLOCK_W // 4, BLOCK_N, 2), dtype=tl.int32)
         dg = d
         xs = tl.zeros((MP, BLOCK_W // 4, 1, 2), dtype=tl.int32)
+        m = xs
+        x0, n0, m = _x_words(x4_ptr, n4_ptr, x_offs, n_offs, x_ok, n_ok, 0, m, WPG, HAS_RMS)
+        x1, n1, m = _x_words(x4_ptr, n4_ptr, x_offs, n_offs, x_ok, n_ok, 1, m, WPG, HAS_RMS)
+        x2, n2, m = _x_words(x4_ptr, n4_ptr, x_offs, n_offs, x_ok, n_ok, 2, m, WPG, HAS_RMS)
+        x3, n3, m = _x_words(x4_ptr, n4_ptr, x_offs, n_offs, x_ok, n_ok, 3, m, WPG, HAS_RMS)
+        amax = tl.max(_unpack_max(m), axis=3)  # (MP, pairs, 1)
+        inv = (32640.0 / tl.maximum(amax, 1e-30))[:, :, :, None]
         for half in tl.static_range(4):  # the pairs' first-half columns (low nibbles), then their second-half ones
-            shift = (half % 2) * (WPG // 2) + (half // 2) * WPG
-            x4 = tl.load(x4_ptr + x_offs + shift, mask=x_ok, other=0)
-            n4 = tl.load(n4_ptr + n_offs + shift, mask=n_ok, other=0) if HAS_RMS else x4
-            q01, q23 = _int16_pairs(x4, n4, inv, HAS_RMS)
+            x4, n4 = (x0, n0) if half == 0 else ((x1, n1) if half == 1 else ((x2, n2) if half == 2 else (x3, n3)))
+            q01, q23, ss = _int16_pairs(x4, n4, inv, ss, HAS_RMS)
             w, g = (wa, ga) if half % 2 == 0 else (wb, gb)
             nibble = 4 * (half // 2)
             d = _dot4(((w >> nibble) & 0x0F0F0F0F)[None], q01, q23, d)
@@ -394,10 +449,11 @@ if triton is not None:
         xs = tl.sum(xs, axis=3).to(tl.float32)
         g_offs = rows[None, :] * (K // GROUPSIZE) + group[:, None]  # (BLOCK_W // 4, BLOCK_N)
         g_ok = (rows[None, :] < N) & (k + pair < KW)[:, None]
-        acc += _int4_group_sums(d, xs, s_ptr, z_ptr, g_offs, g_ok)
+        descale = amax / 32640.0
+        acc += _int4_group_sums(d, xs, s_ptr, z_ptr, g_offs, g_ok) * descale
         if HAS_GATE:
-            acc_g += _int4_group_sums(dg, xs, gs_ptr, gz_ptr, g_offs, g_ok)
-        return acc, acc_g
+            acc_g += _int4_group_sums(dg, xs, gs_ptr, gz_ptr, g_offs, g_ok) * descale
+        return acc, acc_g, ss
 
     @triton.jit
     def _int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, gz_ptr, res_ptr, nw_ptr, N,
@@ -405,14 +461,16 @@ if triton is not None:
                      EPS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_W: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr, M, MP: tl.constexpr):
         # y (M, N) = x (M, K) @ W.T + b for a few bfloat16 rows of x (M <= MP, a power of two), W (N, K) in
-        # pack_int4's layout and dequantized as w = (q - 8) s + z, in integers as the int8 GEMV: each row of x
-        # rounded onto int16 by its largest magnitude. An int32 word of W holds 8 weights, its low nibbles 4 columns
+        # pack_int4's layout and dequantized as w = (q - 8) s + z, in integers as the int8 GEMV, but each thread's
+        # 32 columns of x rounded onto int16 by their own largest magnitude (_int4_chunk), so that there is no pass
+        # over x before the first weights are used. An int32 word of W holds 8 weights, its low nibbles 4 columns
         # of a group's first half and its high nibbles the same 4 of its second half: two masks make them bytes
         # 0..15, and four dp2a multiply them by their 8 columns of a row of x. A thread takes two pairs of words of
         # a group, one in each half of the group's words (so that each load of a warp reads whole 32-byte sectors at
         # g >= 128), of each of its rows, and the x they need, in the int8 GEMV's tile with x's rows in front (x
         # rows, pairs, rows, 2). It sums their 16 dp2a in int32, D, and adds s * D + (z - 8 s) * X in float32, X the
-        # sum of those 32 columns of x (both exact in float32: under 2**24), once for four words. The weights are
+        # sum of those 32 columns of x (both exact in float32: under 2**24), times their scale, once for four words;
+        # the norm's sum of squares comes on the way. The weights are
         # read and unmasked once for all rows of x; the dp2a and the float work are per row, so rows cost issue
         # slots. The gate (an int4 G with its own scales and zeros), the norm, the residual and PDL as in the int8
         # GEMV
@@ -433,21 +491,21 @@ if triton is not None:
         if PDL:
             tl.extra.cuda.gdc_wait()
         ms = tl.arange(0, MP)
-        amax, ss = _x_range(x_ptr, nw_ptr, M, K, MP, HAS_RMS)  # (MP,)
-        inv = (32766.0 / tl.maximum(amax, 1e-30))[:, None, None, None]
         zeros = tl.zeros((MP, BLOCK_W // 4, BLOCK_N), dtype=tl.float32)
-        acc, acc_g = _int4_chunk(zeros, zeros, wa, wb, ga, gb, x4_ptr, n4_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr, inv,
-                                 ms, M, rows, pair, words, 0, N, K, GROUPSIZE, BLOCK_W, BLOCK_N, MP, HAS_RMS, HAS_GATE)
+        ss = tl.zeros((MP, BLOCK_W // 4, 1, 2), dtype=tl.float32)
+        acc, acc_g, ss = _int4_chunk(zeros, zeros, ss, wa, wb, ga, gb, x4_ptr, n4_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr,
+                                     ms, M, rows, pair, words, 0, N, K, GROUPSIZE, BLOCK_W, BLOCK_N, MP, HAS_RMS,
+                                     HAS_GATE)
         for k in tl.range(BLOCK_W, KW, BLOCK_W, num_stages=STAGES):
             wa, wb = _int4_words(w4_ptr, rows, words, k, N, KW, WPG, BLOCK_W)
             ga, gb = _int4_words(g4_ptr, rows, words, k, N, KW, WPG, BLOCK_W) if HAS_GATE else (wa, wb)
-            acc, acc_g = _int4_chunk(acc, acc_g, wa, wb, ga, gb, x4_ptr, n4_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr, inv,
-                                     ms, M, rows, pair, words, k, N, K, GROUPSIZE, BLOCK_W, BLOCK_N, MP, HAS_RMS,
-                                     HAS_GATE)
-        descale = amax / 32766.0
+            acc, acc_g, ss = _int4_chunk(acc, acc_g, ss, wa, wb, ga, gb, x4_ptr, n4_ptr, s_ptr, z_ptr, gs_ptr,
+                                         gz_ptr, ms, M, rows, pair, words, k, N, K, GROUPSIZE, BLOCK_W, BLOCK_N, MP,
+                                         HAS_RMS, HAS_GATE)
+        y, gate = tl.sum(acc, axis=1), tl.sum(acc_g, axis=1)  # (MP, BLOCK_N)
         if HAS_RMS:
-            descale *= tl.rsqrt(ss / K + EPS)
-        y, gate = tl.sum(acc, axis=1) * descale[:, None], tl.sum(acc_g, axis=1) * descale[:, None]  # (MP, BLOCK_N)
+            r = tl.rsqrt(tl.sum(tl.sum(tl.sum(ss, axis=3), axis=2), axis=1) / K + EPS)[:, None]
+            y, gate = y * r, gate * r
         _store_rows(y, gate, b_ptr, y_ptr, res_ptr, ms, rows, M, N, HAS_BIAS, HAS_GATE, HAS_RES)
 
     @triton.jit

@@ -135,6 +135,8 @@ for M, N, K, g, dtype in [(1, 24, 256, 64, torch.bfloat16), (1, 130, 2560, 128, 
         err = ((y.double() - ref).norm() / ref.norm()).item()
         assert y.shape == ref.shape and err < 1e-2, ("int4", M, N, K, g, list(extra), err)
         worst["int4 fused"] = max(worst.get("int4 fused", 0), err)
+    x[0, K // 2] = float("nan")  # reaches every output of its row (in the GEMV through its 32 columns' int16 scale)
+    assert not int4_gemv(x, *packed[0], g, None)[0].isfinite().any()
 for M, N, K in [(3, 20, 300), (16, 130, 1030)]:  # the rows kernel: each row its own rms
     x = torch.randn(M, K).half() * torch.linspace(0.5, 4, M).half()[:, None]
     w, g, res = torch.randn(N, K).half(), torch.randn(N, K).half() / 10, torch.randn(M, N).half()
