@@ -15,22 +15,20 @@ products (with PDL, 88% of copy over the 7B layers at the best tile of a sweep, 
 Its tile is (word pairs, rows, 2), so that each thread loads two words of every row and, itself, the x they need.
 x's range costs each program a pass over all of x (and the norm's weight) before its first dp2a: about 6 points of
 copy at kernel level (H100).
-The float GEMV also takes a few rows of x, each weight loaded once for all (`FLOAT_GEMV_ROWS`; off until a GPU
-times it against the rows kernel). For 2..16 rows, a rows kernel for float and int8 weights (`tl.dot` against the
-rows padded to 16): it multiplies the int8 weights as exact small integers in x's dtype and applies the scales to
-the float32 sums at the end. int4
-(pack_int4's layout: a scale and zero per group, w = (q - 8) s + z): the int8 GEMV's integers, a word of 8 weights
-masked into bytes and multiplied by 8 columns of x in four dp2a, each group adding s * D + (z - 8 s) * X in float32
-(D the integer products, X the integer sum of x over the same columns) times the int16 scale of those columns, which
-each thread makes from its own 32 columns of x (packed bfloat16x2 maxima) instead of a pass over all of x first
-(63.6% of copy in the 7B against 59.2%), for up to INT4_GEMV_ROWS rows of x (the
-weights loaded and masked once, the dp2a and float work per row); more rows on the tensor cores, a group a step,
-the nibbles made 16-bit floats OFFSET + q by a prmt under OFFSET's exponent byte (no int-to-float
-conversion), D = x . (OFFSET + q) and X from two dots each, then s * D + (z - (OFFSET + 8) s) * X. On an H100 the
-GEMV streams Llama-2-7B's int4 layers at about 78% of copy at one row (71% with the model's norms and residual adds
-in), against 56% for torch's tinygemm, and at 22%
-at four (tinygemm 41%); the tensor-core kernel at 16-18% (tinygemm 31-41%) (BENCHMARKS.md). int8 and int4 are
-the formats quantize.py writes.
+The float GEMV also takes a few rows of x, each weight loaded once for all: a small model's verify
+(`FLOAT_GEMV_ROWS`, `FLOAT_GEMV_MAX_K`). For 2..16 rows otherwise, a rows kernel for float and int8 weights
+(`tl.dot` against the rows padded to 16): it multiplies the int8 weights as exact small integers in x's dtype and
+applies the scales to the float32 sums at the end. int4 (pack_int4's layout: a scale and zero per group, w = (q - 8)
+s + z): the int8 GEMV's integers, a word of 8 weights masked into bytes and multiplied by 8 columns of x in four
+dp2a, each group adding s * D + (z - 8 s) * X in float32 (D the integer products, X the integer sum of x over the
+same columns) times the int16 scale of those columns, which each thread makes from its own 32 columns of x (packed
+bfloat16x2 maxima) instead of a pass over all of x first (63.6% of copy in the 7B against 59.2%), for up to
+INT4_GEMV_ROWS rows of x (the weights loaded and masked once, the dp2a and float work per row); more rows on the
+tensor cores, a group a step, the nibbles made 16-bit floats OFFSET + q by a prmt under OFFSET's exponent byte (no
+int-to-float conversion), D = x . (OFFSET + q) and X from two dots each, then s * D + (z - (OFFSET + 8) s) * X. On
+an H100 the GEMV streams Llama-2-7B's int4 layers at about 78% of copy at one row (71% with the model's norms and
+residual adds in), against 56% for torch's tinygemm, and at 22% at four (tinygemm 41%); the tensor-core kernel at
+16-18% (tinygemm 31-41%) (BENCHMARKS.md). int8 and int4 are the formats quantize.py writes.
 
 The float, int8 and int4 kernels also take in the small steps around a matmul, so that a layer launches fewer kernels
 (`linear`, `fused_block`): SwiGLU's gate and up projections run as one kernel that streams both weights and ends
@@ -70,10 +68,13 @@ MAX_ROWS = 16  # the rows kernels pad to 16 (tl.dot's smallest tile): 2..16 rows
 GEMV_CONFIG = dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4, STAGES=1)
 ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=6)
 SMALL_ROWS_CONFIG = dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=6)  # K < 4096
-# gemm_rows hands up to this many rows to the GEMV, which loads each weight once for all of them, instead of the
-# tensor-core rows kernel: meant for small models' verify, where each matmul is a few microseconds of latency. Not
-# timed on a GPU yet, so 1: off (compiled for sm_90, the GEMV at 4 rows of K = 576 takes 40-64 registers)
-FLOAT_GEMV_ROWS = 1
+# gemm_rows hands up to FLOAT_GEMV_ROWS rows to the GEMV, which loads each weight once for all of them, instead of the
+# tensor-core rows kernel, where K <= FLOAT_GEMV_MAX_K: small models' verify, where each matmul is a few microseconds
+# of latency. H100: a verify of 4 costs 1.28 decode steps over SmolLM2's layers (K = 576, 1536) against 1.54 through
+# the rows kernel, but 1.55 against 1.11 over the 7B's (K = 4096, 11008); compiled for sm_90, the GEMV at 4 rows
+# takes the same registers at K = 2048 as at 1536, and at 3072 up to 228 (scripts/kernel_resources.py --K)
+FLOAT_GEMV_ROWS = 4
+FLOAT_GEMV_MAX_K = 2048
 # quantized weights: the one-row int8 GEMV's tiles swept on an H200, the int8 rows kernel's and the int4 kernels' on an
 # H100 (BENCHMARKS.md). The one-row int4 GEMV gives each thread four words of a chunk for all its rows, so
 # at most BLOCK_W / 4 threads: with more, x went through shared memory to meet the weights (narrow rows: fewer warps)
@@ -622,10 +623,11 @@ def gemm_rows(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
               gate: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
               rms_eps: Optional[float] = None) -> torch.Tensor:
     """x: (..., K) holding 2..MAX_ROWS rows of bfloat16 or float16, weight (N, K) contiguous -> (..., N), as gemv
-    (with rms_eps each row divided by its own root mean square); up to FLOAT_GEMV_ROWS rows through the GEMV."""
+    (with rms_eps each row divided by its own root mean square); up to FLOAT_GEMV_ROWS rows of at most
+    FLOAT_GEMV_MAX_K features through the GEMV."""
     N, K = weight.shape
     x2 = x.reshape(-1, K).contiguous()
-    if x2.shape[0] <= FLOAT_GEMV_ROWS:
+    if x2.shape[0] <= FLOAT_GEMV_ROWS and K <= FLOAT_GEMV_MAX_K:
         return _gemv_launch(x2, weight, bias, x.new_empty(*x.shape[:-1], N), gate, residual, rms_eps, x2.shape[0])
     y, pdl, cfg = x.new_empty(*x.shape[:-1], N), _pdl(x), ROWS_CONFIG if K >= 4096 else SMALL_ROWS_CONFIG
     _rows_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](

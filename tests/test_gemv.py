@@ -17,6 +17,8 @@ def strict_launch(self, *args, **kwargs):  # the interpreter drops keyword argum
     return launch(self, *args, **kwargs)
 interpreter.GridExecutor.__call__ = strict_launch
 from gemv import gemm_rows, gemv, GemvLinear, use_gemv
+import gemv as G
+G.FLOAT_GEMV_ROWS = 1  # gemm_rows: the rows kernel at every row count, until the float GEMV's own checks below
 torch.manual_seed(0)
 worst = {}
 for N, K, bias in [(7, 33, False), (64, 1024, True), (130, 2500, False), (2, 3000, True)]:
@@ -146,9 +148,8 @@ for M, N, K in [(3, 20, 300), (16, 130, 1030)]:  # the rows kernel: each row its
     err = ((y.double() - ref).norm() / ref.norm()).item()
     assert y.shape == ref.shape and err < 2e-3, (M, N, K, err)
     worst["rms"] = max(worst.get("rms", 0), err)
-import gemv as G  # the float GEMV over a few rows (off by default: FLOAT_GEMV_ROWS), fused steps and all
-G.FLOAT_GEMV_ROWS = 4
-for M, N, K, bias in [(2, 7, 33, True), (3, 130, 2500, False), (4, 20, 300, True)]:
+G.FLOAT_GEMV_ROWS = 4  # the float GEMV over a few rows (gemm_rows' default where K <= 2048), fused steps too
+for M, N, K, bias in [(2, 7, 33, True), (3, 130, 2000, False), (4, 20, 300, True)]:
     x = (torch.randn(M, K) * torch.linspace(0.5, 4, M)[:, None]).bfloat16()
     w, g, res = torch.randn(N, K).bfloat16(), torch.randn(N, K).bfloat16() / 10, torch.randn(M, N).bfloat16()
     b = torch.randn(N).bfloat16() if bias else None
@@ -162,7 +163,6 @@ for M, N, K, bias in [(2, 7, 33, True), (3, 130, 2500, False), (4, 20, 300, True
         err = ((y.double() - ref).norm() / ref.norm()).item()
         assert y.shape == ref.shape and err < 1e-2, ("float GEMV rows", M, N, K, list(extra), err)
         worst["float GEMV rows"] = max(worst.get("float GEMV rows", 0), err)
-G.FLOAT_GEMV_ROWS = 1
 model = nn.Sequential(nn.Linear(8, 4), nn.Linear(4, 8, bias=False))
 use_gemv(model)
 assert all(type(m) is GemvLinear for m in model) and model[0].weight.shape == (4, 8)
