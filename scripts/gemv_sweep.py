@@ -165,7 +165,7 @@ def main():
             try:
                 res.append((tuple(cfg.values()), run(kind.split("-")[0], rows)))  # int8-gate: all int8 layers
             except Exception as e:  # noqa: BLE001
-                print(kind, rows, cfg, "failed", type(e).__name__, flush=True)
+                print(kind, rows, cfg, "failed", f"{type(e).__name__}: {e}"[:300], flush=True)
         setattr(G, names[kind, key], default)
         res.sort(key=lambda r: -r[1])
         head = (f"{kind} rows={rows} {names[kind, key]}: {len(res)} of {len(grid)} configs timed in the budget "
