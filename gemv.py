@@ -187,6 +187,11 @@ if triton is not None:
         return tl.max(amax, axis=0), tl.sum(ss, axis=0)
 
     @triton.jit
+    def _bf16(v4, i: tl.constexpr):
+        # the i-th of the four bfloat16 in the int64 v4, as float32 (the interpreter's path; PTX unpacks it itself)
+        return (((v4 >> (16 * i)) & 0xFFFF).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _int16_pairs(x4, n4, inv, ss, HAS_RMS: tl.constexpr):
         # four bfloat16 of x, read as one int64, -> two int32 words of two int16 each, round(x * nw * inv): the
         # float 1.5 * 2**23 + v holds the integer v in its low mantissa bits, and prmt takes the low halves of two.
@@ -216,10 +221,10 @@ if triton is not None:
         else:
             q = []
             for i in tl.static_range(4):
-                v = (((x4 >> (16 * i)) & 0xFFFF).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+                v = _bf16(x4, i)
                 if HAS_RMS:
                     ss += v * v
-                    v *= (((n4 >> (16 * i)) & 0xFFFF).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+                    v *= _bf16(n4, i)
                 q.append((v * inv + 12582912.0).to(tl.int32, bitcast=True) & 0xFFFF)
             q01, q23 = q[0] | (q[1] << 16), q[2] | (q[3] << 16)
         return q01, q23, ss
@@ -241,10 +246,7 @@ if triton is not None:
                 "=r,l,r", [x4, m], dtype=tl.int32, is_pure=True, pack=1)
         a = (m << 16).to(tl.float32, bitcast=True)
         for i in tl.static_range(4):
-            v = (((x4 >> (16 * i)) & 0xFFFF).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-            if HAS_RMS:
-                v *= (((n4 >> (16 * i)) & 0xFFFF).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-            v = tl.abs(v)
+            v = tl.abs(_bf16(x4, i) * _bf16(n4, i) if HAS_RMS else _bf16(x4, i))
             a = tl.maximum(a, tl.where(v == v, v, float("inf")))
         return ((a.to(tl.int32, bitcast=True) + 0xFFFF) >> 16) & 0xFFFF  # rounded up to a bfloat16, in the low half
 
