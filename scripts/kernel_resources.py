@@ -32,15 +32,16 @@ import gemv as G  # noqa: E402
 REGISTERS_PER_SM, SHARED_PER_SM, THREADS_PER_SM = 65536, 228 * 1024, 2048  # sm_90
 
 
-def compile_sm90(fn, pointers: dict, consts: dict, num_warps: int, num_stages: int = 3) -> dict:
-    """fn compiled for sm_90: registers a thread, shared bytes, programs an SM holds, and the instructions of its
-    weights' loop (0 if the compiler unrolled it). Arguments not in `pointers` or `consts` are int32 sizes, taken
-    as multiples of 16."""
+def compile_sm(fn, pointers: dict, consts: dict, num_warps: int, num_stages: int = 3, capability: int = 90) -> dict:
+    """fn compiled for sm_<capability> (Hopper unless told): registers a thread, shared bytes, programs an SM holds
+    (by sm_90's limits), and the instructions of its weights' loop (0 if the compiler unrolled it). Arguments not in
+    `pointers` or `consts` are int32 sizes, taken as multiples of 16."""
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     sig = {a: pointers.get(a, "constexpr" if a in consts else "i32") for a in fn.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a not in consts}
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=aligned),
-                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+                       target=GPUTarget("cuda", capability, 32),
+                       options=dict(num_warps=num_warps, num_stages=num_stages))
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.TemporaryDirectory() as d:
         cubin = Path(d) / "k.cubin"
@@ -118,9 +119,9 @@ def main(argv=None):
         sys.exit("error: TRITON_INTERPRET=1 is set, and the interpreter compiles nothing; unset it")
     print(f"{f'kernel, K={args.K}':<30} {'registers':>9} {'shared B':>9} {'programs/SM':>12} {'instr/KB':>9}")
     for name, fn, pointers, consts, warps, stages in variants(args.K):
-        r = compile_sm90(fn, pointers, consts, warps, stages)
+        r = compile_sm(fn, pointers, consts, warps, stages)
         # the loop is counted in a second build, K wide enough that the compiler keeps it a loop
-        loop = compile_sm90(fn, pointers, dict(consts, K=1 << 16), warps, stages)
+        loop = compile_sm(fn, pointers, dict(consts, K=1 << 16), warps, stages)
         per_kb = loop["loop_instructions"] * warps / weight_bytes_per_step(pointers, consts) * 1024
         print(f"{name:<30} {r['regs']:>9} {r['shared']:>9} {r['programs_per_sm']:>12} {per_kb:>9.0f}", flush=True)
 
