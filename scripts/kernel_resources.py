@@ -92,7 +92,7 @@ def variants(K: int):
                ("float rows", G._rows_kernel, bf16, rows_cfg, [{}, gate, res, norm, dict(gate, **norm)]),
                ("int8 rows", G._rows_kernel, int8, G.INT8_ROWS_CONFIG,
                 [dict(HAS_SCALE=True), dict(gate, HAS_SCALE=True), dict(gate, HAS_SCALE=True, HAS_NW=True, **norm)]),
-               ("int4 GEMV g128", G._int4_kernel, int4, dict(G.int4_config(K), MP=1), [{}, res]),
+               ("int4 GEMV g128", G._int4_kernel, int4, dict(G.int4_config(K), MP=1), [{}, res, norm]),
                ("int4 GEMV g128", G._int4_kernel, int4, dict(G.int4_config(K, gate=True), MP=1),
                 [gate, dict(gate, **norm)]),
                ("int4 GEMV g128 x4 rows", G._int4_kernel, int4, dict(G.int4_config(K, rows=4), MP=4),
