@@ -433,7 +433,7 @@ if triton is not None:
         d = tl.zeros((MP, BLOCK_W // 4, BLOCK_N, 2), dtype=tl.int32)
         dg = d
         xs = tl.zeros((MP, BLOCK_W // 4, 1, 2), dtype=tl.int32)
-        m = xs
+        m = tl.zeros((MP, BLOCK_W // 4, 1, 2), dtype=tl.int32)  # each pair's running largest |x * nw|, packed
         x0, n0, m = _x_words(x4_ptr, n4_ptr, x_offs, n_offs, x_ok, n_ok, 0, m, WPG, HAS_RMS)
         x1, n1, m = _x_words(x4_ptr, n4_ptr, x_offs, n_offs, x_ok, n_ok, 1, m, WPG, HAS_RMS)
         x2, n2, m = _x_words(x4_ptr, n4_ptr, x_offs, n_offs, x_ok, n_ok, 2, m, WPG, HAS_RMS)
