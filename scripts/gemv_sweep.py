@@ -62,6 +62,8 @@ def main():
                    help="w1 and w3 as two matmuls (default for bf16, int8 and int4: one call with w1 as w3's gate, "
                         "as the model runs them)")
     p.add_argument("--no_pdl", action="store_true", help="plain launches: no programmatic dependent launch")
+    p.add_argument("--per_layer", action="store_true",
+                   help="also time each of a layer's matmuls alone (over all layers): which is furthest from copy")
     p.add_argument("--norms", action="store_true",
                    help="the Triton kernels with the RMSNorm before wqkv and the gate-up pair and the residual add "
                         "after wo and w2, as the model runs them")
@@ -79,9 +81,9 @@ def main():
            torch.rand(n, k // g, device="cuda", dtype=torch.bfloat16),
            torch.rand(n, k // g, device="cuda", dtype=torch.bfloat16)) for n, k in shapes]
     wb = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for n, k in shapes]
-    bytes16 = sum(w.numel() * 2 for w in wb)
-    bytes8 = sum(w.numel() + s.numel() * 2 for w, s in w8)
-    bytes4 = sum(w.numel() + 2 * s.numel() * 2 for w, s, _ in w4)
+    nbytes = {"bf16": [w.numel() * 2 for w in wb], "int8": [w.numel() + s.numel() * 2 for w, s in w8],
+              "int4": [w.numel() + 2 * s.numel() * 2 for w, s, _ in w4]}
+    nbytes["bf16-cublas"], nbytes["int4-tinygemm"] = nbytes["bf16"], nbytes["int4"]
     copy = copy_bandwidth("cuda")  # the same measurement as bench.py's
     x = torch.randn(max(row_counts), max(k for _, k in shapes), device="cuda", dtype=torch.bfloat16)
     norm_w = 1 + 0.1 * torch.randn(x.shape[-1], device="cuda", dtype=torch.bfloat16)
@@ -92,38 +94,52 @@ def main():
     tiny = [(torch.ops.aten._convert_weight_to_int4pack(w, Q.cuda_inner_k_tiles(k)),
              torch.stack([s, z], -1).transpose(0, 1).contiguous()) for (w, s, z), (_, k) in zip(w4, shapes)]
 
-    def plan(xs, ws, rows):
+    def kept(i, part):
+        """whether matmul i (index i % 5 of its layer: wqkv, wo, w1, w3, w2) runs when timing `part` of a layer
+        (None: all); with the gate-up pair, w1 runs inside w3's call"""
+        return part is None or i % 5 == part or (part == 3 and i % 5 == 2 and not args.no_pair)
+
+    def plan(xs, ws, rows, part=None):
         """(x, weight, gate, residual, norm weight) per call: the feed-forward's w3 (index 3 of a layer) takes w1
         (index 2) as its gate; with --norms wqkv, w1 and w3 take a norm, wo and w2 a residual"""
         calls = [(xi, w, None if args.no_pair or i % 5 != 3 else ws[i - 1],
                   residuals[rows][i] if args.norms and i % 5 in (1, 4) else None,
                   norm_w[:xi.shape[-1]] if args.norms and i % 5 in (0, 2, 3) else None)
                  for i, (xi, w) in enumerate(zip(xs, ws))]
-        return calls if args.no_pair else [c for i, c in enumerate(calls) if i % 5 != 2]
+        return [c for i, c in enumerate(calls) if (args.no_pair or i % 5 != 2) and kept(i, part)]
 
-    def run(kind, rows):
+    def run(kind, rows, part=None):
         xs = [x[:rows, :k].contiguous() for _, k in shapes]
         if kind == "bf16":
             f = G.gemv if rows == 1 else G.gemm_rows
             fn = lambda: [f(xi, w, gate=g, residual=r, rms_eps=None if nw is None else 1e-5)  # noqa: E731
-                          for xi, w, g, r, nw in plan(xs, wb, rows)]
+                          for xi, w, g, r, nw in plan(xs, wb, rows, part)]
         elif kind == "bf16-cublas":
-            fn = lambda: [torch.nn.functional.linear(xi, w) for xi, w in zip(xs, wb)]  # noqa: E731
+            fn = lambda: [torch.nn.functional.linear(xi, w)  # noqa: E731
+                          for i, (xi, w) in enumerate(zip(xs, wb)) if kept(i, part)]
         elif kind == "int8":
             fn = lambda: [G.int8_gemv(xi, w, s, None, *(g or (None, None)), r, nw, 1e-5)  # noqa: E731
-                          for xi, (w, s), g, r, nw in plan(xs, w8, rows)]
+                          for xi, (w, s), g, r, nw in plan(xs, w8, rows, part)]
         elif kind == "int4":
             fn = lambda: [G.int4_gemv(xi, w, s, z, g, None, *(gt or (None, None, None)), r, nw, 1e-5)  # noqa: E731
-                          for xi, (w, s, z), gt, r, nw in plan(xs, w4, rows)]
+                          for xi, (w, s, z), gt, r, nw in plan(xs, w4, rows, part)]
         else:
-            fn = lambda: [torch.ops.aten._weight_int4pack_mm(xi, w, g, sz) for xi, (w, sz) in zip(xs, tiny)]  # noqa: E731
-        return {"int8": bytes8, "bf16": bytes16, "bf16-cublas": bytes16}.get(kind, bytes4) / graph_time(fn) / 1e9
+            fn = lambda: [torch.ops.aten._weight_int4pack_mm(xi, w, g, sz)  # noqa: E731
+                          for i, (xi, (w, sz)) in enumerate(zip(xs, tiny)) if kept(i, part)]
+        return sum(b for i, b in enumerate(nbytes[kind]) if kept(i, part)) / graph_time(fn) / 1e9
 
     table = []
     for kind, rows in itertools.product(args.kinds.split(","), row_counts):
         gbs = run(kind, rows)
         table.append(f"{kind:13s} rows={rows} default config       {gbs:7.0f} GB/s {100 * gbs / copy:5.1f}%")
         print(table[-1], flush=True)
+        for part in range(5) if args.per_layer else ():
+            if part == 2 and not args.no_pair:
+                continue  # timed with w3, as the gate-up pair
+            gbs = run(kind, rows, part)
+            name = "w1+w3" if part == 3 and not args.no_pair else ("wqkv", "wo", "w1", "w3", "w2")[part]
+            table.append(f"{kind:13s} rows={rows}   {name:6s} alone       {gbs:7.0f} GB/s {100 * gbs / copy:5.1f}%")
+            print(table[-1], flush=True)
     if sweep is None:
         print("\n".join(table))
         return
