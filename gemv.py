@@ -81,7 +81,7 @@ FLOAT_GEMV_MAX_K = 2048
 INT8_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=4, STAGES=1)  # BLOCK_W int32 words: 2 KB of a row a step
 INT8_GATE_CONFIG = dict(BLOCK_N=2, BLOCK_W=512, num_warps=4, STAGES=1)  # the gate-up pair: two weights a row
 INT4_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=4, STAGES=1)  # BLOCK_W int32 words: 4096 weights of a row
-# the int4 gate-up pair at 4 rows a program: x's per-32-column scale and the norm shared by twice the weights of 2 rows
+# the int4 gate-up pair at 4 rows a program, not 2: x's per-32-column scale and norm then serve twice the weight rows
 # (H100, session 35: 74.5% of copy at kernel level with the norms, against 69.5%)
 INT4_GATE_CONFIG = dict(BLOCK_N=4, BLOCK_W=256, num_warps=4, STAGES=1)  # the gate-up pair: two weights a row
 INT8_ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=6)
