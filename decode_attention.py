@@ -45,6 +45,7 @@ MAX_QUERIES = 16  # new positions per call (decode: 1, verification: k+1)
 CHUNK = 256  # cache slots per program; caches longer than this are split and the chunks merged
 BLOCK_L = 128  # slots per step inside a chunk
 NUM_WARPS = 4
+NUM_STAGES = 3  # the K/V tiles' pipeline depth: (256, 128) at 3 takes 136 KB of shared memory, one program an SM
 
 if triton is not None:
     @triton.jit
@@ -204,7 +205,7 @@ def _attend(qkv, cos, sin, k_cache, v_cache, mask, input_pos, n_head: int, pdl: 
         cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), sm_b, sm_s, n_kv, S, S_max, SCALE=1.0 / math.sqrt(D), G=G, D=D, R=R, CHUNK=CHUNK,
         BLOCK_L=BLOCK_L, SPLIT=n_chunks > 1, PRECISION=precision, CAUSAL=causal, PDL=pdl,
-        LINES=max(1, D * k_cache.element_size() // 128), num_warps=NUM_WARPS,
+        LINES=max(1, D * k_cache.element_size() // 128), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         **({"launch_pdl": True} if pdl else {}))  # only the custom op's launch: a traced one keeps inductor's
     if n_chunks > 1:
         _merge_kernel[(B * n_kv,)](part_acc, part_ml, out, n_kv, S, N_CHUNKS=n_chunks, G=G, D=D, R=R, num_warps=4)

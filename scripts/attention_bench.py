@@ -26,7 +26,7 @@ def main():
     p.add_argument("--cache", type=int, default=216, help="KV cache length (max_seq_length)")
     p.add_argument("--pos", type=int, default=116, help="position of the first new query")
     p.add_argument("--k", type=int, default=5, help="verification of k+1 queries is timed too")
-    p.add_argument("--sweep", action="store_true", help="also try CHUNK, BLOCK_L and num_warps settings")
+    p.add_argument("--sweep", action="store_true", help="also try CHUNK, BLOCK_L, num_warps and num_stages settings")
     args = p.parse_args()
     c = ModelArgs.from_name(args.model)
     torch.manual_seed(0)
@@ -63,20 +63,21 @@ def main():
                     f"{ours / c.n_layer * 1e6:.2f} us")
         print(rows[-1], flush=True)
     if args.sweep:
-        default = (A.CHUNK, A.BLOCK_L, A.NUM_WARPS)
+        default = (A.CHUNK, A.BLOCK_L, A.NUM_WARPS, A.NUM_STAGES)
         res = []
-        for chunk, block, warps in itertools.product([64, 128, 256, 512], [32, 64, 128], [4, 8]):
-            if block > chunk:
+        for cfg in itertools.product([64, 128, 256, 512], [32, 64, 128], [4, 8], [1, 2, 3]):
+            if cfg[1] > cfg[0]:
                 continue
-            A.CHUNK, A.BLOCK_L, A.NUM_WARPS = chunk, block, warps
+            A.CHUNK, A.BLOCK_L, A.NUM_WARPS, A.NUM_STAGES = cfg
             try:
-                res.append(((chunk, block, warps), timed(1, True), timed(args.k + 1, True)))
+                res.append((cfg, timed(1, True), timed(args.k + 1, True)))
             except Exception as e:  # noqa: BLE001
-                print(chunk, block, warps, "failed", type(e).__name__, flush=True)
-        A.CHUNK, A.BLOCK_L, A.NUM_WARPS = default
+                print(cfg, "failed", type(e).__name__, flush=True)
+        A.CHUNK, A.BLOCK_L, A.NUM_WARPS, A.NUM_STAGES = default
         res.sort(key=lambda r: r[1] + r[2])
-        for cfg, t1, tk in res[:5]:
-            rows.append(f"CHUNK, BLOCK_L, warps = {cfg}: 1 query {t1 * 1e6:.1f} us, {args.k + 1} queries {tk * 1e6:.1f} us")
+        for cfg, t1, tk in res[:8]:
+            rows.append(f"CHUNK, BLOCK_L, warps, stages = {cfg}: 1 query {t1 * 1e6:.1f} us, {args.k + 1} queries "
+                        f"{tk * 1e6:.1f} us")
     print("\n".join(rows))
 
 

@@ -121,7 +121,7 @@ def test_kernel_compiles_for_hopper_with_pdl():
     for pdl, sm in ((False, 90), (True, 90), (False, 80)):
         consts = dict(SCALE=128 ** -0.5, G=1, D=128, R=16, CHUNK=A.CHUNK, BLOCK_L=A.BLOCK_L, SPLIT=False,
                       PRECISION="tf32", CAUSAL=True, PDL=pdl, LINES=2)
-        assert kernel_resources.compile_sm(A._attention_kernel, pointers, consts, A.NUM_WARPS,
+        assert kernel_resources.compile_sm(A._attention_kernel, pointers, consts, A.NUM_WARPS, A.NUM_STAGES,
                                            capability=sm)["programs_per_sm"]
 
 
