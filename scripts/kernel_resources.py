@@ -1,8 +1,10 @@
-"""Compile gemv.py's Triton kernels for a Hopper GPU (sm_90) on any machine, no GPU needed, and print what each
-variant takes from an SM: registers a thread, shared memory, and how many of its programs fit on one SM at once.
+"""Compile gemv.py's Triton kernels (or decode_attention.py's) for a Hopper GPU (sm_90) on any machine, no GPU
+needed, and print what each variant takes from an SM: registers a thread, shared memory, and how many of its
+programs fit on one SM at once.
 
     python scripts/kernel_resources.py              # Llama-2-7B's widths, the tiles gemv.py ships
     python scripts/kernel_resources.py --K 576      # SmolLM2-135M's
+    python scripts/kernel_resources.py --attention  # decode_attention.py's kernels, at the tiles it ships
 
 A streaming kernel keeps the memory busy only with enough loads in flight, so a variant that needs more registers
 or shared memory (the gate-up pair, deeper pipelines) fits fewer programs on an SM: this shows it before any
@@ -27,9 +29,12 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+import decode_attention as A  # noqa: E402
 import gemv as G  # noqa: E402
 
 REGISTERS_PER_SM, SHARED_PER_SM, THREADS_PER_SM = 65536, 228 * 1024, 2048  # sm_90
+ATTENTION_POINTERS = dict(qkv_ptr="*bf16", cos_ptr="*fp32", sin_ptr="*fp32", k_ptr="*bf16", v_ptr="*bf16",
+                          mask_ptr="*i64", pos_ptr="*i64", o_ptr="*bf16", acc_ptr="*fp32", ml_ptr="*fp32")
 
 
 def compile_sm(fn, pointers: dict, consts: dict, num_warps: int, num_stages: int = 3, capability: int = 90) -> dict:
@@ -111,12 +116,30 @@ def variants(K: int):
             yield name + label, fn, pointers, consts, warps, stages
 
 
+def attention():
+    """decode_attention.py's kernels for Llama-2-7B's heads (128 wide, one query head a KV head), one query: the
+    attention over one chunk, alone and split (partial sums for the merge), and the merge of 16 chunks (a cache of
+    4096 at CHUNK = 256), at the CHUNK, BLOCK_L, NUM_WARPS and NUM_STAGES it ships."""
+    consts = dict(SCALE=128 ** -0.5, G=1, D=128, R=16, CHUNK=A.CHUNK, BLOCK_L=A.BLOCK_L, PRECISION="tf32",
+                  CAUSAL=True, PDL=False, LINES=2, N_CHUNKS=16)
+    print(f"{f'(CHUNK, BLOCK_L) = ({A.CHUNK}, {A.BLOCK_L})':<30} {'registers':>9} {'shared B':>9} {'programs/SM':>12}")
+    for name, fn, split, warps, stages in [("attention, one chunk", A._attention_kernel, False, A.NUM_WARPS,
+                                            A.NUM_STAGES),
+                                           ("attention, split", A._attention_kernel, True, A.NUM_WARPS, A.NUM_STAGES),
+                                           ("merge of 16 chunks", A._merge_kernel, True, 4, 3)]:
+        r = compile_sm(fn, ATTENTION_POINTERS, dict(consts, SPLIT=split), warps, stages)
+        print(f"{name:<30} {r['regs']:>9} {r['shared']:>9} {r['programs_per_sm']:>12}", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--K", type=int, default=4096, help="input features of the weights (a layer's width)")
+    p.add_argument("--attention", action="store_true", help="decode_attention.py's kernels instead")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("error: TRITON_INTERPRET=1 is set, and the interpreter compiles nothing; unset it")
+    if args.attention:
+        return attention()
     print(f"{f'kernel, K={args.K}':<30} {'registers':>9} {'shared B':>9} {'programs/SM':>12} {'instr/KB':>9}")
     for name, fn, pointers, consts, warps, stages in variants(args.K):
         r = compile_sm(fn, pointers, consts, warps, stages)

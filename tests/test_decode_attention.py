@@ -108,21 +108,20 @@ def test_pdl_attention_op_writes_the_caches_in_place_when_compiled():
 
 def test_kernel_compiles_for_hopper_with_pdl():
     """The attention kernel compiles for sm_90 here, through Triton's compiler and ptxas, no GPU needed, launched
-    plainly and with PDL, whose cache prefetch is inline PTX that the interpreter never runs; and for sm_80 (A100),
-    plainly."""
+    plainly and with PDL, whose cache prefetch is inline PTX that the interpreter never runs, over one chunk and
+    split (with the merge kernel); and for sm_80 (A100), plainly."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("the interpreter compiles nothing")
     sys.path.insert(0, str(ROOT / "scripts"))
     import decode_attention as A
-    import kernel_resources
-    pointers = dict(qkv_ptr="*bf16", cos_ptr="*fp32", sin_ptr="*fp32", k_ptr="*bf16", v_ptr="*bf16",
-                    mask_ptr="*i64", pos_ptr="*i64", o_ptr="*bf16", acc_ptr="*fp32", ml_ptr="*fp32")
+    from kernel_resources import ATTENTION_POINTERS, compile_sm
     # Llama-2-7B's decode: 128-wide heads, one query head a KV head
-    for pdl, sm in ((False, 90), (True, 90), (False, 80)):
-        consts = dict(SCALE=128 ** -0.5, G=1, D=128, R=16, CHUNK=A.CHUNK, BLOCK_L=A.BLOCK_L, SPLIT=False,
-                      PRECISION="tf32", CAUSAL=True, PDL=pdl, LINES=2)
-        assert kernel_resources.compile_sm(A._attention_kernel, pointers, consts, A.NUM_WARPS, A.NUM_STAGES,
-                                           capability=sm)["programs_per_sm"]
+    consts = dict(SCALE=128 ** -0.5, G=1, D=128, R=16, CHUNK=A.CHUNK, BLOCK_L=A.BLOCK_L, PRECISION="tf32",
+                  CAUSAL=True, LINES=2)
+    for pdl, sm, split in ((False, 90, False), (True, 90, False), (True, 90, True), (False, 80, False)):
+        assert compile_sm(A._attention_kernel, ATTENTION_POINTERS, dict(consts, PDL=pdl, SPLIT=split), A.NUM_WARPS,
+                          A.NUM_STAGES, capability=sm)["programs_per_sm"]
+    assert compile_sm(A._merge_kernel, ATTENTION_POINTERS, dict(consts, N_CHUNKS=16), 4)["programs_per_sm"]
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
