@@ -114,14 +114,11 @@ def test_kernel_compiles_for_hopper_with_pdl():
         pytest.skip("the interpreter compiles nothing")
     sys.path.insert(0, str(ROOT / "scripts"))
     import decode_attention as A
-    from kernel_resources import ATTENTION_POINTERS, compile_sm
-    # Llama-2-7B's decode: 128-wide heads, one query head a KV head
-    consts = dict(SCALE=128 ** -0.5, G=1, D=128, R=16, CHUNK=A.CHUNK, BLOCK_L=A.BLOCK_L, PRECISION="tf32",
-                  CAUSAL=True, LINES=2)
+    from kernel_resources import ATTENTION_POINTERS, attention_consts, compile_sm
     for pdl, sm, split in ((False, 90, False), (True, 90, False), (True, 90, True), (False, 80, False)):
-        assert compile_sm(A._attention_kernel, ATTENTION_POINTERS, dict(consts, PDL=pdl, SPLIT=split), A.NUM_WARPS,
-                          A.NUM_STAGES, capability=sm)["programs_per_sm"]
-    assert compile_sm(A._merge_kernel, ATTENTION_POINTERS, dict(consts, N_CHUNKS=16), 4)["programs_per_sm"]
+        assert compile_sm(A._attention_kernel, ATTENTION_POINTERS, attention_consts(PDL=pdl, SPLIT=split),
+                          A.NUM_WARPS, A.NUM_STAGES, capability=sm)["programs_per_sm"]
+    assert compile_sm(A._merge_kernel, ATTENTION_POINTERS, attention_consts(), 4)["programs_per_sm"]
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
