@@ -108,12 +108,12 @@ for N, K in [(7, 36), (130, 2500)]:
     x[0, 5] = float("nan")  # reaches the output, as it would through float products
     assert not int8_gemv(x, q8, s8).isfinite().any()
 # int4 (pack_int4's layout), the gate another int4 weight: 1, 3 and 4 rows (the GEMV in integers, x rounded to
-# bfloat16; 3 rows pad to 4), 16 rows in float16 (the rows kernel; its bfloat16 tl.dot is wrong under the
-# interpreter); 300 features pad to 320
+# bfloat16; 3 rows pad to 4), 6 and 16 rows in float16 (the rows kernel; its bfloat16 tl.dot is wrong under the
+# interpreter; 5 groups, which no split of K into 2 or 4 divides); 300 features pad to 320
 import quantize as Q
 for M, N, K, g, dtype in [(1, 24, 256, 64, torch.bfloat16), (1, 130, 2560, 128, torch.bfloat16),
                           (1, 20, 300, 32, torch.bfloat16), (3, 24, 300, 32, torch.bfloat16),
-                          (4, 20, 256, 32, torch.half), (16, 33, 512, 128, torch.half)]:
+                          (4, 20, 256, 32, torch.half), (6, 40, 640, 128, torch.half), (16, 33, 512, 128, torch.half)]:
     K4 = -(-K // g) * g
     x = (torch.randn(M, K) * torch.linspace(1, 3, M)[:, None]).to(dtype)
     nw, res = (torch.rand(K) + 0.5).to(dtype), torch.randn(M, N).to(dtype)
