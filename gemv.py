@@ -26,8 +26,8 @@ bfloat16x2 maxima) instead of a pass over all of x first (63.6% of copy in the 7
 INT4_GEMV_ROWS rows of x (the weights loaded and masked once, the dp2a and float work per row); more rows on the
 tensor cores, a group a step, the nibbles made 16-bit floats OFFSET + q by a prmt under OFFSET's exponent byte (no
 int-to-float conversion), D = x . (OFFSET + q) and X from two dots each, then s * D + (z - (OFFSET + 8) s) * X. On
-an H100 the GEMV streams Llama-2-7B's int4 layers at about 78% of copy at one row (71% with the model's norms and
-residual adds in), against 56% for torch's tinygemm, and at 22% at four (tinygemm 41%); the tensor-core kernel at
+an H100 the GEMV streams Llama-2-7B's int4 layers at about 78% of copy at one row (74.5% with the model's norms
+and residual adds in), against 56% for torch's tinygemm, and at 22% at four (tinygemm 41%); the tensor-core kernel at
 16-18% (tinygemm 31-41%) (BENCHMARKS.md). int8 and int4 are the formats quantize.py writes.
 
 The float, int8 and int4 kernels also take in the small steps around a matmul, so that a layer launches fewer kernels
