@@ -177,7 +177,7 @@ def main():
         for cfg in grid:
             if time.time() - t0 > args.budget:
                 break
-            setattr(G, names[kind, key], cfg)
+            setattr(G, names[kind, key], dict(default, **cfg))  # keys the grid does not name keep gemv.py's value
             try:
                 res.append((tuple(cfg.values()), run(kind.split("-")[0], rows)))  # int8-gate: all int8 layers
             except Exception as e:  # noqa: BLE001
