@@ -78,9 +78,8 @@ FLOAT_GEMV_MAX_K = 2048
 # quantized weights: the one-row int8 GEMV's tiles swept on an H200, the int8 rows kernel's and the int4 kernels' on an
 # H100 (BENCHMARKS.md). The one-row int4 GEMV gives each thread four words of a chunk for all its rows, so
 # at most BLOCK_W / 4 threads: with more, x went through shared memory to meet the weights (narrow rows: fewer warps)
-# BLOCK_W int32 words: 2 KB of a row a step; RANGE_W columns of x a step of the pass for x's range, RANGE_STAGES deep
-INT8_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=4, STAGES=1, RANGE_W=1024, RANGE_STAGES=1)
-INT8_GATE_CONFIG = dict(BLOCK_N=2, BLOCK_W=512, num_warps=4, STAGES=1, RANGE_W=1024, RANGE_STAGES=1)  # the gate-up pair
+INT8_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=4, STAGES=1)  # BLOCK_W int32 words: 2 KB of a row a step
+INT8_GATE_CONFIG = dict(BLOCK_N=2, BLOCK_W=512, num_warps=4, STAGES=1)  # the gate-up pair: two weights a row
 INT4_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=4, STAGES=1)  # BLOCK_W int32 words: 4096 weights of a row
 # the int4 gate-up pair at 4 rows a program, not 2: x's per-32-column scale and norm then serve twice the weight rows
 # (H100, session 35: 74.5% of copy at kernel level with the norms, against 69.5%)
@@ -175,13 +174,12 @@ if triton is not None:
         _store_rows(y, gate, b_ptr, y_ptr, res_ptr, ms, rows, M, N, HAS_BIAS, HAS_GATE, HAS_RES)
 
     @triton.jit
-    def _x_range(x_ptr, nw_ptr, K: tl.constexpr, HAS_RMS: tl.constexpr, WIDTH: tl.constexpr, STAGES: tl.constexpr):
-        # one pass over x (K,), WIDTH columns a step: its largest magnitude (times the norm's weight nw, with HAS_RMS),
-        # which sets its int16 scale, and its sum of squares for the norm. NaN counts as infinite, so that it reaches
-        # the output. A wider step has more loads in flight, and more registers a thread to hold them
-        cols = tl.arange(0, WIDTH)
-        amax, ss = tl.zeros((WIDTH,), dtype=tl.float32), tl.zeros((WIDTH,), dtype=tl.float32)
-        for k in tl.range(0, K, WIDTH, num_stages=STAGES):
+    def _x_range(x_ptr, nw_ptr, K: tl.constexpr, HAS_RMS: tl.constexpr):
+        # one pass over x (K,): its largest magnitude (times the norm's weight nw, with HAS_RMS), which sets its int16
+        # scale, and its sum of squares for the norm. NaN counts as infinite, so that it reaches the output
+        cols = tl.arange(0, 1024)
+        amax, ss = tl.zeros((1024,), dtype=tl.float32), tl.zeros((1024,), dtype=tl.float32)
+        for k in range(0, K, 1024):
             x = tl.load(x_ptr + k + cols, mask=k + cols < K, other=0.0).to(tl.float32)
             if HAS_RMS:
                 ss += x * x
@@ -304,7 +302,7 @@ if triton is not None:
     def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, res_ptr, nw_ptr, N, K: tl.constexpr,
                           HAS_BIAS: tl.constexpr, HAS_RMS: tl.constexpr, EPS: tl.constexpr, HAS_GATE: tl.constexpr,
                           HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, STAGES: tl.constexpr,
-                          RANGE_W: tl.constexpr, RANGE_STAGES: tl.constexpr, PDL: tl.constexpr):
+                          PDL: tl.constexpr):
         # y (N,) = (w (N, K) @ x (K,)) * s (N,) + b in integers: x scaled onto int16 by its largest magnitude, each
         # int32 word of w (four int8) times four of those in two dp2a instructions, int32 sums (each over at most
         # K / (4 BLOCK_W) words: _int8_gemv_ok keeps that under overflow) turned to float32 once at the end. The gate,
@@ -320,7 +318,7 @@ if triton is not None:
         w, g = _int8_words(w4_ptr, g4_ptr, rows, words, 0, N, KW, BLOCK_W, HAS_GATE)
         if PDL:
             tl.extra.cuda.gdc_wait()
-        amax, ss = _x_range(x_ptr, nw_ptr, K, HAS_RMS, RANGE_W, RANGE_STAGES)
+        amax, ss = _x_range(x_ptr, nw_ptr, K, HAS_RMS)
         inv = 32766.0 / tl.maximum(amax, 1e-30)
         x4_ptr = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
         n4_ptr = nw_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
