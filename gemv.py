@@ -28,7 +28,7 @@ tensor cores, a group a step, the nibbles made 16-bit floats OFFSET + q by a prm
 int-to-float conversion), D = x . (OFFSET + q) and X from two dots each, then s * D + (z - (OFFSET + 8) s) * X. On
 an H100 the GEMV streams Llama-2-7B's int4 layers at about 78% of copy at one row (74.5% with the model's norms
 and residual adds in), against 56% for torch's tinygemm, and at 22% at four (tinygemm 41%); the tensor-core kernel at
-16-18% (tinygemm 31-41%) (BENCHMARKS.md). int8 and int4 are the formats quantize.py writes.
+21% at six rows with the norms (tinygemm 31.6%) (BENCHMARKS.md). int8 and int4 are the formats quantize.py writes.
 
 The float, int8 and int4 kernels also take in the small steps around a matmul, so that a layer launches fewer kernels
 (`linear`, `fused_block`): SwiGLU's gate and up projections run as one kernel that streams both weights and ends
@@ -527,14 +527,32 @@ if triton is not None:
         return ((b & 15).to(tl.float32) + OFFSET).to(like.dtype), ((b >> 4).to(tl.float32) + OFFSET).to(like.dtype)
 
     @triton.jit
-    def _int4_rows_group(acc, b, s_ptr, z_ptr, g, x_lo, x_hi, xs, rows, N, K: tl.constexpr, GROUPSIZE: tl.constexpr,
-                         HI: tl.constexpr, OFFSET: tl.constexpr):
-        # acc + group g's s * D + (z - (OFFSET + 8) s) * X, D from two dots against the group's nibbles b
+    def _int4_rows_group(acc, b, s, z, x_lo, x_hi, xs, HI: tl.constexpr, OFFSET: tl.constexpr):
+        # acc + a group's s * D + (z - (OFFSET + 8) s) * X, D from two dots against the group's nibbles b
         w_lo, w_hi = _nibbles(b, HI, OFFSET, x_lo)
         d = tl.dot(x_hi, tl.trans(w_hi), tl.dot(x_lo, tl.trans(w_lo)))  # (16, BLOCK_N)
-        s = tl.load(s_ptr + rows * (K // GROUPSIZE) + g, mask=rows < N, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + rows * (K // GROUPSIZE) + g, mask=rows < N, other=0.0).to(tl.float32)
         return acc + d * s[None, :] + xs * (z - (OFFSET + 8.0) * s)[None, :]
+
+    @triton.jit
+    def _int4_rows_operands(x_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr, nw_ptr, g, ms, j, rows, M, N, K: tl.constexpr,
+                            GROUPSIZE: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RMS: tl.constexpr):
+        # group g's two halves of x (16, GROUPSIZE // 2) and of the norm's weight, its scales and zeros (BLOCK_N,)
+        # and the gate's
+        c = g * GROUPSIZE + j[None, :]
+        x_lo = tl.load(x_ptr + ms * K + c, mask=ms < M, other=0.0)
+        x_hi = tl.load(x_ptr + ms * K + c + GROUPSIZE // 2, mask=ms < M, other=0.0)
+        n_lo, n_hi = x_lo, x_hi
+        if HAS_RMS:
+            n_lo = tl.load(nw_ptr + c)
+            n_hi = tl.load(nw_ptr + c + GROUPSIZE // 2)
+        sz = rows * (K // GROUPSIZE) + g
+        s = tl.load(s_ptr + sz, mask=rows < N, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + sz, mask=rows < N, other=0.0).to(tl.float32)
+        gs, gz = s, z
+        if HAS_GATE:
+            gs = tl.load(gs_ptr + sz, mask=rows < N, other=0.0).to(tl.float32)
+            gz = tl.load(gz_ptr + sz, mask=rows < N, other=0.0).to(tl.float32)
+        return x_lo, x_hi, n_lo, n_hi, s, z, gs, gz
 
     @triton.jit
     def _int4_rows_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, gz_ptr, res_ptr, nw_ptr, M, N,
@@ -545,8 +563,11 @@ if triton is not None:
         # layout, a group a step: its bytes become OFFSET + q in x's dtype (_nibbles), two dots give D = x . (OFFSET
         # + q) over the group's two halves and two more against ones each row's sum X (in D's layout, no shuffles),
         # and y += s * D + (z - (OFFSET + 8) s) * X in float32. The gate, the norm and the residual as in the
-        # int8 rows kernel (_rows_kernel with HAS_NW)
+        # int8 rows kernel (_rows_kernel with HAS_NW). The compiler pipelines only the weights' loads: x, the
+        # scales and zeros of group g + 1 are loaded by hand while group g computes (the last group loads twice),
+        # else each group waits a round trip to L2 for them (verify of 6 on a 7B: 8.04 -> 5.80 ms, H100)
         H: tl.constexpr = GROUPSIZE // 2
+        NG: tl.constexpr = K // GROUPSIZE
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         ms = tl.arange(0, 16)[:, None]
         j = tl.arange(0, H)
@@ -554,22 +575,23 @@ if triton is not None:
         acc_g = tl.zeros((16, BLOCK_N), dtype=tl.float32)
         gram = tl.zeros((16, 16), dtype=tl.float32)
         ones = tl.full((H, BLOCK_N), 1.0, tl.float32).to(x_ptr.dtype.element_ty)
-        for g in range(0, K // GROUPSIZE):
+        nxt = _int4_rows_operands(x_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr, nw_ptr, 0, ms, j, rows, M, N, K, GROUPSIZE,
+                                  HAS_GATE, HAS_RMS)
+        for g in range(0, NG):
+            x_lo, x_hi, n_lo, n_hi, s, z, gs, gz = nxt
+            nxt = _int4_rows_operands(x_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr, nw_ptr, tl.minimum(g + 1, NG - 1), ms, j,
+                                      rows, M, N, K, GROUPSIZE, HAS_GATE, HAS_RMS)
             offs = rows[:, None] * (K // 2) + (g * H + j)[None, :]
             b = tl.load(w_ptr + offs, mask=rows[:, None] < N, other=0, eviction_policy="evict_first")  # (BLOCK_N, H)
-            c = g * GROUPSIZE + j[None, :]
-            x_lo = tl.load(x_ptr + ms * K + c, mask=ms < M, other=0.0)
-            x_hi = tl.load(x_ptr + ms * K + c + H, mask=ms < M, other=0.0)
             if HAS_RMS:  # x x^T on the tensor cores: its diagonal is each row's sum of squares
                 gram = tl.dot(x_hi, tl.trans(x_hi), tl.dot(x_lo, tl.trans(x_lo), gram))
-                x_lo = (x_lo.to(tl.float32) * tl.load(nw_ptr + c).to(tl.float32)).to(x_lo.dtype)
-                x_hi = (x_hi.to(tl.float32) * tl.load(nw_ptr + c + H).to(tl.float32)).to(x_hi.dtype)
+                x_lo = (x_lo.to(tl.float32) * n_lo.to(tl.float32)).to(x_lo.dtype)
+                x_hi = (x_hi.to(tl.float32) * n_hi.to(tl.float32)).to(x_hi.dtype)
             xs = tl.dot(x_hi, ones, tl.dot(x_lo, ones))  # each row's sum over the group, in D's layout
-            acc = _int4_rows_group(acc, b, s_ptr, z_ptr, g, x_lo, x_hi, xs, rows, N, K, GROUPSIZE, HI, OFFSET)
+            acc = _int4_rows_group(acc, b, s, z, x_lo, x_hi, xs, HI, OFFSET)
             if HAS_GATE:
                 bg = tl.load(g_ptr + offs, mask=rows[:, None] < N, other=0, eviction_policy="evict_first")
-                acc_g = _int4_rows_group(acc_g, bg, gs_ptr, gz_ptr, g, x_lo, x_hi, xs, rows, N, K, GROUPSIZE, HI,
-                                         OFFSET)
+                acc_g = _int4_rows_group(acc_g, bg, gs, gz, x_lo, x_hi, xs, HI, OFFSET)
         if HAS_RMS:
             r = _rows_rms(gram, K, EPS)
             acc, acc_g = acc * r, acc_g * r
