@@ -87,8 +87,8 @@ def main():
     copy = copy_bandwidth("cuda")  # the same measurement as bench.py's
     x = torch.randn(max(row_counts), max(k for _, k in shapes), device="cuda", dtype=torch.bfloat16)
     norm_w = 1 + 0.1 * torch.randn(x.shape[-1], device="cuda", dtype=torch.bfloat16)
-    residuals = {r: [torch.randn(r, n, device="cuda", dtype=torch.bfloat16) for n, _ in shapes] if args.norms
-                 else None for r in row_counts}
+    # one (rows, n) residual a matmul, sliced to the rows timed (the int4-few sweep runs at fewer than --rows)
+    residuals = [torch.randn(max(row_counts), n, device="cuda", dtype=torch.bfloat16) for n, _ in shapes]
     print(f"copy {copy:.0f} GB/s", flush=True)
 
     tiny = [(torch.ops.aten._convert_weight_to_int4pack(w, Q.cuda_inner_k_tiles(k)),
@@ -103,7 +103,7 @@ def main():
         """(x, weight, gate, residual, norm weight) per call: the feed-forward's w3 (index 3 of a layer) takes w1
         (index 2) as its gate; with --norms wqkv, w1 and w3 take a norm, wo and w2 a residual"""
         calls = [(xi, w, None if args.no_pair or i % 5 != 3 else ws[i - 1],
-                  residuals[rows][i] if args.norms and i % 5 in (1, 4) else None,
+                  residuals[i][:rows] if args.norms and i % 5 in (1, 4) else None,
                   norm_w[:xi.shape[-1]] if args.norms and i % 5 in (0, 2, 3) else None)
                  for i, (xi, w) in enumerate(zip(xs, ws))]
         return [c for i, c in enumerate(calls) if (args.no_pair or i % 5 != 2) and kept(i, part)]
