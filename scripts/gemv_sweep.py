@@ -88,7 +88,8 @@ def main():
     x = torch.randn(max(row_counts), max(k for _, k in shapes), device="cuda", dtype=torch.bfloat16)
     norm_w = 1 + 0.1 * torch.randn(x.shape[-1], device="cuda", dtype=torch.bfloat16)
     # one (rows, n) residual a matmul, sliced to the rows timed (the int4-few sweep runs at fewer than --rows)
-    residuals = [torch.randn(max(row_counts), n, device="cuda", dtype=torch.bfloat16) for n, _ in shapes]
+    residuals = [torch.randn(max(row_counts), n, device="cuda", dtype=torch.bfloat16) for n, _ in shapes
+                 ] if args.norms else None
     print(f"copy {copy:.0f} GB/s", flush=True)
 
     tiny = [(torch.ops.aten._convert_weight_to_int4pack(w, Q.cuda_inner_k_tiles(k)),
