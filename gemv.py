@@ -348,6 +348,14 @@ if triton is not None:
         return tl.rsqrt(tl.sum(tl.where(ms[:, None] == ms[None, :], gram, 0.0), axis=1) / K + EPS)[:, None]
 
     @triton.jit
+    def _rows_x(x_ptr, nw_ptr, ms, cols, k, M, K: tl.constexpr, HAS_NW: tl.constexpr):
+        # the chunk of x's rows (16, BLOCK_K) at column k, and of the norm's weight nw (zeros past K)
+        in_k = k + cols < K
+        x = tl.load(x_ptr + ms[:, None] * K + (k + cols)[None, :], mask=(ms[:, None] < M) & in_k[None, :], other=0.0)
+        nw = tl.load(nw_ptr + k + cols, mask=in_k, other=0.0) if HAS_NW else cols
+        return x, nw
+
+    @triton.jit
     def _rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, res_ptr, nw_ptr, M, N, K: tl.constexpr,
                      HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RMS: tl.constexpr, HAS_NW: tl.constexpr,
                      EPS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, PRECISION: tl.constexpr,
@@ -357,7 +365,9 @@ if triton is not None:
         # to 16, ride along on the tensor cores. HAS_RMS as in _gemv_kernel: x goes into tl.dot as it is, the
         # diagonal of x x^T (a second, 16 x 16 dot) gives each row's sum of squares, and each row's 1/rms scales
         # that row's float32 sums at the end. HAS_NW (int8 W, which cannot carry the norm's weight): x is
-        # multiplied by the norm's weight nw after its squares are taken
+        # multiplied by the norm's weight nw after its squares are taken. The compiler pipelines x only where it goes
+        # straight into the dots, so with nw, x and nw are loaded by hand a chunk ahead (int8 7B verify of 6: 4.75 ->
+        # 4.05 ms, H100)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
@@ -367,15 +377,19 @@ if triton is not None:
         acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
         acc_g = tl.zeros((16, BLOCK_N), dtype=tl.float32)
         gram = tl.zeros((16, 16), dtype=tl.float32)
+        x_next, nw_next = _rows_x(x_ptr, nw_ptr, ms, cols, 0, M, K, HAS_NW)
         for k in range(0, K, BLOCK_K):
             in_k = k + cols < K
-            x = tl.load(x_ptr + ms[:, None] * K + (k + cols)[None, :], mask=(ms[:, None] < M) & in_k[None, :],
-                        other=0.0)
+            if HAS_NW:
+                x, nw = x_next, nw_next
+                x_next, nw_next = _rows_x(x_ptr, nw_ptr, ms, cols, k + BLOCK_K, M, K, HAS_NW)
+            else:
+                x = tl.load(x_ptr + ms[:, None] * K + (k + cols)[None, :], mask=(ms[:, None] < M) & in_k[None, :],
+                            other=0.0)
             if HAS_RMS:  # x x^T on the tensor cores: its diagonal is each row's sum of squares
                 gram = tl.dot(x, tl.trans(x), gram, input_precision=PRECISION)
             if HAS_NW:
-                nw = tl.load(nw_ptr + k + cols, mask=in_k, other=0.0).to(tl.float32)
-                x = (x.to(tl.float32) * nw[None, :]).to(x.dtype)
+                x = (x.to(tl.float32) * nw.to(tl.float32)[None, :]).to(x.dtype)
             offs, ok = rows[:, None] * K + (k + cols)[None, :], (rows[:, None] < N) & in_k[None, :]
             w = tl.load(w_ptr + offs, mask=ok, other=0, eviction_policy="evict_first")
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)  # int8 is exact in 16 bits
