@@ -377,15 +377,14 @@ if triton is not None:
         acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
         acc_g = tl.zeros((16, BLOCK_N), dtype=tl.float32)
         gram = tl.zeros((16, 16), dtype=tl.float32)
-        x_next, nw_next = _rows_x(x_ptr, nw_ptr, ms, cols, 0, M, K, HAS_NW)
+        x_next, nw_next = _rows_x(x_ptr, nw_ptr, ms, cols, 0, M, K, HAS_NW)  # without HAS_NW, unused and dropped
         for k in range(0, K, BLOCK_K):
             in_k = k + cols < K
             if HAS_NW:
                 x, nw = x_next, nw_next
                 x_next, nw_next = _rows_x(x_ptr, nw_ptr, ms, cols, k + BLOCK_K, M, K, HAS_NW)
             else:
-                x = tl.load(x_ptr + ms[:, None] * K + (k + cols)[None, :], mask=(ms[:, None] < M) & in_k[None, :],
-                            other=0.0)
+                x = _rows_x(x_ptr, nw_ptr, ms, cols, k, M, K, HAS_NW)[0]
             if HAS_RMS:  # x x^T on the tensor cores: its diagonal is each row's sum of squares
                 gram = tl.dot(x, tl.trans(x), gram, input_precision=PRECISION)
             if HAS_NW:
