@@ -88,6 +88,8 @@ INT8_ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=6)
 INT4_FEW_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=4, STAGES=1)  # 2..INT4_GEMV_ROWS rows of x
 INT4_ROWS_CONFIG = dict(BLOCK_N=32, num_warps=4, num_stages=6)  # a group of W a step
 INT4_GEMV_ROWS = 4  # the int4 GEMV takes up to this many rows of x, the tensor-core rows kernel more
+INT4_XQ_ROWS = 8  # 2..INT4_XQ_ROWS rows: x rounded onto int16 first (_int4_x_kernel), then the int4 GEMV; 0: off
+INT4_XQ_CONFIG = dict(BLOCK_N=4, BLOCK_W=512, num_warps=4, STAGES=1)
 
 if triton is not None:
     @triton.jit
@@ -428,9 +430,10 @@ if triton is not None:
         return x4, n4, _pair_max(x4, n4, m, HAS_RMS)
 
     @triton.jit
-    def _int4_chunk(acc, acc_g, ss, wa, wb, ga, gb, x4_ptr, n4_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr, ms, M, rows,
+    def _int4_chunk(acc, acc_g, ss, wa, wb, ga, gb, x4_ptr, n4_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr, e_ptr, ms, M, rows,
                     pair, words, k, N, K: tl.constexpr, GROUPSIZE: tl.constexpr, BLOCK_W: tl.constexpr,
-                    BLOCK_N: tl.constexpr, MP: tl.constexpr, HAS_RMS: tl.constexpr, HAS_GATE: tl.constexpr):
+                    BLOCK_N: tl.constexpr, MP: tl.constexpr, HAS_RMS: tl.constexpr, HAS_GATE: tl.constexpr,
+                    XQ: tl.constexpr):
         # the chunk at word k into acc (and the gate's into acc_g), x's squares into ss: per thread, x row and W row
         # 16 dp2a over its four words, then once in float32. The 32 columns of x a thread takes are rounded onto
         # int16 by their own largest magnitude (times the norm's weight nw with HAS_RMS), so that no pass over all
@@ -453,11 +456,19 @@ if triton is not None:
         x1, n1, m = _x_words(x4_ptr, n4_ptr, x_offs, n_offs, x_ok, n_ok, 1, m, WPG, HAS_RMS)
         x2, n2, m = _x_words(x4_ptr, n4_ptr, x_offs, n_offs, x_ok, n_ok, 2, m, WPG, HAS_RMS)
         x3, n3, m = _x_words(x4_ptr, n4_ptr, x_offs, n_offs, x_ok, n_ok, 3, m, WPG, HAS_RMS)
-        amax = tl.max(_unpack_max(m), axis=3)  # (MP, pairs, 1)
-        inv = (32640.0 / tl.maximum(amax, 1e-30))[:, :, :, None]
+        if XQ:  # x already int16 (_int4_x_kernel), its scale per group in e
+            descale = tl.load(e_ptr + ms[:, None, None] * (K // GROUPSIZE) + group[None, :, None],
+                              mask=(ms < M)[:, None, None] & (k + pair < KW)[None, :, None], other=0.0)
+        else:
+            amax = tl.max(_unpack_max(m), axis=3)  # (MP, pairs, 1)
+            inv = (32640.0 / tl.maximum(amax, 1e-30))[:, :, :, None]
+            descale = amax / 32640.0
         for half in tl.static_range(4):  # the pairs' first-half columns (low nibbles), then their second-half ones
             x4, n4 = (x0, n0) if half == 0 else ((x1, n1) if half == 1 else ((x2, n2) if half == 2 else (x3, n3)))
-            q01, q23, ss = _int16_pairs(x4, n4, inv, ss, HAS_RMS)
+            if XQ:
+                q01, q23 = (x4 & 0xFFFFFFFF).to(tl.int32), (x4 >> 32).to(tl.int32)
+            else:
+                q01, q23, ss = _int16_pairs(x4, n4, inv, ss, HAS_RMS)
             w, g = (wa, ga) if half % 2 == 0 else (wb, gb)
             nibble = 4 * (half // 2)
             d = _dot4(((w >> nibble) & 0x0F0F0F0F)[None], q01, q23, d)
@@ -467,17 +478,17 @@ if triton is not None:
         xs = tl.sum(xs, axis=3).to(tl.float32)
         g_offs = rows[None, :] * (K // GROUPSIZE) + group[:, None]  # (BLOCK_W // 4, BLOCK_N)
         g_ok = (rows[None, :] < N) & (k + pair < KW)[:, None]
-        descale = amax / 32640.0
         acc += _int4_group_sums(d, xs, s_ptr, z_ptr, g_offs, g_ok) * descale
         if HAS_GATE:
             acc_g += _int4_group_sums(dg, xs, gs_ptr, gz_ptr, g_offs, g_ok) * descale
         return acc, acc_g, ss
 
     @triton.jit
-    def _int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, gz_ptr, res_ptr, nw_ptr, N,
+    def _int4_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, gz_ptr, res_ptr, nw_ptr, e_ptr, N,
                      K: tl.constexpr, GROUPSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RMS: tl.constexpr,
                      EPS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_W: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr, M, MP: tl.constexpr):
+                     BLOCK_W: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr, M, MP: tl.constexpr,
+                     XQ: tl.constexpr = False):
         # y (M, N) = x (M, K) @ W.T + b for a few bfloat16 rows of x (M <= MP, a power of two), W (N, K) in
         # pack_int4's layout and dequantized as w = (q - 8) s + z, in integers as the int8 GEMV, but each thread's
         # 32 columns of x rounded onto int16 by their own largest magnitude (_int4_chunk), so that there is no pass
@@ -512,19 +523,43 @@ if triton is not None:
         zeros = tl.zeros((MP, BLOCK_W // 4, BLOCK_N), dtype=tl.float32)
         ss = tl.zeros((MP, BLOCK_W // 4, 1, 2), dtype=tl.float32)
         acc, acc_g, ss = _int4_chunk(zeros, zeros, ss, wa, wb, ga, gb, x4_ptr, n4_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr,
-                                     ms, M, rows, pair, words, 0, N, K, GROUPSIZE, BLOCK_W, BLOCK_N, MP, HAS_RMS,
-                                     HAS_GATE)
+                                     e_ptr, ms, M, rows, pair, words, 0, N, K, GROUPSIZE, BLOCK_W, BLOCK_N, MP,
+                                     HAS_RMS, HAS_GATE, XQ)
         for k in tl.range(BLOCK_W, KW, BLOCK_W, num_stages=STAGES):
             wa, wb = _int4_words(w4_ptr, rows, words, k, N, KW, WPG, BLOCK_W)
             ga, gb = _int4_words(g4_ptr, rows, words, k, N, KW, WPG, BLOCK_W) if HAS_GATE else (wa, wb)
             acc, acc_g, ss = _int4_chunk(acc, acc_g, ss, wa, wb, ga, gb, x4_ptr, n4_ptr, s_ptr, z_ptr, gs_ptr,
-                                         gz_ptr, ms, M, rows, pair, words, k, N, K, GROUPSIZE, BLOCK_W, BLOCK_N, MP,
-                                         HAS_RMS, HAS_GATE)
+                                         gz_ptr, e_ptr, ms, M, rows, pair, words, k, N, K, GROUPSIZE, BLOCK_W,
+                                         BLOCK_N, MP, HAS_RMS, HAS_GATE, XQ)
         y, gate = tl.sum(acc, axis=1), tl.sum(acc_g, axis=1)  # (MP, BLOCK_N)
         if HAS_RMS:
             r = tl.rsqrt(tl.sum(tl.sum(tl.sum(ss, axis=3), axis=2), axis=1) / K + EPS)[:, None]
             y, gate = y * r, gate * r
         _store_rows(y, gate, b_ptr, y_ptr, res_ptr, ms, rows, M, N, HAS_BIAS, HAS_GATE, HAS_RES)
+
+    @triton.jit
+    def _int4_x_kernel(x_ptr, nw_ptr, q_ptr, e_ptr, K: tl.constexpr, GROUPSIZE: tl.constexpr, HAS_RMS: tl.constexpr,
+                       EPS: tl.constexpr, GB: tl.constexpr):
+        # one row of x a program, for the int4 GEMV over several rows (XQ): x (times the norm's weight nw) rounded
+        # onto int16 by each group's largest magnitude, and e, that magnitude / 32767 (times 1/rms), so that the GEMV
+        # only loads x's integers, once for all its weight rows. NaN counts as infinite, so that it reaches the output
+        NG: tl.constexpr = K // GROUPSIZE
+        row = tl.program_id(0).to(tl.int64) * K
+        r = 1.0
+        if HAS_RMS:
+            r = tl.rsqrt(_x_range(x_ptr + row, nw_ptr, K, HAS_RMS)[1] / K + EPS)
+        gs = tl.arange(0, GB)
+        offs = gs[:, None] * GROUPSIZE + tl.arange(0, GROUPSIZE)[None, :]
+        for g in range(0, NG, GB):
+            ok = (g + gs < NG)[:, None]
+            x = tl.load(x_ptr + row + g * GROUPSIZE + offs, mask=ok, other=0.0).to(tl.float32)
+            if HAS_RMS:
+                x *= tl.load(nw_ptr + g * GROUPSIZE + offs, mask=ok, other=0.0).to(tl.float32)
+            a = tl.abs(x)
+            amax = tl.max(tl.where(a == a, a, float("inf")), axis=1)
+            q = (x * (32767.0 / tl.maximum(amax, 1e-30))[:, None] + 12582912.0).to(tl.int32, bitcast=True)
+            tl.store(q_ptr + row + g * GROUPSIZE + offs, q.to(tl.int16), mask=ok)  # the low half: the integer
+            tl.store(e_ptr + tl.program_id(0) * NG + g + gs, amax / 32767.0 * r, mask=g + gs < NG)
 
     @triton.jit
     def _nibbles(b, HI: tl.constexpr, OFFSET: tl.constexpr, like):
@@ -751,10 +786,20 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
     args = dict(_epilogue_args(x, gate, residual, gate_scales), gz_ptr=x if gate_zeros is None else gate_zeros,
                 nw_ptr=nw, K=K, GROUPSIZE=groupsize, HAS_BIAS=bias is not None, HAS_RMS=norm_weight is not None,
                 EPS=rms_eps or 0.0)
+    if 2 <= M <= INT4_XQ_ROWS:
+        q, e = torch.empty(M, K, dtype=torch.int16, device=x.device), x.new_empty(M, K // groupsize, dtype=torch.float32)
+        _int4_x_kernel[(M,)](xw, nw, q, e, K=K, GROUPSIZE=groupsize, HAS_RMS=norm_weight is not None,
+                             EPS=rms_eps or 0.0, GB=max(1, 1024 // groupsize), num_warps=4)
+        cfg = int4_config(K, gate is not None, M, INT4_XQ_CONFIG)
+        _int4_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](q, weight, scales, zeros, b, y, N=N, e_ptr=e,
+                                                        **dict(args, HAS_RMS=False), **cfg, PDL=False, M=M,
+                                                        MP=triton.next_power_of_2(M), XQ=True)
+        return y
     if M <= INT4_GEMV_ROWS:
         cfg, pdl = int4_config(K, gate is not None, M), _pdl(x)
-        _int4_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](xw, weight, scales, zeros, b, y, N=N, **args, **cfg, PDL=pdl,
-                                                        launch_pdl=pdl, M=M, MP=triton.next_power_of_2(M))
+        _int4_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](xw, weight, scales, zeros, b, y, N=N, e_ptr=scales, **args,
+                                                        **cfg, PDL=pdl, launch_pdl=pdl, M=M,
+                                                        MP=triton.next_power_of_2(M))
         return y
     magic = dict(HI=0x43, OFFSET=128.0) if xw.dtype == torch.bfloat16 else dict(HI=0x64, OFFSET=1024.0)
     _int4_rows_kernel[(triton.cdiv(N, INT4_ROWS_CONFIG["BLOCK_N"]),)](xw, weight, scales, zeros, b, y, M=M, N=N,
@@ -762,10 +807,10 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
     return y
 
 
-def int4_config(K: int, gate: bool = False, rows: int = 1) -> dict:
+def int4_config(K: int, gate: bool = False, rows: int = 1, cfg: Optional[dict] = None) -> dict:
     """The int4 GEMV's tile for W's rows K wide (with the gate-up pair, or more than one row of x: its own): no more
     words a chunk than a row has, and at most a thread for four of them (INT4_CONFIG)."""
-    cfg = INT4_FEW_CONFIG if rows > 1 else INT4_GATE_CONFIG if gate else INT4_CONFIG
+    cfg = cfg or (INT4_FEW_CONFIG if rows > 1 else INT4_GATE_CONFIG if gate else INT4_CONFIG)
     block_w = min(cfg["BLOCK_W"], triton.next_power_of_2(K // 8))
     return dict(cfg, BLOCK_W=block_w, num_warps=max(1, min(cfg["num_warps"], block_w // 128)))
 
