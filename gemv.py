@@ -414,9 +414,9 @@ if triton is not None:
 
     @triton.jit
     def _int4_group_sums(d, xs, s_ptr, z_ptr, g_offs, g_ok):
-        # (x rows, pairs, rows) float32: s * D + (z - 8 s) * X for each thread's four words
-        s = tl.load(s_ptr + g_offs, mask=g_ok, other=0.0).to(tl.float32)[None]
-        z = tl.load(z_ptr + g_offs, mask=g_ok, other=0.0).to(tl.float32)[None]
+        # (pairs, x rows, rows) float32: s * D + (z - 8 s) * X for each thread's four words
+        s = tl.load(s_ptr + g_offs, mask=g_ok, other=0.0).to(tl.float32)[:, None]
+        z = tl.load(z_ptr + g_offs, mask=g_ok, other=0.0).to(tl.float32)[:, None]
         return tl.sum(d, axis=3).to(tl.float32) * s + xs * (z - 8.0 * s)
 
     @triton.jit
@@ -443,24 +443,24 @@ if triton is not None:
         WPG: tl.constexpr = GROUPSIZE // 8
         group = (k + pair) // WPG
         lo = tl.multiple_of(group * (2 * WPG) + pair % WPG, 2)  # the pair's first-half x, as int64 words
-        n_offs = (lo[:, None] + tl.arange(0, 2)[None, :])[None, :, None, :]  # (1, BLOCK_W // 4, 1, 2)
-        x_offs = ms[:, None, None, None] * (K // 4) + n_offs  # (MP, BLOCK_W // 4, 1, 2)
-        n_ok = ((k + words < KW) if KW % BLOCK_W else words >= 0)[None, :, None, :]
-        x_ok = n_ok if MP == 1 else (ms < M)[:, None, None, None] & n_ok
+        n_offs = (lo[:, None] + tl.arange(0, 2)[None, :])[:, None, None, :]  # (BLOCK_W // 4, 1, 1, 2)
+        x_offs = ms[None, :, None, None] * (K // 4) + n_offs  # (BLOCK_W // 4, MP, 1, 2)
+        n_ok = ((k + words < KW) if KW % BLOCK_W else words >= 0)[:, None, None, :]
+        x_ok = n_ok if MP == 1 else (ms < M)[None, :, None, None] & n_ok
         ones = tl.full((1, 1, 1, 1), 0x01010101, tl.int32)
-        d = tl.zeros((MP, BLOCK_W // 4, BLOCK_N, 2), dtype=tl.int32)
+        d = tl.zeros((BLOCK_W // 4, MP, BLOCK_N, 2), dtype=tl.int32)
         dg = d
-        xs = tl.zeros((MP, BLOCK_W // 4, 1, 2), dtype=tl.int32)
-        m = tl.zeros((MP, BLOCK_W // 4, 1, 2), dtype=tl.int32)  # each pair's running largest |x * nw|, packed
+        xs = tl.zeros((BLOCK_W // 4, MP, 1, 2), dtype=tl.int32)
+        m = tl.zeros((BLOCK_W // 4, MP, 1, 2), dtype=tl.int32)  # each pair's running largest |x * nw|, packed
         x0, n0, m = _x_words(x4_ptr, n4_ptr, x_offs, n_offs, x_ok, n_ok, 0, m, WPG, HAS_RMS)
         x1, n1, m = _x_words(x4_ptr, n4_ptr, x_offs, n_offs, x_ok, n_ok, 1, m, WPG, HAS_RMS)
         x2, n2, m = _x_words(x4_ptr, n4_ptr, x_offs, n_offs, x_ok, n_ok, 2, m, WPG, HAS_RMS)
         x3, n3, m = _x_words(x4_ptr, n4_ptr, x_offs, n_offs, x_ok, n_ok, 3, m, WPG, HAS_RMS)
         if XQ:  # x already int16 (_int4_x_kernel), its scale per group in e
-            descale = tl.load(e_ptr + ms[:, None, None] * (K // GROUPSIZE) + group[None, :, None],
-                              mask=(ms < M)[:, None, None] & (k + pair < KW)[None, :, None], other=0.0)
+            descale = tl.load(e_ptr + ms[None, :, None] * (K // GROUPSIZE) + group[:, None, None],
+                              mask=(ms < M)[None, :, None] & (k + pair < KW)[:, None, None], other=0.0)
         else:
-            amax = tl.max(_unpack_max(m), axis=3)  # (MP, pairs, 1)
+            amax = tl.max(_unpack_max(m), axis=3)  # (pairs, MP, 1)
             inv = (32640.0 / tl.maximum(amax, 1e-30))[:, :, :, None]
             descale = amax / 32640.0
         for half in tl.static_range(4):  # the pairs' first-half columns (low nibbles), then their second-half ones
@@ -471,9 +471,9 @@ if triton is not None:
                 q01, q23, ss = _int16_pairs(x4, n4, inv, ss, HAS_RMS)
             w, g = (wa, ga) if half % 2 == 0 else (wb, gb)
             nibble = 4 * (half // 2)
-            d = _dot4(((w >> nibble) & 0x0F0F0F0F)[None], q01, q23, d)
+            d = _dot4(((w >> nibble) & 0x0F0F0F0F)[:, None], q01, q23, d)
             if HAS_GATE:
-                dg = _dot4(((g >> nibble) & 0x0F0F0F0F)[None], q01, q23, dg)
+                dg = _dot4(((g >> nibble) & 0x0F0F0F0F)[:, None], q01, q23, dg)
             xs = _dot4(ones, q01, q23, xs)
         xs = tl.sum(xs, axis=3).to(tl.float32)
         g_offs = rows[None, :] * (K // GROUPSIZE) + group[:, None]  # (BLOCK_W // 4, BLOCK_N)
@@ -520,8 +520,8 @@ if triton is not None:
         if PDL:
             tl.extra.cuda.gdc_wait()
         ms = tl.arange(0, MP)
-        zeros = tl.zeros((MP, BLOCK_W // 4, BLOCK_N), dtype=tl.float32)
-        ss = tl.zeros((MP, BLOCK_W // 4, 1, 2), dtype=tl.float32)
+        zeros = tl.zeros((BLOCK_W // 4, MP, BLOCK_N), dtype=tl.float32)
+        ss = tl.zeros((BLOCK_W // 4, MP, 1, 2), dtype=tl.float32)
         acc, acc_g, ss = _int4_chunk(zeros, zeros, ss, wa, wb, ga, gb, x4_ptr, n4_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr,
                                      e_ptr, ms, M, rows, pair, words, 0, N, K, GROUPSIZE, BLOCK_W, BLOCK_N, MP,
                                      HAS_RMS, HAS_GATE, XQ)
@@ -531,9 +531,9 @@ if triton is not None:
             acc, acc_g, ss = _int4_chunk(acc, acc_g, ss, wa, wb, ga, gb, x4_ptr, n4_ptr, s_ptr, z_ptr, gs_ptr,
                                          gz_ptr, e_ptr, ms, M, rows, pair, words, k, N, K, GROUPSIZE, BLOCK_W,
                                          BLOCK_N, MP, HAS_RMS, HAS_GATE, XQ)
-        y, gate = tl.sum(acc, axis=1), tl.sum(acc_g, axis=1)  # (MP, BLOCK_N)
+        y, gate = tl.sum(acc, axis=0), tl.sum(acc_g, axis=0)  # (MP, BLOCK_N)
         if HAS_RMS:
-            r = tl.rsqrt(tl.sum(tl.sum(tl.sum(ss, axis=3), axis=2), axis=1) / K + EPS)[:, None]
+            r = tl.rsqrt(tl.sum(tl.sum(tl.sum(ss, axis=3), axis=2), axis=0) / K + EPS)[:, None]
             y, gate = y * r, gate * r
         _store_rows(y, gate, b_ptr, y_ptr, res_ptr, ms, rows, M, N, HAS_BIAS, HAS_GATE, HAS_RES)
 

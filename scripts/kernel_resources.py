@@ -84,9 +84,9 @@ def variants(K: int):
     with the tiles gemv.py ships for width K."""
     bf16 = dict.fromkeys(["x_ptr", "w_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "g_ptr", "gs_ptr", "gz_ptr", "res_ptr",
                           "nw_ptr"], "*bf16")
-    int8, int4 = dict(bf16, w_ptr="*i8", g_ptr="*i8"), dict(bf16, w_ptr="*u8", g_ptr="*u8")
+    int8, int4 = dict(bf16, w_ptr="*i8", g_ptr="*i8"), dict(bf16, w_ptr="*u8", g_ptr="*u8", e_ptr="*fp32")
     off = dict(K=K, GROUPSIZE=128, HAS_BIAS=False, HAS_GATE=False, HAS_RES=False, HAS_RMS=False, HAS_NW=False,
-               EPS=1e-5, PRECISION="tf32", PDL=True)
+               EPS=1e-5, PRECISION="tf32", PDL=True, XQ=False)
     gate, res, norm = dict(HAS_GATE=True), dict(HAS_RES=True), dict(HAS_RMS=True)
     rows_cfg = G.ROWS_CONFIG if K >= 4096 else G.SMALL_ROWS_CONFIG
     kernels = [("float GEMV", G._gemv_kernel, bf16, dict(G.GEMV_CONFIG, MP=1),
