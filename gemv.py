@@ -469,13 +469,18 @@ if triton is not None:
                 q01, q23 = (x4 & 0xFFFFFFFF).to(tl.int32), (x4 >> 32).to(tl.int32)
             else:
                 q01, q23, ss = _int16_pairs(x4, n4, inv, ss, HAS_RMS)
+                xs = _dot4(ones, q01, q23, xs)
             w, g = (wa, ga) if half % 2 == 0 else (wb, gb)
             nibble = 4 * (half // 2)
             d = _dot4(((w >> nibble) & 0x0F0F0F0F)[:, None], q01, q23, d)
             if HAS_GATE:
                 dg = _dot4(((g >> nibble) & 0x0F0F0F0F)[:, None], q01, q23, dg)
-            xs = _dot4(ones, q01, q23, xs)
-        xs = tl.sum(xs, axis=3).to(tl.float32)
+        if XQ:  # the sums of the thread's 32 columns of x, after the scales in e: (pairs, MP, 1)
+            xs = tl.load(e_ptr + M * (K // GROUPSIZE) + ms[None, :, None] * (K // 32)
+                         + (group * (GROUPSIZE // 32) + (pair % WPG) // 2)[:, None, None],
+                         mask=(ms < M)[None, :, None] & (k + pair < KW)[:, None, None], other=0.0)
+        else:
+            xs = tl.sum(xs, axis=3).to(tl.float32)
         g_offs = rows[None, :] * (K // GROUPSIZE) + group[:, None]  # (BLOCK_W // 4, BLOCK_N)
         g_ok = (rows[None, :] < N) & (k + pair < KW)[:, None]
         acc += _int4_group_sums(d, xs, s_ptr, z_ptr, g_offs, g_ok) * descale
@@ -538,11 +543,13 @@ if triton is not None:
         _store_rows(y, gate, b_ptr, y_ptr, res_ptr, ms, rows, M, N, HAS_BIAS, HAS_GATE, HAS_RES)
 
     @triton.jit
-    def _int4_x_kernel(x_ptr, nw_ptr, q_ptr, e_ptr, K: tl.constexpr, GROUPSIZE: tl.constexpr, HAS_RMS: tl.constexpr,
-                       EPS: tl.constexpr, GB: tl.constexpr):
+    def _int4_x_kernel(x_ptr, nw_ptr, q_ptr, e_ptr, xs_ptr, K: tl.constexpr, GROUPSIZE: tl.constexpr,
+                       HAS_RMS: tl.constexpr, EPS: tl.constexpr, GB: tl.constexpr):
         # one row of x a program, for the int4 GEMV over several rows (XQ): x (times the norm's weight nw) rounded
-        # onto int16 by each group's largest magnitude, and e, that magnitude / 32767 (times 1/rms), so that the GEMV
-        # only loads x's integers, once for all its weight rows. NaN counts as infinite, so that it reaches the output
+        # onto int16 by each group's largest magnitude; e, that magnitude / 32767 (times 1/rms); and xs, the sums of
+        # the integers over the 32 columns each of the GEMV's threads takes (four runs of 8, a quarter of the group
+        # apart), so that the GEMV only loads these, once for all its weight rows. NaN counts as infinite, so that
+        # it reaches the output
         NG: tl.constexpr = K // GROUPSIZE
         row = tl.program_id(0).to(tl.int64) * K
         r = 1.0
@@ -558,8 +565,12 @@ if triton is not None:
             a = tl.abs(x)
             amax = tl.max(tl.where(a == a, a, float("inf")), axis=1)
             q = (x * (32767.0 / tl.maximum(amax, 1e-30))[:, None] + 12582912.0).to(tl.int32, bitcast=True)
-            tl.store(q_ptr + row + g * GROUPSIZE + offs, q.to(tl.int16), mask=ok)  # the low half: the integer
+            q = q.to(tl.int16)  # the low half: the integer
+            tl.store(q_ptr + row + g * GROUPSIZE + offs, q, mask=ok)
             tl.store(e_ptr + tl.program_id(0) * NG + g + gs, amax / 32767.0 * r, mask=g + gs < NG)
+            xs = tl.sum(tl.sum(tl.reshape(q.to(tl.float32), (GB, 4, GROUPSIZE // 32, 8)), axis=3), axis=1)
+            runs = gs[:, None] * (GROUPSIZE // 32) + tl.arange(0, GROUPSIZE // 32)[None, :]
+            tl.store(xs_ptr + tl.program_id(0) * (K // 32) + g * (GROUPSIZE // 32) + runs, xs, mask=ok)
 
     @triton.jit
     def _nibbles(b, HI: tl.constexpr, OFFSET: tl.constexpr, like):
@@ -787,9 +798,12 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
                 nw_ptr=nw, K=K, GROUPSIZE=groupsize, HAS_BIAS=bias is not None, HAS_RMS=norm_weight is not None,
                 EPS=rms_eps or 0.0)
     if 2 <= M <= INT4_XQ_ROWS:
-        q, e = torch.empty(M, K, dtype=torch.int16, device=x.device), x.new_empty(M, K // groupsize, dtype=torch.float32)
-        _int4_x_kernel[(M,)](xw, nw, q, e, K=K, GROUPSIZE=groupsize, HAS_RMS=norm_weight is not None,
-                             EPS=rms_eps or 0.0, GB=max(1, 1024 // groupsize), num_warps=4)
+        # x's integers; each group's scale, then each thread's sum of its 32 columns (float32: exact under 2**24)
+        q, e = torch.empty(M, K, dtype=torch.int16, device=x.device), x.new_empty(M * (K // groupsize + K // 32),
+                                                                                 dtype=torch.float32)
+        _int4_x_kernel[(M,)](xw, nw, q, e, e[M * (K // groupsize):], K=K, GROUPSIZE=groupsize,
+                             HAS_RMS=norm_weight is not None, EPS=rms_eps or 0.0, GB=max(1, 1024 // groupsize),
+                             num_warps=4)
         cfg = int4_config(K, gate is not None, M, INT4_XQ_CONFIG)
         _int4_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](q, weight, scales, zeros, b, y, N=N, e_ptr=e,
                                                         **dict(args, HAS_RMS=False), **cfg, PDL=False, M=M,
