@@ -89,7 +89,8 @@ INT4_FEW_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=4, STAGES=1)  # 2..INT4
 INT4_ROWS_CONFIG = dict(BLOCK_N=32, num_warps=4, num_stages=6)  # a group of W a step
 INT4_GEMV_ROWS = 4  # the int4 GEMV takes up to this many rows of x, the tensor-core rows kernel more
 INT4_XQ_ROWS = 8  # 2..INT4_XQ_ROWS rows: x rounded onto int16 first (_int4_x_kernel), then the int4 GEMV; 0: off
-INT4_XQ_CONFIG = dict(BLOCK_N=4, BLOCK_W=512, num_warps=4, STAGES=1)
+INT4_XQ_CONFIG = dict(BLOCK_N=4, BLOCK_W=256, num_warps=4, STAGES=1)
+INT4_XQ_COLUMNS = 512  # columns of a row of x each of _int4_x_kernel's programs rounds
 
 if triton is not None:
     @triton.jit
@@ -544,33 +545,42 @@ if triton is not None:
 
     @triton.jit
     def _int4_x_kernel(x_ptr, nw_ptr, q_ptr, e_ptr, xs_ptr, K: tl.constexpr, GROUPSIZE: tl.constexpr,
-                       HAS_RMS: tl.constexpr, EPS: tl.constexpr, GB: tl.constexpr):
-        # one row of x a program, for the int4 GEMV over several rows (XQ): x (times the norm's weight nw) rounded
-        # onto int16 by each group's largest magnitude; e, that magnitude / 32767 (times 1/rms); and xs, the sums of
-        # the integers over the 32 columns each of the GEMV's threads takes (four runs of 8, a quarter of the group
-        # apart), so that the GEMV only loads these, once for all its weight rows. NaN counts as infinite, so that
-        # it reaches the output
+                       HAS_RMS: tl.constexpr, EPS: tl.constexpr, GB: tl.constexpr, PDL: tl.constexpr):
+        # GB groups of one row of x a program, for the int4 GEMV over several rows (XQ): x (times the norm's weight
+        # nw) rounded onto int16 by each group's largest magnitude; e, that magnitude / 32767 (times 1/rms); and xs,
+        # the sums of the integers over the 32 columns each of the GEMV's threads takes (four runs of 8, a quarter
+        # of the group apart), so that the GEMV only loads these, once for all its weight rows. NaN counts as
+        # infinite, so that it reaches the output. With the norm, every program sums the squares of its whole row
+        # (unrolled, so that its loads are all in flight at once)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         NG: tl.constexpr = K // GROUPSIZE
-        row = tl.program_id(0).to(tl.int64) * K
+        m, g = tl.program_id(0), tl.program_id(1) * GB
+        row = m.to(tl.int64) * K
         r = 1.0
         if HAS_RMS:
-            r = tl.rsqrt(_x_range(x_ptr + row, nw_ptr, K, HAS_RMS)[1] / K + EPS)
+            cols = tl.arange(0, 1024)
+            ss = tl.zeros((1024,), dtype=tl.float32)
+            for k in tl.static_range(0, K, 1024):
+                v = tl.load(x_ptr + row + k + cols, mask=k + cols < K, other=0.0).to(tl.float32)
+                ss += v * v
+            r = tl.rsqrt(tl.sum(ss, axis=0) / K + EPS)
         gs = tl.arange(0, GB)
-        offs = gs[:, None] * GROUPSIZE + tl.arange(0, GROUPSIZE)[None, :]
-        for g in range(0, NG, GB):
-            ok = (g + gs < NG)[:, None]
-            x = tl.load(x_ptr + row + g * GROUPSIZE + offs, mask=ok, other=0.0).to(tl.float32)
-            if HAS_RMS:
-                x *= tl.load(nw_ptr + g * GROUPSIZE + offs, mask=ok, other=0.0).to(tl.float32)
-            a = tl.abs(x)
-            amax = tl.max(tl.where(a == a, a, float("inf")), axis=1)
-            q = (x * (32767.0 / tl.maximum(amax, 1e-30))[:, None] + 12582912.0).to(tl.int32, bitcast=True)
-            q = q.to(tl.int16)  # the low half: the integer
-            tl.store(q_ptr + row + g * GROUPSIZE + offs, q, mask=ok)
-            tl.store(e_ptr + tl.program_id(0) * NG + g + gs, amax / 32767.0 * r, mask=g + gs < NG)
-            xs = tl.sum(tl.sum(tl.reshape(q.to(tl.float32), (GB, 4, GROUPSIZE // 32, 8)), axis=3), axis=1)
-            runs = gs[:, None] * (GROUPSIZE // 32) + tl.arange(0, GROUPSIZE // 32)[None, :]
-            tl.store(xs_ptr + tl.program_id(0) * (K // 32) + g * (GROUPSIZE // 32) + runs, xs, mask=ok)
+        offs = (g + gs[:, None]) * GROUPSIZE + tl.arange(0, GROUPSIZE)[None, :]
+        ok = (g + gs < NG)[:, None]
+        x = tl.load(x_ptr + row + offs, mask=ok, other=0.0).to(tl.float32)
+        if HAS_RMS:
+            x *= tl.load(nw_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        a = tl.abs(x)
+        amax = tl.max(tl.where(a == a, a, float("inf")), axis=1)
+        q = (x * (32767.0 / tl.maximum(amax, 1e-30))[:, None] + 12582912.0).to(tl.int32, bitcast=True)
+        q = q.to(tl.int16)  # the low half: the integer
+        tl.store(q_ptr + row + offs, q, mask=ok)
+        tl.store(e_ptr + m * NG + g + gs, amax / 32767.0 * r, mask=g + gs < NG)
+        xs = tl.sum(tl.sum(tl.reshape(q.to(tl.float32), (GB, 4, GROUPSIZE // 32, 8)), axis=3), axis=1)
+        runs = (g + gs[:, None]) * (GROUPSIZE // 32) + tl.arange(0, GROUPSIZE // 32)[None, :]
+        tl.store(xs_ptr + m * (K // 32) + runs, xs, mask=ok)
 
     @triton.jit
     def _nibbles(b, HI: tl.constexpr, OFFSET: tl.constexpr, like):
@@ -801,13 +811,14 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
         # x's integers; each group's scale, then each thread's sum of its 32 columns (float32: exact under 2**24)
         q, e = torch.empty(M, K, dtype=torch.int16, device=x.device), x.new_empty(M * (K // groupsize + K // 32),
                                                                                  dtype=torch.float32)
-        _int4_x_kernel[(M,)](xw, nw, q, e, e[M * (K // groupsize):], K=K, GROUPSIZE=groupsize,
-                             HAS_RMS=norm_weight is not None, EPS=rms_eps or 0.0, GB=max(1, 1024 // groupsize),
-                             num_warps=4)
+        gb, pdl = max(1, INT4_XQ_COLUMNS // groupsize), _pdl(x)
+        _int4_x_kernel[(M, triton.cdiv(K // groupsize, gb))](
+            xw, nw, q, e, e[M * (K // groupsize):], K=K, GROUPSIZE=groupsize, HAS_RMS=norm_weight is not None,
+            EPS=rms_eps or 0.0, GB=gb, PDL=pdl, launch_pdl=pdl, num_warps=4)
         cfg = int4_config(K, gate is not None, M, INT4_XQ_CONFIG)
         _int4_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](q, weight, scales, zeros, b, y, N=N, e_ptr=e,
-                                                        **dict(args, HAS_RMS=False), **cfg, PDL=False, M=M,
-                                                        MP=triton.next_power_of_2(M), XQ=True)
+                                                        **dict(args, HAS_RMS=False), **cfg, PDL=pdl, launch_pdl=pdl,
+                                                        M=M, MP=triton.next_power_of_2(M), XQ=True)
         return y
     if M <= INT4_GEMV_ROWS:
         cfg, pdl = int4_config(K, gate is not None, M), _pdl(x)
