@@ -21,14 +21,16 @@ The float GEMV also takes a few rows of x, each weight loaded once for all: a sm
 applies the scales to the float32 sums at the end. int4 (pack_int4's layout: a scale and zero per group, w = (q - 8)
 s + z): the int8 GEMV's integers, a word of 8 weights masked into bytes and multiplied by 8 columns of x in four
 dp2a, each group adding s * D + (z - 8 s) * X in float32 (D the integer products, X the integer sum of x over the
-same columns) times the int16 scale of those columns, which each thread makes from its own 32 columns of x (packed
-bfloat16x2 maxima) instead of a pass over all of x first (63.6% of copy in the 7B against 59.2%), for up to
-INT4_GEMV_ROWS rows of x (the weights loaded and masked once, the dp2a and float work per row); more rows on the
-tensor cores, a group a step, the nibbles made 16-bit floats OFFSET + q by a prmt under OFFSET's exponent byte (no
-int-to-float conversion), D = x . (OFFSET + q) and X from two dots each, then s * D + (z - (OFFSET + 8) s) * X. On
-an H100 the GEMV streams Llama-2-7B's int4 layers at about 78% of copy at one row (74.5% with the model's norms
-and residual adds in), against 56% for torch's tinygemm, and at 22% at four (tinygemm 41%); the tensor-core kernel at
-21% at six rows with the norms (tinygemm 31.6%) (BENCHMARKS.md). int8 and int4 are the formats quantize.py writes.
+same columns) times the int16 scale of those columns, which at one row each thread makes from its own 32 columns of
+x (packed bfloat16x2 maxima) instead of a pass over all of x first (63.6% of copy in the 7B against 59.2%). For 2 to
+INT4_XQ_ROWS rows a small kernel first rounds x onto int16 (a scale per group) and sums each thread's 32 columns,
+so that the GEMV only loads them, once for all its weight rows, and spends its instructions on the dp2a of each
+row. More rows go to the tensor cores, a group a step, the nibbles made 16-bit floats OFFSET + q by a prmt under
+OFFSET's exponent byte (no int-to-float conversion), D = x . (OFFSET + q) and X from two dots each, then s * D +
+(z - (OFFSET + 8) s) * X. On an H100 the GEMV streams Llama-2-7B's int4 layers at about 78% of copy at one row
+(74.5% with the model's norms and residual adds in), against 56% for torch's tinygemm; with the norms, 46.6% at four
+rows (tinygemm 40%) and 24% at six (tinygemm 31%), where the dp2a of 8 rows run, padded to a power of two; the
+tensor-core kernel 21% at six (BENCHMARKS.md). int8 and int4 are the formats quantize.py writes.
 
 The float, int8 and int4 kernels also take in the small steps around a matmul, so that a layer launches fewer kernels
 (`linear`, `fused_block`): SwiGLU's gate and up projections run as one kernel that streams both weights and ends
@@ -85,12 +87,12 @@ INT4_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=4, STAGES=1)  # BLOCK_W int
 # (H100, session 35: 74.5% of copy at kernel level with the norms, against 69.5%)
 INT4_GATE_CONFIG = dict(BLOCK_N=4, BLOCK_W=256, num_warps=4, STAGES=1)  # the gate-up pair: two weights a row
 INT8_ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=6)
-INT4_FEW_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=4, STAGES=1)  # 2..INT4_GEMV_ROWS rows of x
 INT4_ROWS_CONFIG = dict(BLOCK_N=32, num_warps=4, num_stages=6)  # a group of W a step
-INT4_GEMV_ROWS = 4  # the int4 GEMV takes up to this many rows of x, the tensor-core rows kernel more
-INT4_XQ_ROWS = 8  # 2..INT4_XQ_ROWS rows: x rounded onto int16 first (_int4_x_kernel), then the int4 GEMV; 0: off
+# 2..INT4_XQ_ROWS rows of x: rounded onto int16 first (_int4_x_kernel, INT4_XQ_COLUMNS of a row a program), then the
+# int4 GEMV; more rows: the tensor-core rows kernel. H100, session 38: 7B verify of 4 2.79 ms, of 6 5.06 ms
+INT4_XQ_ROWS = 8
 INT4_XQ_CONFIG = dict(BLOCK_N=4, BLOCK_W=256, num_warps=4, STAGES=1)
-INT4_XQ_COLUMNS = 512  # columns of a row of x each of _int4_x_kernel's programs rounds
+INT4_XQ_COLUMNS = 512
 
 if triton is not None:
     @triton.jit
@@ -470,12 +472,13 @@ if triton is not None:
                 q01, q23 = (x4 & 0xFFFFFFFF).to(tl.int32), (x4 >> 32).to(tl.int32)
             else:
                 q01, q23, ss = _int16_pairs(x4, n4, inv, ss, HAS_RMS)
-                xs = _dot4(ones, q01, q23, xs)
             w, g = (wa, ga) if half % 2 == 0 else (wb, gb)
             nibble = 4 * (half // 2)
             d = _dot4(((w >> nibble) & 0x0F0F0F0F)[:, None], q01, q23, d)
             if HAS_GATE:
                 dg = _dot4(((g >> nibble) & 0x0F0F0F0F)[:, None], q01, q23, dg)
+            if not XQ:
+                xs = _dot4(ones, q01, q23, xs)
         if XQ:  # the sums of the thread's 32 columns of x, after the scales in e: (pairs, MP, 1)
             xs = tl.load(e_ptr + M * (K // GROUPSIZE) + ms[None, :, None] * (K // 32)
                          + (group * (GROUPSIZE // 32) + (pair % WPG) // 2)[:, None, None],
@@ -495,20 +498,21 @@ if triton is not None:
                      EPS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_W: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr, M, MP: tl.constexpr,
                      XQ: tl.constexpr = False):
-        # y (M, N) = x (M, K) @ W.T + b for a few bfloat16 rows of x (M <= MP, a power of two), W (N, K) in
-        # pack_int4's layout and dequantized as w = (q - 8) s + z, in integers as the int8 GEMV, but each thread's
-        # 32 columns of x rounded onto int16 by their own largest magnitude (_int4_chunk), so that there is no pass
-        # over x before the first weights are used. An int32 word of W holds 8 weights, its low nibbles 4 columns
-        # of a group's first half and its high nibbles the same 4 of its second half: two masks make them bytes
-        # 0..15, and four dp2a multiply them by their 8 columns of a row of x. A thread takes two pairs of words of
-        # a group, one in each half of the group's words (so that each load of a warp reads whole 32-byte sectors at
-        # g >= 128), of each of its rows, and the x they need, in the int8 GEMV's tile with x's rows in front (x
-        # rows, pairs, rows, 2). It sums their 16 dp2a in int32, D, and adds s * D + (z - 8 s) * X in float32, X the
-        # sum of those 32 columns of x (both exact in float32: under 2**24), times their scale, once for four words;
-        # the norm's sum of squares comes on the way. The weights are
-        # read and unmasked once for all rows of x; the dp2a and the float work are per row, so rows cost issue
-        # slots. The gate (an int4 G with its own scales and zeros), the norm, the residual and PDL as in the int8
-        # GEMV
+        # y (M, N) = x (M, K) @ W.T + b for a few rows of x (M <= MP, a power of two), W (N, K) in pack_int4's
+        # layout and dequantized as w = (q - 8) s + z, in integers as the int8 GEMV. One bfloat16 row: each
+        # thread's 32 columns of x rounded onto int16 by their own largest magnitude (_int4_chunk), so that there is
+        # no pass over x before the first weights are used. XQ: x is int16 already (_int4_x_kernel), with its
+        # scales and column sums in e. An int32 word of W holds 8 weights, its low nibbles 4 columns of a group's
+        # first half and its high nibbles the same 4 of its second half: two masks make them bytes 0..15, and four
+        # dp2a multiply them by their 8 columns of a row of x. A thread takes two pairs of words of a group, one in
+        # each half of the group's words (so that each load of a warp reads whole 32-byte sectors at g >= 128), of
+        # each of its rows, and the x they need, in the int8 GEMV's tile with x's rows second (pairs, x rows, rows,
+        # 2: with x's rows first, Triton spread them over threads, and the masked weights went through shared memory
+        # to meet them). It sums their 16 dp2a in int32, D, and adds s * D + (z - 8 s) * X in float32, X the sum of
+        # those 32 columns of x (both exact in float32: under 2**24), times their scale, once for four words; the
+        # norm's sum of squares comes on the way. The weights are read and unmasked once for all rows of x; the dp2a
+        # and the float work are per row, so rows cost issue slots. The gate (an int4 G with its own scales and
+        # zeros), the norm, the residual and PDL as in the int8 GEMV
         KW: tl.constexpr = K // 8
         WPG: tl.constexpr = GROUPSIZE // 8  # words a group
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -793,11 +797,12 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
               rms_eps: Optional[float] = None) -> torch.Tensor:
     """x (M, K_in) contiguous, M <= MAX_ROWS; packed weight (N, K/2) uint8 with scales, zeros (N, K/g), K >= K_in
     padded to whole groups -> (M, N) in x's dtype, as int8_gemv (the gate another int4 weight with its scales and
-    zeros). Up to INT4_GEMV_ROWS rows compute from x rounded to bfloat16, as torch's int4 kernels do (the GEMV in
-    integers); more from float16 x as it is, other x rounded to bfloat16 (the rows kernel on the tensor cores)."""
+    zeros). Up to INT4_XQ_ROWS rows compute from x rounded to bfloat16, as torch's int4 kernels do (the GEMV in
+    integers; from 2 rows x is rounded onto int16 by a kernel before it); more from float16 x as it is, other x
+    rounded to bfloat16 (the rows kernel on the tensor cores)."""
     (M, K_in), N, K = x.shape, weight.shape[0], weight.shape[1] * 2
     y, b = x.new_empty(M, N), bias if bias is not None else scales
-    xw = x.to(torch.bfloat16) if M <= INT4_GEMV_ROWS or x.dtype != torch.float16 else x
+    xw = x.to(torch.bfloat16) if M <= max(1, INT4_XQ_ROWS) or x.dtype != torch.float16 else x
     # the kernels' mean is over the padded K, and float16 x times the norm's weight, before 1/rms, could overflow
     if norm_weight is not None and (K_in != K or xw.dtype == torch.float16):
         xw, norm_weight = _rms_norm(xw, norm_weight, rms_eps), None
@@ -815,16 +820,15 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
         _int4_x_kernel[(M, triton.cdiv(K // groupsize, gb))](
             xw, nw, q, e, e[M * (K // groupsize):], K=K, GROUPSIZE=groupsize, HAS_RMS=norm_weight is not None,
             EPS=rms_eps or 0.0, GB=gb, PDL=pdl, launch_pdl=pdl, num_warps=4)
-        cfg = int4_config(K, gate is not None, M, INT4_XQ_CONFIG)
+        cfg = int4_config(K, gate is not None, M)
         _int4_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](q, weight, scales, zeros, b, y, N=N, e_ptr=e,
                                                         **dict(args, HAS_RMS=False), **cfg, PDL=pdl, launch_pdl=pdl,
                                                         M=M, MP=triton.next_power_of_2(M), XQ=True)
         return y
-    if M <= INT4_GEMV_ROWS:
-        cfg, pdl = int4_config(K, gate is not None, M), _pdl(x)
+    if M == 1:
+        cfg, pdl = int4_config(K, gate is not None), _pdl(x)
         _int4_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](xw, weight, scales, zeros, b, y, N=N, e_ptr=scales, **args,
-                                                        **cfg, PDL=pdl, launch_pdl=pdl, M=M,
-                                                        MP=triton.next_power_of_2(M))
+                                                        **cfg, PDL=pdl, launch_pdl=pdl, M=1, MP=1)
         return y
     magic = dict(HI=0x43, OFFSET=128.0) if xw.dtype == torch.bfloat16 else dict(HI=0x64, OFFSET=1024.0)
     _int4_rows_kernel[(triton.cdiv(N, INT4_ROWS_CONFIG["BLOCK_N"]),)](xw, weight, scales, zeros, b, y, M=M, N=N,
@@ -832,10 +836,10 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
     return y
 
 
-def int4_config(K: int, gate: bool = False, rows: int = 1, cfg: Optional[dict] = None) -> dict:
+def int4_config(K: int, gate: bool = False, rows: int = 1) -> dict:
     """The int4 GEMV's tile for W's rows K wide (with the gate-up pair, or more than one row of x: its own): no more
     words a chunk than a row has, and at most a thread for four of them (INT4_CONFIG)."""
-    cfg = cfg or (INT4_FEW_CONFIG if rows > 1 else INT4_GATE_CONFIG if gate else INT4_CONFIG)
+    cfg = INT4_XQ_CONFIG if rows > 1 else INT4_GATE_CONFIG if gate else INT4_CONFIG
     block_w = min(cfg["BLOCK_W"], triton.next_power_of_2(K // 8))
     return dict(cfg, BLOCK_W=block_w, num_warps=max(1, min(cfg["num_warps"], block_w // 128)))
 

@@ -423,6 +423,17 @@ def speculates(args) -> bool:
     return bool(args.draft_checkpoint_path or args.mtp or args.mtp_checkpoint_path)
 
 
+def int4_kernel_for(args) -> str:
+    """The kernel an int4 target runs on CUDA: gemv.py's, unless it verifies more than 4 tokens at a time, where
+    torch's tinygemm is faster (Llama-2-7B shape, H100: a verify of 4 takes 2.79 ms through gemv.py, 3.43 through
+    tinygemm; of 6, 5.06 and 4.24; a decode step 1.89 and 2.53). An MTP head drafts its own k unless told: 3 for
+    the heads mtp.py trains by default, so taken as 3."""
+    if not speculates(args):
+        return "triton"
+    k = args.speculate_k if args.speculate_k is not None else 3 if (args.mtp or args.mtp_checkpoint_path) else 5
+    return "triton" if k + 1 <= 4 else "torch"
+
+
 def load_speculation(args, model: Transformer, tokenizer, target_dir: Path, device: str, dtype):
     """A Speculation when the run `speculates` (else None): the draft, checked against the target, with its steps
     (compiled with --compile)."""
@@ -779,9 +790,7 @@ def main(argv=None):
 
     checkpoint = resolve_checkpoint(args.checkpoint_path)
     t = time.perf_counter()
-    # an int4 target that verifies drafts runs torch's int4 kernel, 1.8-1.9x gemv.py's at 4-6 rows (H100)
-    model = load_model(checkpoint, device, dtype, use_tp=rank is not None,
-                       int4_kernel="torch" if speculates(args) else "triton")
+    model = load_model(checkpoint, device, dtype, use_tp=rank is not None, int4_kernel=int4_kernel_for(args))
     tokenizer = get_tokenizer(checkpoint.parent)
     print(f"loaded {checkpoint} in {time.perf_counter() - t:.1f} s ({model_bytes(model) / 1e9:.2f} GB of weights "
           f"read per step, {dtype}, {device})", file=sys.stderr)

@@ -18,8 +18,9 @@ gemv.py's Triton GEMV for one row (decode; 2462 GB/s alone, 84% of copy), its ro
 torch's `_weight_int8pack_mm` in bfloat16 (a dequantizing F.linear decoded no faster than float32 there). int4 on
 CUDA runs gemv.py's Triton kernels on the stored layout (one row in integers: 2247 GB/s over Llama-2-7B's layers,
 76% of copy, a 7B decoding at 467 tok/s) and dequantizes into F.linear above MAX_ROWS; or, with int4_kernel="torch",
-is repacked for torch's `_weight_int4pack_mm` (tinygemm: 1661 GB/s at one row, 365 tok/s, but 1.8-1.9x the
-Triton kernels' speed at 4 and 6 rows, so generate.py takes it when it speculates). On the CPU int4 always runs
+is repacked for torch's `_weight_int4pack_mm` (tinygemm: 1661 GB/s at one row, 365 tok/s; a 7B verify of 4 tokens
+2.79 ms through the Triton kernels, 3.43 through tinygemm, of 6 5.06 and 4.24, so generate.py takes tinygemm when it
+verifies more than 4). On the CPU int4 always runs
 `_weight_int4pack_mm_for_cpu`. torch's kernels compute in bfloat16 (on the CPU ~30x faster than float32).
 Decisions: embeddings, the output head (unless --quantize_output) and the MoE router stay float; MoE experts are
 int8 per channel in every mode (an int4 expert would need one kernel call per chosen expert); int4 layers whose
@@ -281,8 +282,9 @@ def prepare_for_device(model, int8_kernel: str = "triton", int4_kernel: str = "t
     """After `model.to(device, dtype)` (and tensor-parallel slicing): lay the quantized tensors out for their
     kernels. On CUDA int8 runs our Triton GEMV for up to MAX_ROWS rows ("triton") or dequantizes in the matmul
     ("torch"); int4 runs our Triton kernels ("triton", CUDA) or torch's packed-int4 matmul ("torch", both devices;
-    the CPU always). The defaults decode fastest on an H100; for int4, "torch" verifies 2..16 rows faster, which
-    is why generate.py asks for it when it speculates (BENCHMARKS.md). Without triton installed, torch's are used."""
+    the CPU always). The defaults decode fastest on an H100; for int4, "torch" verifies 5..16 rows faster, which
+    is why generate.py asks for it when it verifies more than 4 tokens (BENCHMARKS.md). Without triton installed,
+    torch's are used."""
     for name, kernel in (("int8_kernel", int8_kernel), ("int4_kernel", int4_kernel)):
         if kernel not in ("torch", "triton"):
             raise ValueError(f"{name} must be 'torch' or 'triton', not {kernel!r}")

@@ -87,7 +87,7 @@ def main():
     copy = copy_bandwidth("cuda")  # the same measurement as bench.py's
     x = torch.randn(max(row_counts), max(k for _, k in shapes), device="cuda", dtype=torch.bfloat16)
     norm_w = 1 + 0.1 * torch.randn(x.shape[-1], device="cuda", dtype=torch.bfloat16)
-    # one (rows, n) residual a matmul, sliced to the rows timed (the int4-few sweep runs at fewer than --rows)
+    # one (rows, n) residual a matmul, sliced to the rows timed (the int4-xq sweep runs at fewer than --rows)
     residuals = [torch.randn(max(row_counts), n, device="cuda", dtype=torch.bfloat16) for n, _ in shapes
                  ] if args.norms else None
     print(f"copy {copy:.0f} GB/s", flush=True)
@@ -159,20 +159,22 @@ def main():
                                   [4, 8], [1, 3]),
              ("int4-gate", 1): configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [2, 4, 8], [256, 512],
                                        [4], [1]),
-             ("int4-few", G.INT4_GEMV_ROWS): configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [8, 4, 16, 2],
-                                                     [512, 256], [4, 2], [1]),
+             ("int4-xq", G.INT4_XQ_ROWS): configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [4, 2, 8],
+                                                  [256, 512, 128], [4, 2], [1]),
              ("int8", 6): configs(rows_tile, [16, 32, 64], [64, 128, 256], [4], [3, 4, 6]),
              ("int4", 6): configs(["BLOCK_N", "num_warps", "num_stages"], [32, 16, 64], [4, 2, 8], [6, 4, 3])}
     names = {("bf16", 1): "GEMV_CONFIG", ("bf16", 6): "ROWS_CONFIG" if shapes[0][1] >= 4096 else "SMALL_ROWS_CONFIG",
              ("int8", 1): "INT8_CONFIG", ("int8-gate", 1): "INT8_GATE_CONFIG", ("int4", 1): "INT4_CONFIG",
              ("int4-gate", 1): "INT4_GATE_CONFIG", ("int8", 6): "INT8_ROWS_CONFIG", ("int4", 6): "INT4_ROWS_CONFIG",
-             ("int4-few", G.INT4_GEMV_ROWS): "INT4_FEW_CONFIG"}
+             ("int4-xq", G.INT4_XQ_ROWS): "INT4_XQ_CONFIG"}
     for (kind, key), grid in grids.items():
         skip = sweep and kind.split("-")[0] not in sweep and kind not in sweep  # "int8" takes int8-gate too
         if skip or (kind.endswith("-gate") and args.no_pair) or (key == 1 and 1 not in row_counts) or (
                 key > 1 and max(row_counts) < 2):
             continue
-        rows = 1 if key == 1 else min(max(row_counts), key) if kind == "int4-few" else max(row_counts)
+        rows = 1 if key == 1 else min(max(row_counts), key) if kind == "int4-xq" else max(row_counts)
+        if (kind, key) == ("int4", 6) and rows <= G.INT4_XQ_ROWS:
+            continue  # these rows take the int4 GEMV (int4-xq), not the tensor-core rows kernel
         t0, res = time.time(), []
         default = dict(getattr(G, names[kind, key]))
         for cfg in grid:

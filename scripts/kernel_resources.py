@@ -100,8 +100,10 @@ def variants(K: int):
                ("int4 GEMV g128", G._int4_kernel, int4, dict(G.int4_config(K), MP=1), [{}, res, norm]),
                ("int4 GEMV g128", G._int4_kernel, int4, dict(G.int4_config(K, gate=True), MP=1),
                 [gate, dict(gate, **norm)]),
-               ("int4 GEMV g128 x4 rows", G._int4_kernel, int4, dict(G.int4_config(K, rows=4), MP=4),
-                [{}, gate, dict(gate, **norm)]),
+               ("int4 GEMV g128 x4 XQ", G._int4_kernel, dict(int4, x_ptr="*i16"),
+                dict(G.int4_config(K, rows=4), MP=4, XQ=True, PDL=True), [{}, gate]),
+               ("int4 GEMV g128 x8 XQ", G._int4_kernel, dict(int4, x_ptr="*i16"),
+                dict(G.int4_config(K, rows=8), MP=8, XQ=True, PDL=True), [{}, gate]),
                ("int4 rows g128", G._int4_rows_kernel, int4, dict(G.INT4_ROWS_CONFIG, HI=0x43, OFFSET=128.0),
                 [{}, gate, dict(gate, **norm)])]
     for name, fn, pointers, cfg, extras in kernels:

@@ -260,7 +260,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
             check("int8", G.int8_gemv(x, q8, s8.to(dtype), None if b is None else b.to(dtype)), ref, dtype)
         for N, K_in, g, M, bias in [(64, 256, 128, 1, False), (40, 96, 32, 3, True), (24, 512, 256, 8, False), (16, 128, 32, 1, False),
                                      (16, 4160, 64, 1, True), (8, 200, 64, 2, False), (50, 200, 64, 16, True)]:
-            if M > 1 and dtype != torch.float16:  # more rows of other x take the rows kernel in bfloat16
+            if M > G.INT4_XQ_ROWS and dtype != torch.float16:  # these take the rows kernel, in bfloat16
                 continue
             K = -(-K_in // g) * g  # 4160, 200: ragged chunks
             w = torch.nn.functional.pad(torch.randn(N, K_in), (0, K - K_in))
