@@ -460,8 +460,9 @@ if triton is not None:
         x2, n2, m = _x_words(x4_ptr, n4_ptr, x_offs, n_offs, x_ok, n_ok, 2, m, WPG, HAS_RMS)
         x3, n3, m = _x_words(x4_ptr, n4_ptr, x_offs, n_offs, x_ok, n_ok, 3, m, WPG, HAS_RMS)
         if XQ:  # x already int16 (_int4_x_kernel), its scale per group in e
-            descale = tl.load(e_ptr + ms[None, :, None] * (K // GROUPSIZE) + group[:, None, None],
-                              mask=(ms < M)[None, :, None] & (k + pair < KW)[:, None, None], other=0.0)
+            e_ok = (ms < M)[None, :, None] & (k + pair < KW)[:, None, None]  # (pairs, MP, 1)
+            descale = tl.load(e_ptr + ms[None, :, None] * (K // GROUPSIZE) + group[:, None, None], mask=e_ok,
+                              other=0.0)
         else:
             amax = tl.max(_unpack_max(m), axis=3)  # (pairs, MP, 1)
             inv = (32640.0 / tl.maximum(amax, 1e-30))[:, :, :, None]
@@ -481,8 +482,7 @@ if triton is not None:
                 xs = _dot4(ones, q01, q23, xs)
         if XQ:  # the sums of the thread's 32 columns of x, after the scales in e: (pairs, MP, 1)
             xs = tl.load(e_ptr + M * (K // GROUPSIZE) + ms[None, :, None] * (K // 32)
-                         + (group * (GROUPSIZE // 32) + (pair % WPG) // 2)[:, None, None],
-                         mask=(ms < M)[None, :, None] & (k + pair < KW)[:, None, None], other=0.0)
+                         + (group * (GROUPSIZE // 32) + (pair % WPG) // 2)[:, None, None], mask=e_ok, other=0.0)
         else:
             xs = tl.sum(xs, axis=3).to(tl.float32)
         g_offs = rows[None, :] * (K // GROUPSIZE) + group[:, None]  # (BLOCK_W // 4, BLOCK_N)
