@@ -497,7 +497,7 @@ if triton is not None:
                      K: tl.constexpr, GROUPSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RMS: tl.constexpr,
                      EPS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_W: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr, M, MP: tl.constexpr,
-                     XQ: tl.constexpr = False):
+                     XQ: tl.constexpr = False, MP2: tl.constexpr = 0):
         # y (M, N) = x (M, K) @ W.T + b for a few rows of x (M <= MP, a power of two), W (N, K) in pack_int4's
         # layout and dequantized as w = (q - 8) s + z, in integers as the int8 GEMV. One bfloat16 row: each
         # thread's 32 columns of x rounded onto int16 by their own largest magnitude (_int4_chunk), so that there is
@@ -512,7 +512,8 @@ if triton is not None:
         # those 32 columns of x (both exact in float32: under 2**24), times their scale, once for four words; the
         # norm's sum of squares comes on the way. The weights are read and unmasked once for all rows of x; the dp2a
         # and the float work are per row, so rows cost issue slots. The gate (an int4 G with its own scales and
-        # zeros), the norm, the residual and PDL as in the int8 GEMV
+        # zeros), the norm, the residual and PDL as in the int8 GEMV. MP2 > 0 (XQ): x's rows MP.. MP + MP2 - 1 are a
+        # second block, its dp2a after the first's, so that 6 rows cost 4 + 2 rows of dp2a, not 8
         KW: tl.constexpr = K // 8
         WPG: tl.constexpr = GROUPSIZE // 8  # words a group
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -529,23 +530,37 @@ if triton is not None:
         ga, gb = _int4_words(g4_ptr, rows, words, 0, N, KW, WPG, BLOCK_W) if HAS_GATE else (wa, wb)
         if PDL:
             tl.extra.cuda.gdc_wait()
-        ms = tl.arange(0, MP)
-        zeros = tl.zeros((BLOCK_W // 4, MP, BLOCK_N), dtype=tl.float32)
+        MB: tl.constexpr = max(MP2, 1)
+        ms, ms2 = tl.arange(0, MP), MP + tl.arange(0, MB)
+        zeros, zeros2 = tl.zeros((BLOCK_W // 4, MP, BLOCK_N), dtype=tl.float32), tl.zeros((BLOCK_W // 4, MB, BLOCK_N),
+                                                                                            dtype=tl.float32)
         ss = tl.zeros((BLOCK_W // 4, MP, 1, 2), dtype=tl.float32)
         acc, acc_g, ss = _int4_chunk(zeros, zeros, ss, wa, wb, ga, gb, x4_ptr, n4_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr,
                                      e_ptr, ms, M, rows, pair, words, 0, N, K, GROUPSIZE, BLOCK_W, BLOCK_N, MP,
                                      HAS_RMS, HAS_GATE, XQ)
+        acc2, acc2_g = zeros2, zeros2
+        if MP2 > 0:
+            acc2, acc2_g, _ = _int4_chunk(zeros2, zeros2, ss, wa, wb, ga, gb, x4_ptr, n4_ptr, s_ptr, z_ptr, gs_ptr,
+                                          gz_ptr, e_ptr, ms2, M, rows, pair, words, 0, N, K, GROUPSIZE, BLOCK_W,
+                                          BLOCK_N, MP2, False, HAS_GATE, XQ)
         for k in tl.range(BLOCK_W, KW, BLOCK_W, num_stages=STAGES):
             wa, wb = _int4_words(w4_ptr, rows, words, k, N, KW, WPG, BLOCK_W)
             ga, gb = _int4_words(g4_ptr, rows, words, k, N, KW, WPG, BLOCK_W) if HAS_GATE else (wa, wb)
             acc, acc_g, ss = _int4_chunk(acc, acc_g, ss, wa, wb, ga, gb, x4_ptr, n4_ptr, s_ptr, z_ptr, gs_ptr,
                                          gz_ptr, e_ptr, ms, M, rows, pair, words, k, N, K, GROUPSIZE, BLOCK_W,
                                          BLOCK_N, MP, HAS_RMS, HAS_GATE, XQ)
+            if MP2 > 0:
+                acc2, acc2_g, _ = _int4_chunk(acc2, acc2_g, ss, wa, wb, ga, gb, x4_ptr, n4_ptr, s_ptr, z_ptr, gs_ptr,
+                                              gz_ptr, e_ptr, ms2, M, rows, pair, words, k, N, K, GROUPSIZE, BLOCK_W,
+                                              BLOCK_N, MP2, False, HAS_GATE, XQ)
         y, gate = tl.sum(acc, axis=0), tl.sum(acc_g, axis=0)  # (MP, BLOCK_N)
         if HAS_RMS:
             r = tl.rsqrt(tl.sum(tl.sum(tl.sum(ss, axis=3), axis=2), axis=0) / K + EPS)[:, None]
             y, gate = y * r, gate * r
         _store_rows(y, gate, b_ptr, y_ptr, res_ptr, ms, rows, M, N, HAS_BIAS, HAS_GATE, HAS_RES)
+        if MP2 > 0:
+            _store_rows(tl.sum(acc2, axis=0), tl.sum(acc2_g, axis=0), b_ptr, y_ptr, res_ptr, ms2, rows, M, N,
+                        HAS_BIAS, HAS_GATE, HAS_RES)
 
     @triton.jit
     def _int4_x_kernel(x_ptr, nw_ptr, q_ptr, e_ptr, xs_ptr, K: tl.constexpr, GROUPSIZE: tl.constexpr,
@@ -820,10 +835,10 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
         _int4_x_kernel[(M, triton.cdiv(K // groupsize, gb))](
             xw, nw, q, e, e[M * (K // groupsize):], K=K, GROUPSIZE=groupsize, HAS_RMS=norm_weight is not None,
             EPS=rms_eps or 0.0, GB=gb, PDL=pdl, launch_pdl=pdl, num_warps=4)
-        cfg = int4_config(K, gate is not None, M)
+        cfg, (mp, mp2) = int4_config(K, gate is not None, M), xq_blocks(M)
         _int4_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](q, weight, scales, zeros, b, y, N=N, e_ptr=e,
                                                         **dict(args, HAS_RMS=False), **cfg, PDL=pdl, launch_pdl=pdl,
-                                                        M=M, MP=triton.next_power_of_2(M), XQ=True)
+                                                        M=M, MP=mp, MP2=mp2, XQ=True)
         return y
     if M == 1:
         cfg, pdl = int4_config(K, gate is not None), _pdl(x)
@@ -834,6 +849,13 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
     _int4_rows_kernel[(triton.cdiv(N, INT4_ROWS_CONFIG["BLOCK_N"]),)](xw, weight, scales, zeros, b, y, M=M, N=N,
                                                                      **args, **magic, **INT4_ROWS_CONFIG)
     return y
+
+
+def xq_blocks(M: int) -> tuple:
+    """The XQ GEMV's two blocks of x rows, powers of two (the second 0: none): 6 rows as 4 + 2, 5 as 4 + 1, 7 as 4 + 4;
+    a power of two whole."""
+    mp = 1 << (M.bit_length() - 1)
+    return mp, 0 if M == mp else triton.next_power_of_2(M - mp)
 
 
 def int4_config(K: int, gate: bool = False, rows: int = 1) -> dict:

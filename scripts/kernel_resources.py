@@ -86,7 +86,7 @@ def variants(K: int):
                           "nw_ptr"], "*bf16")
     int8, int4 = dict(bf16, w_ptr="*i8", g_ptr="*i8"), dict(bf16, w_ptr="*u8", g_ptr="*u8", e_ptr="*fp32")
     off = dict(K=K, GROUPSIZE=128, HAS_BIAS=False, HAS_GATE=False, HAS_RES=False, HAS_RMS=False, HAS_NW=False,
-               EPS=1e-5, PRECISION="tf32", PDL=True, XQ=False)
+               EPS=1e-5, PRECISION="tf32", PDL=True, XQ=False, MP2=0)
     gate, res, norm = dict(HAS_GATE=True), dict(HAS_RES=True), dict(HAS_RMS=True)
     rows_cfg = G.ROWS_CONFIG if K >= 4096 else G.SMALL_ROWS_CONFIG
     kernels = [("float GEMV", G._gemv_kernel, bf16, dict(G.GEMV_CONFIG, MP=1),
@@ -100,10 +100,9 @@ def variants(K: int):
                ("int4 GEMV g128", G._int4_kernel, int4, dict(G.int4_config(K), MP=1), [{}, res, norm]),
                ("int4 GEMV g128", G._int4_kernel, int4, dict(G.int4_config(K, gate=True), MP=1),
                 [gate, dict(gate, **norm)]),
-               ("int4 GEMV g128 x4 XQ", G._int4_kernel, dict(int4, x_ptr="*i16"),
-                dict(G.int4_config(K, rows=4), MP=4, XQ=True, PDL=True), [{}, gate]),
-               ("int4 GEMV g128 x8 XQ", G._int4_kernel, dict(int4, x_ptr="*i16"),
-                dict(G.int4_config(K, rows=8), MP=8, XQ=True, PDL=True), [{}, gate]),
+               *[(f"int4 GEMV g128 x{m} XQ", G._int4_kernel, dict(int4, x_ptr="*i16"),
+                  dict(G.int4_config(K, rows=m), MP=G.xq_blocks(m)[0], MP2=G.xq_blocks(m)[1], XQ=True, PDL=True),
+                  [{}, gate]) for m in (4, 6, 8)],
                ("int4 rows g128", G._int4_rows_kernel, int4, dict(G.INT4_ROWS_CONFIG, HI=0x43, OFFSET=128.0),
                 [{}, gate, dict(gate, **norm)])]
     for name, fn, pointers, cfg, extras in kernels:

@@ -259,7 +259,8 @@ _INTERPRETER_SCRIPT = textwrap.dedent("""
             ref = x.double() @ (q8.double() * s8.double()[:, None]).T + (0 if b is None else b.double())
             check("int8", G.int8_gemv(x, q8, s8.to(dtype), None if b is None else b.to(dtype)), ref, dtype)
         for N, K_in, g, M, bias in [(64, 256, 128, 1, False), (40, 96, 32, 3, True), (24, 512, 256, 8, False), (16, 128, 32, 1, False),
-                                     (16, 4160, 64, 1, True), (8, 200, 64, 2, False), (50, 200, 64, 16, True)]:
+                                     (16, 4160, 64, 1, True), (8, 200, 64, 2, False), (50, 200, 64, 16, True),
+                                     (24, 256, 64, 6, True), (16, 192, 64, 7, False)]:
             if M > G.INT4_XQ_ROWS and dtype != torch.float16:  # these take the rows kernel, in bfloat16
                 continue
             K = -(-K_in // g) * g  # 4160, 200: ragged chunks
