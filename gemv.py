@@ -852,9 +852,9 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
 
 
 def xq_blocks(M: int) -> tuple:
-    """The XQ GEMV's two blocks of x rows, powers of two (the second 0: none): 6 rows as 4 + 2, 5 as 4 + 1, 7 as 4 + 4;
-    a power of two whole."""
-    mp = 1 << (M.bit_length() - 1)
+    """The XQ GEMV's two blocks of x rows, powers of two up to 4 (the second 0: none): 6 rows as 4 + 2, 5 as 4 + 1,
+    7 and 8 as 4 + 4."""
+    mp = min(4, 1 << (M.bit_length() - 1))
     return mp, 0 if M == mp else triton.next_power_of_2(M - mp)
 
 

@@ -424,14 +424,14 @@ def speculates(args) -> bool:
 
 
 def int4_kernel_for(args) -> str:
-    """The kernel an int4 target runs on CUDA: gemv.py's, unless it verifies more than 4 tokens at a time, where
+    """The kernel an int4 target runs on CUDA: gemv.py's, unless it verifies more than 6 tokens at a time, where
     torch's tinygemm is faster (Llama-2-7B shape, H100: a verify of 4 takes 2.79 ms through gemv.py, 3.43 through
-    tinygemm; of 6, 5.06 and 4.24; a decode step 1.89 and 2.53). An MTP head drafts its own k unless told: 3 for
-    the heads mtp.py trains by default, so taken as 3."""
+    tinygemm; of 6, 4.12 and 4.21; of 8, 5.23 and 4.98; a decode step 1.84 and 2.53). An MTP head drafts its own
+    k unless told: 3 for the heads mtp.py trains by default, so taken as 3."""
     if not speculates(args):
         return "triton"
     k = args.speculate_k if args.speculate_k is not None else 3 if (args.mtp or args.mtp_checkpoint_path) else 5
-    return "triton" if k + 1 <= 4 else "torch"
+    return "triton" if k + 1 <= 6 else "torch"
 
 
 def load_speculation(args, model: Transformer, tokenizer, target_dir: Path, device: str, dtype):
