@@ -28,8 +28,8 @@ so that the GEMV only loads them, once for all its weight rows, and spends its i
 row. More rows go to the tensor cores, a group a step, the nibbles made 16-bit floats OFFSET + q by a prmt under
 OFFSET's exponent byte (no int-to-float conversion), D = x . (OFFSET + q) and X from two dots each, then s * D +
 (z - (OFFSET + 8) s) * X. On an H100 the GEMV streams Llama-2-7B's int4 layers at about 78% of copy at one row
-(74.5% with the model's norms and residual adds in), against 56% for torch's tinygemm; with the norms, 47.6% at four
-rows (tinygemm 40.7%) and 30.1% at six (tinygemm 31.8%), x's rows taken in two blocks of powers of two (4 + 2:
+(74.5% with the model's norms and residual adds in), against 56% for torch's tinygemm; with the norms, 47.1% at four
+rows (tinygemm 40.7%) and 32.2% at six (tinygemm 31.8%), x's rows taken in two blocks of powers of two (4 + 2:
 `xq_blocks`); the tensor-core kernel 21% at six (BENCHMARKS.md). int8 and int4 are the formats quantize.py writes.
 
 The float, int8 and int4 kernels also take in the small steps around a matmul, so that a layer launches fewer kernels
@@ -89,9 +89,10 @@ INT4_GATE_CONFIG = dict(BLOCK_N=4, BLOCK_W=256, num_warps=4, STAGES=1)  # the ga
 INT8_ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=6)
 INT4_ROWS_CONFIG = dict(BLOCK_N=32, num_warps=4, num_stages=6)  # a group of W a step
 # 2..INT4_XQ_ROWS rows of x: rounded onto int16 first (_int4_x_kernel, INT4_XQ_COLUMNS of a row a program), then the
-# int4 GEMV; more rows: the tensor-core rows kernel. H100: 7B verify of 4 2.79 ms (session 38), of 6 4.12 ms (39)
+# int4 GEMV, one warp a program (swept at 4 and 6 rows, H100, session 39: 47.1% / 32.2% of copy against 46.4% / 29.7%
+# at 256 words and 2 warps); more rows: the tensor-core rows kernel. 7B verify of 4 2.74 ms, of 6 3.77, of 8 4.61
 INT4_XQ_ROWS = 8
-INT4_XQ_CONFIG = dict(BLOCK_N=4, BLOCK_W=256, num_warps=4, STAGES=1)
+INT4_XQ_CONFIG = dict(BLOCK_N=4, BLOCK_W=128, num_warps=1, STAGES=1)
 INT4_XQ_COLUMNS = 512
 
 if triton is not None:

@@ -424,14 +424,15 @@ def speculates(args) -> bool:
 
 
 def int4_kernel_for(args) -> str:
-    """The kernel an int4 target runs on CUDA: gemv.py's, unless it verifies more than 6 tokens at a time, where
-    torch's tinygemm is faster (Llama-2-7B shape, H100: a verify of 4 takes 2.79 ms through gemv.py, 3.43 through
-    tinygemm; of 6, 4.12 and 4.21; of 8, 5.23 and 4.98; a decode step 1.84 and 2.53). An MTP head drafts its own
-    k unless told: 3 for the heads mtp.py trains by default, so taken as 3."""
+    """The kernel an int4 target runs on CUDA: gemv.py's, unless it verifies more than 8 tokens at a time, where
+    gemv.py hands the rows to a tensor-core kernel slower than torch's tinygemm (Llama-2-7B shape, H100: a verify of
+    6 takes 3.77 ms through gemv.py's int4 GEMV, 4.21 through tinygemm, and 5.76 through the tensor-core kernel;
+    of 8, 4.61 and 5.03; a decode step 1.84 and 2.53). An MTP head drafts its own k unless told: 3 for the heads
+    mtp.py trains by default, so taken as 3."""
     if not speculates(args):
         return "triton"
     k = args.speculate_k if args.speculate_k is not None else 3 if (args.mtp or args.mtp_checkpoint_path) else 5
-    return "triton" if k + 1 <= 6 else "torch"
+    return "triton" if k + 1 <= 8 else "torch"  # gemv.INT4_XQ_ROWS
 
 
 def load_speculation(args, model: Transformer, tokenizer, target_dir: Path, device: str, dtype):

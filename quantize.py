@@ -19,8 +19,9 @@ torch's `_weight_int8pack_mm` in bfloat16 (a dequantizing F.linear decoded no fa
 CUDA runs gemv.py's Triton kernels on the stored layout (one row in integers: 2247 GB/s over Llama-2-7B's layers,
 76% of copy, a 7B decoding at 467 tok/s) and dequantizes into F.linear above MAX_ROWS; or, with int4_kernel="torch",
 is repacked for torch's `_weight_int4pack_mm` (tinygemm: 1661 GB/s at one row, 365 tok/s; a 7B verify of 4 tokens
-2.79 ms through the Triton kernels, 3.43 through tinygemm, of 6 4.12 and 4.21, of 8 5.23 and 4.98, so generate.py
-takes tinygemm when it verifies more than 6). On the CPU int4 always runs
+2.74 ms through the Triton kernels, 3.43 through tinygemm, of 6 3.77 and 4.21, of 8 4.61 and 5.03; above 8 rows the
+Triton path is a tensor-core kernel that tinygemm beats, so generate.py takes tinygemm when it verifies more than 8).
+On the CPU int4 always runs
 `_weight_int4pack_mm_for_cpu`. torch's kernels compute in bfloat16 (on the CPU ~30x faster than float32).
 Decisions: embeddings, the output head (unless --quantize_output) and the MoE router stay float; MoE experts are
 int8 per channel in every mode (an int4 expert would need one kernel call per chosen expert); int4 layers whose
@@ -282,8 +283,8 @@ def prepare_for_device(model, int8_kernel: str = "triton", int4_kernel: str = "t
     """After `model.to(device, dtype)` (and tensor-parallel slicing): lay the quantized tensors out for their
     kernels. On CUDA int8 runs our Triton GEMV for up to MAX_ROWS rows ("triton") or dequantizes in the matmul
     ("torch"); int4 runs our Triton kernels ("triton", CUDA) or torch's packed-int4 matmul ("torch", both devices;
-    the CPU always). The defaults decode fastest on an H100; for int4, "torch" verifies 7..16 rows faster, which
-    is why generate.py asks for it when it verifies more than 6 tokens (BENCHMARKS.md). Without triton installed,
+    the CPU always). The defaults decode fastest on an H100; for int4, "torch" verifies 9..16 rows faster, which
+    is why generate.py asks for it when it verifies more than 8 tokens (BENCHMARKS.md). Without triton installed,
     torch's are used."""
     for name, kernel in (("int8_kernel", int8_kernel), ("int4_kernel", int4_kernel)):
         if kernel not in ("torch", "triton"):
