@@ -432,3 +432,31 @@ def test_cuda_one_row_kernels_at_every_pipeline_depth(monkeypatch):
                 for y, r in ((G.gemv(x, w), ref), (G.int8_gemv(x, q, s), ref8)):
                     err = ((y.double() - r).norm() / r.norm()).item()
                     assert err < 1e-2, (N, K, stages, block_k, err)
+
+
+def test_with_config_sets_tiles_in_process(monkeypatch, tmp_path, capsys):
+    """scripts/with_config.py (how BENCHMARKS.md times a tile before it ships): each setting form reaches the module
+    the script then imports, and a wrong name or value stops it with one line."""
+    import decode_attention
+    import gemv as G
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import with_config
+
+    for config in (G.INT4_CONFIG, G.INT8_CONFIG, G.INT8_GATE_CONFIG):  # monkeypatch puts the shipped values back
+        for key, value in list(config.items()):
+            monkeypatch.setitem(config, key, value)
+    monkeypatch.setattr(G, "INT4_XQ_ROWS", G.INT4_XQ_ROWS)
+    monkeypatch.setattr(decode_attention, "CHUNK", decode_attention.CHUNK)
+    script = tmp_path / "show.py"
+    script.write_text("import sys, gemv, decode_attention\n"
+                      "print(gemv.INT4_CONFIG, gemv.INT8_CONFIG['STAGES'], gemv.INT8_GATE_CONFIG['STAGES'],"
+                      " gemv.INT4_XQ_ROWS, decode_attention.CHUNK, sys.argv[1:])\n")
+    with_config.main([str(script), "INT4_CONFIG=4, 128, 2, 3", "INT8_CONFIG+INT8_GATE_CONFIG.STAGES=5",
+                      "INT4_XQ_ROWS=0", "decode_attention.CHUNK=64", "--", "--flag"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == ("{'BLOCK_N': 4, 'BLOCK_W': 128, 'num_warps': 2, 'STAGES': 3} 5 5 0 64 ['--flag']"), out
+    for bad, message in [("NOPE=1", "no setting 'NOPE'"), ("FOO_CONFIG.X=1", "no tile dict 'FOO_CONFIG'"),
+                         ("INT4_CONFIG=1, 2", "takes 4 values"), ("INT4_XQ_ROWS=abc", "not a Python literal"),
+                         ("INT4_XQ_ROWS", "has no '='")]:
+        with pytest.raises(SystemExit, match=message):
+            with_config.main([str(script), bad])
