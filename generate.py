@@ -431,8 +431,9 @@ def int4_kernel_for(args) -> str:
     mtp.py trains by default, so taken as 3."""
     if not speculates(args):
         return "triton"
+    from gemv import INT4_XQ_ROWS  # the most rows gemv.py's int4 GEMV takes before its tensor-core kernel
     k = args.speculate_k if args.speculate_k is not None else 3 if (args.mtp or args.mtp_checkpoint_path) else 5
-    return "triton" if k + 1 <= 8 else "torch"  # gemv.INT4_XQ_ROWS
+    return "triton" if k + 1 <= INT4_XQ_ROWS else "torch"
 
 
 def load_speculation(args, model: Transformer, tokenizer, target_dir: Path, device: str, dtype):
