@@ -159,8 +159,10 @@ def main():
                                   [4, 8], [1, 3]),
              ("int4-gate", 1): configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [2, 4, 8], [256, 512],
                                        [4], [1]),
-             ("int4-xq", G.INT4_XQ_ROWS): configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [4, 2, 8],
-                                                  [256, 512, 128], [4, 2], [1]),
+             # int4_config gives a warp at most 128 words: more warps than that would time the same kernel again
+             ("int4-xq", G.INT4_XQ_ROWS): [c for c in configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [4, 2, 8],
+                                                              [128, 256, 512], [1, 2, 4], [1, 2, 3])
+                                           if c["num_warps"] <= c["BLOCK_W"] // 128],
              ("int8", 6): configs(rows_tile, [16, 32, 64], [64, 128, 256], [4], [3, 4, 6]),
              ("int4", 6): configs(["BLOCK_N", "num_warps", "num_stages"], [32, 16, 64], [4, 2, 8], [6, 4, 3])}
     names = {("bf16", 1): "GEMV_CONFIG", ("bf16", 6): "ROWS_CONFIG" if shapes[0][1] >= 4096 else "SMALL_ROWS_CONFIG",
