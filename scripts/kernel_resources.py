@@ -5,6 +5,7 @@ programs fit on one SM at once.
     python scripts/kernel_resources.py              # Llama-2-7B's widths, the tiles gemv.py ships
     python scripts/kernel_resources.py --K 576      # SmolLM2-135M's
     python scripts/kernel_resources.py --attention  # decode_attention.py's kernels, at the tiles it ships
+    python scripts/kernel_resources.py --ops        # and what each inner loop spends its instructions on
 
 A streaming kernel keeps the memory busy only with enough loads in flight, so a variant that needs more registers
 or shared memory (the gate-up pair, deeper pipelines) fits fewer programs on an SM: this shows it before any
@@ -17,6 +18,7 @@ declared 16-byte aligned and the sizes multiples of 16, as Triton's launcher spe
 that it would not vectorize or pipeline the loads, and the figures would be another kernel's.
 """
 import argparse
+import collections
 import os
 import re
 import subprocess
@@ -63,7 +65,11 @@ def compile_sm(fn, pointers: dict, consts: dict, num_warps: int, num_stages: int
     inner = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
     first, last = max(inner, default=(0, -16))
     loop = (last - first) // 16 + 1
-    return dict(regs=regs, shared=k.metadata.shared, programs_per_sm=fit, loop_instructions=loop)
+    # the loop's opcodes (predicates and modifiers dropped: IDP.2A.LO.S16.S8 counts as IDP)
+    ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", op).split()[0].split(".")[0]
+                              for at, op in re.findall(r"/\*([0-9a-f]+)\*/\s+([^;]*);", sass)
+                              if first <= int(at, 16) <= last)
+    return dict(regs=regs, shared=k.metadata.shared, programs_per_sm=fit, loop_instructions=loop, loop_ops=ops)
 
 
 def weight_bytes_per_step(pointers: dict, consts: dict) -> float:
@@ -141,6 +147,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--K", type=int, default=4096, help="input features of the weights (a layer's width)")
     p.add_argument("--attention", action="store_true", help="decode_attention.py's kernels instead")
+    p.add_argument("--ops", action="store_true", help="also each loop's most frequent opcodes, warp-instructions a KB")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("error: TRITON_INTERPRET=1 is set, and the interpreter compiles nothing; unset it")
@@ -151,8 +158,11 @@ def main(argv=None):
         r = compile_sm(fn, pointers, consts, warps, stages)
         # the loop is counted in a second build, K wide enough that the compiler keeps it a loop
         loop = compile_sm(fn, pointers, dict(consts, K=1 << 16), warps, stages)
-        per_kb = loop["loop_instructions"] * warps / weight_bytes_per_step(pointers, consts) * 1024
+        kb = weight_bytes_per_step(pointers, consts) / 1024
+        per_kb = loop["loop_instructions"] * warps / kb
         print(f"{name:<30} {r['regs']:>9} {r['shared']:>9} {r['programs_per_sm']:>12} {per_kb:>9.0f}", flush=True)
+        if args.ops:
+            print("    " + ", ".join(f"{op} {n * warps / kb:.0f}" for op, n in loop["loop_ops"].most_common(10)))
 
 
 if __name__ == "__main__":

@@ -198,6 +198,21 @@ def test_kernels_compile_for_hopper():
     assert {"int8 GEMV + gate", "float GEMV + gate + norm", "float rows + gate", "int4 GEMV g128"} <= set(names)
 
 
+def test_int4_gemv_over_6_rows_runs_the_dp2a_of_6_not_8():
+    """The XQ GEMV takes 6 rows of x as blocks of 4 + 2 (gemv.xq_blocks), not padded to 8: compiled for sm_90, its
+    weights' loop holds 3/4 of the dp2a (IDP) instructions of the 8-row loop, 4 a word of 8 weights and row."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import kernel_resources
+
+    idp = {}
+    for name, fn, pointers, consts, warps, stages in kernel_resources.variants(4096):
+        if name in ("int4 GEMV g128 x6 XQ", "int4 GEMV g128 x8 XQ"):
+            loop = kernel_resources.compile_sm(fn, pointers, dict(consts, K=1 << 16), warps, stages)
+            words = consts["BLOCK_N"] * consts["BLOCK_W"] / (32 * warps)  # a thread's words a trip of the loop
+            idp[name] = loop["loop_ops"]["IDP"] / words
+    assert idp == {"int4 GEMV g128 x6 XQ": 4 * 6, "int4 GEMV g128 x8 XQ": 4 * 8}, idp
+
+
 def test_kernels_compile_for_ampere():
     """The same variants compile for sm_80 (A100), where _pdl launches them without PDL (a Hopper feature): the
     inline PTX they use (dp2a, prmt, the bfloat16x2 maxima of the int4 GEMV) is sm_80's."""
