@@ -499,7 +499,7 @@ if triton is not None:
                      EPS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_W: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr, M, MP: tl.constexpr,
                      XQ: tl.constexpr = False, MP2: tl.constexpr = 0):
-        # y (M, N) = x (M, K) @ W.T + b for a few rows of x (M <= MP, a power of two), W (N, K) in pack_int4's
+        # y (M, N) = x (M, K) @ W.T + b for a few rows of x (M <= MP + MP2, powers of two), W (N, K) in pack_int4's
         # layout and dequantized as w = (q - 8) s + z, in integers as the int8 GEMV. One bfloat16 row: each
         # thread's 32 columns of x rounded onto int16 by their own largest magnitude (_int4_chunk), so that there is
         # no pass over x before the first weights are used. XQ: x is int16 already (_int4_x_kernel), with its
@@ -513,7 +513,7 @@ if triton is not None:
         # those 32 columns of x (both exact in float32: under 2**24), times their scale, once for four words; the
         # norm's sum of squares comes on the way. The weights are read and unmasked once for all rows of x; the dp2a
         # and the float work are per row, so rows cost issue slots. The gate (an int4 G with its own scales and
-        # zeros), the norm, the residual and PDL as in the int8 GEMV. MP2 > 0 (XQ): x's rows MP.. MP + MP2 - 1 are a
+        # zeros), the norm, the residual and PDL as in the int8 GEMV. MP2 > 0 (XQ): x's rows MP to MP + MP2 - 1 are a
         # second block, its dp2a after the first's, so that 6 rows cost 4 + 2 rows of dp2a, not 8
         KW: tl.constexpr = K // 8
         WPG: tl.constexpr = GROUPSIZE // 8  # words a group
