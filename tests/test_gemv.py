@@ -108,8 +108,8 @@ for N, K in [(7, 36), (130, 2500)]:
     x[0, 5] = float("nan")  # reaches the output, as it would through float products
     assert not int8_gemv(x, q8, s8).isfinite().any()
 # int4 (pack_int4's layout), the gate another int4 weight: 1, 3, 4 and 6 rows (the GEMV in integers, x rounded to
-# bfloat16; from 2 rows rounded onto int16 first, 3 rows padded to 4 and 6 to 8), 16 rows in float16 (the rows
-# kernel; its bfloat16 tl.dot is wrong under the interpreter); 300 features pad to 320
+# bfloat16; from 2 rows rounded onto int16 first, 3 rows as blocks of 2 + 1 and 6 as 4 + 2), 16 rows in float16
+# (the rows kernel; its bfloat16 tl.dot is wrong under the interpreter); 300 features pad to 320
 import quantize as Q
 for M, N, K, g, dtype in [(1, 24, 256, 64, torch.bfloat16), (1, 130, 2560, 128, torch.bfloat16),
                           (1, 20, 300, 32, torch.bfloat16), (3, 24, 300, 32, torch.bfloat16),
