@@ -533,8 +533,8 @@ if triton is not None:
             tl.extra.cuda.gdc_wait()
         MB: tl.constexpr = max(MP2, 1)
         ms, ms2 = tl.arange(0, MP), MP + tl.arange(0, MB)
-        zeros, zeros2 = tl.zeros((BLOCK_W // 4, MP, BLOCK_N), dtype=tl.float32), tl.zeros((BLOCK_W // 4, MB, BLOCK_N),
-                                                                                            dtype=tl.float32)
+        zeros = tl.zeros((BLOCK_W // 4, MP, BLOCK_N), dtype=tl.float32)
+        zeros2 = tl.zeros((BLOCK_W // 4, MB, BLOCK_N), dtype=tl.float32)
         ss = tl.zeros((BLOCK_W // 4, MP, 1, 2), dtype=tl.float32)
         acc, acc_g, ss = _int4_chunk(zeros, zeros, ss, wa, wb, ga, gb, x4_ptr, n4_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr,
                                      e_ptr, ms, M, rows, pair, words, 0, N, K, GROUPSIZE, BLOCK_W, BLOCK_N, MP,
