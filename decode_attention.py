@@ -46,11 +46,6 @@ CHUNK = 256  # cache slots per program; caches longer than this are split and th
 BLOCK_L = 128  # slots per step inside a chunk
 NUM_WARPS = 4
 NUM_STAGES = 3  # the K/V tiles' pipeline depth: (256, 128) at 3 takes 136 KB of shared memory, one program an SM
-# True: the new keys and values are attended from registers and written to the cache last, so that every load (the
-# cache tiles included) is issued before any store and no barrier waits for the writes; it takes the new positions
-# to be consecutive, as model.py's always are. Built in session 39, not timed yet:
-# `scripts/with_config.py scripts/attention_bench.py decode_attention.NEW_FROM_REGISTERS=True -- ...`
-NEW_FROM_REGISTERS = False
 
 if triton is not None:
     @triton.jit
@@ -74,22 +69,11 @@ if triton is not None:
             "=r,l,r", [ptrs, ok.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
-    def _softmax_step(scores, seen, v, m_i, l_i, acc, PRECISION: tl.constexpr):
-        # one block of slots into the online softmax: scores (R, n) float32, seen (R, n) bool, v (n, D)
-        scores = tl.where(seen, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet stays at zero
-        p = tl.exp(scores - m_ref[:, None])
-        alpha = tl.exp(m_i - m_ref)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        return m_new, l_i * alpha + tl.sum(p, axis=1), acc
-
-    @triton.jit
     def _attention_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, o_ptr, acc_ptr, ml_ptr,
                           sx_b, sx_s, sr_b, sr_s, sk_b, sk_h, sk_s, sm_b, sm_s, n_kv, S, S_max,
                           SCALE: tl.constexpr, G: tl.constexpr, D: tl.constexpr, R: tl.constexpr, CHUNK: tl.constexpr,
                           BLOCK_L: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, CAUSAL: tl.constexpr,
-                          PDL: tl.constexpr, LINES: tl.constexpr, NEW_FROM_REGISTERS: tl.constexpr = False):
+                          PDL: tl.constexpr, LINES: tl.constexpr):
         # one program: KV head `hk` of batch row `b` over cache slots [chunk * CHUNK, (chunk + 1) * CHUNK)
         # rows r = g * S + s: query s of the g-th query head sharing KV head `hk`
         b, hk, chunk = tl.program_id(0) // n_kv, tl.program_id(0) % n_kv, tl.program_id(1)
@@ -115,18 +99,15 @@ if triton is not None:
         k_new = _rope(qkv_ptr, row + (n_kv * G + hk) * D, cos_ptr, sin_ptr, b * sr_b + t * sr_s, mine, D)
         v_new = tl.load(qkv_ptr + (row + (n_kv * G + n_kv + hk) * D)[:, None] + d[None, :], mask=mine[:, None],
                         other=0.0)
-        k_new, v_new = k_new.to(k_ptr.dtype.element_ty), v_new.to(v_ptr.dtype.element_ty)
-        if not NEW_FROM_REGISTERS:
-            tl.store(k_ptr + kv + pos[:, None] * sk_s + d[None, :], k_new, mask=mine[:, None])
-            tl.store(v_ptr + kv + pos[:, None] * sk_s + d[None, :], v_new, mask=mine[:, None])
-            tl.debug_barrier()  # the stores above are seen by every thread's loads below
+        tl.store(k_ptr + kv + pos[:, None] * sk_s + d[None, :], k_new.to(k_ptr.dtype.element_ty), mask=mine[:, None])
+        tl.store(v_ptr + kv + pos[:, None] * sk_s + d[None, :], v_new.to(v_ptr.dtype.element_ty), mask=mine[:, None])
+        tl.debug_barrier()  # the stores above are seen by every thread's loads below
         r = tl.arange(0, R)
         s, h = r % S, hk * G + r // S
         valid = r < G * S
         q = _rope(qkv_ptr, b * sx_b + s * sx_s + h * D, cos_ptr, sin_ptr, b * sr_b + s * sr_s, valid, D)
         q = q.to(k_ptr.dtype.element_ty)  # rounded to the cache's dtype like the keys it meets
         end = tl.minimum(start + CHUNK, tl.max(pos) + 1)  # no query sees a slot past the furthest position
-        first = tl.min(tl.where(t < S, pos, S_max))  # NEW_FROM_REGISTERS: the new slots are first .. first + S - 1
         q_pos = tl.load(pos_ptr + s, mask=valid, other=-1)  # (R,) each row's own position
         m_i = tl.full((R,), float("-inf"), tl.float32)
         l_i = tl.zeros((R,), tl.float32)
@@ -134,29 +115,22 @@ if triton is not None:
         for i in range(0, CHUNK // BLOCK_L):  # a fixed trip count, so the loads are pipelined; past `end`, masked
             slots = start + i * BLOCK_L + tl.arange(0, BLOCK_L)
             in_range = slots < end
-            if NEW_FROM_REGISTERS:  # this step's slots come from k_new, v_new below, not from the cache
-                in_range &= slots < first
             k = tl.load(k_ptr + kv + slots[:, None] * sk_s + d[None, :], mask=in_range[:, None], other=0.0)
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * SCALE  # (R, BLOCK_L), float32
             if CAUSAL:
                 seen = slots[None, :] <= q_pos[:, None]
-                if NEW_FROM_REGISTERS:  # the slots masked out above are not past every query
-                    seen &= in_range[None, :]
             else:
                 seen = tl.load(mask_ptr + b * sm_b + s[:, None] * sm_s + slots[None, :],
                                mask=valid[:, None] & in_range[None, :], other=0) != 0
+            scores = tl.where(seen, scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet stays at zero
+            p = tl.exp(scores - m_ref[:, None])
+            alpha = tl.exp(m_i - m_ref)
             v = tl.load(v_ptr + kv + slots[:, None] * sk_s + d[None, :], mask=in_range[:, None], other=0.0)
-            m_i, l_i, acc = _softmax_step(scores, seen, v, m_i, l_i, acc, PRECISION)
-        if NEW_FROM_REGISTERS:  # the new keys and values: attended as one more block, then written to the cache
-            scores = tl.dot(q, tl.trans(k_new), input_precision=PRECISION) * SCALE  # (R, 16)
-            if CAUSAL:
-                seen = mine[None, :] & (pos[None, :] <= q_pos[:, None])
-            else:
-                seen = tl.load(mask_ptr + b * sm_b + s[:, None] * sm_s + pos[None, :],
-                               mask=valid[:, None] & mine[None, :], other=0) != 0
-            m_i, l_i, acc = _softmax_step(scores, seen, v_new, m_i, l_i, acc, PRECISION)
-            tl.store(k_ptr + kv + pos[:, None] * sk_s + d[None, :], k_new, mask=mine[:, None])
-            tl.store(v_ptr + kv + pos[:, None] * sk_s + d[None, :], v_new, mask=mine[:, None])
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_i = m_new
         if SPLIT:  # partial sums of this chunk, merged by _merge_kernel
             part = (tl.program_id(0) * tl.num_programs(1) + chunk) * R + r
             tl.store(acc_ptr + part[:, None] * D + d[None, :], acc)
@@ -231,7 +205,6 @@ def _attend(qkv, cos, sin, k_cache, v_cache, mask, input_pos, n_head: int, pdl: 
         cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), sm_b, sm_s, n_kv, S, S_max, SCALE=1.0 / math.sqrt(D), G=G, D=D, R=R, CHUNK=CHUNK,
         BLOCK_L=BLOCK_L, SPLIT=n_chunks > 1, PRECISION=precision, CAUSAL=causal, PDL=pdl,
-        NEW_FROM_REGISTERS=NEW_FROM_REGISTERS,
         LINES=max(1, D * k_cache.element_size() // 128), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         **({"launch_pdl": True} if pdl else {}))  # only the custom op's launch: a traced one keeps inductor's
     if n_chunks > 1:

@@ -77,11 +77,11 @@ SMALL_ROWS_CONFIG = dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=6)  # 
 # takes the same registers at K = 2048 as at 1536, and at 3072 up to 228 (scripts/kernel_resources.py --K)
 FLOAT_GEMV_ROWS = 4
 FLOAT_GEMV_MAX_K = 2048
-# quantized weights: the one-row int8 GEMV's tiles swept on an H200, the int8 rows kernel's and the int4 kernels' on an
-# H100 (BENCHMARKS.md). The one-row int4 GEMV gives each thread four words of a chunk for all its rows, so
+# quantized weights: the tiles swept on an H100 (BENCHMARKS.md; the one-row int8 pair in session 40: 7B decode 82.8%
+# -> 84.1% of copy). The one-row int4 GEMV gives each thread four words of a chunk for all its rows, so
 # at most BLOCK_W / 4 threads: with more, x went through shared memory to meet the weights (narrow rows: fewer warps)
-INT8_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=4, STAGES=1)  # BLOCK_W int32 words: 2 KB of a row a step
-INT8_GATE_CONFIG = dict(BLOCK_N=2, BLOCK_W=512, num_warps=4, STAGES=1)  # the gate-up pair: two weights a row
+INT8_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=8, STAGES=1)  # BLOCK_W int32 words: 2 KB of a row a step
+INT8_GATE_CONFIG = dict(BLOCK_N=8, BLOCK_W=256, num_warps=4, STAGES=1)  # the gate-up pair: two weights a row
 INT4_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=4, STAGES=1)  # BLOCK_W int32 words: 4096 weights of a row
 # the int4 gate-up pair at 4 rows a program, not 2: x's per-32-column scale and norm then serve twice the weight rows
 # (H100, session 35: 74.5% of copy at kernel level with the norms, against 69.5%)

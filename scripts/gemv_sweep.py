@@ -153,15 +153,16 @@ def main():
              ("bf16", 6): configs(rows_tile, [16, 32, 64], [64, 128, 256, 512], [4], [2, 3, 4, 6]),
              ("int8", 1): configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [4, 8, 16], [64, 128, 256, 512],
                                   [4, 8], [1, 3]),
-             ("int8-gate", 1): configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [2, 4, 8], [128, 256, 512],
-                                       [4], [1]),
+             ("int8-gate", 1): configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [8, 4, 2], [256, 128, 512],
+                                       [4, 8], [1]),
              ("int4", 1): configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [4, 8, 16], [128, 256, 512],
                                   [4, 8], [1, 3]),
              ("int4-gate", 1): configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [2, 4, 8], [256, 512],
                                        [4], [1]),
-             # int4_config gives a warp at most 128 words: more warps than that would time the same kernel again
+             # int4_config gives a warp at most 128 words: more warps than that would time the same kernel again;
+             # STAGES 2 and 3 ran at a fifth of STAGES 1's speed (H100, session 40), so the grid keeps 1
              ("int4-xq", G.INT4_XQ_ROWS): [c for c in configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [4, 2, 8],
-                                                              [128, 256, 512], [1, 2, 4], [1, 2, 3])
+                                                              [128, 256, 512], [1, 2, 4], [1])
                                            if c["num_warps"] <= c["BLOCK_W"] // 128],
              ("int8", 6): configs(rows_tile, [16, 32, 64], [64, 128, 256], [4], [3, 4, 6]),
              ("int4", 6): configs(["BLOCK_N", "num_warps", "num_stages"], [32, 16, 64], [4, 2, 8], [6, 4, 3])}

@@ -127,7 +127,7 @@ def attention_consts(**changes) -> dict:
     """decode_attention.py's constexprs for Llama-2-7B's decode (128-wide heads, one query head a KV head, one
     query, the causal mask), at the tiles it ships, a merge of 16 chunks (a cache of 4096 at CHUNK = 256)"""
     consts = dict(SCALE=128 ** -0.5, G=1, D=128, R=16, CHUNK=A.CHUNK, BLOCK_L=A.BLOCK_L, PRECISION="tf32",
-                  CAUSAL=True, PDL=False, SPLIT=False, LINES=2, N_CHUNKS=16, NEW_FROM_REGISTERS=A.NEW_FROM_REGISTERS)
+                  CAUSAL=True, PDL=False, SPLIT=False, LINES=2, N_CHUNKS=16)
     return dict(consts, **changes)
 
 
@@ -135,13 +135,11 @@ def attention():
     """What decode_attention.py's kernels take from an SM: the attention over one chunk, alone and split (partial
     sums for the merge), and the merge."""
     print(f"{f'(CHUNK, BLOCK_L) = ({A.CHUNK}, {A.BLOCK_L})':<30} {'registers':>9} {'shared B':>9} {'programs/SM':>12}")
-    kernels = [("attention, one chunk", A._attention_kernel, {}, A.NUM_WARPS, A.NUM_STAGES),
-               ("attention, split", A._attention_kernel, dict(SPLIT=True), A.NUM_WARPS, A.NUM_STAGES),
-               ("  new keys from registers", A._attention_kernel, dict(NEW_FROM_REGISTERS=True), A.NUM_WARPS,
-                A.NUM_STAGES),
-               ("merge of 16 chunks", A._merge_kernel, dict(SPLIT=True), 4, 3)]
-    for name, fn, changes, warps, stages in kernels:
-        r = compile_sm(fn, ATTENTION_POINTERS, attention_consts(**changes), warps, stages)
+    kernels = [("attention, one chunk", A._attention_kernel, False, A.NUM_WARPS, A.NUM_STAGES),
+               ("attention, split", A._attention_kernel, True, A.NUM_WARPS, A.NUM_STAGES),
+               ("merge of 16 chunks", A._merge_kernel, True, 4, 3)]
+    for name, fn, split, warps, stages in kernels:
+        r = compile_sm(fn, ATTENTION_POINTERS, attention_consts(SPLIT=split), warps, stages)
         print(f"{name:<30} {r['regs']:>9} {r['shared']:>9} {r['programs_per_sm']:>12}", flush=True)
 
 

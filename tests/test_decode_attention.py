@@ -63,12 +63,8 @@ def check(device, dtype, bound):
     return worst
 
 
-@pytest.mark.parametrize("from_registers", [False, True])
-def test_decode_attention_matches_sdpa_under_the_interpreter(from_registers):
-    """Both ways to attend the new keys: read back from the cache after a barrier (the default), or from registers
-    with the cache written last (NEW_FROM_REGISTERS)."""
+def test_decode_attention_matches_sdpa_under_the_interpreter():
     code = (f"import sys, torch; sys.path.insert(0, {str(ROOT / 'tests')!r}); from test_decode_attention import check; "
-            f"import decode_attention; decode_attention.NEW_FROM_REGISTERS = {from_registers}; "
             "print('ok', check('cpu', torch.float32, 1e-5), check('cpu', torch.float16, 3e-3))")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
@@ -113,17 +109,15 @@ def test_pdl_attention_op_writes_the_caches_in_place_when_compiled():
 def test_kernel_compiles_for_hopper_with_pdl():
     """The attention kernel compiles for sm_90 here, through Triton's compiler and ptxas, no GPU needed, launched
     plainly and with PDL, whose cache prefetch is inline PTX that the interpreter never runs, over one chunk and
-    split (with the merge kernel), and with the new keys from registers; and for sm_80 (A100), plainly."""
+    split (with the merge kernel); and for sm_80 (A100), plainly."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("the interpreter compiles nothing")
     sys.path.insert(0, str(ROOT / "scripts"))
     import decode_attention as A
     from kernel_resources import ATTENTION_POINTERS, attention_consts, compile_sm
-    for pdl, sm, split, regs in ((False, 90, False, False), (True, 90, False, False), (True, 90, True, False),
-                                 (False, 80, False, False), (True, 90, True, True)):
-        consts = attention_consts(PDL=pdl, SPLIT=split, NEW_FROM_REGISTERS=regs)
-        assert compile_sm(A._attention_kernel, ATTENTION_POINTERS, consts, A.NUM_WARPS, A.NUM_STAGES,
-                          capability=sm)["programs_per_sm"]
+    for pdl, sm, split in ((False, 90, False), (True, 90, False), (True, 90, True), (False, 80, False)):
+        assert compile_sm(A._attention_kernel, ATTENTION_POINTERS, attention_consts(PDL=pdl, SPLIT=split),
+                          A.NUM_WARPS, A.NUM_STAGES, capability=sm)["programs_per_sm"]
     assert compile_sm(A._merge_kernel, ATTENTION_POINTERS, attention_consts(), 4)["programs_per_sm"]
 
 
@@ -131,10 +125,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 @cuda
-@pytest.mark.parametrize("from_registers", [False, True])
-def test_cuda_decode_attention_matches_sdpa(from_registers, monkeypatch):
-    import decode_attention
-    monkeypatch.setattr(decode_attention, "NEW_FROM_REGISTERS", from_registers)
+def test_cuda_decode_attention_matches_sdpa():
     check("cuda", torch.float32, 1e-5)
     check("cuda", torch.bfloat16, 2e-2)
 
