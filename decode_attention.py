@@ -21,11 +21,10 @@ slot and nothing else.
 inputs of at most MAX_QUERIES positions and keeps SDPA for prefill, training and the CPU. `pdl=True` hands it
 `decode_attention_pdl` instead: the same kernel launched with programmatic dependent launch (Hopper), as gemv.py
 launches its float GEMVs, so that it starts while the GEMV before it drains and lets the one after it start early.
-That takes a custom op (`decode_attention_pdl`), which declares the two caches as the only tensors it writes:
-traced by torch.compile, a kernel with PDL's inline PTX counts as writing every input, and CUDA graphs are then
-skipped. Before it waits, each program asks L2 for the cache slots it will read that earlier steps wrote (a
-prefetch hint: it changes no value read). Not the default: launched with PDL alone it left the Llama-2-7B step
-as it was (3.573 against 3.569 ms, H200); the prefetch is not timed yet (`scripts/bench.py --pdl_attention`).
+Both run the kernel through one custom op (`_attention_op`). Before it waits, each program asks L2 for the cache
+slots it will read that earlier steps wrote (a prefetch hint: it changes no value read). Not the default: launched
+with PDL alone it left the Llama-2-7B step as it was (3.573 against 3.569 ms, H200); the prefetch is not timed yet
+(`scripts/bench.py --pdl_attention`).
 """
 import math
 import os
@@ -69,8 +68,8 @@ if triton is not None:
             "=r,l,r", [ptrs, ok.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
-    def _attention_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, o_ptr, acc_ptr, ml_ptr,
-                          sx_b, sx_s, sr_b, sr_s, sk_b, sk_h, sk_s, sm_b, sm_s, n_kv, S, S_max,
+    def _attention_kernel(qkv_ptr, cos_ptr, sin_ptr, rope_pos_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, o_ptr, acc_ptr,
+                          ml_ptr, sx_b, sx_s, sr_b, sr_s, sk_b, sk_h, sk_s, sm_b, sm_s, n_kv, S, S_max,
                           SCALE: tl.constexpr, G: tl.constexpr, D: tl.constexpr, R: tl.constexpr, CHUNK: tl.constexpr,
                           BLOCK_L: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr, CAUSAL: tl.constexpr,
                           PDL: tl.constexpr, LINES: tl.constexpr):
@@ -96,16 +95,19 @@ if triton is not None:
         # the new keys (after RoPE) and values whose slots are in this chunk, into the cache
         mine = (t < S) & (pos >= start) & (pos < start + CHUNK)
         row = b * sx_b + t * sx_s  # in qkv: q heads, then k heads, then v heads
-        k_new = _rope(qkv_ptr, row + (n_kv * G + hk) * D, cos_ptr, sin_ptr, b * sr_b + t * sr_s, mine, D)
+        # the cos/sin table rows of the new keys and of the queries (loaded before the barrier: no wait after it)
+        k_rope = tl.load(rope_pos_ptr + b * sr_b + t * sr_s, mask=mine, other=0) * D
+        r = tl.arange(0, R)
+        s, h = r % S, hk * G + r // S
+        valid = r < G * S
+        q_rope = tl.load(rope_pos_ptr + b * sr_b + s * sr_s, mask=valid, other=0) * D
+        k_new = _rope(qkv_ptr, row + (n_kv * G + hk) * D, cos_ptr, sin_ptr, k_rope, mine, D)
         v_new = tl.load(qkv_ptr + (row + (n_kv * G + n_kv + hk) * D)[:, None] + d[None, :], mask=mine[:, None],
                         other=0.0)
         tl.store(k_ptr + kv + pos[:, None] * sk_s + d[None, :], k_new.to(k_ptr.dtype.element_ty), mask=mine[:, None])
         tl.store(v_ptr + kv + pos[:, None] * sk_s + d[None, :], v_new.to(v_ptr.dtype.element_ty), mask=mine[:, None])
         tl.debug_barrier()  # the stores above are seen by every thread's loads below
-        r = tl.arange(0, R)
-        s, h = r % S, hk * G + r // S
-        valid = r < G * S
-        q = _rope(qkv_ptr, b * sx_b + s * sx_s + h * D, cos_ptr, sin_ptr, b * sr_b + s * sr_s, valid, D)
+        q = _rope(qkv_ptr, b * sx_b + s * sx_s + h * D, cos_ptr, sin_ptr, q_rope, valid, D)
         q = q.to(k_ptr.dtype.element_ty)  # rounded to the cache's dtype like the keys it meets
         end = tl.minimum(start + CHUNK, tl.max(pos) + 1)  # no query sees a slot past the furthest position
         q_pos = tl.load(pos_ptr + s, mask=valid, other=-1)  # (R,) each row's own position
@@ -164,21 +166,21 @@ if triton is not None:
 
 
 def decode_attention(qkv, rope, k_cache, v_cache, mask, input_pos, n_head: int):
-    """qkv (B, S, (H + 2 H_kv) D), the fused projection before RoPE; rope (cos, sin), each (B or 1, S, D) float32;
+    """qkv (B, S, (H + 2 H_kv) D), the fused projection before RoPE; rope (cos, sin, rope_pos): model.py's float32
+    tables (positions, D) and each query's row in them (B or 1, S), which the kernel gathers itself;
     caches (B_max, H_kv, S_max, D), into which the new keys (after RoPE) and values are written at `input_pos` (S,);
     mask (S, S_max) or (B, 1, S, S_max) bool (True: attend) -> (B, S, H*D): what model.Attention's RoPE, cache
     update and SDPA with that mask give. A 2-D mask must be model.py's causal one, slot <= input_pos: it is not
-    read."""
-    return _attend(qkv, *rope, k_cache, v_cache, None if mask.dim() == 2 else mask, input_pos, n_head, pdl=False)
+    read. A custom op (see _attention_op) runs the kernel."""
+    return _attention_op(qkv, *rope, k_cache, v_cache, None if mask.dim() == 2 else mask, input_pos, n_head, False)
 
 
 def decode_attention_pdl(qkv, rope, k_cache, v_cache, mask, input_pos, n_head: int):
-    """decode_attention launched with programmatic dependent launch where the GPU has it, through a custom op.
-    The causal mask is not passed on, so a compiled step still never builds it."""
-    return _attention_op(qkv, *rope, k_cache, v_cache, None if mask.dim() == 2 else mask, input_pos, n_head)
+    """decode_attention launched with programmatic dependent launch where the GPU has it."""
+    return _attention_op(qkv, *rope, k_cache, v_cache, None if mask.dim() == 2 else mask, input_pos, n_head, True)
 
 
-def _attend(qkv, cos, sin, k_cache, v_cache, mask, input_pos, n_head: int, pdl: bool):
+def _attend(qkv, cos, sin, rope_pos, k_cache, v_cache, mask, input_pos, n_head: int, pdl: bool):
     """decode_attention's launcher; mask None: model.py's causal mask (slot <= input_pos), not read."""
     B, S, _ = qkv.shape
     n_kv, S_max, D = k_cache.shape[1:]
@@ -186,7 +188,7 @@ def _attend(qkv, cos, sin, k_cache, v_cache, mask, input_pos, n_head: int, pdl: 
         raise ValueError(f"decode_attention takes up to {MAX_QUERIES} new positions, got {S}")
     assert qkv.shape[-1] == (n_head + 2 * n_kv) * D and k_cache.is_contiguous() and v_cache.is_contiguous()
     qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
-    cos, sin = cos.contiguous(), sin.contiguous()
+    assert cos.shape[-1] == D and cos.is_contiguous() and sin.is_contiguous() and rope_pos.dim() == 2
     G = n_head // n_kv
     R = 16  # tl.dot's smallest tile; a power of two (a loop, not next_power_of_2: S may be symbolic under compile)
     while R < G * S:
@@ -201,26 +203,28 @@ def _attend(qkv, cos, sin, k_cache, v_cache, mask, input_pos, n_head: int, pdl: 
     precision = "ieee" if qkv.dtype == torch.float32 else "tf32"
     pdl = pdl and PDL_OK and qkv.is_cuda and torch.cuda.get_device_capability(qkv.device)[0] >= 9
     _attention_kernel[(B * n_kv, n_chunks)](
-        qkv, cos, sin, k_cache, v_cache, m, input_pos, out, part_acc, part_ml, qkv.stride(0), qkv.stride(1),
-        cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1), k_cache.stride(0), k_cache.stride(1),
+        qkv, cos, sin, rope_pos, k_cache, v_cache, m, input_pos, out, part_acc, part_ml, qkv.stride(0), qkv.stride(1),
+        rope_pos.stride(0) if rope_pos.shape[0] > 1 else 0, rope_pos.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), sm_b, sm_s, n_kv, S, S_max, SCALE=1.0 / math.sqrt(D), G=G, D=D, R=R, CHUNK=CHUNK,
         BLOCK_L=BLOCK_L, SPLIT=n_chunks > 1, PRECISION=precision, CAUSAL=causal, PDL=pdl,
         LINES=max(1, D * k_cache.element_size() // 128), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-        **({"launch_pdl": True} if pdl else {}))  # only the custom op's launch: a traced one keeps inductor's
+        **({"launch_pdl": True} if pdl else {}))
     if n_chunks > 1:
         _merge_kernel[(B * n_kv,)](part_acc, part_ml, out, n_kv, S, N_CHUNKS=n_chunks, G=G, D=D, R=R, num_warps=4)
     return out
 
 
 @torch.library.custom_op("mtp_fast::decode_attention", mutates_args=("k_cache", "v_cache"))
-def _attention_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, mask: Optional[torch.Tensor], input_pos: torch.Tensor,
-                  n_head: int) -> torch.Tensor:
-    return _attend(qkv, cos, sin, k_cache, v_cache, mask, input_pos, n_head, pdl=True)
+def _attention_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_pos: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, mask: Optional[torch.Tensor], input_pos: torch.Tensor,
+                  n_head: int, pdl: bool) -> torch.Tensor:
+    """The kernel as an op that declares the two caches as the only tensors it writes: traced by torch.compile as a
+    plain Triton kernel, one with PDL's inline PTX counts as writing every input, and CUDA graphs are then skipped."""
+    return _attend(qkv, cos, sin, rope_pos, k_cache, v_cache, mask, input_pos, n_head, pdl)
 
 
 @_attention_op.register_fake
-def _(qkv, cos, sin, k_cache, v_cache, mask, input_pos, n_head):
+def _(qkv, cos, sin, rope_pos, k_cache, v_cache, mask, input_pos, n_head, pdl):
     return qkv.new_empty(*qkv.shape[:2], n_head * k_cache.shape[-1])
 
 

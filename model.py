@@ -175,7 +175,7 @@ class Transformer(nn.Module):
         B, S = idx.shape
         if input_pos is None:  # positions 0..S-1, causal, the cache neither read nor written
             cos, sin = rope_tables(S, self.config.head_dim, self.config.rope_base, self.config.rope_scaling, idx.device)
-            rope, mask = (cos[None], sin[None]), None
+            rope, mask = (cos, sin, torch.arange(S, device=idx.device)[None]), None
         else:
             slots = torch.arange(cache_window(input_pos, self.max_seq_length), device=idx.device)
             mask = slots[None, :] <= input_pos[:, None]  # (S, n): causal over the cache slots attended to
@@ -185,7 +185,9 @@ class Transformer(nn.Module):
                 mask = (mask & (slots >= left_pad[:, None, None])) | (slots == input_pos[:, None])  # (B, S, S_max)
                 pos = (input_pos[None, :] - left_pad[:, None]).clamp(min=0)  # (B, S)
                 mask = mask[:, None]  # (B, 1, S, S_max)
-            rope = (self.rope_cos[pos], self.rope_sin[pos])  # each (B or 1, S, D)
+            # the tables and each query's row in them, gathered where they are used: a step gathering them once,
+            # compiled, had inductor copy the rows again for every layer's attention kernel
+            rope = (self.rope_cos, self.rope_sin, pos)
         x = self.tok_embeddings(idx)
         for layer in self.layers:
             x = layer(x, rope, mask, input_pos)
@@ -344,7 +346,7 @@ def llama3_scale(inv_freq, factor, low_freq_factor, high_freq_factor, original_m
 
 
 def apply_rope(x, rope):
-    # x: (B, H, S, D); cos/sin: (B or 1, S, D), broadcast over heads
-    cos, sin = (t[:, None].to(x.dtype) for t in rope)
+    # x: (B, H, S, D); rope: the cos and sin tables (positions, D) and x's positions in them (B or 1, S)
+    cos, sin = (t[rope[2]][:, None].to(x.dtype) for t in rope[:2])
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin

@@ -81,7 +81,7 @@ class MTPHead(nn.Module):
         x = self.fuse(hidden, emb)
         slots = torch.arange(cache_window(input_pos, self.max_seq_length), device=x.device)
         mask = slots[None, :] <= input_pos[:, None]  # (S, n): causal over the cache slots attended to
-        rope = (self.rope_cos[input_pos][None], self.rope_sin[input_pos][None])  # each (1, S, D)
+        rope = (self.rope_cos, self.rope_sin, input_pos[None])  # the tables and the rows (1, S): model.apply_rope
         return self.block(x, rope, mask, input_pos)
 
     def logits(self, y):

@@ -65,7 +65,7 @@ def teacher_forced_logits(head: MTPHead, model: Transformer, hidden, x, k: int, 
         inputs.append(head.fuse(y, model.tok_embeddings(x[:, i + 1:i + 1 + L])))
         n = (i + 1) * L
         # the block reruns steps < i+1 as keys for this step (one layer: cheaper than a custom attention)
-        y = head.block(torch.cat(inputs, 1), (cos[pos[:n]][None], sin[pos[:n]][None]), mask[:n, :n], None)[:, i * L:]
+        y = head.block(torch.cat(inputs, 1), (cos, sin, pos[None, :n]), mask[:n, :n], None)[:, i * L:]
         out.append(F.linear(head.norm(y), weight))
     return out
 

@@ -477,7 +477,7 @@ def gptq_calibrate(model: Transformer, tokens, names, groupsize: int, percdamp: 
     emb = model.tok_embeddings.weight
     x = F.embedding(tokens.to(emb.device), emb).to(device=device, dtype=torch.float32)  # (samples, S, D): block 0's inputs
     cos, sin = rope_tables(S, c.head_dim, c.rope_base, c.rope_scaling, device)
-    rope = (cos[None], sin[None])
+    rope = (cos, sin, torch.arange(S, device=device)[None])  # model.apply_rope's tables and rows
     blocks = [(f"layers.{i}", layer) for i, layer in enumerate(model.layers)]
     progress = _Progress(len(blocks) + ("output" in wanted), "GPTQ blocks") if verbose else None
     for i, (prefix, block) in enumerate(blocks):

@@ -45,7 +45,7 @@ def main():
         pos = torch.arange(args.pos, args.pos + S, device="cuda")
         mask = torch.arange(args.cache, device="cuda")[None, :] <= pos[:, None]
         cos, sin = rope_tables(args.cache, D, c.rope_base, c.rope_scaling, device="cuda")
-        rope = (cos[pos][None], sin[pos][None])
+        rope = (cos, sin, pos[None])
         attn.decode_attention = A.decode_attention if kernel else None
 
         def layer(cache):

@@ -35,8 +35,9 @@ import decode_attention as A  # noqa: E402
 import gemv as G  # noqa: E402
 
 REGISTERS_PER_SM, SHARED_PER_SM, THREADS_PER_SM = 65536, 228 * 1024, 2048  # sm_90
-ATTENTION_POINTERS = dict(qkv_ptr="*bf16", cos_ptr="*fp32", sin_ptr="*fp32", k_ptr="*bf16", v_ptr="*bf16",
-                          mask_ptr="*i64", pos_ptr="*i64", o_ptr="*bf16", acc_ptr="*fp32", ml_ptr="*fp32")
+ATTENTION_POINTERS = dict(qkv_ptr="*bf16", cos_ptr="*fp32", sin_ptr="*fp32", rope_pos_ptr="*i64", k_ptr="*bf16",
+                          v_ptr="*bf16", mask_ptr="*i64", pos_ptr="*i64", o_ptr="*bf16", acc_ptr="*fp32",
+                          ml_ptr="*fp32")
 
 
 def compile_sm(fn, pointers: dict, consts: dict, num_warps: int, num_stages: int = 3, capability: int = 90) -> dict:

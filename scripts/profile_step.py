@@ -24,7 +24,7 @@ def log(msg):
 
 
 def kernel_times(fn, calls: int):
-    """GPU microseconds per call of each kernel name, and kernels launched per call, over `calls` calls of fn."""
+    """Per kernel name, GPU microseconds and launches per call of fn (over `calls` calls), and launches per call."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -34,11 +34,12 @@ def kernel_times(fn, calls: int):
             fn()
         torch.cuda.synchronize()
     log("profiled")
-    out, launches = defaultdict(float), 0
+    out, launches = defaultdict(lambda: [0.0, 0.0]), 0
     for e in prof.key_averages():
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
         if t > 0 and e.device_type == torch.autograd.DeviceType.CUDA:
-            out[e.key] += t / calls
+            out[e.key][0] += t / calls
+            out[e.key][1] += e.count / calls
             launches += e.count / calls
     return dict(out), launches
 
@@ -71,17 +72,18 @@ def main(argv=None):
     # CUDA graphs only after profiling: the profiler can hang on graphs made before its first use (pytorch#75504)
     one_graph, many_graph = verify_cost(model, "cuda", args.verify_k, True, args.prompt_len)
 
-    names = sorted(set(one) | set(many), key=lambda k: -abs(many.get(k, 0) - one.get(k, 0)))
-    print(f"{'kernel (GPU us per call)':<70} {'decode':>9} {f'verify {n}':>9} {'diff':>9}")
+    none = (0.0, 0.0)
+    names = sorted(set(one) | set(many), key=lambda k: -abs(many.get(k, none)[0] - one.get(k, none)[0]))
+    print(f"{'kernel (GPU us per call; x: launches per call)':<70} {'decode':>9} {f'verify {n}':>15} {'diff':>9}")
     for k in names[:args.top]:
-        a, b = one.get(k, 0.0), many.get(k, 0.0)
-        print(f"{k[:70]:<70} {a:9.1f} {b:9.1f} {b - a:9.1f}")
-    rows = [("sum of kernels (us)", sum(one.values()), sum(many.values())),
+        (a, na), (b, nb) = one.get(k, none), many.get(k, none)
+        print(f"{k[:64]:<64} x{na:<4.0f} {a:9.1f} x{nb:<4.0f} {b:9.1f} {b - a:9.1f}")
+    rows = [("sum of kernels (us)", sum(t for t, _ in one.values()), sum(t for t, _ in many.values())),
             ("kernels per call", launches_one, launches_many),
             ("wall, compiled no graph (us)", one_eager * 1e6, many_eager * 1e6),
             ("wall, CUDA graph (us)", one_graph * 1e6, many_graph * 1e6)]
     for label, a, b in rows:
-        print(f"{label:<70} {a:9.1f} {b:9.1f} {b - a:9.1f}")
+        print(f"{label:<70} {a:9.1f} {b:15.1f} {b - a:9.1f}")
     print(f"model {args.model} {args.quant}; torch {torch.__version__}; {torch.cuda.get_device_name()}")
 
 

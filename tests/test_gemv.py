@@ -277,7 +277,7 @@ def one_block(bias: bool, rows: int, int4: bool = False):
     model.setup_caches(1, 32)
     pos = torch.arange(rows)
     mask = torch.arange(32)[None, :] <= pos[:, None]
-    rope = (model.rope_cos[pos][None], model.rope_sin[pos][None])
+    rope = (model.rope_cos, model.rope_sin, pos[None])
     return model.layers[0], (torch.randn(1, rows, 32), rope, mask, pos)
 
 
