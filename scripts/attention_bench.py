@@ -28,6 +28,8 @@ def main():
     p.add_argument("--k", type=int, default=5, help="verification of k+1 queries is timed too")
     p.add_argument("--sweep", action="store_true", help="also try CHUNK, BLOCK_L, num_warps and num_stages settings")
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("attention_bench.py needs a CUDA GPU (it times Triton kernels in CUDA graphs)")
     c = ModelArgs.from_name(args.model)
     torch.manual_seed(0)
     kv = []  # one KVCache per layer, random contents

@@ -68,6 +68,8 @@ def main():
                    help="the Triton kernels with the RMSNorm before wqkv and the gate-up pair and the residual add "
                         "after wo and w2, as the model runs them")
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gemv_sweep.py needs a CUDA GPU (it times Triton kernels in CUDA graphs)")
     G.PDL_OK = G.PDL_OK and not args.no_pdl
     sweep, g, row_counts = args.sweep, args.groupsize, [int(r) for r in args.rows.split(",")]
     c = ModelArgs.from_name(args.model)

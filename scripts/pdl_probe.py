@@ -101,6 +101,8 @@ def run(w, x, gate=None, res=None, rms=False, variant="base"):
 
 
 def main():
+    if not torch.cuda.is_available():
+        sys.exit("pdl_probe.py needs a CUDA GPU (Hopper: programmatic dependent launch)")
     dev = "cuda"
     D, F, L, V = 4096, 11008, int(sys.argv[1]) if len(sys.argv) > 1 else 32, 32000
     torch.manual_seed(0)
