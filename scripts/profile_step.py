@@ -4,7 +4,8 @@
     python scripts/profile_step.py --model SmolLM2-135M --quant int4 --groupsize 64
 
 Both steps are compiled without CUDA graphs (so the profiler sees each kernel) and profiled over many calls; the
-table lists each kernel's GPU time per call for the two steps side by side, largest difference first. The wall
+table lists each kernel's GPU time and launches per call for the two steps side by side, largest difference first
+(a small kernel launched once a layer shows up as x32 on a 32-layer model). The wall
 time of the same steps as CUDA graphs (what generation runs) is printed too, so the part of the difference that
 is GPU work can be told from launch overhead.
 """
