@@ -82,7 +82,7 @@ FLOAT_GEMV_MAX_K = 2048
 # at most BLOCK_W / 4 threads: with more, x went through shared memory to meet the weights (narrow rows: fewer warps)
 INT8_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=8, STAGES=1)  # BLOCK_W int32 words: 2 KB of a row a step
 INT8_GATE_CONFIG = dict(BLOCK_N=8, BLOCK_W=256, num_warps=4, STAGES=1)  # the gate-up pair: two weights a row
-INT4_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=4, STAGES=1)  # BLOCK_W int32 words: 4096 weights of a row
+INT4_CONFIG = dict(BLOCK_N=4, BLOCK_W=512, num_warps=4, STAGES=1)  # BLOCK_W int32 words: 4096 weights of a row
 # the int4 gate-up pair at 4 rows a program, not 2: x's per-32-column scale and norm then serve twice the weight rows
 # (H100, session 35: 74.5% of copy at kernel level with the norms, against 69.5%)
 INT4_GATE_CONFIG = dict(BLOCK_N=4, BLOCK_W=256, num_warps=4, STAGES=1)  # the gate-up pair: two weights a row
@@ -93,6 +93,13 @@ INT4_ROWS_CONFIG = dict(BLOCK_N=32, num_warps=4, num_stages=6)  # a group of W a
 # at 256 words and 2 warps); more rows: the tensor-core rows kernel. 7B verify of 4 2.74 ms, of 6 3.77, of 8 4.61
 INT4_XQ_ROWS = 8
 INT4_XQ_CONFIG = dict(BLOCK_N=4, BLOCK_W=128, num_warps=1, STAGES=1)
+# W with WIDE_N rows or more (the 7B's wqkv, 12288) streams faster with more rows a program than the 4096-row matmuls
+# after it, whose tiles above keep their grids filled (per-matmul sweep with the norms, H100, session 41, wqkv: int8
+# 94.4% -> 97.8% of copy, int4 71.2% -> 77.2%, int4 at 6 rows 30.7% -> 38.0%)
+WIDE_N = 8192
+INT8_WIDE_CONFIG = dict(BLOCK_N=16, BLOCK_W=512, num_warps=4, STAGES=3)
+INT4_WIDE_CONFIG = dict(BLOCK_N=16, BLOCK_W=128, num_warps=1, STAGES=1)
+INT4_XQ_WIDE_CONFIG = dict(BLOCK_N=8, BLOCK_W=128, num_warps=1, STAGES=1)
 INT4_XQ_COLUMNS = 512
 
 if triton is not None:
@@ -763,7 +770,7 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias:
     (M, K), N = x.shape, weight.shape[0]
     y, b = x.new_empty(M, N), bias if bias is not None else scales
     args = dict(HAS_BIAS=bias is not None, **_epilogue_args(x, gate, residual, gate_scales))
-    cfg = INT8_CONFIG if gate is None else INT8_GATE_CONFIG
+    cfg = INT8_GATE_CONFIG if gate is not None else INT8_WIDE_CONFIG if N >= WIDE_N else INT8_CONFIG
     cfg = dict(cfg, BLOCK_W=max(2, min(cfg["BLOCK_W"], triton.next_power_of_2(K // 4))))  # narrow rows: no idle lanes
     if M == 1 and _int8_gemv_ok(x, weight, norm_weight, cfg["BLOCK_W"]):
         pdl = _pdl(x)
@@ -836,13 +843,13 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
         _int4_x_kernel[(M, triton.cdiv(K // groupsize, gb))](
             xw, nw, q, e, e[M * (K // groupsize):], K=K, GROUPSIZE=groupsize, HAS_RMS=norm_weight is not None,
             EPS=rms_eps or 0.0, GB=gb, PDL=pdl, launch_pdl=pdl, num_warps=4)
-        cfg, (mp, mp2) = int4_config(K, gate is not None, M), xq_blocks(M)
+        cfg, (mp, mp2) = int4_config(K, gate is not None, M, N), xq_blocks(M)
         _int4_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](q, weight, scales, zeros, b, y, N=N, e_ptr=e,
                                                         **dict(args, HAS_RMS=False), **cfg, PDL=pdl, launch_pdl=pdl,
                                                         M=M, MP=mp, MP2=mp2, XQ=True)
         return y
     if M == 1:
-        cfg, pdl = int4_config(K, gate is not None), _pdl(x)
+        cfg, pdl = int4_config(K, gate is not None, 1, N), _pdl(x)
         _int4_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](xw, weight, scales, zeros, b, y, N=N, e_ptr=scales, **args,
                                                         **cfg, PDL=pdl, launch_pdl=pdl, M=1, MP=1)
         return y
@@ -859,10 +866,12 @@ def xq_blocks(M: int) -> tuple:
     return mp, 0 if M == mp else triton.next_power_of_2(M - mp)
 
 
-def int4_config(K: int, gate: bool = False, rows: int = 1) -> dict:
-    """The int4 GEMV's tile for W's rows K wide (with the gate-up pair, or more than one row of x: its own): no more
-    words a chunk than a row has, and at most a thread for four of them (INT4_CONFIG)."""
-    cfg = INT4_XQ_CONFIG if rows > 1 else INT4_GATE_CONFIG if gate else INT4_CONFIG
+def int4_config(K: int, gate: bool = False, rows: int = 1, N: int = 0) -> dict:
+    """The int4 GEMV's tile for W (N, K) (the gate-up pair, more than one row of x and N >= WIDE_N have their own):
+    no more words a chunk than a row has, and at most a thread for four of them (INT4_CONFIG)."""
+    wide = N >= WIDE_N and not gate
+    cfg = ((INT4_XQ_WIDE_CONFIG if wide else INT4_XQ_CONFIG) if rows > 1 else INT4_GATE_CONFIG if gate else
+           INT4_WIDE_CONFIG if wide else INT4_CONFIG)
     block_w = min(cfg["BLOCK_W"], triton.next_power_of_2(K // 8))
     return dict(cfg, BLOCK_W=block_w, num_warps=max(1, min(cfg["num_warps"], block_w // 128)))
 

@@ -51,8 +51,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", nargs="*", default=None, metavar="KIND",
                    help="also sweep the Triton kernels' tile configs (all, or the kinds named: bf16 int8 int4; int8 "
-                        "and int4 include the gate-up pair's own tile, int8-gate or int4-gate alone sweeps only that "
-                        "one)")
+                        "and int4 include the own tiles of the gate-up pair and of the wide matmuls; int8-gate, "
+                        "int4-wide and the like alone sweep only that one)")
     p.add_argument("--model", default="Llama-2-7B", help="whose layer shapes (a model.py preset name)")
     p.add_argument("--groupsize", type=int, default=128, help="int4 group size")
     p.add_argument("--rows", default="1,6", help="input rows to time, comma-separated")
@@ -63,7 +63,8 @@ def main():
                         "as the model runs them)")
     p.add_argument("--no_pdl", action="store_true", help="plain launches: no programmatic dependent launch")
     p.add_argument("--per_layer", action="store_true",
-                   help="also time each of a layer's matmuls alone (over all layers): which is furthest from copy")
+                   help="also time each of a layer's matmuls alone (over all layers): which is furthest from copy; "
+                        "with --sweep, each config too, and the best config for each matmul")
     p.add_argument("--norms", action="store_true",
                    help="the Triton kernels with the RMSNorm before wqkv and the gate-up pair and the residual add "
                         "after wo and w2, as the model runs them")
@@ -131,16 +132,16 @@ def main():
                           for i, (xi, (w, sz)) in enumerate(zip(xs, tiny)) if kept(i, part)]
         return sum(b for i, b in enumerate(nbytes[kind]) if kept(i, part)) / graph_time(fn) / 1e9
 
+    # a layer's matmuls timed alone with --per_layer (w1 runs inside w3's call, as the gate-up pair)
+    parts = [part for part in range(5) if part != 2 or args.no_pair] if args.per_layer else []
+    names = ["w1+w3" if part == 3 and not args.no_pair else ("wqkv", "wo", "w1", "w3", "w2")[part] for part in parts]
     table = []
     for kind, rows in itertools.product(args.kinds.split(","), row_counts):
         gbs = run(kind, rows)
         table.append(f"{kind:13s} rows={rows} default config       {gbs:7.0f} GB/s {100 * gbs / copy:5.1f}%")
         print(table[-1], flush=True)
-        for part in range(5) if args.per_layer else ():
-            if part == 2 and not args.no_pair:
-                continue  # timed with w3, as the gate-up pair
+        for part, name in zip(parts, names):
             gbs = run(kind, rows, part)
-            name = "w1+w3" if part == 3 and not args.no_pair else ("wqkv", "wo", "w1", "w3", "w2")[part]
             table.append(f"{kind:13s} rows={rows}   {name:6s} alone       {gbs:7.0f} GB/s {100 * gbs / copy:5.1f}%")
             print(table[-1], flush=True)
     if sweep is None:
@@ -157,8 +158,10 @@ def main():
                                   [4, 8], [1, 3]),
              ("int8-gate", 1): configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [8, 4, 2], [256, 128, 512],
                                        [4, 8], [1]),
-             ("int4", 1): configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [4, 8, 16], [128, 256, 512],
-                                  [4, 8], [1, 3]),
+             # int4_config gives a warp at most 128 words (so 4 warps at 512) and STAGES 2-3 ran five times slower
+             # for several rows (H100, session 40), so the one-row grid sweeps rows and words only
+             ("int4", 1): configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [4, 8, 16, 2], [512, 256, 128],
+                                  [4], [1]),
              ("int4-gate", 1): configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [2, 4, 8], [256, 512],
                                        [4], [1]),
              # int4_config gives a warp at most 128 words: more warps than that would time the same kernel again;
@@ -166,38 +169,53 @@ def main():
              ("int4-xq", G.INT4_XQ_ROWS): [c for c in configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [4, 2, 8],
                                                               [128, 256, 512], [1, 2, 4], [1])
                                            if c["num_warps"] <= c["BLOCK_W"] // 128],
+             # the tiles of W with gemv.WIDE_N rows or more (the 7B's wqkv)
+             ("int8-wide", 1): configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [16, 8, 32], [512, 256],
+                                       [4, 8], [3, 1]),
+             ("int4-wide", 1): configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [16, 8, 32], [128, 256, 512],
+                                       [4], [1]),
+             ("int4-xq-wide", G.INT4_XQ_ROWS): configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [8, 4, 16],
+                                                       [128, 256], [1], [1]),
              ("int8", 6): configs(rows_tile, [16, 32, 64], [64, 128, 256], [4], [3, 4, 6]),
              ("int4", 6): configs(["BLOCK_N", "num_warps", "num_stages"], [32, 16, 64], [4, 2, 8], [6, 4, 3])}
-    names = {("bf16", 1): "GEMV_CONFIG", ("bf16", 6): "ROWS_CONFIG" if shapes[0][1] >= 4096 else "SMALL_ROWS_CONFIG",
+    tiles = {("bf16", 1): "GEMV_CONFIG", ("bf16", 6): "ROWS_CONFIG" if shapes[0][1] >= 4096 else "SMALL_ROWS_CONFIG",
              ("int8", 1): "INT8_CONFIG", ("int8-gate", 1): "INT8_GATE_CONFIG", ("int4", 1): "INT4_CONFIG",
              ("int4-gate", 1): "INT4_GATE_CONFIG", ("int8", 6): "INT8_ROWS_CONFIG", ("int4", 6): "INT4_ROWS_CONFIG",
-             ("int4-xq", G.INT4_XQ_ROWS): "INT4_XQ_CONFIG"}
+             ("int4-xq", G.INT4_XQ_ROWS): "INT4_XQ_CONFIG", ("int8-wide", 1): "INT8_WIDE_CONFIG",
+             ("int4-wide", 1): "INT4_WIDE_CONFIG", ("int4-xq-wide", G.INT4_XQ_ROWS): "INT4_XQ_WIDE_CONFIG"}
     for (kind, key), grid in grids.items():
         skip = sweep and kind.split("-")[0] not in sweep and kind not in sweep  # "int8" takes int8-gate too
-        if skip or (kind.endswith("-gate") and args.no_pair) or (key == 1 and 1 not in row_counts) or (
-                key > 1 and max(row_counts) < 2):
+        unused = (kind.endswith("-gate") and args.no_pair) or (kind.endswith("-wide") and max(shapes)[0] < G.WIDE_N)
+        if skip or unused or (key == 1 and 1 not in row_counts) or (key > 1 and max(row_counts) < 2):
             continue
-        rows = 1 if key == 1 else min(max(row_counts), key) if kind == "int4-xq" else max(row_counts)
+        rows = 1 if key == 1 else min(max(row_counts), key) if kind.startswith("int4-xq") else max(row_counts)
         if (kind, key) == ("int4", 6) and rows <= G.INT4_XQ_ROWS:
             continue  # these rows take the int4 GEMV (int4-xq), not the tensor-core rows kernel
         t0, res = time.time(), []
-        default = dict(getattr(G, names[kind, key]))
+        default = dict(getattr(G, tiles[kind, key]))
         for cfg in grid:
             if time.time() - t0 > args.budget:
                 break
-            setattr(G, names[kind, key], dict(default, **cfg))  # keys the grid does not name keep gemv.py's value
+            setattr(G, tiles[kind, key], dict(default, **cfg))  # keys the grid does not name keep gemv.py's value
             try:
-                res.append((tuple(cfg.values()), run(kind.split("-")[0], rows)))  # int8-gate: all int8 layers
+                kind0 = kind.split("-")[0]  # int8-gate, int8-wide: all int8 layers
+                res.append((tuple(cfg.values()), run(kind0, rows), [run(kind0, rows, part) for part in parts]))
             except Exception as e:  # noqa: BLE001
                 print(kind, rows, cfg, "failed", f"{type(e).__name__}: {e}"[:300], flush=True)
-        setattr(G, names[kind, key], default)
+        setattr(G, tiles[kind, key], default)
         res.sort(key=lambda r: -r[1])
-        head = (f"{kind} rows={rows} {names[kind, key]}: {len(res)} of {len(grid)} configs timed in the budget "
+        head = (f"{kind} rows={rows} {tiles[kind, key]}: {len(res)} of {len(grid)} configs timed in the budget "
                 f"({', '.join(grid[0])})")
-        best = [f"{kind} rows={rows} {names[kind, key]}={str(cfg):18s} {gbs:7.0f} GB/s {100 * gbs / copy:5.1f}%"
-                for cfg, gbs in res[:4]]
-        table += [head] + best
-        print("\n".join([head] + best[:1]), flush=True)
+        best = [f"{kind} rows={rows} {tiles[kind, key]}={str(cfg):18s} {gbs:7.0f} GB/s {100 * gbs / copy:5.1f}%"
+                for cfg, gbs, _ in res[:4]]
+        shipped = next((r for r in res if r[0] == tuple(default[k] for k in grid[0])), None)
+        per_part = []  # each matmul's own best config, and the shipped config's figure if the grid holds it
+        for j, name in enumerate(names if res else []):
+            cfg, _, per = max(res, key=lambda r: r[2][j])
+            per_part.append(f"{kind} rows={rows}   {name:6s} best {str(cfg):18s} {100 * per[j] / copy:5.1f}%"
+                            + (f" (shipped {100 * shipped[2][j] / copy:5.1f}%)" if shipped else ""))
+        table += [head] + best + per_part
+        print("\n".join([head] + best[:1] + per_part), flush=True)
     print("\n".join(table))
 
 

@@ -364,6 +364,22 @@ def test_cuda_int8_gemv_matches_dequantized():
         assert rel_err(lin(x).float(), x.float() @ ref_w.T) < 2e-2
 
 
+@gpu
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_cuda_wide_tiles_match_dequantized(mode, monkeypatch):
+    """The GEMVs' own tiles for W with gemv.WIDE_N rows or more (the 7B's wqkv), lowered here to 256, at 1 row and
+    at 6 (int4: the XQ GEMV)."""
+    import gemv
+    monkeypatch.setattr(gemv, "WIDE_N", 256)
+    torch.manual_seed(0)
+    lin = quantized_linear(torch.randn(256, 1024), mode, *([128] if mode == "int4" else []))
+    ref_w = dequantized_weight(lin).cuda()
+    lin = Q.prepare_for_device(lin.cuda().to(torch.bfloat16), int4_kernel="triton")
+    for rows in (1, 6):
+        x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
+        assert rel_err(lin(x).float(), x.float() @ ref_w.T) < 2e-2, rows
+
+
 def test_unknown_kernel_name_is_refused():
     lin = quantized_linear(torch.randn(32, 64), "int4", 32)
     with pytest.raises(ValueError, match="int4_kernel must be 'torch' or 'triton'"):
