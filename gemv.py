@@ -93,11 +93,11 @@ INT4_ROWS_CONFIG = dict(BLOCK_N=32, num_warps=4, num_stages=6)  # a group of W a
 # at 256 words and 2 warps); more rows: the tensor-core rows kernel. 7B verify of 4 2.74 ms, of 6 3.77, of 8 4.61
 INT4_XQ_ROWS = 8
 INT4_XQ_CONFIG = dict(BLOCK_N=4, BLOCK_W=128, num_warps=1, STAGES=1)
-# W with WIDE_N rows or more (the 7B's wqkv, 12288) streams faster with more rows a program than the 4096-row matmuls
-# after it, whose tiles above keep their grids filled (per-matmul sweep with the norms, H100, session 41, wqkv: int8
-# 94.4% -> 97.8% of copy, int4 71.2% -> 77.2%, int4 at 6 rows 30.7% -> 38.0%)
+# int4 W with WIDE_N rows or more (the 7B's wqkv, 12288) streams faster with more rows a program than the 4096-row
+# matmuls after it, whose tiles above keep their grids filled (H100, session 41: per-matmul sweep with the norms,
+# wqkv 71.2% -> 77.2% of copy, at 6 rows 30.7% -> 38.0%; 7B decode +2.5% tok/s, verify of 6 3.757 -> 3.682 ms).
+# int8's wqkv also swept faster at 16 x 512 (94.4% -> 97.8%), but the 7B decode did not move: one tile there
 WIDE_N = 8192
-INT8_WIDE_CONFIG = dict(BLOCK_N=16, BLOCK_W=512, num_warps=4, STAGES=3)
 INT4_WIDE_CONFIG = dict(BLOCK_N=16, BLOCK_W=128, num_warps=1, STAGES=1)
 INT4_XQ_WIDE_CONFIG = dict(BLOCK_N=8, BLOCK_W=128, num_warps=1, STAGES=1)
 INT4_XQ_COLUMNS = 512
@@ -770,7 +770,7 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias:
     (M, K), N = x.shape, weight.shape[0]
     y, b = x.new_empty(M, N), bias if bias is not None else scales
     args = dict(HAS_BIAS=bias is not None, **_epilogue_args(x, gate, residual, gate_scales))
-    cfg = INT8_GATE_CONFIG if gate is not None else INT8_WIDE_CONFIG if N >= WIDE_N else INT8_CONFIG
+    cfg = INT8_CONFIG if gate is None else INT8_GATE_CONFIG
     cfg = dict(cfg, BLOCK_W=max(2, min(cfg["BLOCK_W"], triton.next_power_of_2(K // 4))))  # narrow rows: no idle lanes
     if M == 1 and _int8_gemv_ok(x, weight, norm_weight, cfg["BLOCK_W"]):
         pdl = _pdl(x)

@@ -51,7 +51,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", nargs="*", default=None, metavar="KIND",
                    help="also sweep the Triton kernels' tile configs (all, or the kinds named: bf16 int8 int4; int8 "
-                        "and int4 include the own tiles of the gate-up pair and of the wide matmuls; int8-gate, "
+                        "and int4 include the gate-up pair's own tiles, int4 the wide matmuls' too; int8-gate, "
                         "int4-wide and the like alone sweep only that one)")
     p.add_argument("--model", default="Llama-2-7B", help="whose layer shapes (a model.py preset name)")
     p.add_argument("--groupsize", type=int, default=128, help="int4 group size")
@@ -169,9 +169,7 @@ def main():
              ("int4-xq", G.INT4_XQ_ROWS): [c for c in configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [4, 2, 8],
                                                               [128, 256, 512], [1, 2, 4], [1])
                                            if c["num_warps"] <= c["BLOCK_W"] // 128],
-             # the tiles of W with gemv.WIDE_N rows or more (the 7B's wqkv)
-             ("int8-wide", 1): configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [16, 8, 32], [512, 256],
-                                       [4, 8], [3, 1]),
+             # the int4 tiles of W with gemv.WIDE_N rows or more (the 7B's wqkv)
              ("int4-wide", 1): configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [16, 8, 32], [128, 256, 512],
                                        [4], [1]),
              ("int4-xq-wide", G.INT4_XQ_ROWS): configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [8, 4, 16],
@@ -181,8 +179,8 @@ def main():
     tiles = {("bf16", 1): "GEMV_CONFIG", ("bf16", 6): "ROWS_CONFIG" if shapes[0][1] >= 4096 else "SMALL_ROWS_CONFIG",
              ("int8", 1): "INT8_CONFIG", ("int8-gate", 1): "INT8_GATE_CONFIG", ("int4", 1): "INT4_CONFIG",
              ("int4-gate", 1): "INT4_GATE_CONFIG", ("int8", 6): "INT8_ROWS_CONFIG", ("int4", 6): "INT4_ROWS_CONFIG",
-             ("int4-xq", G.INT4_XQ_ROWS): "INT4_XQ_CONFIG", ("int8-wide", 1): "INT8_WIDE_CONFIG",
-             ("int4-wide", 1): "INT4_WIDE_CONFIG", ("int4-xq-wide", G.INT4_XQ_ROWS): "INT4_XQ_WIDE_CONFIG"}
+             ("int4-xq", G.INT4_XQ_ROWS): "INT4_XQ_CONFIG", ("int4-wide", 1): "INT4_WIDE_CONFIG",
+             ("int4-xq-wide", G.INT4_XQ_ROWS): "INT4_XQ_WIDE_CONFIG"}
     for (kind, key), grid in grids.items():
         skip = sweep and kind.split("-")[0] not in sweep and kind not in sweep  # "int8" takes int8-gate too
         unused = (kind.endswith("-gate") and args.no_pair) or (kind.endswith("-wide") and max(shapes)[0] < G.WIDE_N)
@@ -198,7 +196,7 @@ def main():
                 break
             setattr(G, tiles[kind, key], dict(default, **cfg))  # keys the grid does not name keep gemv.py's value
             try:
-                kind0 = kind.split("-")[0]  # int8-gate, int8-wide: all int8 layers
+                kind0 = kind.split("-")[0]  # int8-gate: all int8 layers
                 res.append((tuple(cfg.values()), run(kind0, rows), [run(kind0, rows, part) for part in parts]))
             except Exception as e:  # noqa: BLE001
                 print(kind, rows, cfg, "failed", f"{type(e).__name__}: {e}"[:300], flush=True)

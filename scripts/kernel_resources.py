@@ -101,7 +101,6 @@ def variants(K: int):
                ("float GEMV x4 rows", G._gemv_kernel, bf16, dict(G.GEMV_CONFIG, MP=4), [{}, dict(gate, **norm)]),
                ("int8 GEMV", G._int8_gemv_kernel, int8, G.INT8_CONFIG, [{}, res, norm]),
                ("int8 GEMV", G._int8_gemv_kernel, int8, G.INT8_GATE_CONFIG, [gate, dict(gate, **norm)]),
-               ("int8 GEMV wide", G._int8_gemv_kernel, int8, G.INT8_WIDE_CONFIG, [norm]),
                ("float rows", G._rows_kernel, bf16, rows_cfg, [{}, gate, res, norm, dict(gate, **norm)]),
                ("int8 rows", G._rows_kernel, int8, G.INT8_ROWS_CONFIG,
                 [dict(HAS_SCALE=True), dict(gate, HAS_SCALE=True), dict(gate, HAS_SCALE=True, HAS_NW=True, **norm)]),

@@ -365,14 +365,13 @@ def test_cuda_int8_gemv_matches_dequantized():
 
 
 @gpu
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_cuda_wide_tiles_match_dequantized(mode, monkeypatch):
-    """The GEMVs' own tiles for W with gemv.WIDE_N rows or more (the 7B's wqkv), lowered here to 256, at 1 row and
-    at 6 (int4: the XQ GEMV)."""
+def test_cuda_int4_wide_tiles_match_dequantized(monkeypatch):
+    """The int4 GEMV's own tiles for W with gemv.WIDE_N rows or more (the 7B's wqkv), lowered here to 256, at 1 row
+    and at 6 (the XQ GEMV)."""
     import gemv
     monkeypatch.setattr(gemv, "WIDE_N", 256)
     torch.manual_seed(0)
-    lin = quantized_linear(torch.randn(256, 1024), mode, *([128] if mode == "int4" else []))
+    lin = quantized_linear(torch.randn(256, 1024), "int4", 128)
     ref_w = dequantized_weight(lin).cuda()
     lin = Q.prepare_for_device(lin.cuda().to(torch.bfloat16), int4_kernel="triton")
     for rows in (1, 6):
