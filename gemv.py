@@ -4,33 +4,42 @@ At batch 1 every linear layer is a matrix-vector product bound by how fast the w
 Over Llama-2-7B-shaped weights cuBLAS streams at about 82% (H200) and 89% (H100) of the device-to-device copy
 bandwidth; the float GEMV here at 91% and 98% (scripts/gemv_sweep.py; BENCHMARKS.md has the runs). Speculative
 verification multiplies a handful of rows (k+1) by the same weights: there cuBLAS's kernels took 10% (7B) to 65%
-(SmolLM2) longer than one GEMV (scripts/profile_step.py), so 2..MAX_ROWS rows go through a second kernel that also
-reads each weight tile once and multiplies it on the tensor cores.
+(SmolLM2) longer than one GEMV (scripts/profile_step.py), so several rows also get kernels that read each weight
+tile once for all of them. Which kernel runs, for M rows of x:
 
-For one row, a GEMV per weight format. Float: a (BLOCK_N, BLOCK_K) register tile of float32 products, reduced
-once at the end. int8 in integers: x is scaled onto int16 by its largest magnitude (the rounding loses under 2**-16
-of it, far below x's own bfloat16 rounding), and two `dp2a` instructions multiply a 32-bit word of four int8
-weights by four of those into int32 sums, made floats once at the end: a third of the instructions of float
-products (with PDL, 88% of copy over the 7B layers at the best tile of a sweep, against their 76%; BENCHMARKS.md).
-Its tile is (word pairs, rows, 2), so that each thread loads two words of every row and, itself, the x they need.
-x's range costs each program a pass over all of x (and the norm's weight) before its first dp2a: about 6 points of
-copy at kernel level (H100).
-The float GEMV also takes a few rows of x, each weight loaded once for all: a small model's verify
-(`FLOAT_GEMV_ROWS`, `FLOAT_GEMV_MAX_K`). For 2..16 rows otherwise, a rows kernel for float and int8 weights
-(`tl.dot` against the rows padded to 16): it multiplies the int8 weights as exact small integers in x's dtype and
-applies the scales to the float32 sums at the end. int4 (pack_int4's layout: a scale and zero per group, w = (q - 8)
-s + z): the int8 GEMV's integers, a word of 8 weights masked into bytes and multiplied by 8 columns of x in four
-dp2a, each group adding s * D + (z - 8 s) * X in float32 (D the integer products, X the integer sum of x over the
-same columns) times the int16 scale of those columns, which at one row each thread makes from its own 32 columns of
-x (packed bfloat16x2 maxima) instead of a pass over all of x first (63.6% of copy in the 7B against 59.2%). For 2 to
-INT4_XQ_ROWS rows a small kernel first rounds x onto int16 (a scale per group) and sums each thread's 32 columns,
-so that the GEMV only loads them, once for all its weight rows, and spends its instructions on the dp2a of each
-row. More rows go to the tensor cores, a group a step, the nibbles made 16-bit floats OFFSET + q by a prmt under
-OFFSET's exponent byte (no int-to-float conversion), D = x . (OFFSET + q) and X from two dots each, then s * D +
-(z - (OFFSET + 8) s) * X. On an H100 the GEMV streams Llama-2-7B's int4 layers at about 78% of copy at one row
-(74.5% with the model's norms and residual adds in), against 56% for torch's tinygemm; with the norms, 47.1% at four
-rows (tinygemm 40.7%) and 32.2% at six (tinygemm 31.8%), x's rows taken in two blocks of powers of two (4 + 2:
-`xq_blocks`); the tensor-core kernel 21% at six (BENCHMARKS.md). int8 and int4 are the formats quantize.py writes.
+    weights   M = 1                          M = 2..16 (MAX_ROWS)
+    float     _gemv_kernel                   _gemv_kernel up to FLOAT_GEMV_ROWS where K <= FLOAT_GEMV_MAX_K,
+                                             else _rows_kernel (tensor cores)
+    int8      _int8_gemv_kernel (dp2a)       _rows_kernel (tensor cores)
+    int4      _int4_kernel (dp2a)            _int4_x_kernel then _int4_kernel (XQ) up to INT4_XQ_ROWS,
+                                             else _int4_rows_kernel (tensor cores)
+
+Float GEMV: a (BLOCK_N, BLOCK_K) register tile of float32 products, reduced once at the end; it also takes a few
+rows of x, each weight loaded once for all (a small model's verify). The rows kernel multiplies x, padded to 16
+rows, by each weight tile with `tl.dot`; int8 weights go in as exact small integers in x's dtype, their scales
+applied to the float32 sums at the end.
+
+int8 GEMV, in integers: x is scaled onto int16 by its largest magnitude (the rounding loses under 2**-16 of it, far
+below x's own bfloat16 rounding), and two `dp2a` instructions multiply a 32-bit word of four int8 weights by four of
+those into int32 sums, made floats once at the end: a third of the instructions of float products (with PDL, 88% of
+copy over the 7B layers at the best tile of a sweep, against their 76%; BENCHMARKS.md). Its tile is (word pairs,
+rows, 2), so that each thread loads two words of every row and, itself, the x they need. x's range costs each
+program a pass over all of x (and the norm's weight) before its first dp2a: about 6 points of copy at kernel level
+(H100).
+
+int4 (pack_int4's layout: a scale and zero per group, w = (q - 8) s + z): the int8 GEMV's integers, a word of 8
+weights masked into bytes and multiplied by 8 columns of x in four dp2a, each group adding s * D + (z - 8 s) * X in
+float32 (D the integer products, X the integer sum of x over the same columns) times the int16 scale of those
+columns. At one row each thread makes that scale from its own 32 columns of x (packed bfloat16x2 maxima) instead of
+a pass over all of x first (63.6% of copy in the 7B against 59.2%). For 2 to INT4_XQ_ROWS rows a small kernel first
+rounds x onto int16 (a scale per group) and sums each thread's 32 columns, so that the GEMV only loads them, once
+for all its weight rows, and spends its instructions on the dp2a of each row, x's rows in two blocks of powers of
+two (6 = 4 + 2: `xq_blocks`). More rows go to the tensor cores, a group a step, the nibbles made 16-bit floats
+OFFSET + q by a prmt under OFFSET's exponent byte (no int-to-float conversion), D = x . (OFFSET + q) and X from two
+dots each, then s * D + (z - (OFFSET + 8) s) * X. On an H100 the GEMV streams Llama-2-7B's int4 layers at about 78%
+of copy at one row, against 56% for torch's tinygemm; with the model's norms and residual adds in, 74.3% (session
+41, before wqkv had a tile of its own), 47.1% at four rows (tinygemm 40.7%) and 32.6% at six (tinygemm 31.8%); the
+tensor-core kernel 21% at six (BENCHMARKS.md). int8 and int4 are the formats quantize.py writes.
 
 The float, int8 and int4 kernels also take in the small steps around a matmul, so that a layer launches fewer kernels
 (`linear`, `fused_block`): SwiGLU's gate and up projections run as one kernel that streams both weights and ends
@@ -45,7 +54,8 @@ pair, w2.
 otherwise (prefill, the CPU), and gives each dense TransformerBlock `fused_block`; quantize.py's Int8Linear and
 Int4Linear call `int8_gemv` / `int4_gemv`. Those four are custom ops (`_op`), so that torch.compile keeps them whole
 and CUDA graphs capture the GEMVs' launches with programmatic dependent launch (`_pdl`): on Hopper a GEMV starts
-loading its weights while the kernel before it finishes.
+loading its weights while the kernel before it finishes. The tiles below were swept on an H100 with
+scripts/gemv_sweep.py, each matmul of a layer timed alone (--per_layer) as well as the whole layer.
 """
 import os
 from typing import Optional
