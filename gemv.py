@@ -92,6 +92,8 @@ FLOAT_GEMV_MAX_K = 2048
 # at most BLOCK_W / 4 threads: with more, x went through shared memory to meet the weights (narrow rows: fewer warps)
 INT8_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=8, STAGES=1)  # BLOCK_W int32 words: 2 KB of a row a step
 INT8_GATE_CONFIG = dict(BLOCK_N=8, BLOCK_W=256, num_warps=4, STAGES=1)  # the gate-up pair: two weights a row
+# the one-row int4 GEMV at 4 rows a program, not 8 (H100, session 41, with the norms: wo 51.4% -> 58.0% of copy, w2
+# 68.3% -> 70.8%)
 INT4_CONFIG = dict(BLOCK_N=4, BLOCK_W=512, num_warps=4, STAGES=1)  # BLOCK_W int32 words: 4096 weights of a row
 # the int4 gate-up pair at 4 rows a program, not 2: x's per-32-column scale and norm then serve twice the weight rows
 # (H100, session 35: 74.5% of copy at kernel level with the norms, against 69.5%)
@@ -103,6 +105,7 @@ INT4_ROWS_CONFIG = dict(BLOCK_N=32, num_warps=4, num_stages=6)  # a group of W a
 # at 256 words and 2 warps); more rows: the tensor-core rows kernel. 7B verify of 4 2.74 ms, of 6 3.77, of 8 4.61
 INT4_XQ_ROWS = 8
 INT4_XQ_CONFIG = dict(BLOCK_N=4, BLOCK_W=128, num_warps=1, STAGES=1)
+INT4_XQ_COLUMNS = 512
 # int4 W with WIDE_N rows or more (the 7B's wqkv, 12288) streams faster with more rows a program than the 4096-row
 # matmuls after it, whose tiles above keep their grids filled (H100, session 41: per-matmul sweep with the norms,
 # wqkv 71.2% -> 77.2% of copy, at 6 rows 30.7% -> 38.0%; 7B decode +2.5% tok/s, verify of 6 3.757 -> 3.682 ms).
@@ -110,7 +113,6 @@ INT4_XQ_CONFIG = dict(BLOCK_N=4, BLOCK_W=128, num_warps=1, STAGES=1)
 WIDE_N = 8192
 INT4_WIDE_CONFIG = dict(BLOCK_N=16, BLOCK_W=128, num_warps=1, STAGES=1)
 INT4_XQ_WIDE_CONFIG = dict(BLOCK_N=8, BLOCK_W=128, num_warps=1, STAGES=1)
-INT4_XQ_COLUMNS = 512
 
 if triton is not None:
     @triton.jit
