@@ -170,8 +170,9 @@ def main():
                                                               [128, 256, 512], [1, 2, 4], [1])
                                            if c["num_warps"] <= c["BLOCK_W"] // 128],
              # the int4 tiles of W with gemv.WIDE_N rows or more (the 7B's wqkv)
-             ("int4-wide", 1): configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [16, 8, 32], [128, 256, 512],
-                                       [4], [1]),
+             ("int4-wide", 1): [c for c in configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [16, 8, 32],
+                                                   [128, 256, 512], [1, 2, 4], [1])
+                                if c["num_warps"] == c["BLOCK_W"] // 128],
              ("int4-xq-wide", G.INT4_XQ_ROWS): configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [8, 4, 16],
                                                        [128, 256], [1], [1]),
              ("int8", 6): configs(rows_tile, [16, 32, 64], [64, 128, 256], [4], [3, 4, 6]),
