@@ -607,7 +607,8 @@ if triton is not None:
             r = tl.rsqrt(tl.sum(ss, axis=0) / K + EPS)
         gs = tl.arange(0, GB)
         offs = (g + gs[:, None]) * GROUPSIZE + tl.arange(0, GROUPSIZE)[None, :]
-        ok = (g + gs < NG)[:, None]
+        in_range = g + gs < NG
+        ok = in_range[:, None]
         x = tl.load(x_ptr + row + offs, mask=ok, other=0.0).to(tl.float32)
         if HAS_RMS:
             x *= tl.load(nw_ptr + offs, mask=ok, other=0.0).to(tl.float32)
@@ -616,7 +617,7 @@ if triton is not None:
         q = (x * (32767.0 / tl.maximum(amax, 1e-30))[:, None] + 12582912.0).to(tl.int32, bitcast=True)
         q = q.to(tl.int16)  # the low half: the integer
         tl.store(q_ptr + row + offs, q, mask=ok)
-        tl.store(e_ptr + m * NG + g + gs, amax / 32767.0 * r, mask=g + gs < NG)
+        tl.store(e_ptr + m * NG + g + gs, amax / 32767.0 * r, mask=in_range)
         xs = tl.sum(tl.sum(tl.reshape(q.to(tl.float32), (GB, 4, GROUPSIZE // 32, 8)), axis=3), axis=1)
         runs = (g + gs[:, None]) * (GROUPSIZE // 32) + tl.arange(0, GROUPSIZE // 32)[None, :]
         tl.store(xs_ptr + m * (K // 32) + runs, xs, mask=ok)
