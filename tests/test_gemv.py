@@ -348,6 +348,14 @@ def test_int8_integer_gemv_takes_only_what_it_can_read():
         assert G._int8_gemv_ok(x, w, None, 256) == ok
 
 
+def test_int4_imma_probe_matches_dequantized_under_the_interpreter():
+    """scripts/int4_imma_probe.py's experiment (int4 times x split into int8 halves, on the int8 tensor cores) against
+    the dequantized weights at 1..8 rows: its bfloat16 output within twice bfloat16's rounding."""
+    scripts = Path(__file__).resolve().parent.parent / "scripts"
+    run_interpreted(f"import sys; sys.path.insert(0, {str(scripts)!r}); import torch, int4_imma_probe as P; "
+                    "e = P.check('cpu', torch.bfloat16); assert e < 2 ** -7, e; print('ok', e)")
+
+
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_gemv_kernels_match_linear():
     """Both kernels in bfloat16 on the GPU against a float64 reference, at 1 row (decode) and 2..16 (verify)."""
