@@ -25,6 +25,21 @@ from model import ModelArgs  # noqa: E402
 from bench import copy_bandwidth  # noqa: E402  (scripts/ is on the path: this file's folder)
 
 
+def layer_shapes(model: str) -> list:
+    """(N, K) of each linear layer of a model.py preset: wqkv, wo, w1, w3, w2 of every layer in turn."""
+    c = ModelArgs.from_name(model)
+    d, qkv = c.dim, (c.n_head + 2 * c.n_local_heads) * c.head_dim
+    return [(qkv, d), (d, c.n_head * c.head_dim), (c.intermediate_size, d), (c.intermediate_size, d),
+            (d, c.intermediate_size)] * c.n_layer
+
+
+def random_int4(shapes: list, g: int) -> list:
+    """Random weights in pack_int4's layout on the GPU, (weight, scales, zeros) for each (N, K), group size g."""
+    return [(torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda"),
+             torch.rand(n, k // g, device="cuda", dtype=torch.bfloat16),
+             torch.rand(n, k // g, device="cuda", dtype=torch.bfloat16)) for n, k in shapes]
+
+
 def graph_time(fn, n=20):
     """Median seconds per replay of fn captured as one CUDA graph."""
     s = torch.cuda.Stream()
@@ -73,16 +88,11 @@ def main():
         sys.exit("gemv_sweep.py needs a CUDA GPU (it times Triton kernels in CUDA graphs)")
     G.PDL_OK = G.PDL_OK and not args.no_pdl
     sweep, g, row_counts = args.sweep, args.groupsize, [int(r) for r in args.rows.split(",")]
-    c = ModelArgs.from_name(args.model)
-    d, qkv = c.dim, (c.n_head + 2 * c.n_local_heads) * c.head_dim
-    shapes = [(qkv, d), (d, c.n_head * c.head_dim), (c.intermediate_size, d), (c.intermediate_size, d),
-              (d, c.intermediate_size)] * c.n_layer
+    shapes = layer_shapes(args.model)
     torch.manual_seed(0)
     w8 = [(torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda"),
            torch.rand(n, device="cuda", dtype=torch.bfloat16)) for n, k in shapes]
-    w4 = [(torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda"),
-           torch.rand(n, k // g, device="cuda", dtype=torch.bfloat16),
-           torch.rand(n, k // g, device="cuda", dtype=torch.bfloat16)) for n, k in shapes]
+    w4 = random_int4(shapes, g)
     wb = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for n, k in shapes]
     nbytes = {"bf16": [w.numel() * 2 for w in wb], "int8": [w.numel() + s.numel() * 2 for w, s in w8],
               "int4": [w.numel() + 2 * s.numel() * 2 for w, s, _ in w4]}

@@ -33,7 +33,6 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gemv as G  # noqa: E402
 import quantize as Q  # noqa: E402
-from model import ModelArgs  # noqa: E402
 
 PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 
@@ -152,20 +151,15 @@ def main():
         print("check (interpreter): worst relative error bfloat16", check("cpu", torch.bfloat16))
         return
     from bench import copy_bandwidth
-    from gemv_sweep import graph_time
+    from gemv_sweep import graph_time, layer_shapes, random_int4
     print("check: worst relative error bfloat16", check("cuda", torch.bfloat16), flush=True)
     g = 128
-    c = ModelArgs.from_name(sys.argv[1] if len(sys.argv) > 1 else "Llama-2-7B")
-    d, qkv = c.dim, (c.n_head + 2 * c.n_local_heads) * c.head_dim
-    shapes = [(qkv, d), (d, c.n_head * c.head_dim), (c.intermediate_size, d), (c.intermediate_size, d),
-              (d, c.intermediate_size)] * c.n_layer
+    shapes = layer_shapes(sys.argv[1] if len(sys.argv) > 1 else "Llama-2-7B")
     torch.manual_seed(0)
-    w4 = [(torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda"),
-           torch.rand(n, k // g, device="cuda", dtype=torch.bfloat16),
-           torch.rand(n, k // g, device="cuda", dtype=torch.bfloat16)) for n, k in shapes]
+    w4 = random_int4(shapes, g)
     nbytes = sum(w.numel() + 2 * s.numel() * 2 for w, s, _ in w4)
     copy = copy_bandwidth("cuda")
-    print(f"copy {copy:.0f} GB/s; {c.n_layer} layers of int4 g{g} matmuls, no norms, w1 and w3 apart", flush=True)
+    print(f"copy {copy:.0f} GB/s; {len(shapes) // 5} layers of int4 g{g} matmuls, no norms, w1 and w3 apart", flush=True)
     grid = [dict(BLOCK_N=n, num_warps=w, num_stages=st) for n, w, st in itertools.product([128, 64, 256], [4, 8],
                                                                                           [3, 4, 2])]
     t0, best = time.time(), CFG

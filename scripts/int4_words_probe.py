@@ -24,7 +24,6 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gemv as G  # noqa: E402
 import quantize as Q  # noqa: E402
-from model import ModelArgs  # noqa: E402
 
 
 @triton.jit
@@ -109,17 +108,12 @@ def main():
               "bfloat16", check("cpu", torch.bfloat16))
         return
     from bench import copy_bandwidth
-    from gemv_sweep import graph_time
+    from gemv_sweep import graph_time, layer_shapes, random_int4
     print("check: worst relative error bfloat16", check("cuda", torch.bfloat16), "float32", check("cuda", torch.float32))
     g = 128
-    c = ModelArgs.from_name(sys.argv[1] if len(sys.argv) > 1 else "Llama-2-7B")
-    d, qkv = c.dim, (c.n_head + 2 * c.n_local_heads) * c.head_dim
-    shapes = [(qkv, d), (d, c.n_head * c.head_dim), (c.intermediate_size, d), (c.intermediate_size, d),
-              (d, c.intermediate_size)] * c.n_layer
+    shapes = layer_shapes(sys.argv[1] if len(sys.argv) > 1 else "Llama-2-7B")
     torch.manual_seed(0)
-    w4 = [(torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda"),
-           torch.rand(n, k // g, device="cuda", dtype=torch.bfloat16),
-           torch.rand(n, k // g, device="cuda", dtype=torch.bfloat16)) for n, k in shapes]
+    w4 = random_int4(shapes, g)
     words = [pack_words(Q.unpack_int4(w, g), g) for w, _, _ in w4]
     pre = [(16 * s.float(), z.float() - 24 * s.float()) for _, s, z in w4]  # float32: more bytes than counted
     tiny = [(torch.ops.aten._convert_weight_to_int4pack(w, Q.cuda_inner_k_tiles(k)),
