@@ -1,20 +1,20 @@
-"""An experiment, not used by the model: int4 weights times 2..8 rows of x (speculative verification) on the int8
-tensor cores, where gemv.py's XQ GEMV spends four dp2a a word of 8 weights for every row of x (at 6 rows, 192 of its
-366 instructions a KB, compiled for sm_90; 32.6% of copy over the 7B's layers, session 41).
+"""Times gemv.py's int4 path on the int8 tensor cores (`_int4_xb_kernel`, `_int4_imma_kernel`; off in the model
+until timed: `gemv.INT4_IMMA_ROWS`) bare, against the kernels the model runs, at 1, 2, 4, 6 and 8 rows of x.
 
-x is rounded per group of g columns onto 15-bit integers (its largest magnitude to 16383: the rounding loses under
-2**-14 of it, below x's own bfloat16 rounding) and each integer split into hi = q >> 7 (-128..127) and lo = q & 127,
-both int8. `xb_kernel` lays them out as the dot's second operand, (K, 16) int8: column m the hi part of x's row m,
-column 8 + m its lo part. W's nibbles q (0..15, pack_int4's layout) are the first operand as int8, two masks of a
-32-bit register each, so D = q . xb is exact in int32 (hi and lo columns side by side), and per group
+The XQ GEMV that verification runs over 2..8 rows spends four dp2a a word of 8 weights for every row of x: compiled
+for sm_90, 366 loop instructions a KB at 6 rows, 192 of them dp2a (32.6% of copy over the 7B's layers with the
+norms, session 41). The tensor-core path rounds x per group onto 15-bit integers (the rounding loses under 2**-14
+of the group's largest magnitude, below x's own bfloat16 rounding) and splits each into hi = q >> 7 (-128..127) and
+lo = q & 127, both int8, laid out as the dot's second operand, (K, 16): column m the hi part of x's row m, column
+8 + m its lo part. W's nibbles q (0..15) are the first operand as int8, two masks of a 32-bit register each, so
+D = q . xb is exact in int32, and per group
 
     acc += D * s * ec + (z - 8 s) * xc,   ec = (128 e for the hi columns, e for the lo), xc = (X e, 0)
 
-with e the group's scale of x and X the sum of its integers; the hi and lo columns are added at the end. The cost
-a KB of weights does not grow with x's rows (up to 8). Compiled for sm_90 at 128 weight rows a program and 4 warps
-(Triton 3.6): 138 loop instructions a KB, 96 registers, 18 KB of shared memory (wgmma from shared memory).
-Checks itself against the dequantized weights, then times it over a model's layers (one CUDA graph, as
-scripts/gemv_sweep.py; no norms, w1 and w3 as two matmuls) against gemv.py's int4 kernels at 1, 2, 4, 6 and 8 rows.
+with e the group's scale of x and X the sum of its integers; the hi and lo columns are added at the end. Its cost a
+KB of weights does not grow with x's rows (up to 8). Checks itself against the dequantized weights, then times it
+over a model's layers (one CUDA graph, as scripts/gemv_sweep.py; no norms, w1 and w3 as two matmuls), a sweep of its
+tile at 6 rows.
 
     python scripts/int4_imma_probe.py [MODEL]             # on CUDA
     TRITON_INTERPRET=1 python scripts/int4_imma_probe.py  # on the CPU: the check alone, under Triton's interpreter
@@ -28,89 +28,27 @@ from pathlib import Path
 
 import torch
 import triton
-import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gemv as G  # noqa: E402
 import quantize as Q  # noqa: E402
 
-PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
-
-
-@triton.jit
-def _nibbles(b):
-    # uint8 bytes -> their low nibbles and their high ones as int8, four bytes a 32-bit register
-    if PTX:
-        return tl.inline_asm_elementwise(
-            "{ and.b32 $0, $2, 0x0F0F0F0F; shr.b32 $1, $2, 4; and.b32 $1, $1, 0x0F0F0F0F; }",
-            "=r,=r,r", [b], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
-    return (b & 15).to(tl.int8), (b >> 4).to(tl.int8)
-
-
-@triton.jit
-def xb_kernel(x_ptr, xb_ptr, ec_ptr, xc_ptr, M, K: tl.constexpr, GS: tl.constexpr, GB: tl.constexpr):
-    # GB groups of all of x's rows (up to 8; absent rows are written as zeros) a program
-    NG: tl.constexpr = K // GS
-    g = tl.program_id(0) * GB + tl.arange(0, GB)
-    m = tl.arange(0, 8)
-    offs = g[:, None] * GS + tl.arange(0, GS)[None, :]  # (GB, GS)
-    ok = (g < NG)[:, None]
-    x = tl.load(x_ptr + m[:, None, None] * K + offs[None], mask=(m < M)[:, None, None] & ok[None], other=0.0)
-    x = x.to(tl.float32)  # (8, GB, GS)
-    amax = tl.max(tl.abs(x), axis=2)  # (8, GB)
-    q = (x * (16383.0 / tl.maximum(amax, 1e-30))[:, :, None] + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
-    tl.store(xb_ptr + offs[None] * 16 + m[:, None, None], (q >> 7).to(tl.int8), mask=ok[None])
-    tl.store(xb_ptr + offs[None] * 16 + 8 + m[:, None, None], (q & 127).to(tl.int8), mask=ok[None])
-    e = amax / 16383.0
-    c, in_range = g[None, :] * 16 + m[:, None], (g < NG)[None, :]  # (8, GB)
-    tl.store(ec_ptr + c, 128.0 * e, mask=in_range)
-    tl.store(ec_ptr + c + 8, e, mask=in_range)
-    tl.store(xc_ptr + c, tl.sum(q, axis=2).to(tl.float32) * e, mask=in_range)
-    tl.store(xc_ptr + c + 8, tl.zeros_like(e), mask=in_range)
-
-
-@triton.jit
-def imma_kernel(xb_ptr, ec_ptr, xc_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K: tl.constexpr, GS: tl.constexpr,
-                BLOCK_N: tl.constexpr):
-    # y (M, N) = x (M, K) @ W.T for M <= 8, a group of W's BLOCK_N rows a step; the group's two halves of columns
-    # are the low and high nibbles of its bytes
-    H: tl.constexpr = GS // 2
-    NG: tl.constexpr = K // GS
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    j = tl.arange(0, H)
-    c = tl.arange(0, 16)
-    acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
-    for g in range(0, NG):
-        b = tl.load(w_ptr + rows[:, None] * (K // 2) + (g * H + j)[None, :], mask=rows[:, None] < N, other=0,
-                    eviction_policy="evict_first")  # (BLOCK_N, H) uint8
-        lo, hi = _nibbles(b)
-        x1 = tl.load(xb_ptr + (g * GS + j)[:, None] * 16 + c[None, :])  # (H, 16) int8: the first half's columns
-        x2 = tl.load(xb_ptr + (g * GS + H + j)[:, None] * 16 + c[None, :])
-        d = tl.dot(hi, x2, tl.dot(lo, x1, out_dtype=tl.int32), out_dtype=tl.int32)  # (BLOCK_N, 16) exact
-        s = tl.load(s_ptr + rows * NG + g, mask=rows < N, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + rows * NG + g, mask=rows < N, other=0.0).to(tl.float32)
-        ec = tl.load(ec_ptr + g * 16 + c)
-        xc = tl.load(xc_ptr + g * 16 + c)
-        acc += d.to(tl.float32) * s[:, None] * ec[None, :] + (z - 8.0 * s)[:, None] * xc[None, :]
-    y = tl.sum(tl.reshape(tl.trans(acc), (2, 8, BLOCK_N)), axis=0)  # hi + lo columns: (8, BLOCK_N)
-    m = tl.arange(0, 8)
-    tl.store(y_ptr + m[:, None] * N + rows[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=(m[:, None] < M) & (rows[None, :] < N))
-
-
 CFG = dict(BLOCK_N=128, num_warps=4, num_stages=3)
 
 
 def imma_gemm(x, w, s, z, gs, cfg=None):
-    """x (M <= 8, K) contiguous, K whole groups; pack_int4's weight (N, K/2) uint8, scales and zeros (N, K/g)."""
+    """x (M <= 8, K) contiguous, K whole groups; pack_int4's weight (N, K/2) uint8, scales and zeros (N, K/g): gemv.py's
+    two kernels of the path, launched as int4_gemv launches them (which it does from 2 rows, when switched on)."""
     cfg = cfg or CFG
     (M, K), N = x.shape, w.shape[0]
-    xb = torch.empty(K, 16, dtype=torch.int8, device=x.device)
-    ec, xc = (torch.empty(K // gs, 16, dtype=torch.float32, device=x.device) for _ in range(2))
-    gb = max(1, 512 // gs)
-    xb_kernel[(triton.cdiv(K // gs, gb),)](x, xb, ec, xc, M, K=K, GS=gs, GB=gb, num_warps=4)
+    xb, ec = torch.empty(K, 16, dtype=torch.int8, device=x.device), torch.empty(2, K // gs, 16, device=x.device)
+    G._int4_xb_kernel[(triton.cdiv(K // gs, max(1, 512 // gs)),)](x, x, xb, ec[0], ec[1], M, K=K, GROUPSIZE=gs,
+                                                                  HAS_RMS=False, EPS=0.0, GB=max(1, 512 // gs),
+                                                                  PDL=False, num_warps=4)
     y = x.new_empty(M, N)
-    imma_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](xb, ec, xc, w, s, z, y, M, N, K=K, GS=gs, **cfg)
+    G._int4_imma_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](xb, ec[0], ec[1], w, s, z, s, y, x, x, x, x, M, N, K=K,
+                                                           GROUPSIZE=gs, HAS_BIAS=False, HAS_GATE=False,
+                                                           HAS_RES=False, PDL=False, **cfg)
     return y
 
 
@@ -134,11 +72,12 @@ def resources():
     """What the GEMM takes from an SM at each tile (scripts/kernel_resources.py's measures), K = 4096, g = 128."""
     import kernel_resources as KR
     pointers = dict(xb_ptr="*i8", ec_ptr="*fp32", xc_ptr="*fp32", w_ptr="*u8", s_ptr="*bf16", z_ptr="*bf16",
-                    y_ptr="*bf16")
+                    b_ptr="*bf16", y_ptr="*bf16", g_ptr="*u8", gs_ptr="*bf16", gz_ptr="*bf16", res_ptr="*bf16")
     print(f"{'BLOCK_N, warps, stages':<24} {'registers':>9} {'shared B':>9} {'programs/SM':>12} {'instr/KB':>9}")
     for n, w, st in [(128, 4, 3), (64, 4, 3), (256, 8, 3), (128, 8, 2)]:
-        r = KR.compile_sm(imma_kernel, pointers, dict(K=4096, GS=128, BLOCK_N=n), w, st)
-        loop = KR.compile_sm(imma_kernel, pointers, dict(K=1 << 16, GS=128, BLOCK_N=n), w, st)
+        consts = dict(GROUPSIZE=128, BLOCK_N=n, HAS_BIAS=False, HAS_GATE=False, HAS_RES=False, PDL=True)
+        r = KR.compile_sm(G._int4_imma_kernel, pointers, dict(consts, K=4096), w, st)
+        loop = KR.compile_sm(G._int4_imma_kernel, pointers, dict(consts, K=1 << 16), w, st)
         per_kb = loop["loop_instructions"] * w / (n * 64 / 1024)  # a trip: BLOCK_N rows of a group, 64 bytes each
         print(f"{str((n, w, st)):<24} {r['regs']:>9} {r['shared']:>9} {r['programs_per_sm']:>12} {per_kb:>9.0f}")
 
