@@ -951,14 +951,14 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
     args = dict(_epilogue_args(x, gate, residual, gate_scales), gz_ptr=x if gate_zeros is None else gate_zeros,
                 nw_ptr=nw, K=K, GROUPSIZE=groupsize, HAS_BIAS=bias is not None, HAS_RMS=norm_weight is not None,
                 EPS=rms_eps or 0.0)
+    pdl, gb = _pdl(x), max(1, INT4_XQ_COLUMNS // groupsize)  # gb: groups of x a program when x is rounded first
+    x_args = dict(K=K, GROUPSIZE=groupsize, HAS_RMS=norm_weight is not None, EPS=rms_eps or 0.0, GB=gb, PDL=pdl,
+                  launch_pdl=pdl, num_warps=4)
     if 2 <= M <= min(INT4_IMMA_ROWS, 8):
         # x's two int8 halves and each group's scales (ec[0]) and sums (ec[1]), then the int8 tensor cores
         xb, ec = torch.empty(K, 16, dtype=torch.int8, device=x.device), x.new_empty(2, K // groupsize, 16,
                                                                                     dtype=torch.float32)
-        gb, pdl = max(1, INT4_XQ_COLUMNS // groupsize), _pdl(x)
-        _int4_xb_kernel[(triton.cdiv(K // groupsize, gb),)](
-            xw, nw, xb, ec[0], ec[1], M, K=K, GROUPSIZE=groupsize, HAS_RMS=norm_weight is not None,
-            EPS=rms_eps or 0.0, GB=gb, PDL=pdl, launch_pdl=pdl, num_warps=4)
+        _int4_xb_kernel[(triton.cdiv(K // groupsize, gb),)](xw, nw, xb, ec[0], ec[1], M, **x_args)
         _int4_imma_kernel[(triton.cdiv(N, INT4_IMMA_CONFIG["BLOCK_N"]),)](
             xb, ec[0], ec[1], weight, scales, zeros, b, y, gz_ptr=args["gz_ptr"], M=M, N=N, K=K, GROUPSIZE=groupsize,
             HAS_BIAS=bias is not None, **_epilogue_args(x, gate, residual, gate_scales), PDL=pdl, launch_pdl=pdl,
@@ -968,17 +968,14 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
         # x's integers; each group's scale, then each thread's sum of its 32 columns (float32: exact under 2**24)
         q, e = torch.empty(M, K, dtype=torch.int16, device=x.device), x.new_empty(M * (K // groupsize + K // 32),
                                                                                  dtype=torch.float32)
-        gb, pdl = max(1, INT4_XQ_COLUMNS // groupsize), _pdl(x)
-        _int4_x_kernel[(M, triton.cdiv(K // groupsize, gb))](
-            xw, nw, q, e, e[M * (K // groupsize):], K=K, GROUPSIZE=groupsize, HAS_RMS=norm_weight is not None,
-            EPS=rms_eps or 0.0, GB=gb, PDL=pdl, launch_pdl=pdl, num_warps=4)
+        _int4_x_kernel[(M, triton.cdiv(K // groupsize, gb))](xw, nw, q, e, e[M * (K // groupsize):], **x_args)
         cfg, (mp, mp2) = int4_config(K, gate is not None, M, N), xq_blocks(M)
         _int4_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](q, weight, scales, zeros, b, y, N=N, e_ptr=e,
                                                         **dict(args, HAS_RMS=False), **cfg, PDL=pdl, launch_pdl=pdl,
                                                         M=M, MP=mp, MP2=mp2, XQ=True)
         return y
     if M == 1:
-        cfg, pdl = int4_config(K, gate is not None, 1, N), _pdl(x)
+        cfg = int4_config(K, gate is not None, 1, N)
         _int4_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](xw, weight, scales, zeros, b, y, N=N, e_ptr=scales, **args,
                                                         **cfg, PDL=pdl, launch_pdl=pdl, M=1, MP=1)
         return y
