@@ -110,8 +110,9 @@ INT4_XQ_ROWS = 8
 INT4_XQ_CONFIG = dict(BLOCK_N=4, BLOCK_W=128, num_warps=1, STAGES=1)
 INT4_XQ_COLUMNS = 512
 # 2..INT4_IMMA_ROWS (at most 8) rows of x on the int8 tensor cores instead (_int4_xb_kernel, _int4_imma_kernel):
-# compiled for sm_90 it spends 138 loop instructions a KB of weights for any rows, the XQ GEMV 366 at 6 rows; not
-# timed on a GPU yet, so off (scripts/int4_imma_probe.py times the bare GEMM; with_config.py INT4_IMMA_ROWS=8 the model)
+# compiled for sm_90 it spends 126 loop instructions a KB of weights for any rows (111 with the gate), the XQ GEMV 366
+# (345) at 6 rows; not timed on a GPU yet, so off (scripts/int4_imma_probe.py times the bare GEMM; with_config.py
+# INT4_IMMA_ROWS=8 the model)
 INT4_IMMA_ROWS = 0
 INT4_IMMA_CONFIG = dict(BLOCK_N=128, num_warps=4, num_stages=3)
 # int4 W with WIDE_N rows or more (the 7B's wqkv, 12288) streams faster with more rows a program than the 4096-row
@@ -959,9 +960,9 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
         xb, ec = torch.empty(K, 16, dtype=torch.int8, device=x.device), x.new_empty(2, K // groupsize, 16,
                                                                                     dtype=torch.float32)
         _int4_xb_kernel[(triton.cdiv(K // groupsize, gb),)](xw, nw, xb, ec[0], ec[1], M, **x_args)
+        epilogue = {k: v for k, v in args.items() if k not in ("nw_ptr", "HAS_RMS", "EPS")}  # the norm is in xb
         _int4_imma_kernel[(triton.cdiv(N, INT4_IMMA_CONFIG["BLOCK_N"]),)](
-            xb, ec[0], ec[1], weight, scales, zeros, b, y, gz_ptr=args["gz_ptr"], M=M, N=N, K=K, GROUPSIZE=groupsize,
-            HAS_BIAS=bias is not None, **_epilogue_args(x, gate, residual, gate_scales), PDL=pdl, launch_pdl=pdl,
+            xb, ec[0], ec[1], weight, scales, zeros, b, y, M=M, N=N, **epilogue, PDL=pdl, launch_pdl=pdl,
             **INT4_IMMA_CONFIG)
         return y
     if 2 <= M <= INT4_XQ_ROWS:
