@@ -36,9 +36,8 @@ rounds x onto int16 (a scale per group) and sums each thread's 32 columns, so th
 for all its weight rows, and spends its instructions on the dp2a of each row, x's rows in two blocks of powers of
 two (6 = 4 + 2: `xq_blocks`). More rows go to the tensor cores, a group a step, the nibbles made 16-bit floats
 OFFSET + q by a prmt under OFFSET's exponent byte (no int-to-float conversion), D = x . (OFFSET + q) and X from two
-dots each, then s * D + (z - (OFFSET + 8) s) * X. Built but off until a GPU times it (`INT4_IMMA_ROWS`): 2..8 rows
-on the int8 tensor cores, x rounded per group onto 15-bit integers and split into two int8 halves, W's nibbles
-int8, D exact in int32, at the same cost a byte for any of those rows (_int4_xb_kernel, _int4_imma_kernel).
+dots each, then s * D + (z - (OFFSET + 8) s) * X. (The int8 tensor cores, x split into two int8 halves and W's
+nibbles int8, lost to the GEMV at every row count from 1 to 8 on an H100: scripts/int4_imma_probe.py.)
 On an H100 the GEMV streams Llama-2-7B's int4 layers at about 78% of copy at one row, against 56% for torch's
 tinygemm; with the model's norms and residual adds in, 74.3% (session 41, before wqkv had a tile of its own), 47.1%
 at four rows (tinygemm 40.7%) and 32.6% at six (tinygemm 31.8%); the bfloat16 tensor-core kernel 21% at six
@@ -109,12 +108,6 @@ INT4_ROWS_CONFIG = dict(BLOCK_N=32, num_warps=4, num_stages=6)  # a group of W a
 INT4_XQ_ROWS = 8
 INT4_XQ_CONFIG = dict(BLOCK_N=4, BLOCK_W=128, num_warps=1, STAGES=1)
 INT4_XQ_COLUMNS = 512
-# 2..INT4_IMMA_ROWS (at most 8) rows of x on the int8 tensor cores instead (_int4_xb_kernel, _int4_imma_kernel):
-# compiled for sm_90 it spends 126 loop instructions a KB of weights for any rows (111 with the gate), the XQ GEMV 366
-# (345) at 6 rows; not timed on a GPU yet, so off (scripts/int4_imma_probe.py times the bare GEMM; with_config.py
-# INT4_IMMA_ROWS=8 the model)
-INT4_IMMA_ROWS = 0
-INT4_IMMA_CONFIG = dict(BLOCK_N=128, num_warps=4, num_stages=3)
 # int4 W with WIDE_N rows or more (the 7B's wqkv, 12288) streams faster with more rows a program than the 4096-row
 # matmuls after it, whose tiles above keep their grids filled (H100, session 41: per-matmul sweep with the norms,
 # wqkv 71.2% -> 77.2% of copy, at 6 rows 30.7% -> 38.0%; 7B decode +2.5% tok/s, verify of 6 3.757 -> 3.682 ms).
@@ -632,101 +625,6 @@ if triton is not None:
         tl.store(xs_ptr + m * (K // 32) + runs, xs, mask=ok)
 
     @triton.jit
-    def _int4_xb_kernel(x_ptr, nw_ptr, xb_ptr, ec_ptr, xc_ptr, M, K: tl.constexpr, GROUPSIZE: tl.constexpr,
-                        HAS_RMS: tl.constexpr, EPS: tl.constexpr, GB: tl.constexpr, PDL: tl.constexpr):
-        # GB groups of all of x's rows (up to 8; absent rows become zeros) a program, for _int4_imma_kernel: x (times
-        # the norm's weight nw) rounded per group onto 15-bit integers q by its largest magnitude, split into
-        # hi = q >> 7 and lo = q & 127, stored as int8 columns m and 8 + m of xb (K, 16); ec (groups, 16), the
-        # group's scale (that magnitude / 16383, times 1/rms) times 128 for the hi columns and as it is for the lo;
-        # xc, the scale times the sum of the group's q for the hi columns, 0 for the lo. NaN counts as infinite
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
-        NG: tl.constexpr = K // GROUPSIZE
-        g = tl.program_id(0) * GB + tl.arange(0, GB)
-        m = tl.arange(0, 8)
-        r = tl.full((8,), 1.0, tl.float32)
-        if HAS_RMS:  # each row's sum of squares, over the whole row in every program
-            cols = tl.arange(0, 1024)
-            ss = tl.zeros((8, 1024), dtype=tl.float32)
-            for k in tl.static_range(0, K, 1024):
-                v = tl.load(x_ptr + m[:, None] * K + k + cols[None, :], mask=(m < M)[:, None] & (k + cols < K)[None, :],
-                            other=0.0).to(tl.float32)
-                ss += v * v
-            r = tl.rsqrt(tl.sum(ss, axis=1) / K + EPS)
-        offs = g[:, None] * GROUPSIZE + tl.arange(0, GROUPSIZE)[None, :]  # (GB, GROUPSIZE)
-        ok = (g < NG)[:, None]
-        x = tl.load(x_ptr + m[:, None, None] * K + offs[None], mask=(m < M)[:, None, None] & ok[None], other=0.0)
-        x = x.to(tl.float32)  # (8, GB, GROUPSIZE)
-        if HAS_RMS:
-            x *= tl.load(nw_ptr + offs, mask=ok, other=0.0).to(tl.float32)[None]
-        a = tl.abs(x)
-        amax = tl.max(tl.where(a == a, a, float("inf")), axis=2)  # (8, GB)
-        q = (x * (16383.0 / tl.maximum(amax, 1e-30))[:, :, None] + 12582912.0).to(tl.int32, bitcast=True)
-        q -= 0x4B400000  # the integer under 1.5 * 2**23
-        tl.store(xb_ptr + offs[None] * 16 + m[:, None, None], (q >> 7).to(tl.int8), mask=ok[None])
-        tl.store(xb_ptr + offs[None] * 16 + 8 + m[:, None, None], (q & 127).to(tl.int8), mask=ok[None])
-        e = amax / 16383.0 * r[:, None]
-        c, in_range = g[None, :] * 16 + m[:, None], (g < NG)[None, :]  # (8, GB)
-        tl.store(ec_ptr + c, 128.0 * e, mask=in_range)
-        tl.store(ec_ptr + c + 8, e, mask=in_range)
-        tl.store(xc_ptr + c, tl.sum(q, axis=2).to(tl.float32) * e, mask=in_range)
-        tl.store(xc_ptr + c + 8, tl.zeros_like(e), mask=in_range)
-
-    @triton.jit
-    def _int8_nibbles(b):
-        # uint8 bytes -> their low nibbles and their high ones as int8: two masks of a 32-bit register of four
-        if PTX:
-            return tl.inline_asm_elementwise(
-                "{ and.b32 $0, $2, 0x0F0F0F0F; shr.b32 $1, $2, 4; and.b32 $1, $1, 0x0F0F0F0F; }",
-                "=r,=r,r", [b], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
-        return (b & 15).to(tl.int8), (b >> 4).to(tl.int8)
-
-    @triton.jit
-    def _int4_imma_group(acc, b, s, z, x1, x2, ec, xc):
-        # acc + a group's D * s * ec + (z - 8 s) * xc, D the exact int32 products of its nibbles b with xb's columns
-        lo, hi = _int8_nibbles(b)
-        d = tl.dot(hi, x2, tl.dot(lo, x1, out_dtype=tl.int32), out_dtype=tl.int32)  # (BLOCK_N, 16)
-        return acc + d.to(tl.float32) * s[:, None] * ec[None, :] + (z - 8.0 * s)[:, None] * xc[None, :]
-
-    @triton.jit
-    def _int4_imma_kernel(xb_ptr, ec_ptr, xc_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, gz_ptr, res_ptr,
-                          M, N, K: tl.constexpr, GROUPSIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
-        # y (M, N) = x (M, K) @ W.T + b for 2 <= M <= 8 rows on the int8 tensor cores, x as _int4_xb_kernel leaves
-        # it: a group of W's BLOCK_N rows a step, W's nibbles (pack_int4's layout: the group's first half of columns
-        # in the low nibbles) made int8 by two masks, two int8 dots against xb give D exactly, and y += D s ec +
-        # (z - 8 s) xc in float32, the hi and lo columns added at the end. The work a byte of W does not grow with
-        # x's rows. The gate (its own int4 weight, scales and zeros), the residual and PDL as in the int4 GEMV
-        H: tl.constexpr = GROUPSIZE // 2
-        NG: tl.constexpr = K // GROUPSIZE
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        j = tl.arange(0, H)
-        c = tl.arange(0, 16)
-        acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
-        acc_g = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
-        for g in range(0, NG):
-            offs = rows[:, None] * (K // 2) + (g * H + j)[None, :]  # (BLOCK_N, H) bytes
-            x1 = tl.load(xb_ptr + (g * GROUPSIZE + j)[:, None] * 16 + c[None, :])  # (H, 16): the first half
-            x2 = tl.load(xb_ptr + (g * GROUPSIZE + H + j)[:, None] * 16 + c[None, :])
-            ec, xc = tl.load(ec_ptr + g * 16 + c), tl.load(xc_ptr + g * 16 + c)
-            b = tl.load(w_ptr + offs, mask=rows[:, None] < N, other=0, eviction_policy="evict_first")
-            s = tl.load(s_ptr + rows * NG + g, mask=rows < N, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + rows * NG + g, mask=rows < N, other=0.0).to(tl.float32)
-            acc = _int4_imma_group(acc, b, s, z, x1, x2, ec, xc)
-            if HAS_GATE:
-                bg = tl.load(g_ptr + offs, mask=rows[:, None] < N, other=0, eviction_policy="evict_first")
-                gs = tl.load(gs_ptr + rows * NG + g, mask=rows < N, other=0.0).to(tl.float32)
-                gz = tl.load(gz_ptr + rows * NG + g, mask=rows < N, other=0.0).to(tl.float32)
-                acc_g = _int4_imma_group(acc_g, bg, gs, gz, x1, x2, ec, xc)
-        y = tl.sum(tl.reshape(tl.trans(acc), (2, 8, BLOCK_N)), axis=0)  # hi + lo columns: (8, BLOCK_N)
-        yg = tl.sum(tl.reshape(tl.trans(acc_g), (2, 8, BLOCK_N)), axis=0)
-        _store_rows(y, yg, b_ptr, y_ptr, res_ptr, tl.arange(0, 8), rows, M, N, HAS_BIAS, HAS_GATE, HAS_RES)
-
-    @triton.jit
     def _nibbles(b, HI: tl.constexpr, OFFSET: tl.constexpr, like):
         # uint8 bytes -> OFFSET + their low nibbles and OFFSET + their high ones, exactly, in a 16-bit float dtype
         # whose OFFSET has the bit pattern HI << 8 (bfloat16: 0x43 -> 128; float16: 0x64 -> 1024): two masks and
@@ -955,16 +853,6 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
     pdl, gb = _pdl(x), max(1, INT4_XQ_COLUMNS // groupsize)  # gb: groups of x a program when x is rounded first
     x_args = dict(K=K, GROUPSIZE=groupsize, HAS_RMS=norm_weight is not None, EPS=rms_eps or 0.0, GB=gb, PDL=pdl,
                   launch_pdl=pdl, num_warps=4)
-    if 2 <= M <= min(INT4_IMMA_ROWS, 8):
-        # x's two int8 halves and each group's scales (ec[0]) and sums (ec[1]), then the int8 tensor cores
-        xb, ec = torch.empty(K, 16, dtype=torch.int8, device=x.device), x.new_empty(2, K // groupsize, 16,
-                                                                                    dtype=torch.float32)
-        _int4_xb_kernel[(triton.cdiv(K // groupsize, gb),)](xw, nw, xb, ec[0], ec[1], M, **x_args)
-        epilogue = {k: v for k, v in args.items() if k not in ("nw_ptr", "HAS_RMS", "EPS")}  # the norm is in xb
-        _int4_imma_kernel[(triton.cdiv(N, INT4_IMMA_CONFIG["BLOCK_N"]),)](
-            xb, ec[0], ec[1], weight, scales, zeros, b, y, M=M, N=N, **epilogue, PDL=pdl, launch_pdl=pdl,
-            **INT4_IMMA_CONFIG)
-        return y
     if 2 <= M <= INT4_XQ_ROWS:
         # x's integers; each group's scale, then each thread's sum of its 32 columns (float32: exact under 2**24)
         q, e = torch.empty(M, K, dtype=torch.int16, device=x.device), x.new_empty(M * (K // groupsize + K // 32),

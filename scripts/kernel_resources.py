@@ -113,9 +113,6 @@ def variants(K: int):
                *[(f"int4 GEMV g128 x{m} XQ", G._int4_kernel, dict(int4, x_ptr="*i16"),
                   dict(G.int4_config(K, rows=m), MP=G.xq_blocks(m)[0], MP2=G.xq_blocks(m)[1], XQ=True, PDL=True),
                   [{}, gate]) for m in (4, 6, 8)],
-               ("int4 int8-tensor-core rows g128", G._int4_imma_kernel,
-                dict(int4, xb_ptr="*i8", ec_ptr="*fp32", xc_ptr="*fp32"), dict(G.INT4_IMMA_CONFIG, PDL=True),
-                [{}, gate]),
                ("int4 rows g128", G._int4_rows_kernel, int4, dict(G.INT4_ROWS_CONFIG, HI=0x43, OFFSET=128.0),
                 [{}, gate, dict(gate, **norm)])]
     for name, fn, pointers, cfg, extras in kernels:

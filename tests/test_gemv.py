@@ -145,10 +145,6 @@ def check_int4(cases, label):
 check_int4([(1, 24, 256, 64, torch.bfloat16), (1, 130, 2560, 128, torch.bfloat16), (1, 20, 300, 32, torch.bfloat16),
             (3, 24, 300, 32, torch.bfloat16), (4, 20, 256, 32, torch.half), (6, 40, 640, 128, torch.half),
             (16, 33, 512, 128, torch.half)], "int4 fused")
-G.INT4_IMMA_ROWS = 8  # 2..8 rows on the int8 tensor cores (x in two int8 halves), off in the model until timed
-check_int4([(2, 24, 256, 64, torch.bfloat16), (3, 24, 300, 32, torch.bfloat16), (6, 40, 640, 128, torch.half),
-            (8, 130, 2560, 128, torch.bfloat16)], "int4 int8 tensor cores")
-G.INT4_IMMA_ROWS = 0
 for M, N, K in [(3, 20, 300), (16, 130, 1030)]:  # the rows kernel: each row its own rms
     x = torch.randn(M, K).half() * torch.linspace(0.5, 4, M).half()[:, None]
     w, g, res = torch.randn(N, K).half(), torch.randn(N, K).half() / 10, torch.randn(M, N).half()

@@ -379,21 +379,6 @@ def test_cuda_int4_wide_tiles_match_dequantized(monkeypatch):
         assert rel_err(lin(x).float(), x.float() @ ref_w.T) < 2e-2, rows
 
 
-@gpu
-def test_cuda_int4_int8_tensor_cores_match_dequantized(monkeypatch):
-    """The int4 matmul over 2..8 rows on the int8 tensor cores (gemv.INT4_IMMA_ROWS, off in the model until timed)
-    against the dequantized weights."""
-    import gemv
-    monkeypatch.setattr(gemv, "INT4_IMMA_ROWS", 8)
-    torch.manual_seed(0)
-    lin = quantized_linear(torch.randn(384, 1024), "int4", 128)
-    ref_w = dequantized_weight(lin).cuda()
-    lin = Q.prepare_for_device(lin.cuda().to(torch.bfloat16), int4_kernel="triton")
-    for rows in (2, 6, 8):
-        x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
-        assert rel_err(lin(x).float(), x.float() @ ref_w.T) < 2e-2, rows
-
-
 def test_unknown_kernel_name_is_refused():
     lin = quantized_linear(torch.randn(32, 64), "int4", 32)
     with pytest.raises(ValueError, match="int4_kernel must be 'torch' or 'triton'"):
