@@ -174,8 +174,7 @@ class Transformer(nn.Module):
         """
         B, S = idx.shape
         if input_pos is None:  # positions 0..S-1, causal, the cache neither read nor written
-            cos, sin = rope_tables(S, self.config.head_dim, self.config.rope_base, self.config.rope_scaling, idx.device)
-            rope, mask = (cos, sin, torch.arange(S, device=idx.device)[None]), None
+            rope, mask = causal_rope(self.config, S, idx.device), None
         else:
             slots = torch.arange(cache_window(input_pos, self.max_seq_length), device=idx.device)
             mask = slots[None, :] <= input_pos[:, None]  # (S, n): causal over the cache slots attended to
@@ -331,6 +330,12 @@ def rope_tables(seq_len, head_dim, base, scaling=None, device=None):
     freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)  # (S, D/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (S, D)
     return emb.cos(), emb.sin()
+
+
+def causal_rope(config: ModelArgs, seq_len, device=None):
+    """apply_rope's (cos, sin, rows) for positions 0..seq_len-1 read without a cache (training, GPTQ calibration)."""
+    cos, sin = rope_tables(seq_len, config.head_dim, config.rope_base, config.rope_scaling, device)
+    return cos, sin, torch.arange(seq_len, device=device)[None]
 
 
 def llama3_scale(inv_freq, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings, **_):

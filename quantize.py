@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import MOEFeedForward, Transformer, rope_tables
+from model import MOEFeedForward, Transformer, causal_rope
 
 try:  # our Triton kernels for CUDA decode and verify; without gemv.py or triton, torch's kernels do all the work
     from gemv import MAX_ROWS, int4_gemv, int8_gemv, triton
@@ -472,12 +472,10 @@ def gptq_calibrate(model: Transformer, tokens, names, groupsize: int, percdamp: 
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     wanted, results = set(names), {}
-    c = model.config
     S = tokens.shape[1]
     emb = model.tok_embeddings.weight
     x = F.embedding(tokens.to(emb.device), emb).to(device=device, dtype=torch.float32)  # (samples, S, D): block 0's inputs
-    cos, sin = rope_tables(S, c.head_dim, c.rope_base, c.rope_scaling, device)
-    rope = (cos, sin, torch.arange(S, device=device)[None])  # model.apply_rope's tables and rows
+    rope = causal_rope(model.config, S, device)
     blocks = [(f"layers.{i}", layer) for i, layer in enumerate(model.layers)]
     progress = _Progress(len(blocks) + ("output" in wanted), "GPTQ blocks") if verbose else None
     for i, (prefix, block) in enumerate(blocks):
