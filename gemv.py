@@ -850,14 +850,16 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
     args = dict(_epilogue_args(x, gate, residual, gate_scales), gz_ptr=x if gate_zeros is None else gate_zeros,
                 nw_ptr=nw, K=K, GROUPSIZE=groupsize, HAS_BIAS=bias is not None, HAS_RMS=norm_weight is not None,
                 EPS=rms_eps or 0.0)
-    pdl, gb = _pdl(x), max(1, INT4_XQ_COLUMNS // groupsize)  # gb: groups of x a program when x is rounded first
-    x_args = dict(K=K, GROUPSIZE=groupsize, HAS_RMS=norm_weight is not None, EPS=rms_eps or 0.0, GB=gb, PDL=pdl,
-                  launch_pdl=pdl, num_warps=4)
+    pdl = _pdl(x)
     if 2 <= M <= INT4_XQ_ROWS:
         # x's integers; each group's scale, then each thread's sum of its 32 columns (float32: exact under 2**24)
         q, e = torch.empty(M, K, dtype=torch.int16, device=x.device), x.new_empty(M * (K // groupsize + K // 32),
                                                                                  dtype=torch.float32)
-        _int4_x_kernel[(M, triton.cdiv(K // groupsize, gb))](xw, nw, q, e, e[M * (K // groupsize):], **x_args)
+        gb = max(1, INT4_XQ_COLUMNS // groupsize)  # groups of x a program
+        _int4_x_kernel[(M, triton.cdiv(K // groupsize, gb))](xw, nw, q, e, e[M * (K // groupsize):], K=K,
+                                                             GROUPSIZE=groupsize, HAS_RMS=norm_weight is not None,
+                                                             EPS=rms_eps or 0.0, GB=gb, PDL=pdl, launch_pdl=pdl,
+                                                             num_warps=4)
         cfg, (mp, mp2) = int4_config(K, gate is not None, M, N), xq_blocks(M)
         _int4_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](q, weight, scales, zeros, b, y, N=N, e_ptr=e,
                                                         **dict(args, HAS_RMS=False), **cfg, PDL=pdl, launch_pdl=pdl,
