@@ -11,15 +11,16 @@ part of x's row m, column 8 + m its lo part. W's nibbles q (0..15) are the first
     acc += D * s * ec + (z - 8 s) * xc,   ec = (128 e for the hi columns, e for the lo), xc = (X e, 0)
 
 with e the group's scale of x and X the sum of its integers; the hi and lo columns are added at the end. Its cost a
-KB of weights does not grow with x's rows: 126 loop instructions a KB at 128 rows and 4 warps (`--resources`).
+KB of weights does not grow with x's rows.
 
-It streams the 7B's layers at 24% of copy at any row count, against the XQ GEMV's 46.7% / 44.7% / 32.3% / 25.0% at
-2 / 4 / 6 / 8 rows: few instructions, but too few bytes in flight. A program takes a group (64 bytes of each of its
-rows) a step, so wo's 4096 rows give 128 programs of 32 rows for 132 SMs, each with a few KB of loads in flight;
-more rows a program leave SMs idle, fewer leave more programs each as starved. AHEAD = 1 loads the next group's
-weights and scales by hand while the dots of this one run. Checks itself against the dequantized weights, then
-times it over a model's layers (one CUDA graph, as scripts/gemv_sweep.py; no norms, w1 and w3 as two matmuls), a
-sweep of its tile at 6 rows.
+It streams the 7B's layers at 24% of copy at any row count, against gemv.py's 46.8% / 44.4% / 32.2% / 25.1% at
+2 / 4 / 6 / 8 rows (H100, session 42, BENCHMARKS.md). Each program loads x's two halves of a group (2 KB) and the
+group's scales for every group step, so a tile of few weight rows pays them for few weight bytes (`--resources`,
+sm_90: 139 loop instructions a KB at 128 rows and 4 warps, 293 at 32 rows and 2 warps), while many rows a program
+leave SMs idle (wo's 4096 rows make 32 programs of 128 rows for 132 SMs). AHEAD = 1 loads the next group's weights
+and scales by hand while this group's dots run; it made every tile slower. Checks itself against the dequantized
+weights, then times it over a model's layers (one CUDA graph, as scripts/gemv_sweep.py; no norms, w1 and w3 as two
+matmuls), a sweep of its tile at 6 rows.
 
     python scripts/int4_imma_probe.py [MODEL]             # on CUDA
     TRITON_INTERPRET=1 python scripts/int4_imma_probe.py  # on the CPU: the check alone, under Triton's interpreter
@@ -55,7 +56,8 @@ def _xb_kernel(x_ptr, xb_ptr, ec_ptr, xc_ptr, M, K: tl.constexpr, GROUPSIZE: tl.
     offs = g[:, None] * GROUPSIZE + tl.arange(0, GROUPSIZE)[None, :]  # (GB, GROUPSIZE)
     ok = (g < NG)[:, None]
     x = tl.load(x_ptr + m[:, None, None] * K + offs[None], mask=(m < M)[:, None, None] & ok[None], other=0.0)
-    a = tl.abs(x.to(tl.float32))  # (8, GB, GROUPSIZE)
+    x = x.to(tl.float32)  # (8, GB, GROUPSIZE)
+    a = tl.abs(x)
     amax = tl.max(tl.where(a == a, a, float("inf")), axis=2)  # (8, GB); NaN counts as infinite
     q = (x * (16383.0 / tl.maximum(amax, 1e-30))[:, :, None] + 12582912.0).to(tl.int32, bitcast=True)
     q -= 0x4B400000  # the integer under 1.5 * 2**23
