@@ -2,6 +2,7 @@
 
     python generate.py --prompt "Hello, my name is"            # the embedded SmolLM2 default, raw text
     python generate.py --chat                                  # multi-turn chat with the model's template
+    python generate.py --chat --prompt "What is 2+2?"          # its first turn given; more from the keyboard
     python generate.py --compile --checkpoint_path checkpoints/meta-llama/Llama-2-7b-chat-hf/model.pth
 """
 import argparse
@@ -680,11 +681,16 @@ def chat(model, tokenizer, args, s, steps, device, spec=None):
         short = argparse.Namespace(**{**vars(args), "max_new_tokens": min(args.max_new_tokens, 8)})
         warm_up(model, tokenizer, [hello], short, s, steps, device, max_seq, spec)
     print("chat: an empty line or Ctrl-D ends it", file=sys.stderr)
+    first = args.prompt  # --prompt, if given, is the first turn
     while True:
-        try:
-            user = input("\n> ")
-        except EOFError:
-            break
+        if first is not None:
+            user, first = first, None
+            print(f"\n> {user}")
+        else:
+            try:
+                user = input("\n> ")
+            except EOFError:
+                break
         if not user.strip():
             break
         messages.append({"role": "user", "content": user})
@@ -708,12 +714,13 @@ def read_prompts(args, tokenizer) -> list:
         if not lines:
             raise ValueError(f"{args.prompts_file} has no prompts; write one prompt per line")
         return [tokenizer.encode(l) for l in lines]
-    return [tokenizer.encode(args.prompt)] * args.batch_size
+    return [tokenizer.encode(args.prompt if args.prompt is not None else "Hello, my name is")] * args.batch_size
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompt", default="Hello, my name is", help="raw text, encoded as the model's tokenizer does")
+    p.add_argument("--prompt", default=None, help="raw text, encoded as the model's tokenizer does (default: 'Hello, "
+                   "my name is'); with --chat, the first turn")
     p.add_argument("--prompts_file", help="a batch of distinct prompts, one per line (left-padded, masked)")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat with the model's chat template")
     p.add_argument("--system", default=None, help="system message for --chat (else the model's default, if any)")

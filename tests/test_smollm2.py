@@ -96,6 +96,26 @@ def test_cli_chat_keeps_the_conversation(smollm2_checkpoint, ours, capsys, monke
             assert err.index("compiled in") < err.index("chat:") and seen[0][1]  # the quiet run came first
 
 
+def test_cli_chat_takes_the_prompt_as_its_first_turn(smollm2_checkpoint, ours, capsys, monkeypatch):
+    """--chat --prompt: the prompt is the first user turn, through the chat template (not ignored), and the chat
+    goes on from the keyboard; here stdin is at its end, so it stops after that answer."""
+    import builtins
+
+    import generate as gen
+    model, tok = ours
+    seen, run_once = [], gen.run_once
+    monkeypatch.setattr(gen, "run_once", lambda m, t, prompts, *a, **kw: seen.append(prompts[0])
+                        or run_once(m, t, prompts, *a, **kw))
+    monkeypatch.setattr(builtins, "input", lambda prompt="": (_ for _ in ()).throw(EOFError))
+    main(["--checkpoint_path", str(smollm2_checkpoint / "model.pth"), "--chat", "--prompt", "What is 2+2?",
+          "--temperature", "0", "--max_new_tokens", "10"])
+    out = capsys.readouterr().out
+    first = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], add_generation_prompt=True)
+    answer = generate(model, [first], 10, stop_ids=tok.eos_ids)[0]
+    assert seen == [first]
+    assert "> What is 2+2?" in out and tok.decode([t for t in answer if t not in tok.eos_ids]).strip() in out
+
+
 def test_cli_chat_refuses_a_turn_too_long_for_the_cache_and_goes_on(smollm2_checkpoint, capsys, monkeypatch):
     import builtins
     lines = iter(["word " * 60, "Hi", ""])
