@@ -450,6 +450,8 @@ def load_speculation(args, model: Transformer, tokenizer, target_dir: Path, devi
         return mtp.load_speculation(args, model, target_dir, device)
     args.speculate_k = 5 if args.speculate_k is None else args.speculate_k
     path, t = Path(args.draft_checkpoint_path), time.perf_counter()
+    if not path.exists():
+        raise FileNotFoundError(f"draft checkpoint {path} not found; {how_to_make(path, draft=True)}")
     draft = load_model(path, device, dtype, use_tp=args.shard_draft)
     draft_tokenizer = None
     if path.parent.resolve() != Path(target_dir).resolve():  # a self-draft shares the target's tokenizer files
@@ -537,16 +539,17 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.float32, use_tp=False,
     return model.eval()
 
 
-def how_to_make(checkpoint_path: Path) -> str:
+def how_to_make(checkpoint_path: Path, draft: bool = False) -> str:
     """The command that writes a missing checkpoint: quantize.py for a quantized copy's name (as quantize.py names
-    them) beside a model.pth, else the converter."""
+    them) beside a model.pth, else the converter; or the flag to drop."""
     quantized = re.fullmatch(r"model_(int8|int4|int4-gptq)(?:\.g(\d+))?\.pth", checkpoint_path.name)
     if quantized and (checkpoint_path.parent / "model.pth").is_file():
         mode, groupsize = quantized.groups()
         return (f"make it with `python quantize.py --checkpoint_path {checkpoint_path.parent / 'model.pth'} --mode "
                 f"{mode}{f' --groupsize {groupsize}' if groupsize else ''}`")
     return (f"convert one with `python convert_hf_checkpoint.py --checkpoint_dir {checkpoint_path.parent}` (add --gguf "
-            f"FILE for a GGUF), or leave out --checkpoint_path for the embedded SmolLM2")
+            f"FILE for a GGUF), or " + ("drop --draft_checkpoint_path" if draft else
+                                        "leave out --checkpoint_path for the embedded SmolLM2"))
 
 
 def quantization_touches_output(quantization) -> bool:
@@ -759,6 +762,14 @@ def check_args(args):
     for name in ("max_new_tokens", "batch_size", "num_samples"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    # each would otherwise be ignored, the run quietly decoding without the drafts it asked for
+    if args.speculate_k is not None and not speculates(args):
+        raise ValueError("--speculate_k needs a drafter: add --draft_checkpoint_path PATH or --mtp")
+    if args.draft_vocab is not None and not (args.mtp or args.mtp_checkpoint_path):
+        raise ValueError("--draft_vocab picks rows of the MTP head's output: add --mtp (a draft checkpoint drafts over "
+                         "its full vocabulary)")
+    if args.shard_draft and not args.draft_checkpoint_path:
+        raise ValueError("--shard_draft splits a draft checkpoint over the processes: add --draft_checkpoint_path PATH")
     check_device(args.device)
 
 

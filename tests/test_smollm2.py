@@ -152,6 +152,11 @@ def test_cli_prompt_too_long_is_one_clear_line(smollm2_checkpoint, capsys):
     (["--draft_checkpoint_path", "{model}", "--speculate_k", "0"], "--speculate_k must be at least 1"),
     (["--prompts_file", "/nonexistent/prompts.txt"], "prompts file /nonexistent/prompts.txt not found"),
     (["--mtp_checkpoint_path", "/nonexistent/head.pth"], "MTP head /nonexistent/head.pth not found"),
+    (["--draft_checkpoint_path", "/nonexistent/draft.pth"], "draft checkpoint /nonexistent/draft.pth not found; "
+                                                            "convert one"),
+    (["--speculate_k", "3"], "--speculate_k needs a drafter: add --draft_checkpoint_path PATH or --mtp"),
+    (["--draft_checkpoint_path", "{model}", "--draft_vocab", "4096"], "--draft_vocab picks rows of the MTP head's"),
+    (["--shard_draft"], "--shard_draft splits a draft checkpoint over the processes"),
 ])
 def test_cli_bad_flags_are_one_clear_line(smollm2_checkpoint, flags, message):
     import subprocess, sys
