@@ -111,40 +111,34 @@ for N, K in [(7, 36), (130, 2500)]:
 # bfloat16; from 2 rows rounded onto int16 first, 3 rows as blocks of 2 + 1 and 6 as 4 + 2), 16 rows in float16
 # (the rows kernel; its bfloat16 tl.dot is wrong under the interpreter); 300 features pad to 320
 import quantize as Q
-
-
-def check_int4(cases, label):
-    for M, N, K, g, dtype in cases:
-        K4 = -(-K // g) * g
-        x = (torch.randn(M, K) * torch.linspace(1, 3, M)[:, None]).to(dtype)
-        nw, res = (torch.rand(K) + 0.5).to(dtype), torch.randn(M, N).to(dtype)
-        packed, dequantized = [], []
-        for _ in range(2):  # the weight and the gate
-            w = torch.nn.functional.pad(torch.randn(N, K), (0, K4 - K))
-            s, z = Q.int4_qparams(w, g)
-            q = Q.quantize_int4(w, s, z, g)
-            packed.append((Q.pack_int4(q, g), s.to(dtype), z.to(dtype)))
-            dequantized.append(Q.dequantize_int4(q, s.to(dtype).float(), z.to(dtype).float(), g)[:, :K].double())
-        gate = dict(gate=packed[1][0], gate_scales=packed[1][1], gate_zeros=packed[1][2])
-        for extra in [{}, gate, dict(residual=res), dict(norm_weight=nw, rms_eps=1e-5),
-                      dict(gate, residual=res, norm_weight=nw, rms_eps=1e-5)]:
-            xn = x.double()
-            if "norm_weight" in extra:
-                xn = xn * torch.rsqrt(xn.pow(2).mean(-1, keepdim=True) + 1e-5) * nw.double()
-            ref = xn @ dequantized[0].T
-            ref = ref * torch.nn.functional.silu(xn @ dequantized[1].T) if "gate" in extra else ref
-            ref = ref + res.double() if "residual" in extra else ref
-            y = int4_gemv(x, *packed[0], g, None, **extra)
-            err = ((y.double() - ref).norm() / ref.norm()).item()
-            assert y.shape == ref.shape and err < 1e-2, (label, M, N, K, g, list(extra), err)
-            worst[label] = max(worst.get(label, 0), err)
-        x[0, K // 2] = float("nan")  # reaches every output of its row (the GEMV: through its 32 columns' scale)
-        assert not int4_gemv(x, *packed[0], g, None)[0].isfinite().any()
-
-
-check_int4([(1, 24, 256, 64, torch.bfloat16), (1, 130, 2560, 128, torch.bfloat16), (1, 20, 300, 32, torch.bfloat16),
-            (3, 24, 300, 32, torch.bfloat16), (4, 20, 256, 32, torch.half), (6, 40, 640, 128, torch.half),
-            (16, 33, 512, 128, torch.half)], "int4 fused")
+for M, N, K, g, dtype in [(1, 24, 256, 64, torch.bfloat16), (1, 130, 2560, 128, torch.bfloat16),
+                          (1, 20, 300, 32, torch.bfloat16), (3, 24, 300, 32, torch.bfloat16),
+                          (4, 20, 256, 32, torch.half), (6, 40, 640, 128, torch.half), (16, 33, 512, 128, torch.half)]:
+    K4 = -(-K // g) * g
+    x = (torch.randn(M, K) * torch.linspace(1, 3, M)[:, None]).to(dtype)
+    nw, res = (torch.rand(K) + 0.5).to(dtype), torch.randn(M, N).to(dtype)
+    packed, dequantized = [], []
+    for _ in range(2):  # the weight and the gate
+        w = torch.nn.functional.pad(torch.randn(N, K), (0, K4 - K))
+        s, z = Q.int4_qparams(w, g)
+        q = Q.quantize_int4(w, s, z, g)
+        packed.append((Q.pack_int4(q, g), s.to(dtype), z.to(dtype)))
+        dequantized.append(Q.dequantize_int4(q, s.to(dtype).float(), z.to(dtype).float(), g)[:, :K].double())
+    gate = dict(gate=packed[1][0], gate_scales=packed[1][1], gate_zeros=packed[1][2])
+    for extra in [{}, gate, dict(residual=res), dict(norm_weight=nw, rms_eps=1e-5),
+                  dict(gate, residual=res, norm_weight=nw, rms_eps=1e-5)]:
+        xn = x.double()
+        if "norm_weight" in extra:
+            xn = xn * torch.rsqrt(xn.pow(2).mean(-1, keepdim=True) + 1e-5) * nw.double()
+        ref = xn @ dequantized[0].T
+        ref = ref * torch.nn.functional.silu(xn @ dequantized[1].T) if "gate" in extra else ref
+        ref = ref + res.double() if "residual" in extra else ref
+        y = int4_gemv(x, *packed[0], g, None, **extra)
+        err = ((y.double() - ref).norm() / ref.norm()).item()
+        assert y.shape == ref.shape and err < 1e-2, ("int4", M, N, K, g, list(extra), err)
+        worst["int4 fused"] = max(worst.get("int4 fused", 0), err)
+    x[0, K // 2] = float("nan")  # reaches every output of its row (the GEMV: through its 32 columns' scale)
+    assert not int4_gemv(x, *packed[0], g, None)[0].isfinite().any()
 for M, N, K in [(3, 20, 300), (16, 130, 1030)]:  # the rows kernel: each row its own rms
     x = torch.randn(M, K).half() * torch.linspace(0.5, 4, M).half()[:, None]
     w, g, res = torch.randn(N, K).half(), torch.randn(N, K).half() / 10, torch.randn(M, N).half()
