@@ -51,8 +51,8 @@ class ModelArgs:
         hits = [p for p in hits if not any(p.lower() in q.lower() and p != q for q in hits)]
         if len(hits) != 1:
             what = f"matches several presets ({', '.join(hits)})" if hits else "matches no preset"
-            raise ValueError(f"model name {name!r} {what}; name the folder after one of: "
-                             f"{', '.join(transformer_configs)}, or convert with convert_hf_checkpoint.py to get a config.json")
+            raise ValueError(f"model name {name!r} {what}; use one of: {', '.join(transformer_configs)} (a checkpoint "
+                             f"folder without config.json is named after one; convert_hf_checkpoint.py writes one)")
         return cls(**transformer_configs[hits[0]])
 
     @classmethod
