@@ -762,6 +762,8 @@ def check_args(args):
     for name in ("max_new_tokens", "batch_size", "num_samples"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.prompts_file and (args.prompt is not None or args.chat):
+        raise ValueError(f"--prompts_file gives the prompts itself; drop {'--chat' if args.chat else '--prompt'}")
     # each would otherwise be ignored, the run quietly decoding without the drafts it asked for
     if args.speculate_k is not None and not speculates(args):
         raise ValueError("--speculate_k needs a drafter: add --draft_checkpoint_path PATH or --mtp")

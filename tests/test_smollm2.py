@@ -157,6 +157,8 @@ def test_cli_prompt_too_long_is_one_clear_line(smollm2_checkpoint, capsys):
     (["--speculate_k", "3"], "--speculate_k needs a drafter: add --draft_checkpoint_path PATH or --mtp"),
     (["--draft_checkpoint_path", "{model}", "--draft_vocab", "4096"], "--draft_vocab picks rows of the MTP head's"),
     (["--shard_draft"], "--shard_draft splits a draft checkpoint over the processes"),
+    (["--prompts_file", "/nonexistent/prompts.txt", "--prompt", "Hi"], "--prompts_file gives the prompts itself; "
+                                                                         "drop --prompt"),
 ])
 def test_cli_bad_flags_are_one_clear_line(smollm2_checkpoint, flags, message):
     import subprocess, sys
