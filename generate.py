@@ -764,6 +764,13 @@ def check_args(args):
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.prompts_file and (args.prompt is not None or args.chat):
         raise ValueError(f"--prompts_file gives the prompts itself; drop {'--chat' if args.chat else '--prompt'}")
+    if args.system is not None and not args.chat:
+        raise ValueError("--system is the chat's system message: add --chat")
+    if args.chat and (args.batch_size > 1 or args.num_samples > 1 or args.profile):
+        raise ValueError("--chat holds one conversation, answered once a turn: drop --batch_size, --num_samples and "
+                         "--profile")
+    if args.compile_prefill and not args.compile:
+        raise ValueError("--compile_prefill compiles prefill beside the decode step: add --compile")
     # each would otherwise be ignored, the run quietly decoding without the drafts it asked for
     if args.speculate_k is not None and not speculates(args):
         raise ValueError("--speculate_k needs a drafter: add --draft_checkpoint_path PATH or --mtp")

@@ -159,6 +159,9 @@ def test_cli_prompt_too_long_is_one_clear_line(smollm2_checkpoint, capsys):
     (["--shard_draft"], "--shard_draft splits a draft checkpoint over the processes"),
     (["--prompts_file", "/nonexistent/prompts.txt", "--prompt", "Hi"], "--prompts_file gives the prompts itself; "
                                                                          "drop --prompt"),
+    (["--system", "Be terse."], "--system is the chat's system message: add --chat"),
+    (["--chat", "--num_samples", "2"], "--chat holds one conversation"),
+    (["--compile_prefill"], "--compile_prefill compiles prefill beside the decode step: add --compile"),
 ])
 def test_cli_bad_flags_are_one_clear_line(smollm2_checkpoint, flags, message):
     import subprocess, sys
