@@ -607,6 +607,13 @@ def main(argv=None):
     try:
         if args.mode == "int8" and (args.groupsize is not None or args.pad):
             raise ValueError("--groupsize and --pad are for int4 modes; int8 has one scale per output channel")
+        gptq_only = [f"--{'no-' if n == 'act_order' else ''}{n}" for n in
+                     ("calibration_file", "samples", "seq_len", "percdamp", "act_order", "device")
+                     if getattr(args, n) != p.get_default(n)]  # set on the command line
+        if args.mode != "int4-gptq" and gptq_only:
+            raise ValueError(f"{', '.join(gptq_only)}: for --mode int4-gptq only; drop for --mode {args.mode}")
+        if args.calibration_file and not args.calibration_file.is_file():
+            raise FileNotFoundError(f"calibration file {args.calibration_file} not found; pass a text file")
         if args.groupsize is None:
             args.groupsize = 128
         for name in ("samples", "seq_len"):

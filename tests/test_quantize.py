@@ -219,7 +219,11 @@ def test_bad_input_is_refused_clearly(tmp_path, capsys):
                            (["--checkpoint_path", str(path), "--mode", "int4-gptq", "--samples", "0"],
                             "--samples must be at least 1"),
                            (["--checkpoint_path", str(path), "--mode", "int8", "--groupsize", "64"],
-                            "--groupsize and --pad are for int4 modes")]:
+                            "--groupsize and --pad are for int4 modes"),
+                           (["--checkpoint_path", str(path), "--mode", "int4", "--no-act_order", "--samples", "8"],
+                            "--samples, --no-act_order: for --mode int4-gptq only; drop for --mode int4"),
+                           (["--checkpoint_path", str(path), "--mode", "int4-gptq", "--calibration_file",
+                             str(tmp_path / "none.txt")], f"calibration file {tmp_path / 'none.txt'} not found")]:
         with pytest.raises(SystemExit):
             Q.main(flags)
         assert message in capsys.readouterr().err
