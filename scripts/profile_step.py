@@ -25,7 +25,7 @@ def log(msg):
 
 
 def kernel_times(fn, calls: int):
-    """Per kernel name, GPU microseconds and launches per call of fn (over `calls` calls), and launches per call."""
+    """Per kernel name, GPU microseconds and launches per call of fn, over `calls` calls."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -35,14 +35,13 @@ def kernel_times(fn, calls: int):
             fn()
         torch.cuda.synchronize()
     log("profiled")
-    out, launches = defaultdict(lambda: [0.0, 0.0]), 0
+    out = defaultdict(lambda: [0.0, 0.0])
     for e in prof.key_averages():
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
         if t > 0 and e.device_type == torch.autograd.DeviceType.CUDA:
             out[e.key][0] += t / calls
             out[e.key][1] += e.count / calls
-            launches += e.count / calls
-    return dict(out), launches
+    return dict(out)
 
 
 def main(argv=None):
@@ -66,8 +65,8 @@ def main(argv=None):
     x1, xk = torch.zeros(1, 1, dtype=torch.long, device="cuda"), torch.zeros(1, n, dtype=torch.long, device="cuda")
     p1, pk = torch.tensor([L], device="cuda"), torch.arange(L, L + n, device="cuda")
     with torch.no_grad():
-        one, launches_one = kernel_times(lambda: step(model, x1, p1), 20)
-        many, launches_many = kernel_times(lambda: step_k(model, xk, pk), 20)
+        one = kernel_times(lambda: step(model, x1, p1), 20)
+        many = kernel_times(lambda: step_k(model, xk, pk), 20)
         one_eager = time_steps(lambda: step(model, x1, p1), "cuda")
         many_eager = time_steps(lambda: step_k(model, xk, pk), "cuda")
     # CUDA graphs only after profiling: the profiler can hang on graphs made before its first use (pytorch#75504)
@@ -80,7 +79,7 @@ def main(argv=None):
         (a, na), (b, nb) = one.get(k, none), many.get(k, none)
         print(f"{k[:64]:<64} x{na:<4.0f} {a:9.1f} x{nb:<4.0f} {b:9.1f} {b - a:9.1f}")
     rows = [("sum of kernels (us)", sum(t for t, _ in one.values()), sum(t for t, _ in many.values())),
-            ("kernels per call", launches_one, launches_many),
+            ("kernels per call", sum(c for _, c in one.values()), sum(c for _, c in many.values())),
             ("wall, compiled no graph (us)", one_eager * 1e6, many_eager * 1e6),
             ("wall, CUDA graph (us)", one_graph * 1e6, many_graph * 1e6)]
     for label, a, b in rows:
