@@ -887,8 +887,10 @@ def int4_config(K: int, gate: bool = False, rows: int = 1, N: int = 0) -> dict:
     """The int4 GEMV's tile for W (N, K) (the gate-up pair, more than one row of x and N >= WIDE_N have their own):
     no more words a chunk than a row has, and at most a thread for four of them (INT4_CONFIG)."""
     wide = N >= WIDE_N and not gate
-    cfg = ((INT4_XQ_WIDE_CONFIG if wide else INT4_XQ_CONFIG) if rows > 1 else INT4_GATE_CONFIG if gate else
-           INT4_WIDE_CONFIG if wide else INT4_CONFIG)
+    if rows > 1:
+        cfg = INT4_XQ_WIDE_CONFIG if wide else INT4_XQ_CONFIG
+    else:
+        cfg = INT4_GATE_CONFIG if gate else INT4_WIDE_CONFIG if wide else INT4_CONFIG
     block_w = min(cfg["BLOCK_W"], triton.next_power_of_2(K // 8))
     return dict(cfg, BLOCK_W=block_w, num_warps=max(1, min(cfg["num_warps"], block_w // 128)))
 
