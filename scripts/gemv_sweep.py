@@ -193,7 +193,8 @@ def main():
              ("int4-xq", G.INT4_XQ_ROWS): "INT4_XQ_CONFIG", ("int4-wide", 1): "INT4_WIDE_CONFIG",
              ("int4-xq-wide", G.INT4_XQ_ROWS): "INT4_XQ_WIDE_CONFIG"}
     for (kind, key), grid in grids.items():
-        skip = sweep and kind.split("-")[0] not in sweep and kind not in sweep  # "int8" takes int8-gate too
+        kind0 = kind.split("-")[0]  # the layers a tile serves: int8-gate's run is all int8 layers
+        skip = sweep and kind0 not in sweep and kind not in sweep  # "int8" takes int8-gate too
         unused = (kind.endswith("-gate") and args.no_pair) or (kind.endswith("-wide") and max(shapes)[0] < G.WIDE_N)
         if skip or unused or (key == 1 and 1 not in row_counts) or (key > 1 and max(row_counts) < 2):
             continue
@@ -207,7 +208,6 @@ def main():
                 break
             setattr(G, tiles[kind, key], dict(default, **cfg))  # keys the grid does not name keep gemv.py's value
             try:
-                kind0 = kind.split("-")[0]  # int8-gate: all int8 layers
                 res.append((tuple(cfg.values()), run(kind0, rows), [run(kind0, rows, part) for part in parts]))
             except Exception as e:  # noqa: BLE001
                 print(kind, rows, cfg, "failed", f"{type(e).__name__}: {e}"[:300], flush=True)
