@@ -23,8 +23,8 @@ inputs of at most MAX_QUERIES positions and keeps SDPA for prefill, training and
 launches its float GEMVs, so that it starts while the GEMV before it drains and lets the one after it start early.
 Both run the kernel through one custom op (`_attention_op`). Before it waits, each program asks L2 for the cache
 slots it will read that earlier steps wrote (a prefetch hint: it changes no value read). Not the default: launched
-with PDL alone it left the Llama-2-7B step as it was (3.573 against 3.569 ms, H200); the prefetch is not timed yet
-(`scripts/bench.py --pdl_attention`).
+with PDL alone it left the bf16 Llama-2-7B step as it was (3.573 against 3.569 ms, H200), and with the prefetch it
+made the int4 one slower (539-540 against 543-544 tok/s, H100, session 42; `scripts/bench.py --pdl_attention`).
 """
 import math
 import os
