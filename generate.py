@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from model import ModelArgs, Transformer
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints/SmolLM2-135M-Instruct/model.pth"
+DEFAULT_PROMPT = "Hello, my name is"  # raw text, without --prompt or --chat
 
 
 # ----------------------------------------------------------------------------------------------------------- sampling
@@ -421,7 +422,12 @@ class Speculation:
 
 def speculates(args) -> bool:
     """Whether the run drafts tokens for the target to verify (a draft checkpoint or the MTP head)."""
-    return bool(args.draft_checkpoint_path or args.mtp or args.mtp_checkpoint_path)
+    return bool(args.draft_checkpoint_path) or uses_mtp(args)
+
+
+def uses_mtp(args) -> bool:
+    """Whether the drafter is an MTP head (the one beside the checkpoint, or one named)."""
+    return bool(args.mtp or args.mtp_checkpoint_path)
 
 
 def int4_kernel_for(args) -> str:
@@ -433,7 +439,7 @@ def int4_kernel_for(args) -> str:
     if not speculates(args):
         return "triton"
     from gemv import INT4_XQ_ROWS  # the most rows gemv.py's int4 GEMV takes before its tensor-core kernel
-    k = args.speculate_k if args.speculate_k is not None else 3 if (args.mtp or args.mtp_checkpoint_path) else 5
+    k = args.speculate_k if args.speculate_k is not None else 3 if uses_mtp(args) else 5
     return "triton" if k + 1 <= INT4_XQ_ROWS else "torch"
 
 
@@ -445,7 +451,7 @@ def load_speculation(args, model: Transformer, tokenizer, target_dir: Path, devi
     if args.batch_size > 1 or args.prompts_file:
         raise ValueError("speculative decoding takes one prompt at a time; drop --batch_size/--prompts_file or "
                          "--draft_checkpoint_path/--mtp")
-    if args.mtp or args.mtp_checkpoint_path:
+    if uses_mtp(args):
         import mtp
         return mtp.load_speculation(args, model, target_dir, device)
     args.speculate_k = 5 if args.speculate_k is None else args.speculate_k
@@ -717,13 +723,13 @@ def read_prompts(args, tokenizer) -> list:
         if not lines:
             raise ValueError(f"{args.prompts_file} has no prompts; write one prompt per line")
         return [tokenizer.encode(l) for l in lines]
-    return [tokenizer.encode(args.prompt if args.prompt is not None else "Hello, my name is")] * args.batch_size
+    return [tokenizer.encode(args.prompt if args.prompt is not None else DEFAULT_PROMPT)] * args.batch_size
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompt", default=None, help="raw text, encoded as the model's tokenizer does (default: 'Hello, "
-                   "my name is'); with --chat, the first turn")
+    p.add_argument("--prompt", default=None, help=f"raw text, encoded as the model's tokenizer does (default: "
+                   f"{DEFAULT_PROMPT!r}); with --chat, the first turn")
     p.add_argument("--prompts_file", help="a batch of distinct prompts, one per line (left-padded, masked)")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat with the model's chat template")
     p.add_argument("--system", default=None, help="system message for --chat (else the model's default, if any)")
@@ -774,7 +780,7 @@ def check_args(args):
     # each would otherwise be ignored, the run quietly decoding without the drafts it asked for
     if args.speculate_k is not None and not speculates(args):
         raise ValueError("--speculate_k needs a drafter: add --draft_checkpoint_path PATH or --mtp")
-    if args.draft_vocab is not None and not (args.mtp or args.mtp_checkpoint_path):
+    if args.draft_vocab is not None and not uses_mtp(args):
         raise ValueError("--draft_vocab picks rows of the MTP head's output: add --mtp (a draft checkpoint drafts over "
                          "its full vocabulary)")
     if args.shard_draft and not args.draft_checkpoint_path:
