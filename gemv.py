@@ -80,6 +80,15 @@ MAX_ROWS = 16  # the rows kernels pad to 16 (tl.dot's smallest tile): 2..16 rows
 # the gate-up pair included; H200 for K >= 4096, H100 below): 32 weight rows a program over Llama-2-7B's layers, 16
 # over SmolLM2-135M's (K <= 1536), where the grid needs more programs to keep the memory busy
 GEMV_CONFIG = dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4, STAGES=1)
+# float weights of fewer than SMALL_K columns (small models: SmolLM2's 576 and 1536) are latency bound, a few
+# microseconds a matmul, and take tiles of their own: timed at 1 and 4 rows over SmolLM2-135M's matmuls with their
+# norms, gates and residuals (H100, session 43; `scripts/gemv_sweep.py --sweep bf16-small --model SmolLM2-135M`).
+# One tile serves one row and several, so that a verify's rows get each decode step's sums bit for bit (greedy
+# speculative text in bfloat16 stays the target's own; tests/test_gemv.py checks it on the GPU)
+SMALL_K = 2048
+SMALL_GEMV_CONFIG = dict(BLOCK_N=2, BLOCK_K=512, num_warps=1, STAGES=1)  # K <= 1024: wqkv, wo, the gate-up pair
+SMALL_DOWN_CONFIG = dict(BLOCK_N=1, BLOCK_K=512, num_warps=4, STAGES=1)  # 1024 < K < SMALL_K: w2
+SMALL_HEAD_CONFIG = dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4, STAGES=1)  # N >= WIDE_N: the output head
 ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=6)
 SMALL_ROWS_CONFIG = dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=6)  # K < 4096
 # gemm_rows hands up to FLOAT_GEMV_ROWS rows to the GEMV, which loads each weight once for all of them, instead of the
@@ -746,10 +755,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
 def _gemv_launch(x, weight, bias, y, gate, residual, rms_eps, M: int):
     """The GEMV kernel over M rows of x (contiguous), into y."""
     N, K = weight.shape
-    pdl = _pdl(x)
-    _gemv_kernel[(triton.cdiv(N, GEMV_CONFIG["BLOCK_N"]),)](
+    pdl, cfg = _pdl(x), gemv_config(N, K)
+    _gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
         weight, x, bias if bias is not None else weight, y, N=N, K=K, HAS_BIAS=bias is not None,
-        HAS_RMS=rms_eps is not None, EPS=rms_eps or 0.0, **GEMV_CONFIG,
+        HAS_RMS=rms_eps is not None, EPS=rms_eps or 0.0, **cfg,
         **_epilogue_args(x, gate, residual, scales=False), PDL=pdl, launch_pdl=pdl, M=M,
         MP=triton.next_power_of_2(M))
     return y
@@ -893,6 +902,13 @@ def int4_config(K: int, gate: bool = False, rows: int = 1, N: int = 0) -> dict:
         cfg = INT4_GATE_CONFIG if gate else INT4_WIDE_CONFIG if wide else INT4_CONFIG
     block_w = min(cfg["BLOCK_W"], triton.next_power_of_2(K // 8))
     return dict(cfg, BLOCK_W=block_w, num_warps=max(1, min(cfg["num_warps"], block_w // 128)))
+
+
+def gemv_config(N: int, K: int) -> dict:
+    """The float GEMV's tile for W (N, K), at one row of x or several."""
+    if K >= SMALL_K:
+        return GEMV_CONFIG
+    return SMALL_HEAD_CONFIG if N >= WIDE_N else SMALL_GEMV_CONFIG if K <= 1024 else SMALL_DOWN_CONFIG
 
 
 def _precision(x) -> str:

@@ -376,6 +376,31 @@ def test_cuda_gemv_kernels_match_linear():
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_float_gemv_rows_are_each_rows_decode_bit_for_bit():
+    """A small model's verify sends its rows through the one-row GEMV's tile (gemv_config), so each row's output is
+    bit for bit what a decode step computes for it: a greedy bfloat16 verify then never parts from the target alone.
+    (Tiles that differ between one row and four change the sums' order: this test fails on them.)"""
+    import torch
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import gemv as G
+
+    torch.manual_seed(0)
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    for N, K, gate, res, eps in [(960, 576, False, False, 1e-5), (576, 576, False, True, None),
+                                 (1536, 576, True, False, 1e-5), (576, 1536, False, True, None),
+                                 (49152, 576, False, False, None)]:
+        w = torch.randn(N, K, **bf16) * 0.05
+        g = torch.randn(N, K, **bf16) * 0.05 if gate else None
+        for M in range(2, G.FLOAT_GEMV_ROWS + 1):
+            x = torch.randn(M, K, **bf16)
+            r = torch.randn(M, N, **bf16) if res else None
+            rows = G.gemm_rows(x, w, None, g, r, eps)
+            for i in range(M):
+                one = G.gemv(x[i:i + 1], w, None, g, None if r is None else r[i:i + 1], eps)
+                assert torch.equal(rows[i:i + 1], one), (N, K, M, i)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("quant", ["none", "int8", "int4"])
 def test_cuda_model_with_gemv_matches_linear(quant):
     """A tiny bf16 model's logits over 1 token (decode: Triton GEMVs) and 5 (verify: rows kernel), fused blocks both,
