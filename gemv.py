@@ -80,15 +80,16 @@ MAX_ROWS = 16  # the rows kernels pad to 16 (tl.dot's smallest tile): 2..16 rows
 # the gate-up pair included; H200 for K >= 4096, H100 below): 32 weight rows a program over Llama-2-7B's layers, 16
 # over SmolLM2-135M's (K <= 1536), where the grid needs more programs to keep the memory busy
 GEMV_CONFIG = dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4, STAGES=1)
-# float weights of fewer than SMALL_K columns (small models: SmolLM2's 576 and 1536) are latency bound, a few
-# microseconds a matmul, and take tiles of their own: timed at 1 and 4 rows over SmolLM2-135M's matmuls with their
-# norms, gates and residuals (H100, session 43; `scripts/gemv_sweep.py --sweep bf16-small --model SmolLM2-135M`).
-# One tile serves one row and several, so that a verify's rows get each decode step's sums bit for bit (greedy
-# speculative text in bfloat16 stays the target's own; tests/test_gemv.py checks it on the GPU)
-SMALL_K = 2048
-SMALL_GEMV_CONFIG = dict(BLOCK_N=2, BLOCK_K=512, num_warps=1, STAGES=1)  # K <= 1024: wqkv, wo, the gate-up pair
-SMALL_DOWN_CONFIG = dict(BLOCK_N=1, BLOCK_K=512, num_warps=4, STAGES=1)  # 1024 < K < SMALL_K: w2
-SMALL_HEAD_CONFIG = dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4, STAGES=1)  # N >= WIDE_N: the output head
+# float weights of at most SMALL_K columns (small models: SmolLM2's 576) are latency bound, a few microseconds a
+# matmul, and stream faster with one warp a program over 512-column chunks; the output head (N >= WIDE_N) with 4
+# weight rows a program. Timed at 1 and 4 rows over SmolLM2-135M's matmuls with their norms, gates and residuals
+# (H100, session 43, BENCHMARKS.md: its decode step 429 -> 403 us). One tile serves one row and several, so that a
+# verify's rows get each decode step's sums bit for bit and a greedy bfloat16 verify keeps the target's own text;
+# a sweep's best tile for SmolLM2's w2 (K = 1536; one weight row a program, 4 warps) broke that on the real model
+# (10 of 24 dev prompts identical, against 24 of 24), so wider K keeps GEMV_CONFIG
+SMALL_K = 1024
+SMALL_GEMV_CONFIG = dict(BLOCK_N=2, BLOCK_K=512, num_warps=1, STAGES=1)  # wqkv, wo, the gate-up pair
+SMALL_HEAD_CONFIG = dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4, STAGES=1)  # the output head
 ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=6)
 SMALL_ROWS_CONFIG = dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=6)  # K < 4096
 # gemm_rows hands up to FLOAT_GEMV_ROWS rows to the GEMV, which loads each weight once for all of them, instead of the
@@ -906,9 +907,9 @@ def int4_config(K: int, gate: bool = False, rows: int = 1, N: int = 0) -> dict:
 
 def gemv_config(N: int, K: int) -> dict:
     """The float GEMV's tile for W (N, K), at one row of x or several."""
-    if K >= SMALL_K:
+    if K > SMALL_K:
         return GEMV_CONFIG
-    return SMALL_HEAD_CONFIG if N >= WIDE_N else SMALL_GEMV_CONFIG if K <= 1024 else SMALL_DOWN_CONFIG
+    return SMALL_HEAD_CONFIG if N >= WIDE_N else SMALL_GEMV_CONFIG
 
 
 def _precision(x) -> str:
