@@ -40,16 +40,21 @@ ATTENTION_POINTERS = dict(qkv_ptr="*bf16", cos_ptr="*fp32", sin_ptr="*fp32", rop
                           ml_ptr="*fp32")
 
 
-def compile_sm(fn, pointers: dict, consts: dict, num_warps: int, num_stages: int = 3, capability: int = 90) -> dict:
-    """fn compiled for sm_<capability> (Hopper unless told): registers a thread, shared bytes, programs an SM holds
-    (by sm_90's limits), and the instructions of its weights' loop (0 if the compiler unrolled it). Arguments not in
-    `pointers` or `consts` are int32 sizes, taken as multiples of 16."""
+def compile_for(fn, pointers: dict, consts: dict, num_warps: int, num_stages: int = 3, capability: int = 90):
+    """fn compiled for sm_<capability>. Arguments not in `pointers` or `consts` are int32 sizes, taken as
+    multiples of 16."""
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     sig = {a: pointers.get(a, "constexpr" if a in consts else "i32") for a in fn.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if a not in consts}
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=aligned),
-                       target=GPUTarget("cuda", capability, 32),
-                       options=dict(num_warps=num_warps, num_stages=num_stages))
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=aligned),
+                          target=GPUTarget("cuda", capability, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def compile_sm(fn, pointers: dict, consts: dict, num_warps: int, num_stages: int = 3, capability: int = 90) -> dict:
+    """fn compiled for sm_<capability> (Hopper unless told): registers a thread, shared bytes, programs an SM holds
+    (by sm_90's limits), and the instructions of its weights' loop (0 if the compiler unrolled it)."""
+    k = compile_for(fn, pointers, consts, num_warps, num_stages, capability)
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.TemporaryDirectory() as d:
         cubin = Path(d) / "k.cubin"
@@ -71,6 +76,16 @@ def compile_sm(fn, pointers: dict, consts: dict, num_warps: int, num_stages: int
                               for at, op in re.findall(r"/\*([0-9a-f]+)\*/\s+([^;]*);", sass)
                               if first <= int(at, 16) <= last)
     return dict(regs=regs, shared=k.metadata.shared, programs_per_sm=fit, loop_instructions=loop, loop_ops=ops)
+
+
+def register_layout(fn, pointers: dict, consts: dict, num_warps: int, shape: tuple) -> str:
+    """The layout Triton gives fn's float32 tensors of `shape`, compiled for sm_90: how their elements are split
+    between a thread's registers, a warp's lanes and the warps, which fixes the order in which a sum over them
+    adds up (the float GEMV's (rows, BLOCK_N, BLOCK_K) products)."""
+    ir = compile_for(fn, pointers, consts, num_warps).asm["ttgir"]
+    layouts = dict(re.findall(r"^(#\w+) = (#ttg\.\w+<.*>)$", ir, re.M))
+    used = set(re.findall(r"tensor<{}xf32, (#\w+)>".format("x".join(map(str, shape))), ir))
+    return " ".join(sorted(layouts[name] for name in used))
 
 
 def weight_bytes_per_step(pointers: dict, consts: dict) -> float:
@@ -96,9 +111,9 @@ def variants(K: int):
                EPS=1e-5, PRECISION="tf32", PDL=True, XQ=False, MP2=0)
     gate, res, norm = dict(HAS_GATE=True), dict(HAS_RES=True), dict(HAS_RMS=True)
     rows_cfg = G.ROWS_CONFIG if K >= 4096 else G.SMALL_ROWS_CONFIG
-    kernels = [("float GEMV", G._gemv_kernel, bf16, dict(G.GEMV_CONFIG, MP=1),
+    kernels = [("float GEMV", G._gemv_kernel, bf16, dict(G.gemv_config(K, K), MP=1),
                 [{}, gate, res, norm, dict(gate, **norm)]),
-               ("float GEMV x4 rows", G._gemv_kernel, bf16, dict(G.GEMV_CONFIG, MP=4), [{}, dict(gate, **norm)]),
+               ("float GEMV x4 rows", G._gemv_kernel, bf16, dict(G.gemv_config(K, K), MP=4), [{}, dict(gate, **norm)]),
                ("int8 GEMV", G._int8_gemv_kernel, int8, G.INT8_CONFIG, [{}, res, norm]),
                ("int8 GEMV", G._int8_gemv_kernel, int8, G.INT8_GATE_CONFIG, [gate, dict(gate, **norm)]),
                ("float rows", G._rows_kernel, bf16, rows_cfg, [{}, gate, res, norm, dict(gate, **norm)]),

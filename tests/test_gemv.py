@@ -198,6 +198,34 @@ def test_kernels_compile_for_hopper():
     assert {"int8 GEMV + gate", "float GEMV + gate + norm", "float rows + gate", "int4 GEMV g128"} <= set(names)
 
 
+def test_float_gemv_sums_in_one_order_at_one_row_and_several():
+    """A verify of up to FLOAT_GEMV_ROWS rows must sum each row as a decode step does, so that a greedy bfloat16
+    verify never parts from the target alone. The order of the GEMV's sums follows from how Triton lays its (rows,
+    BLOCK_N, BLOCK_K) float32 products over registers, lanes and warps; compiled for sm_90 here, that layout must be
+    the same at 1 row as at 2 and 4, for the tile gemv_config gives each of SmolLM2's matmuls. Session 43's first
+    tile for w2 (1 x 512, 4 warps) spread K over 4 warps at one row and 2 at several, and parted 14 of 24 greedy
+    texts on the real model (BENCHMARKS.md): it is the negative control."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import gemv as G
+    import kernel_resources
+
+    bf16 = dict.fromkeys(["x_ptr", "w_ptr", "b_ptr", "y_ptr", "g_ptr", "res_ptr"], "*bf16")
+    off = dict(HAS_BIAS=False, HAS_GATE=False, HAS_RES=False, HAS_RMS=False, EPS=1e-5, STAGES=1, PDL=True)
+
+    def layouts(N, K, tile, **kinds):
+        consts = dict(off, K=K, **{k: v for k, v in tile.items() if k != "num_warps"}, **kinds)
+        return [kernel_resources.register_layout(G._gemv_kernel, bf16, dict(consts, MP=mp), tile["num_warps"],
+                                                 (mp, tile["BLOCK_N"], tile["BLOCK_K"])) for mp in (1, 2, 4)]
+
+    norm, gate, res = dict(HAS_RMS=True), dict(HAS_GATE=True, HAS_RMS=True), dict(HAS_RES=True)
+    for N, K, kinds in [(960, 576, norm), (576, 576, res), (1536, 576, gate), (576, 1536, res), (49152, 576, {})]:
+        assert K <= G.FLOAT_GEMV_MAX_K  # a verify's rows go through the GEMV
+        one, *more = layouts(N, K, G.gemv_config(N, K), **kinds)
+        assert one and more == [one, one], (N, K, one, more)
+    one, *more = layouts(576, 1536, dict(BLOCK_N=1, BLOCK_K=512, num_warps=4, STAGES=1), **res)
+    assert more[0] != one
+
+
 def test_int4_gemv_over_6_rows_runs_the_dp2a_of_6_not_8():
     """The XQ GEMV takes 6 rows of x as blocks of 4 + 2 (gemv.xq_blocks), not padded to 8: compiled for sm_90, its
     weights' loop holds 3/4 of the dp2a (IDP) instructions of the 8-row loop, 4 a word of 8 weights and row."""
