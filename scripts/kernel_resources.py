@@ -88,6 +88,18 @@ def register_layout(fn, pointers: dict, consts: dict, num_warps: int, shape: tup
     return " ".join(sorted(layouts[name] for name in used))
 
 
+def gemv_sum_layouts(K: int, tile: dict, gate=False, residual=False, norm=False, rows=(1, 2, 4)) -> list:
+    """register_layout of the float GEMV's products under `tile` (a gemv.py tile dict) at each count of x's rows
+    (rounded up to a power of two, as the kernel does): one layout for all means each row's sums add up in the
+    same order whatever the count, so a verify's rows are a decode step's bit for bit."""
+    consts = dict(K=K, HAS_BIAS=False, HAS_GATE=gate, HAS_RES=residual, HAS_RMS=norm, EPS=1e-5, PDL=True,
+                  **{k: v for k, v in tile.items() if k != "num_warps"})
+    pointers = dict.fromkeys(["x_ptr", "w_ptr", "b_ptr", "y_ptr", "g_ptr", "res_ptr"], "*bf16")
+    mps = [triton.next_power_of_2(m) for m in rows]
+    return [register_layout(G._gemv_kernel, pointers, dict(consts, MP=mp), tile["num_warps"],
+                            (mp, tile["BLOCK_N"], tile["BLOCK_K"])) for mp in mps]
+
+
 def weight_bytes_per_step(pointers: dict, consts: dict) -> float:
     """Bytes of weights one program streams per trip of its loop: BLOCK_N rows of a chunk (BLOCK_W int32 words for
     the int8 and int4 GEMVs, BLOCK_K weights for the float and int8 rows kernels, a group for the int4 one), twice

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gemv as G  # noqa: E402
 from model import ModelArgs  # noqa: E402
 from gemv_sweep import graph_time  # noqa: E402  (scripts/ is on the path: this file's folder)
-from kernel_resources import register_layout  # noqa: E402
+from kernel_resources import gemv_sum_layouts  # noqa: E402
 
 KINDS = ("wqkv", "wo", "w1+w3", "w2", "head")
 DEVICE = "cuda"
@@ -48,15 +48,9 @@ def timed(calls: list) -> float:
 
 
 def same_order(calls: list, tile: dict) -> bool:
-    """Whether the GEMV under `tile` lays out its products, and so orders its sums, alike at 1, 2 and 4 rows
-    (compiled for sm_90: kernel_resources.register_layout)."""
-    x, w, g, r, eps = calls[0]
-    consts = dict(K=w.shape[1], HAS_BIAS=False, HAS_GATE=g is not None, HAS_RES=r is not None,
-                  HAS_RMS=eps is not None, EPS=eps or 0.0, PDL=True, STAGES=tile["STAGES"],
-                  BLOCK_N=tile["BLOCK_N"], BLOCK_K=tile["BLOCK_K"])
-    pointers = dict.fromkeys(["x_ptr", "w_ptr", "b_ptr", "y_ptr", "g_ptr", "res_ptr"], "*bf16")
-    return len({register_layout(G._gemv_kernel, pointers, dict(consts, MP=mp), tile["num_warps"],
-                                (mp, tile["BLOCK_N"], tile["BLOCK_K"])) for mp in (1, 2, 4)}) == 1
+    """Whether the GEMV under `tile` sums each row in one order at 1, 2 and 4 rows (its layout compiled for sm_90)."""
+    _, w, g, r, eps = calls[0]
+    return len(set(gemv_sum_layouts(w.shape[1], tile, g is not None, r is not None, eps is not None))) == 1
 
 
 def main(argv=None):

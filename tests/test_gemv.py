@@ -209,20 +209,12 @@ def test_float_gemv_sums_in_one_order_at_one_row_and_several():
     import gemv as G
     import kernel_resources
 
-    bf16 = dict.fromkeys(["x_ptr", "w_ptr", "b_ptr", "y_ptr", "g_ptr", "res_ptr"], "*bf16")
-    off = dict(HAS_BIAS=False, HAS_GATE=False, HAS_RES=False, HAS_RMS=False, EPS=1e-5, STAGES=1, PDL=True)
-
-    def layouts(N, K, tile, **kinds):
-        consts = dict(off, K=K, **{k: v for k, v in tile.items() if k != "num_warps"}, **kinds)
-        return [kernel_resources.register_layout(G._gemv_kernel, bf16, dict(consts, MP=mp), tile["num_warps"],
-                                                 (mp, tile["BLOCK_N"], tile["BLOCK_K"])) for mp in (1, 2, 4)]
-
-    norm, gate, res = dict(HAS_RMS=True), dict(HAS_GATE=True, HAS_RMS=True), dict(HAS_RES=True)
+    norm, gate, res = dict(norm=True), dict(gate=True, norm=True), dict(residual=True)
     for N, K, kinds in [(960, 576, norm), (576, 576, res), (1536, 576, gate), (576, 1536, res), (49152, 576, {})]:
         assert K <= G.FLOAT_GEMV_MAX_K  # a verify's rows go through the GEMV
-        one, *more = layouts(N, K, G.gemv_config(N, K), **kinds)
+        one, *more = kernel_resources.gemv_sum_layouts(K, G.gemv_config(N, K), **kinds)
         assert one and more == [one, one], (N, K, one, more)
-    one, *more = layouts(576, 1536, dict(BLOCK_N=1, BLOCK_K=512, num_warps=4, STAGES=1), **res)
+    one, *more = kernel_resources.gemv_sum_layouts(1536, dict(BLOCK_N=1, BLOCK_K=512, num_warps=4, STAGES=1), **res)
     assert more[0] != one
 
 
