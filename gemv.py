@@ -83,10 +83,11 @@ GEMV_CONFIG = dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4, STAGES=1)
 # float weights of at most SMALL_K columns (small models: SmolLM2's 576) are latency bound, a few microseconds a
 # matmul, and stream faster with one warp a program over 512-column chunks; the output head (N >= WIDE_N) with 4
 # weight rows a program. Timed at 1 and 4 rows over SmolLM2-135M's matmuls with their norms, gates and residuals
-# (H100, session 43, BENCHMARKS.md: its decode step 429 -> 403 us). One tile serves one row and several, so that a
-# verify's rows get each decode step's sums bit for bit and a greedy bfloat16 verify keeps the target's own text;
-# a sweep's best tile for SmolLM2's w2 (K = 1536; one weight row a program, 4 warps) broke that on the real model
-# (10 of 24 dev prompts identical, against 24 of 24), so wider K keeps GEMV_CONFIG
+# (H100, session 43, BENCHMARKS.md: its decode step 429 -> 403 us). One tile serves one row and several and lays
+# out its products alike at both, so that a verify's rows get each decode step's sums bit for bit and a greedy
+# bfloat16 verify keeps the target's own text (tests/test_gemv.py checks the layouts, compiled for sm_90). The
+# sweep's best tile for SmolLM2's w2 (K = 1536; one weight row a program, 4 warps) did not, and parted greedy texts
+# on the real model (10 of 24 dev prompts identical, against 24 of 24): wider K keeps GEMV_CONFIG
 SMALL_K = 1024
 SMALL_GEMV_CONFIG = dict(BLOCK_N=2, BLOCK_K=512, num_warps=1, STAGES=1)  # wqkv, wo, the gate-up pair
 SMALL_HEAD_CONFIG = dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4, STAGES=1)  # the output head
