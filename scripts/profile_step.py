@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import random_model, time_steps, verify_cost  # noqa: E402
 from generate import Sampling, compile_step, spec_step  # noqa: E402
+from spec_eval import spec_state  # noqa: E402
 
 
 def log(msg):
@@ -66,10 +67,7 @@ def mtp_call(model, k: int, pos: int, max_seq_length: int):
     use_gemv(use_decode_attention(head))
     head.share(model, torch.randperm(model.config.vocab_size, device=device)[:16384])
     head.setup_caches(1, max_seq_length)
-    drafter, s = MTPDrafter(head, model), Sampling()
-    i64 = dict(dtype=torch.long, device=device)
-    state = (torch.ones(1, k + 1, **i64), torch.zeros((), **i64), torch.ones((), **i64),  # x, n, token
-             torch.zeros(1, k + 1, model.config.dim, device=device, dtype=dtype), torch.arange(pos, pos + k + 1, **i64))
+    drafter, s, state = MTPDrafter(head, model), Sampling(), spec_state(model, k, pos)
     return lambda fn: fn(model, drafter, *state, s)
 
 

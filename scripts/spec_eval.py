@@ -100,22 +100,27 @@ def near_tie(model, ids, ref, out):
             f"that size ({ulp:.4g})")
 
 
+def spec_state(model, k: int, pos: int) -> tuple:
+    """A speculative step's state as generate.py's loop passes it to spec_step (x, n, token, hidden, input_pos):
+    k drafts verified at cache positions pos..pos+k, none accepted."""
+    device, i64 = model.norm.weight.device, dict(dtype=torch.long, device=model.norm.weight.device)
+    return (torch.ones(1, k + 1, **i64), torch.zeros((), **i64), torch.ones((), **i64),
+            torch.zeros(1, k + 1, model.config.dim, device=device, dtype=model.norm.weight.dtype),
+            torch.arange(pos, pos + k + 1, **i64))
+
+
 @torch.no_grad()
 def step_costs(model, spec, steps, L, s, device, reps):
     """Seconds per call of one target decode step and of one speculative step (the drafter's catch-up, k drafts
     and the verify of k+1 tokens), at a cache position half way along, each called as both loops call it: queued
     back to back, one sync at the end (median of five batches of `reps` calls)."""
-    k, pos = spec.k, L // 2
-    D = model.config.dim
+    pos = L // 2
 
     def per_call(fn):
         return time_steps(fn, device, n=reps, warmup=1, batches=5)
 
     one, at = torch.ones(1, 1, dtype=torch.long, device=device), torch.tensor([pos], device=device)
-    state = (torch.ones(1, k + 1, dtype=torch.long, device=device), torch.zeros((), dtype=torch.long, device=device),
-             torch.ones((), dtype=torch.long, device=device),
-             torch.zeros(1, k + 1, D, device=device, dtype=model.norm.weight.dtype),
-             torch.arange(pos, pos + k + 1, device=device))
+    state = spec_state(model, spec.k, pos)
     c_target = per_call(lambda: steps[1](model, one, at, None, s))
     c_step = per_call(lambda: spec.step_fn(model, spec.drafter, *state, s))
     return c_target, c_step

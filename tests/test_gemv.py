@@ -198,6 +198,12 @@ def test_kernels_compile_for_hopper():
     assert {"int8 GEMV + gate", "float GEMV + gate + norm", "float rows + gate", "int4 GEMV g128"} <= set(names)
 
 
+# SmolLM2-135M's float matmuls, (N, K, gate, residual, norm) as the model runs them; a verify takes them through the
+# one-row GEMV (K <= FLOAT_GEMV_MAX_K): wqkv, wo, the gate-up pair, w2, the output head
+SMOLLM2_MATMULS = [(960, 576, False, False, True), (576, 576, False, True, False), (1536, 576, True, False, True),
+                   (576, 1536, False, True, False), (49152, 576, False, False, False)]
+
+
 def test_float_gemv_sums_in_one_order_at_one_row_and_several():
     """A verify of up to FLOAT_GEMV_ROWS rows must sum each row as a decode step does, so that a greedy bfloat16
     verify never parts from the target alone. The order of the GEMV's sums follows from how Triton lays its (rows,
@@ -209,12 +215,12 @@ def test_float_gemv_sums_in_one_order_at_one_row_and_several():
     import gemv as G
     import kernel_resources
 
-    norm, gate, res = dict(norm=True), dict(gate=True, norm=True), dict(residual=True)
-    for N, K, kinds in [(960, 576, norm), (576, 576, res), (1536, 576, gate), (576, 1536, res), (49152, 576, {})]:
+    for N, K, gate, residual, norm in SMOLLM2_MATMULS:
         assert K <= G.FLOAT_GEMV_MAX_K  # a verify's rows go through the GEMV
-        one, *more = kernel_resources.gemv_sum_layouts(K, G.gemv_config(N, K), **kinds)
+        one, *more = kernel_resources.gemv_sum_layouts(K, G.gemv_config(N, K), gate, residual, norm)
         assert one and more == [one, one], (N, K, one, more)
-    one, *more = kernel_resources.gemv_sum_layouts(1536, dict(BLOCK_N=1, BLOCK_K=512, num_warps=4, STAGES=1), **res)
+    one, *more = kernel_resources.gemv_sum_layouts(1536, dict(BLOCK_N=1, BLOCK_K=512, num_warps=4, STAGES=1),
+                                                   residual=True)
     assert more[0] != one
 
 
@@ -409,9 +415,8 @@ def test_cuda_float_gemv_rows_are_each_rows_decode_bit_for_bit():
 
     torch.manual_seed(0)
     bf16 = dict(device="cuda", dtype=torch.bfloat16)
-    for N, K, gate, res, eps in [(960, 576, False, False, 1e-5), (576, 576, False, True, None),
-                                 (1536, 576, True, False, 1e-5), (576, 1536, False, True, None),
-                                 (49152, 576, False, False, None)]:
+    for N, K, gate, res, norm in SMOLLM2_MATMULS:
+        eps = 1e-5 if norm else None
         w = torch.randn(N, K, **bf16) * 0.05
         g = torch.randn(N, K, **bf16) * 0.05 if gate else None
         for M in range(2, G.FLOAT_GEMV_ROWS + 1):
