@@ -536,7 +536,11 @@ def test_user_turn_prefix_of_the_smollm2_template(smollm2_checkpoint):
 
 
 # ---------------------------------------------------------------------------------------------- the real SmolLM2
+needs_dev_prompts = pytest.mark.skipif(not DEV_PROMPTS.is_file(), reason=f"no evaluation prompts at {DEV_PROMPTS}")
+
+
 @pytest.mark.skipif(not SHIPPED_HEAD.is_file(), reason=f"no trained head at {SHIPPED_HEAD}")
+@needs_dev_prompts
 @torch.no_grad()
 def test_smollm2_shipped_head_greedy_text_equals_the_target_alone(smollm2_checkpoint):
     """The shipped head on a few evaluation prompts (one per category), float32 on CPU: the greedy text is the
@@ -558,6 +562,7 @@ def test_smollm2_shipped_head_greedy_text_equals_the_target_alone(smollm2_checkp
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.skipif(not SHIPPED_HEAD.is_file(), reason=f"no trained head at {SHIPPED_HEAD}")
+@needs_dev_prompts
 @torch.no_grad()
 def test_cuda_smollm2_shipped_head_greedy_bf16_text_equals_the_target_alone(smollm2_checkpoint):
     """On the GPU in bfloat16, through the Triton GEMVs and decode attention: every dev prompt's greedy text with the
