@@ -89,7 +89,10 @@ GEMV_CONFIG = dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4, STAGES=1)
 # sweep's best tile for SmolLM2's w2 (K = 1536; one weight row a program, 4 warps) did not, and parted greedy texts
 # on the real model (10 of 24 dev prompts identical, against 24 of 24): wider K keeps GEMV_CONFIG
 SMALL_K = 1024
-SMALL_GEMV_CONFIG = dict(BLOCK_N=2, BLOCK_K=512, num_warps=1, STAGES=1)  # wqkv, wo, the gate-up pair
+SMALL_GEMV_CONFIG = dict(BLOCK_N=2, BLOCK_K=512, num_warps=1, STAGES=1)  # wqkv, wo
+# the gate-up pair: its own tile, the same today; at 8 rows of x this one spills (255 registers, sm_90), so a
+# FLOAT_GEMV_ROWS of 8 would need another, e.g. 1 x 1024, 1 warp: 107 registers, one sum order (session 44)
+SMALL_GATE_CONFIG = dict(BLOCK_N=2, BLOCK_K=512, num_warps=1, STAGES=1)
 SMALL_HEAD_CONFIG = dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4, STAGES=1)  # the output head
 ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=6)
 SMALL_ROWS_CONFIG = dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=6)  # K < 4096
@@ -757,7 +760,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
 def _gemv_launch(x, weight, bias, y, gate, residual, rms_eps, M: int):
     """The GEMV kernel over M rows of x (contiguous), into y."""
     N, K = weight.shape
-    pdl, cfg = _pdl(x), gemv_config(N, K)
+    pdl, cfg = _pdl(x), gemv_config(N, K, gate is not None)
     _gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
         weight, x, bias if bias is not None else weight, y, N=N, K=K, HAS_BIAS=bias is not None,
         HAS_RMS=rms_eps is not None, EPS=rms_eps or 0.0, **cfg,
@@ -906,11 +909,11 @@ def int4_config(K: int, gate: bool = False, rows: int = 1, N: int = 0) -> dict:
     return dict(cfg, BLOCK_W=block_w, num_warps=max(1, min(cfg["num_warps"], block_w // 128)))
 
 
-def gemv_config(N: int, K: int) -> dict:
-    """The float GEMV's tile for W (N, K), at one row of x or several."""
+def gemv_config(N: int, K: int, gate: bool = False) -> dict:
+    """The float GEMV's tile for W (N, K), with a gate G beside it or not, at one row of x or several."""
     if K > SMALL_K:
         return GEMV_CONFIG
-    return SMALL_HEAD_CONFIG if N >= WIDE_N else SMALL_GEMV_CONFIG
+    return SMALL_GATE_CONFIG if gate else SMALL_HEAD_CONFIG if N >= WIDE_N else SMALL_GEMV_CONFIG
 
 
 def _precision(x) -> str:

@@ -123,9 +123,11 @@ def variants(K: int):
                EPS=1e-5, PRECISION="tf32", PDL=True, XQ=False, MP2=0)
     gate, res, norm = dict(HAS_GATE=True), dict(HAS_RES=True), dict(HAS_RMS=True)
     rows_cfg = G.ROWS_CONFIG if K >= 4096 else G.SMALL_ROWS_CONFIG
-    kernels = [("float GEMV", G._gemv_kernel, bf16, dict(G.gemv_config(K, K), MP=1),
-                [{}, gate, res, norm, dict(gate, **norm)]),
-               ("float GEMV x4 rows", G._gemv_kernel, bf16, dict(G.gemv_config(K, K), MP=4), [{}, dict(gate, **norm)]),
+    one, pair = G.gemv_config(K, K), G.gemv_config(K, K, gate=True)
+    kernels = [("float GEMV", G._gemv_kernel, bf16, dict(one, MP=1), [{}, res, norm]),
+               ("float GEMV", G._gemv_kernel, bf16, dict(pair, MP=1), [gate, dict(gate, **norm)]),
+               ("float GEMV x4 rows", G._gemv_kernel, bf16, dict(one, MP=4), [{}]),
+               ("float GEMV x4 rows", G._gemv_kernel, bf16, dict(pair, MP=4), [dict(gate, **norm)]),
                ("int8 GEMV", G._int8_gemv_kernel, int8, G.INT8_CONFIG, [{}, res, norm]),
                ("int8 GEMV", G._int8_gemv_kernel, int8, G.INT8_GATE_CONFIG, [gate, dict(gate, **norm)]),
                ("float rows", G._rows_kernel, bf16, rows_cfg, [{}, gate, res, norm, dict(gate, **norm)]),

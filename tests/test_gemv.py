@@ -217,7 +217,7 @@ def test_float_gemv_sums_in_one_order_at_one_row_and_several():
 
     for N, K, gate, residual, norm in SMOLLM2_MATMULS:
         assert K <= G.FLOAT_GEMV_MAX_K  # a verify's rows go through the GEMV
-        one, *more = kernel_resources.gemv_sum_layouts(K, G.gemv_config(N, K), gate, residual, norm)
+        one, *more = kernel_resources.gemv_sum_layouts(K, G.gemv_config(N, K, gate), gate, residual, norm)
         assert one and more == [one, one], (N, K, one, more)
     one, *more = kernel_resources.gemv_sum_layouts(1536, dict(BLOCK_N=1, BLOCK_K=512, num_warps=4, STAGES=1),
                                                    residual=True)
