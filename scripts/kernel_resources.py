@@ -1,6 +1,6 @@
 """Compile gemv.py's Triton kernels (or decode_attention.py's) for a Hopper GPU (sm_90) on any machine, no GPU
-needed, and print what each variant takes from an SM: registers a thread, shared memory, and how many of its
-programs fit on one SM at once.
+needed, and print what each variant takes from an SM: registers a thread (and bytes spilled), shared memory, and how
+many of its programs fit on one SM at once.
 
     python scripts/kernel_resources.py              # Llama-2-7B's widths, the tiles gemv.py ships
     python scripts/kernel_resources.py --K 576      # SmolLM2-135M's
@@ -62,6 +62,7 @@ def compile_sm(fn, pointers: dict, consts: dict, num_warps: int, num_stages: int
         usage, sass = (subprocess.run([str(tool), flag, str(cubin)], capture_output=True, text=True, check=True).stdout
                        for flag in ("-res-usage", "-sass"))
     regs, threads = int(re.search(r"REG:(\d+)", usage)[1]), 32 * num_warps
+    stack = int(re.search(r"STACK:(\d+)", usage)[1])  # bytes a thread spills to local memory
     fit = min(REGISTERS_PER_SM // (regs * threads), THREADS_PER_SM // threads,
               SHARED_PER_SM // max(k.metadata.shared, 1))
     # a loop is a branch back to an earlier address; sm_90 instructions are 16 bytes each
@@ -75,7 +76,8 @@ def compile_sm(fn, pointers: dict, consts: dict, num_warps: int, num_stages: int
     ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", op).split()[0].split(".")[0]
                               for at, op in re.findall(r"/\*([0-9a-f]+)\*/\s+([^;]*);", sass)
                               if first <= int(at, 16) <= last)
-    return dict(regs=regs, shared=k.metadata.shared, programs_per_sm=fit, loop_instructions=loop, loop_ops=ops)
+    return dict(regs=regs, stack=stack, shared=k.metadata.shared, programs_per_sm=fit, loop_instructions=loop,
+                loop_ops=ops)
 
 
 def register_layout(fn, pointers: dict, consts: dict, num_warps: int, shape: tuple) -> str:
@@ -124,10 +126,11 @@ def variants(K: int):
     gate, res, norm = dict(HAS_GATE=True), dict(HAS_RES=True), dict(HAS_RMS=True)
     rows_cfg = G.ROWS_CONFIG if K >= 4096 else G.SMALL_ROWS_CONFIG
     one, pair = G.gemv_config(K, K), G.gemv_config(K, K, gate=True)
+    rows = triton.next_power_of_2(G.FLOAT_GEMV_ROWS)  # a verify's rows through the GEMV, padded as it pads them
     kernels = [("float GEMV", G._gemv_kernel, bf16, dict(one, MP=1), [{}, res, norm]),
                ("float GEMV", G._gemv_kernel, bf16, dict(pair, MP=1), [gate, dict(gate, **norm)]),
-               ("float GEMV x4 rows", G._gemv_kernel, bf16, dict(one, MP=4), [{}]),
-               ("float GEMV x4 rows", G._gemv_kernel, bf16, dict(pair, MP=4), [dict(gate, **norm)]),
+               (f"float GEMV x{rows} rows", G._gemv_kernel, bf16, dict(one, MP=rows), [{}]),
+               (f"float GEMV x{rows} rows", G._gemv_kernel, bf16, dict(pair, MP=rows), [dict(gate, **norm)]),
                ("int8 GEMV", G._int8_gemv_kernel, int8, G.INT8_CONFIG, [{}, res, norm]),
                ("int8 GEMV", G._int8_gemv_kernel, int8, G.INT8_GATE_CONFIG, [gate, dict(gate, **norm)]),
                ("float rows", G._rows_kernel, bf16, rows_cfg, [{}, gate, res, norm, dict(gate, **norm)]),
@@ -186,14 +189,16 @@ def main(argv=None):
         sys.exit("error: TRITON_INTERPRET=1 is set, and the interpreter compiles nothing; unset it")
     if args.attention:
         return attention()
-    print(f"{f'kernel, K={args.K}':<30} {'registers':>9} {'shared B':>9} {'programs/SM':>12} {'instr/KB':>9}")
+    print(f"{f'kernel, K={args.K}':<30} {'registers':>9} {'spilled B':>9} {'shared B':>9} {'programs/SM':>12} "
+          f"{'instr/KB':>9}")
     for name, fn, pointers, consts, warps, stages in variants(args.K):
         r = compile_sm(fn, pointers, consts, warps, stages)
         # the loop is counted in a second build, K wide enough that the compiler keeps it a loop
         loop = compile_sm(fn, pointers, dict(consts, K=1 << 16), warps, stages)
         kb = weight_bytes_per_step(pointers, consts) / 1024
         per_kb = loop["loop_instructions"] * warps / kb
-        print(f"{name:<30} {r['regs']:>9} {r['shared']:>9} {r['programs_per_sm']:>12} {per_kb:>9.0f}", flush=True)
+        print(f"{name:<30} {r['regs']:>9} {r['stack']:>9} {r['shared']:>9} {r['programs_per_sm']:>12} {per_kb:>9.0f}",
+              flush=True)
         if args.ops:
             print("    " + ", ".join(f"{op} {n * warps / kb:.0f}" for op, n in loop["loop_ops"].most_common(10)))
 
