@@ -535,6 +535,24 @@ def test_user_turn_prefix_of_the_smollm2_template(smollm2_checkpoint):
     assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_end|>\n<|im_start|>user\n"), text
 
 
+def test_cli_distill_at_temperature_0_writes_the_models_greedy_responses(smollm2_checkpoint, tmp_path):
+    """`mtp.py distill --temperature 0` (greedy self-distillation, the text a greedy run verifies): each response is
+    the model's own greedy continuation of its prompt, and the file says how it was sampled."""
+    from tokenizer import get_tokenizer
+    out = tmp_path / "greedy.pt"
+    mtp_train.main(["distill", "--checkpoint_path", str(smollm2_checkpoint / "model.pth"), "--device", "cpu",
+                    "--num_prompts", "2", "--max_new_tokens", "32", "--batch_size", "1", "--temperature", "0",
+                    "--out", str(out)])
+    data = torch.load(out, weights_only=True)
+    assert data["meta"]["sampling"]["temperature"] == 0
+    model, tokenizer = load_model(smollm2_checkpoint / "model.pth"), get_tokenizer(smollm2_checkpoint)
+    offsets, plens, ids = data["offsets"], data["prompt_lens"], data["ids"].tolist()
+    for i in range(2):
+        row = ids[offsets[i]:offsets[i + 1]]
+        prompt, response = row[:plens[i]], row[plens[i]:]
+        assert response and response == generate(model, [prompt], 32, stop_ids=tokenizer.eos_ids)[0]
+
+
 # ---------------------------------------------------------------------------------------------- the real SmolLM2
 needs_dev_prompts = pytest.mark.skipif(not DEV_PROMPTS.is_file(), reason=f"no evaluation prompts at {DEV_PROMPTS}")
 
