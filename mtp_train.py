@@ -528,8 +528,9 @@ def parse_args(argv=None):
     d.add_argument("--compile", action="store_true",
                    help="compile the decode step (a CUDA graph); pays off only for long runs")
     d.add_argument("--temperature", type=float, default=DISTILL_SAMPLING.temperature,
-                   help="the responses' sampling temperature, with top-k 20 and top-p 0.95 (FastMTP's 0.6); "
-                        "0: greedy, the text a greedy run verifies")
+                   help=f"the responses' sampling temperature, with top-k {DISTILL_SAMPLING.top_k} and top-p "
+                        f"{DISTILL_SAMPLING.top_p} (FastMTP's {DISTILL_SAMPLING.temperature}); 0: greedy, the text a "
+                        "greedy run verifies")
     d.add_argument("--exclude", default=None, help="evaluation prompts (jsonl) no distillation prompt may equal "
                                                    "(default: ../shared/prompts/dev.jsonl when present)")
 
