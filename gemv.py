@@ -90,9 +90,9 @@ GEMV_CONFIG = dict(BLOCK_N=2, BLOCK_K=1024, num_warps=4, STAGES=1)
 # on the real model (10 of 24 dev prompts identical, against 24 of 24): wider K keeps GEMV_CONFIG
 SMALL_K = 1024
 SMALL_GEMV_CONFIG = dict(BLOCK_N=2, BLOCK_K=512, num_warps=1, STAGES=1)  # wqkv, wo
-# the gate-up pair: its own tile, the same today; at 8 rows of x this one spills (255 registers, sm_90), so a
-# FLOAT_GEMV_ROWS of 8 would need another, e.g. 1 x 1024, 1 warp: 107 registers, one sum order (session 44)
-SMALL_GATE_CONFIG = dict(BLOCK_N=2, BLOCK_K=512, num_warps=1, STAGES=1)
+# the gate-up pair: its own copy of that tile, so it can change alone; at 8 rows of x this one spills (255 registers,
+# sm_90), so a FLOAT_GEMV_ROWS of 8 would need another, e.g. 1 x 1024, 1 warp: 107 registers, one sum order (session 44)
+SMALL_GATE_CONFIG = dict(SMALL_GEMV_CONFIG)
 SMALL_HEAD_CONFIG = dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4, STAGES=1)  # the output head
 ROWS_CONFIG = dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=6)
 SMALL_ROWS_CONFIG = dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=6)  # K < 4096
