@@ -844,6 +844,7 @@ def main(argv=None):
             run_once(model, tokenizer, prompts, args, s, steps, device, args.max_seq_length, spec=spec)
         if profiling:
             prof.export_chrome_trace(args.profile)
+    tp.leave_dist()
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@ splits the other with tp.apply_tp, and compares logits and greedy tokens over a 
 steps (batch 2, so a hook that reduced only row 0 would show). The parent asserts per case.
 """
 import copy
+import faulthandler
 import json
 import os
 import socket
+import sys
 import time
 
 import pytest
@@ -114,20 +116,25 @@ def run_compiled(folder):
 
 
 def worker(rank, port, out_dir):
+    faulthandler.enable()  # a crash in C++ (gloo, inductor) prints every thread's Python stack with the stage below
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     results = {"rank": tp.maybe_init_dist()}
     for name, spec in CASES.items():
+        print(f"rank {rank}: case {name}", file=sys.stderr, flush=True)
         results[name] = run_case(spec)
     try:  # raised by both ranks before any collective, so no rank is left waiting
         tp.apply_tp(tiny_model(0, n_head=6, n_local_heads=3, head_dim=8, intermediate_size=96))
         results["bad_world"] = None
     except ValueError as e:
         results["bad_world"] = str(e)
+    print(f"rank {rank}: compiled decode", file=sys.stderr, flush=True)
     results["compiled"] = run_compiled(out_dir / f"ckpt{rank}")  # last: compile_step sets inductor's freezing
-    torch.distributed.destroy_process_group()
+    print(f"rank {rank}: leave_dist", file=sys.stderr, flush=True)
+    tp.leave_dist()
     (out_dir / f"rank{rank}.json").write_text(json.dumps(results))
+    print(f"rank {rank}: done", file=sys.stderr, flush=True)
 
 
 def free_port():
@@ -203,3 +210,18 @@ def test_maybe_init_dist_alone_is_none(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert tp.maybe_init_dist() is None
+
+
+def test_torchrun_generate_smollm2_greedy_text_equals_one_process(smollm2_checkpoint):
+    """The user's command end to end: `torchrun --nproc_per_node 3 generate.py` (SmolLM2's 3 KV heads allow 1 or
+    3) prints the text one process prints, and every rank exits 0 (tp.leave_dist: an exit could abort in gloo)."""
+    import subprocess
+    from pathlib import Path
+    args = ["generate.py", "--checkpoint_path", str(smollm2_checkpoint / "model.pth"), "--device", "cpu",
+            "--temperature", "0", "--max_new_tokens", "24", "--prompt", "The capital of France is"]
+    runs = [subprocess.run([sys.executable, *launcher, *args], capture_output=True, text=True, timeout=300,
+                           cwd=Path(__file__).resolve().parents[1])
+            for launcher in ([], ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3"])]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert runs[1].stdout == runs[0].stdout and "Paris" in runs[0].stdout
