@@ -40,8 +40,8 @@ def leave_dist() -> None:
     """Leave the process group at the end of a torchrun job, after its last collective. Gloo's worker threads
     free a finished collective's tensors a moment after the caller moves on, and freeing one Python still knows
     takes the GIL; if the interpreter is already shutting down by then, the process aborts ("terminate called
-    without an active exception", about one exit in ten on a 2-core CPU; pytorch/pytorch PR 179291). Sleeping
-    hands them the GIL first."""
+    without an active exception": 2 of 60 runs of tests/test_tp.py on a 2-core CPU, BENCHMARKS.md; pytorch/pytorch
+    PR 179291). Sleeping hands them the GIL first."""
     if dist.is_initialized():
         time.sleep(0.1)
         dist.destroy_process_group()
