@@ -46,6 +46,7 @@ def leave_dist() -> None:
         time.sleep(0.1)
         dist.destroy_process_group()
 
+
 def valid_world_sizes(config: ModelArgs, groupsize: Optional[int] = None) -> list:
     """Every process count this model splits over evenly: it divides the heads, the KV heads and the
     feed-forward width; with int4 layers each rank's share of wo's and w2's inputs is whole groups, and

@@ -9,8 +9,10 @@ import faulthandler
 import json
 import os
 import socket
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,8 +217,6 @@ def test_maybe_init_dist_alone_is_none(monkeypatch):
 def test_torchrun_generate_smollm2_greedy_text_equals_one_process(smollm2_checkpoint):
     """The user's command end to end: `torchrun --nproc_per_node 3 generate.py` (SmolLM2's 3 KV heads allow 1 or
     3) prints the text one process prints, and every rank exits 0 (tp.leave_dist: an exit could abort in gloo)."""
-    import subprocess
-    from pathlib import Path
     args = ["generate.py", "--checkpoint_path", str(smollm2_checkpoint / "model.pth"), "--device", "cpu",
             "--temperature", "0", "--max_new_tokens", "24", "--prompt", "The capital of France is"]
     runs = [subprocess.run([sys.executable, *launcher, *args], capture_output=True, text=True, timeout=300,
