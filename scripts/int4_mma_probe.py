@@ -150,12 +150,37 @@ if triton is not None:
     def _load_tile(w64, x64, R, C, lane, x_row, ok, x_ok, NC: tl.constexpr):
         # tile C of tile row R: a lane's two int64 of words and x's four int64 (zeros where not ok)
         wo = ((R * NC + C) * 32 + lane) * 2
-        w01 = tl.load(w64 + wo, mask=ok, other=0, eviction_policy="evict_first")
-        w23 = tl.load(w64 + wo + 1, mask=ok, other=0, eviction_policy="evict_first")
+        w01 = tl.load(w64 + wo, eviction_policy="evict_first")
+        w23 = tl.load(w64 + wo + 1, eviction_policy="evict_first")
         xo = x_row + C * 16
         xm = ok & x_ok
         return (w01, w23, tl.load(x64 + xo, mask=xm, other=0), tl.load(x64 + xo + 1, mask=xm, other=0),
                 tl.load(x64 + xo + 2, mask=xm, other=0), tl.load(x64 + xo + 3, mask=xm, other=0))
+
+    @triton.jit
+    def _load_step(w64, x64, R, step, lane, x_row, ok, x_ok, NC: tl.constexpr):
+        # a step's two tiles (2 step, 2 step + 1): the weights' address clamped in range (x's zeros void them)
+        C = 2 * tl.minimum(step, NC // 2 - 1)
+        return _load_tile(w64, x64, R, C, lane, x_row, ok, x_ok, NC) + _load_tile(w64, x64, R, C + 1, lane, x_row,
+                                                                                  ok, x_ok, NC)
+
+    @triton.jit
+    def _step(acc, v, s_ptr, z_ptr, rows, step, k, ok, GROUPSIZE: tl.constexpr, NG: tl.constexpr):
+        # one step's two tiles v into acc (y0..y3, D, X), the scales applied where a group ends
+        y0, y1, y2, y3, d0, d1, d2, d3, e0, e1, e2, e3 = acc
+        d0, d1, d2, d3, e0, e1, e2, e3 = _tile(v[0], v[1], v[2], v[3], v[4], v[5], d0, d1, d2, d3, e0, e1, e2, e3)
+        zero = tl.zeros_like(d0)
+        if GROUPSIZE == 64:
+            y0, y1, y2, y3 = _scale(y0, y1, y2, y3, d0, d1, d2, d3, e0, e1, e2, e3, s_ptr, z_ptr, rows, 2 * step, ok,
+                                    NG)
+            d0, d1, d2, d3, e0, e1, e2, e3 = zero, zero, zero, zero, zero, zero, zero, zero
+        d0, d1, d2, d3, e0, e1, e2, e3 = _tile(v[6], v[7], v[8], v[9], v[10], v[11], d0, d1, d2, d3, e0, e1, e2,
+                                               e3)
+        if GROUPSIZE <= 128 or k % 2 == 1:
+            grp = (2 * step + 1) // (GROUPSIZE // 64)
+            y0, y1, y2, y3 = _scale(y0, y1, y2, y3, d0, d1, d2, d3, e0, e1, e2, e3, s_ptr, z_ptr, rows, grp, ok, NG)
+            d0, d1, d2, d3, e0, e1, e2, e3 = zero, zero, zero, zero, zero, zero, zero, zero
+        return y0, y1, y2, y3, d0, d1, d2, d3, e0, e1, e2, e3
 
     @triton.jit
     def _scale(y0, y1, y2, y3, d0, d1, d2, d3, e0, e1, e2, e3, s_ptr, z_ptr, rows, grp, ok, NG: tl.constexpr):
@@ -185,27 +210,15 @@ if triton is not None:
         x_row, x_ok = g * (K // 4) + 4 * t, g < M
         first = warp * SPW
         zero = tl.zeros((32 * SPLIT,), dtype=tl.float32)
-        y0, y1, y2, y3 = zero, zero, zero, zero
-        d0, d1, d2, d3, e0, e1, e2, e3 = zero, zero, zero, zero, zero, zero, zero, zero
-        a = _load_tile(w64, x64, R, 2 * first, lane, x_row, first < NS, x_ok, NC)
-        b = _load_tile(w64, x64, R, 2 * first + 1, lane, x_row, first < NS, x_ok, NC)
-        for k in range(0, SPW):
+        acc = (zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero)  # y, then D, then X
+        a = _load_step(w64, x64, R, first, lane, x_row, first < NS, x_ok, NC)
+        for k in range(0, SPW, 2):  # two steps a trip, so that the loaded registers need no copies
             step = first + k
-            ok = step < NS
-            na = _load_tile(w64, x64, R, 2 * step + 2, lane, x_row, (step + 1 < NS) & (k + 1 < SPW), x_ok, NC)
-            nb = _load_tile(w64, x64, R, 2 * step + 3, lane, x_row, (step + 1 < NS) & (k + 1 < SPW), x_ok, NC)
-            d0, d1, d2, d3, e0, e1, e2, e3 = _tile(a[0], a[1], a[2], a[3], a[4], a[5], d0, d1, d2, d3, e0, e1, e2, e3)
-            if GROUPSIZE == 64:
-                y0, y1, y2, y3 = _scale(y0, y1, y2, y3, d0, d1, d2, d3, e0, e1, e2, e3, s_ptr, z_ptr, rows, 2 * step,
-                                        ok, NG)
-                d0, d1, d2, d3, e0, e1, e2, e3 = zero, zero, zero, zero, zero, zero, zero, zero
-            d0, d1, d2, d3, e0, e1, e2, e3 = _tile(b[0], b[1], b[2], b[3], b[4], b[5], d0, d1, d2, d3, e0, e1, e2, e3)
-            if GROUPSIZE <= 128 or k % 2 == 1:
-                grp = (2 * step + 1) // (GROUPSIZE // 64)
-                y0, y1, y2, y3 = _scale(y0, y1, y2, y3, d0, d1, d2, d3, e0, e1, e2, e3, s_ptr, z_ptr, rows, grp, ok,
-                                        NG)
-                d0, d1, d2, d3, e0, e1, e2, e3 = zero, zero, zero, zero, zero, zero, zero, zero
-            a, b = na, nb
+            b = _load_step(w64, x64, R, step + 1, lane, x_row, step + 1 < NS, x_ok, NC)
+            acc = _step(acc, a, s_ptr, z_ptr, rows, step, k, step < NS, GROUPSIZE, NG)
+            a = _load_step(w64, x64, R, step + 2, lane, x_row, (step + 2 < NS) & (k + 2 < SPW), x_ok, NC)
+            acc = _step(acc, b, s_ptr, z_ptr, rows, step + 1, k + 1, step + 1 < NS, GROUPSIZE, NG)
+        y0, y1, y2, y3 = acc[0], acc[1], acc[2], acc[3]
         y0 = tl.sum(tl.reshape(y0, (SPLIT, 32)), axis=0)
         y1 = tl.sum(tl.reshape(y1, (SPLIT, 32)), axis=0)
         y2 = tl.sum(tl.reshape(y2, (SPLIT, 32)), axis=0)
@@ -255,7 +268,7 @@ def resources():
     for split in (2, 4, 8, 16):
         r = KR.compile_sm(_mma_kernel, pointers, dict(K=4096, GROUPSIZE=128, SPLIT=split), split)
         loop = KR.compile_sm(_mma_kernel, pointers, dict(K=1 << 16, GROUPSIZE=128, SPLIT=split), split)
-        per_kb = loop["loop_instructions"] * split / (split * 16 * 128 / 2 / 1024)  # a trip: a warp's 1 KB
+        per_kb = loop["loop_instructions"] / 2  # a trip: two steps of a warp, 2 KB of weights
         print(f"{split:<14} {r['regs']:>9} {r['stack']:>9} {r['shared']:>9} {r['programs_per_sm']:>12} {per_kb:>9.0f}")
         print("   loop ops:", dict(loop["loop_ops"].most_common(12)))
 
