@@ -193,7 +193,7 @@ if triton is not None:
 
     @triton.jit
     def _mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K: tl.constexpr, GROUPSIZE: tl.constexpr,
-                    SPLIT: tl.constexpr):
+                    SPLIT: tl.constexpr, STAGES: tl.constexpr = 0):
         # y (M <= 8, N) = x @ W.T for one tile row R of W (16 rows) a program; its SPLIT warps take K in ranges of
         # SPW steps of 128 columns (two tiles), the next step's loads issued before this one's mma
         NC: tl.constexpr = K // 64
@@ -211,13 +211,19 @@ if triton is not None:
         first = warp * SPW
         zero = tl.zeros((32 * SPLIT,), dtype=tl.float32)
         acc = (zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero)  # y, then D, then X
-        a = _load_step(w64, x64, R, first, lane, x_row, first < NS, x_ok, NC)
-        for k in range(0, SPW, 2):  # two steps a trip, so that the loaded registers need no copies
-            step = first + k
-            b = _load_step(w64, x64, R, step + 1, lane, x_row, step + 1 < NS, x_ok, NC)
-            acc = _step(acc, a, s_ptr, z_ptr, rows, step, k, step < NS, GROUPSIZE, NG)
-            a = _load_step(w64, x64, R, step + 2, lane, x_row, (step + 2 < NS) & (k + 2 < SPW), x_ok, NC)
-            acc = _step(acc, b, s_ptr, z_ptr, rows, step + 1, k + 1, step + 1 < NS, GROUPSIZE, NG)
+        if STAGES == 0:  # loads a step ahead by hand, two steps a trip so that their registers need no copies
+            a = _load_step(w64, x64, R, first, lane, x_row, first < NS, x_ok, NC)
+            for k in range(0, SPW, 2):
+                step = first + k
+                b = _load_step(w64, x64, R, step + 1, lane, x_row, step + 1 < NS, x_ok, NC)
+                acc = _step(acc, a, s_ptr, z_ptr, rows, step, k, step < NS, GROUPSIZE, NG)
+                a = _load_step(w64, x64, R, step + 2, lane, x_row, (step + 2 < NS) & (k + 2 < SPW), x_ok, NC)
+                acc = _step(acc, b, s_ptr, z_ptr, rows, step + 1, k + 1, step + 1 < NS, GROUPSIZE, NG)
+        else:  # Triton's pipeliner: STAGES - 1 steps in flight through shared memory
+            for k in tl.range(0, SPW, num_stages=STAGES):
+                step = first + k
+                v = _load_step(w64, x64, R, step, lane, x_row, step < NS, x_ok, NC)
+                acc = _step(acc, v, s_ptr, z_ptr, rows, step, k, step < NS, GROUPSIZE, NG)
         y0, y1, y2, y3 = acc[0], acc[1], acc[2], acc[3]
         y0 = tl.sum(tl.reshape(y0, (SPLIT, 32)), axis=0)
         y1 = tl.sum(tl.reshape(y1, (SPLIT, 32)), axis=0)
@@ -231,12 +237,13 @@ if triton is not None:
         tl.store(y_ptr + (n + 1) * N + r + 8, y3.to(y_ptr.dtype.element_ty), mask=n + 1 < M)
 
 
-def mma_gemm(x, words, s, z, groupsize: int, split: int = 8):
+def mma_gemm(x, words, s, z, groupsize: int, split: int = 8, stages: int = 0):
     """x (M <= 8, K) bfloat16 contiguous, K a multiple of 128; words from shuffle_int4 (on x's device); scales and
     zeros (N, K / groupsize), groupsize 64, 128 or 256 -> (M, N)."""
     (M, K), N = x.shape, s.shape[0]
     y = x.new_empty(M, N)
-    _mma_kernel[(N // 16,)](x, words, s, z, y, M, N, K=K, GROUPSIZE=groupsize, SPLIT=split, num_warps=split)
+    _mma_kernel[(N // 16,)](x, words, s, z, y, M, N, K=K, GROUPSIZE=groupsize, SPLIT=split, STAGES=stages,
+                              num_warps=split)
     return y
 
 
@@ -273,7 +280,7 @@ def resources():
         print("   loop ops:", dict(loop["loop_ops"].most_common(12)))
 
 
-def check(split: int) -> float:
+def check(split: int, stages: int) -> float:
     """Worst relative error (norm) of the kernel on CUDA against the dequantized weights in float64, over ragged
     shapes (K not a multiple of 128 * split), 1..8 rows and group sizes 64, 128, 256."""
     torch.manual_seed(0)
@@ -286,10 +293,10 @@ def check(split: int) -> float:
         x = torch.randn(M, K).to(torch.bfloat16)
         s, z = s.to(torch.bfloat16), z.to(torch.bfloat16)
         ref = _reference(x, q, s, z, gs)
-        y = mma_gemm(x.cuda(), shuffle_int4(q).cuda(), s.cuda(), z.cuda(), gs, split)
+        y = mma_gemm(x.cuda(), shuffle_int4(q).cuda(), s.cuda(), z.cuda(), gs, split, stages)
         err = ((y.double().cpu() - ref).norm() / ref.norm()).item()
         if err > 0.01:
-            print(f"  split {split} N {N} K {K} g {gs} M {M}: relative error {err:.4f}", flush=True)
+            print(f"  split {split} stages {stages} N {N} K {K} g {gs} M {M}: relative error {err:.4f}", flush=True)
         worst = max(worst, err)
     return worst
 
@@ -305,9 +312,8 @@ def main():
     import gemv as G
     from bench import copy_bandwidth
     from gemv_sweep import graph_time, layer_shapes, random_int4
-    splits = (4, 8, 16)
-    for split in splits:
-        print(f"check split {split}: worst relative error {check(split):.5f}", flush=True)
+    for split, stages in [(4, 0), (8, 3), (4, 4), (16, 2)]:
+        print(f"check split {split} stages {stages}: worst relative error {check(split, stages):.5f}", flush=True)
     gs = 128
     model = next((a for a in sys.argv[1:] if not a.startswith("-")), "Llama-2-7B")
     shapes = layer_shapes(model)
@@ -317,34 +323,53 @@ def main():
     for (w, s, z), (n, k) in zip(w4, shapes):
         if (n, k) not in shuffled:  # random bits either way: one shuffled copy a shape is enough to time
             shuffled[(n, k)] = shuffle_int4(Q.unpack_int4(w.cpu(), gs)).cuda()
-    words = [shuffled[sh] for sh in shapes]
-    words = [w.clone() for w in words]  # each matmul its own weights, as in the model (no L2 reuse)
-    nbytes = sum(w.numel() + 2 * s.numel() * 2 for w, s, _ in w4)
+    words = [shuffled[sh].clone() for sh in shapes]  # each matmul its own weights, as in the model (no L2 reuse)
     copy = copy_bandwidth("cuda")
     print(f"copy {copy:.0f} GB/s; {len(shapes) // 5} layers of int4 g{gs} matmuls, no norms, w1 and w3 apart")
     names = ["wqkv", "wo", "w1", "w3", "w2"]
-    table = []
-    for rows in (1, 2, 4, 6, 8):
+    kinds = [range(j, len(shapes), 5) for j in range(5)]
+    kbytes = [sum(w4[i][0].numel() + 4 * w4[i][1].numel() for i in idx) for idx in kinds]
+    grid = [(sp, st) for st in (0, 2, 3, 4) for sp in (2, 4, 8, 16)]
+    best = {}  # matmul kind -> (split, stages), from the sweep at 6 rows
+    t_start = time.time()
+    summary = []
+    for rows in (6, 1, 2, 4, 8):
         x = torch.randn(rows, max(k for _, k in shapes), device="cuda", dtype=torch.bfloat16)
         xs = [x[:, :k].contiguous() for _, k in shapes]
-        runs = [("gemv.py", lambda idx: [G.int4_gemv(xs[i], *w4[i], gs) for i in idx])]
-        for split in splits:
-            runs.append((f"mma split {split}", lambda idx, split=split: [
-                mma_gemm(xs[i], words[i], w4[i][1], w4[i][2], gs, split) for i in idx]))
-        for name, fn in runs:
-            t0 = time.time()
-            total = nbytes / graph_time(lambda: fn(range(len(shapes)))) / 1e9
-            per = []
-            for j in range(5):  # each matmul kind alone, over every layer
-                idx = range(j, len(shapes), 5)
-                b = sum(w4[i][0].numel() + 4 * w4[i][1].numel() for i in idx)
-                per.append(100 * b / graph_time(lambda: fn(idx)) / 1e9 / copy)
-            table.append((rows, name, 100 * total / copy, per))
-            print(f"rows={rows} {name:14s} {total:6.0f} GB/s {100 * total / copy:5.1f}%  " +
-                  " ".join(f"{n} {p:5.1f}" for n, p in zip(names, per)) + f"  ({time.time() - t0:.0f} s)", flush=True)
-    print("\n| rows | kernel | all layers, % of copy | " + " | ".join(names) + " |")
-    for rows, name, tot, per in table:
-        print(f"| {rows} | {name} | {tot:.1f} | " + " | ".join(f"{p:.1f}" for p in per) + " |")
+
+        def shipped(idx):
+            return [G.int4_gemv(xs[i], *w4[i], gs) for i in idx]
+
+        def mma(idx, cfg):
+            return [mma_gemm(xs[i], words[i], w4[i][1], w4[i][2], gs, *cfg(i)) for i in idx]
+
+        def pct(fn, j):
+            return 100 * kbytes[j] / graph_time(lambda: fn(kinds[j])) / 1e9 / copy
+
+        base = [pct(shipped, j) for j in range(5)]
+        print(f"rows={rows} gemv.py           " + " ".join(f"{n} {p:5.1f}" for n, p in zip(names, base)), flush=True)
+        found = {j: (0.0, None) for j in range(5)}
+        for cfg in (grid if rows in (6, 1) and time.time() - t_start < 400 else []):
+            per = [pct(lambda idx: mma(idx, lambda i: cfg), j) for j in range(5)]
+            for j in range(5):
+                found[j] = max(found[j], (per[j], cfg))
+            print(f"rows={rows} mma {str(cfg):12s} " + " ".join(f"{n} {p:5.1f}" for n, p in zip(names, per)),
+                  flush=True)
+        if rows == 6:
+            best = {j: found[j][1] for j in range(5)}
+        chosen = {j: found[j][1] or best[j] for j in range(5)}
+        total_b = sum(kbytes)
+        t_ship = graph_time(lambda: shipped(range(len(shapes))))
+        t_mma = graph_time(lambda: mma(range(len(shapes)), lambda i: chosen[i % 5]))
+        row = (rows, 100 * total_b / t_ship / 1e9 / copy, 100 * total_b / t_mma / 1e9 / copy,
+               [pct(lambda idx: mma(idx, lambda i: chosen[j]), j) for j in range(5)], chosen)
+        summary.append(row)
+        print(f"rows={rows} all layers: gemv.py {row[1]:.1f}%, mma (each matmul's tile) {row[2]:.1f}%", flush=True)
+    print("\n| rows | gemv.py, all layers | mma, all layers | " + " | ".join(names) + " |")
+    for rows, ship, m, per, chosen in summary:
+        print(f"| {rows} | {ship:.1f} | {m:.1f} | " + " | ".join(f"{p:.1f} {chosen[j]}" for j, p in
+                                                             enumerate(per)) + " |")
+    print("(% of copy; mma tiles as (warps splitting K, pipeline stages; 0: a step ahead by hand))")
 
 
 if __name__ == "__main__":
