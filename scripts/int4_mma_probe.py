@@ -8,7 +8,7 @@ weights are stored in the order in which mma.sync's operand fragments sit in the
 loads 16 contiguous bytes, makes them bfloat16 with a mask and an OR per pair (no shared memory, no shuffles), and
 one m16n8k16 mma multiplies 16 weight rows by up to 8 rows of x. Its cost a KB does not grow with x's rows.
 
-The layout (`shuffle_int4`): W in tiles of 16 rows by 64 columns, 512 bytes, one a warp step. Lane l = 4 g + t
+The layout (quantize.shuffle_int4): W in tiles of 16 rows by 64 columns, 512 bytes, one a warp step. Lane l = 4 g + t
 holds 4 words; word j holds rows g and g + 8 at columns c..c+3, c = 16 t + 4 j, a nibble each:
 
     nibble  0        1          2          3            4          5            6          7
@@ -40,19 +40,9 @@ try:
 except ImportError:
     triton = None
 
-NIBBLE_OF = [(0, 0), (1, 0), (0, 2), (1, 2), (0, 1), (1, 1), (0, 3), (1, 3)]  # nibble p: (row g or g + 8, column c + e)
-
-
 def shuffle_int4(q: torch.Tensor) -> torch.Tensor:
-    """Integer weights q (N, K), 0..15, N a multiple of 16 and K of 64 -> the mma layout above, int32 words in the
-    order tile row, tile column, lane, word."""
-    N, K = q.shape
-    v = q.to(torch.int64).view(N // 16, 2, 8, K // 64, 4, 4, 4)  # (R, h, g, C, t, j, e): row 16R + 8h + g
-    v = v.permute(0, 3, 2, 4, 5, 1, 6)  # (R, C, g, t, j, h, e)
-    words = torch.zeros(v.shape[:5], dtype=torch.int64)
-    for p, (h, e) in enumerate(NIBBLE_OF):
-        words |= v[..., h, e] << (4 * p)
-    return words.reshape(-1).to(torch.uint32).view(torch.int32)
+    """quantize.shuffle_int4's words, flat (the layout above)."""
+    return Q.shuffle_int4(q).reshape(-1)
 
 
 def _bf16_pair(bits: torch.Tensor) -> torch.Tensor:
