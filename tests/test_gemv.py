@@ -430,12 +430,12 @@ def test_cuda_float_gemv_rows_are_each_rows_decode_bit_for_bit():
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("quant", ["none", "int8", "int4", "int4-mma"])
+@pytest.mark.parametrize("quant", ["none", "int8", "int4"])
 def test_cuda_model_with_gemv_matches_linear(quant):
     """A tiny bf16 model's logits over 1 token (decode: Triton GEMVs) and 5 (verify: rows kernel), fused blocks both,
     against the plain layers, float and int8 (int4: the Triton int4 kernels against the float model of the weights
-    they stand for; int4-mma: the tensor-core kernel, group size 64); then, in float32, compiled greedy generation
-    gives the same tokens (int4: as the same model uncompiled, both rounding x to bfloat16 in every int4 layer)."""
+    they stand for); then, in float32, compiled greedy generation gives the same tokens (int4: as the same model
+    uncompiled, both rounding x to bfloat16 in every int4 layer)."""
     import torch
     from torch._dynamo.utils import counters
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -455,16 +455,13 @@ def test_cuda_model_with_gemv_matches_linear(quant):
         for m in ref.modules():
             if hasattr(m, "use_triton"):
                 m.use_triton = False  # the reference: torch's dequantize-and-matmul
-    if quant.startswith("int4"):  # 688 features are not whole groups: padded
-        mma = quant == "int4-mma"
-        fast = quantize.prepare_for_device(quantize.quantize_model(fast, "int4", 64 if mma else 32, pad=True,
-                                                                   verbose=False)[0],
-                                           int4_kernel="mma" if mma else "triton")
+    if quant == "int4":  # 688 features are not whole groups of 32: padded
+        fast = quantize.prepare_for_device(quantize.quantize_model(fast, "int4", 32, pad=True, verbose=False)[0],
+                                           int4_kernel="triton")
         with torch.no_grad():
             for name, m in fast.named_modules():
                 if isinstance(m, quantize.Int4Linear):
-                    assert (m.weight.dtype == torch.int32) == mma
-                    q = quantize.unshuffle_int4(m.weight) if mma else quantize.unpack_int4(m.weight, m.groupsize)
+                    q = quantize.unpack_int4(m.weight, m.groupsize)
                     w = quantize.dequantize_int4(q, m.scales.float(), m.zeros.float(), m.groupsize)[:, :m.in_features]
                     ref.get_submodule(name).weight.copy_(w)
     use_gemv(fast)
@@ -484,7 +481,7 @@ def test_cuda_model_with_gemv_matches_linear(quant):
     skips = counters["inductor"]["cudagraph_skips"]
     a = generate(fast, prompt, 30, decode_fn=compile_step(decode_one_token, "cuda"), max_seq_length=64)
     assert counters["inductor"]["cudagraph_skips"] == skips, "the compiled step ran without its CUDA graph"
-    assert a == generate(fast if quant.startswith("int4") else ref, prompt, 30, max_seq_length=64)
+    assert a == generate(fast if quant == "int4" else ref, prompt, 30, max_seq_length=64)
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
@@ -540,3 +537,19 @@ def test_with_config_sets_tiles_in_process(monkeypatch, tmp_path, capsys):
                          ("INT4_XQ_ROWS", "has no '='")]:
         with pytest.raises(SystemExit, match=message):
             with_config.main([str(script), bad])
+
+
+def test_int4_mma_probe_layout_feeds_the_mma_fragments():
+    """scripts/int4_mma_probe.py's shuffled int4 layout, emulated lane by lane with mma.sync's m16n8k16 fragment
+    layouts (PTX ISA) in float64, gives x @ W.T exactly against the dequantized weights; with two nibbles of a word
+    swapped, it does not."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import int4_mma_probe as P
+
+    assert P.check_emulation() == 0.0
+    nibbles = list(P.NIBBLE_OF)
+    try:
+        P.NIBBLE_OF[1], P.NIBBLE_OF[4] = P.NIBBLE_OF[4], P.NIBBLE_OF[1]
+        assert P.check_emulation() > 0.1
+    finally:
+        P.NIBBLE_OF[:] = nibbles
