@@ -278,7 +278,8 @@ def resources():
     """The kernel compiled for sm_90 (scripts/kernel_resources.py's measures), K = 4096, g = 128, each split."""
     import kernel_resources as KR
     pointers = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", y_ptr="*bf16")
-    print(f"{'split (warps)':<14} {'registers':>9} {'spilled B':>9} {'shared B':>9} {'programs/SM':>12} {'instr/KB':>9}")
+    print(f"{'split (warps)':<14} {'registers':>9} {'spilled B':>9} {'shared B':>9} {'programs/SM':>12} "
+          f"{'instr/KB':>9}")
     for split in (2, 4, 8, 16):
         r = KR.compile_sm(_mma_kernel, pointers, dict(K=4096, GROUPSIZE=128, SPLIT=split), split)
         loop = KR.compile_sm(_mma_kernel, pointers, dict(K=1 << 16, GROUPSIZE=128, SPLIT=split), split)
