@@ -722,6 +722,311 @@ if triton is not None:
             acc, acc_g = acc * r, acc_g * r
         _store_rows(acc, acc_g, b_ptr, y_ptr, res_ptr, tl.arange(0, 16), rows, M, N, HAS_BIAS, HAS_GATE, HAS_RES)
 
+    @triton.jit
+    def _mma_words(w64, R, C, lane, NC: tl.constexpr):
+        # a lane's 16 bytes (two int64) of W's tile C in tile row R (quantize.shuffle_int4's layout)
+        wo = ((R * NC + C) * 32 + lane) * 2
+        return (tl.load(w64 + wo, eviction_policy="evict_first"),
+                tl.load(w64 + wo + 1, eviction_policy="evict_first"))
+
+    @triton.jit
+    def _mma_load(w64, g64, x64, n64, R, step, lane, x_off, n_off, ok, x_ok, NC: tl.constexpr, TPS: tl.constexpr,
+                  HAS_GATE: tl.constexpr, HAS_RMS: tl.constexpr):
+        # a step's TPS tiles: per tile the lane's words of W (and of the gate's G) and its 16 columns of x (and of
+        # the norm's weight), four int64; W's address clamped in range where not ok, x's zeros voiding it
+        C0 = TPS * tl.minimum(step, NC // TPS - 1)
+        v = ()
+        for ti in tl.static_range(TPS):
+            v = v + _mma_words(w64, R, C0 + ti, lane, NC)
+            if HAS_GATE:
+                v = v + _mma_words(g64, R, C0 + ti, lane, NC)
+            v = v + _mma_x(x64, n64, step * TPS + ti, x_off, n_off, ok, x_ok, HAS_RMS)
+        return v
+
+    @triton.jit
+    def _mma_prefetch(w64, R, step, lane, NC: tl.constexpr, TPS: tl.constexpr):
+        # ask L2 for a step's words of W (the lines a later load reads; decode_attention.py has its own copy)
+        for ti in tl.static_range(TPS):
+            ptrs = w64 + ((R * NC + TPS * step + ti) * 32 + lane) * 2
+            tl.inline_asm_elementwise("{ prefetch.global.L2 [$1]; mov.u32 $0, 0; }", "=r,l", [ptrs],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _mma_x(x64, n64, C, x_off, n_off, ok, x_ok, HAS_RMS: tl.constexpr):
+        # a lane's 16 columns of x's row (zeros past M or past K) in tile C, and of the norm's weight
+        xo, no, xm = x_off + C * 16, n_off + C * 16, ok & x_ok
+        v = (tl.load(x64 + xo, mask=xm, other=0), tl.load(x64 + xo + 1, mask=xm, other=0),
+             tl.load(x64 + xo + 2, mask=xm, other=0), tl.load(x64 + xo + 3, mask=xm, other=0))
+        if HAS_RMS:
+            v = v + (tl.load(n64 + no, mask=ok, other=0), tl.load(n64 + no + 1, mask=ok, other=0),
+                     tl.load(n64 + no + 2, mask=ok, other=0), tl.load(n64 + no + 3, mask=ok, other=0))
+        return v
+
+    @triton.jit
+    def _mma_tile(v, i: tl.constexpr, acc, ASM: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RMS: tl.constexpr,
+                  SPLIT: tl.constexpr, F16: tl.constexpr):
+        # the lane's part of one tile (v[i:], as _mma_load laid them out) into the sums acc: D (and the gate's), X
+        # (and x's Gram for the norm), through ASM (mma_asm: its code, then its operands' constraints)
+        N_IN: tl.constexpr = 6 + 2 * HAS_GATE + 4 * HAS_RMS
+        N_ACC: tl.constexpr = 8 + 4 * HAS_GATE + 4 * HAS_RMS
+        if PTX:
+            out = tl.inline_asm_elementwise(ASM[0], ASM[1], v[i:i + N_IN] + acc, dtype=(tl.float32,) * N_ACC,
+                                            is_pure=True, pack=1)
+        else:
+            out = _mma_tile_emulated(v, i, acc, HAS_GATE, HAS_RMS, SPLIT, F16)
+        return out
+
+    @triton.jit
+    def _half(v4, i: tl.constexpr, F16: tl.constexpr):
+        # the i-th 16-bit float of the int64 v4, as float32
+        bits = (v4 >> (16 * i)) & 0xFFFF
+        if F16:
+            return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return (bits.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _round16(v, F16: tl.constexpr):
+        # float32 v rounded to x's 16-bit float, as float32
+        return v.to(tl.float16).to(tl.float32) if F16 else v.to(tl.bfloat16).to(tl.float32)
+
+    @triton.jit
+    def _lanes_mma(a, b, S: tl.constexpr):
+        # one m16n8k16 mma's sums over a k-pair of values a lane holds: a (32 S,) the A value of each lane (row g,
+        # its t), b the B value (x's row g, its t) -> (S, 8 weight rows, 8 x rows), summed over the 4 lanes t
+        a3, b3 = tl.reshape(a, (S, 8, 4)), tl.reshape(b, (S, 8, 4))
+        return tl.sum(a3[:, :, None, :] * b3[:, None, :, :], axis=3)
+
+    @triton.jit
+    def _lanes_c(c, S: tl.constexpr):
+        # (S, 8 rows g, 8 x rows n) -> the two C values each lane (g, t) holds, x rows 2t and 2t + 1: (32 S,) each
+        c0, c1 = tl.split(tl.reshape(c, (S, 8, 4, 2)))
+        return tl.reshape(c0, (32 * S,)), tl.reshape(c1, (32 * S,))
+
+    @triton.jit
+    def _mma_emulated(word_bits, b, S: tl.constexpr, ONES: tl.constexpr, OFFSET: tl.constexpr):
+        # C of one m16n8k16 mma, the interpreter's way: A from a lane's 32-bit word (four registers of two 16-bit
+        # floats OFFSET + q, (word >> 4i) & 0x000F000F) or all ones, B the lane's four x values b[0..3] (k pairs
+        # 2t, 2t+1 then 2t+8, 2t+9) -> (c0, c1, c2, c3): rows g, g, g + 8, g + 8, x rows 2t, 2t + 1, 2t, 2t + 1
+        lo, hi = tl.zeros((S, 8, 8), dtype=tl.float32), tl.zeros((S, 8, 8), dtype=tl.float32)
+        for q in tl.static_range(4):  # the lane's k: pair kh = q // 2, element e = q % 2
+            kh, e = q // 2, q % 2
+            for h in tl.static_range(2):  # A register h + 2 kh: row g + 8 h
+                if ONES:
+                    a = tl.full(b[0].shape, 1.0, tl.float32)
+                else:
+                    a = ((word_bits >> (4 * (h + 2 * kh) + 16 * e)) & 15).to(tl.float32) + OFFSET
+                prod = _lanes_mma(a, b[q], S)
+                if h == 0:
+                    lo += prod
+                else:
+                    hi += prod
+        c0, c1 = _lanes_c(lo, S)
+        c2, c3 = _lanes_c(hi, S)
+        return c0, c1, c2, c3
+
+    @triton.jit
+    def _mma_tile_emulated(v, i: tl.constexpr, acc, HAS_GATE: tl.constexpr, HAS_RMS: tl.constexpr,
+                           S: tl.constexpr, F16: tl.constexpr):
+        # mma_asm's tile in tensor arithmetic, for the interpreter: the same operands, the same sums (in another
+        # order), the norm's product x * nw rounded to x's 16-bit float as fma.rn does
+        OFFSET: tl.constexpr = 1024.0 if F16 else 128.0
+        d, dg, e = acc[0:4], acc[4:8], acc[4 + 4 * HAS_GATE:8 + 4 * HAS_GATE]
+        q = acc[8 + 4 * HAS_GATE:12 + 4 * HAS_GATE] if HAS_RMS else e
+        xi: tl.constexpr = i + 2 + 2 * HAS_GATE
+        for j in tl.static_range(4):
+            w = (v[i + j // 2] >> (32 * (j % 2))) & 0xFFFFFFFF
+            x4 = v[xi + j]
+            b = (_half(x4, 0, F16), _half(x4, 1, F16), _half(x4, 2, F16), _half(x4, 3, F16))
+            if HAS_RMS:
+                zero = tl.zeros_like(b[0])
+                lo = tl.zeros((S, 8, 8), dtype=tl.float32)
+                for k in tl.static_range(4):  # x x^T: A is the lane's own x (row g), rows g + 8 zero
+                    lo += _lanes_mma(b[k], b[k], S)
+                c0, c1 = _lanes_c(lo, S)
+                q = (q[0] + c0, q[1] + c1, q[2] + zero, q[3] + zero)
+                n4 = v[xi + 4 + j]
+                nt = (_half(n4, 0, F16), _half(n4, 1, F16), _half(n4, 2, F16), _half(n4, 3, F16))
+                b = (_round16(b[0] * nt[0], F16), _round16(b[1] * nt[1], F16), _round16(b[2] * nt[2], F16),
+                     _round16(b[3] * nt[3], F16))
+            c = _mma_emulated(w, b, S, False, OFFSET)
+            d = (d[0] + c[0], d[1] + c[1], d[2] + c[2], d[3] + c[3])
+            if HAS_GATE:
+                gw = (v[i + 2 + j // 2] >> (32 * (j % 2))) & 0xFFFFFFFF
+                c = _mma_emulated(gw, b, S, False, OFFSET)
+                dg = (dg[0] + c[0], dg[1] + c[1], dg[2] + c[2], dg[3] + c[3])
+            c = _mma_emulated(w, b, S, True, OFFSET)
+            e = (e[0] + c[0], e[1] + c[1], e[2] + c[2], e[3] + c[3])
+        out = d
+        if HAS_GATE:
+            out = out + dg
+        out = out + e
+        if HAS_RMS:
+            out = out + q
+        return out
+
+    @triton.jit
+    def _mma_scale(y, d, e, s_ptr, z_ptr, rows, grp, ok, NG: tl.constexpr, BIAS: tl.constexpr):
+        # y + a group's s * D + (z - BIAS s) * X for the lane's four sums: weight rows g, g, g + 8, g + 8
+        sg = tl.load(s_ptr + rows * NG + grp, mask=ok, other=0.0).to(tl.float32)
+        zg = tl.load(z_ptr + rows * NG + grp, mask=ok, other=0.0).to(tl.float32) - BIAS * sg
+        s8 = tl.load(s_ptr + (rows + 8) * NG + grp, mask=ok, other=0.0).to(tl.float32)
+        z8 = tl.load(z_ptr + (rows + 8) * NG + grp, mask=ok, other=0.0).to(tl.float32) - BIAS * s8
+        return (y[0] + sg * d[0] + zg * e[0], y[1] + sg * d[1] + zg * e[1], y[2] + s8 * d[2] + z8 * e[2],
+                y[3] + s8 * d[3] + z8 * e[3])
+
+    @triton.jit
+    def _mma_step(y, yg, acc, v, s_ptr, z_ptr, gs_ptr, gz_ptr, rows, k, step, ok, ASM: tl.constexpr,
+                  GROUPSIZE: tl.constexpr, NG: tl.constexpr, TPS: tl.constexpr, BIAS: tl.constexpr,
+                  HAS_GATE: tl.constexpr, HAS_RMS: tl.constexpr, SPLIT: tl.constexpr, F16: tl.constexpr):
+        # a step's tiles into the group sums acc, and each group's sums into y (and the gate's yg) where it ends
+        TPG: tl.constexpr = GROUPSIZE // 64  # tiles a group
+        PER: tl.constexpr = 6 + 2 * HAS_GATE + 4 * HAS_RMS  # loaded values a tile
+        for ti in tl.static_range(TPS):
+            acc = _mma_tile(v, ti * PER, acc, ASM, HAS_GATE, HAS_RMS, SPLIT, F16)
+            if (TPS * k + ti + 1) % TPG == 0:  # a group ends (k's parity decides where a group spans steps)
+                grp = (TPS * step + ti) // TPG
+                zero = tl.zeros_like(acc[0])
+                y = _mma_scale(y, acc[0:4], acc[4 + 4 * HAS_GATE:8 + 4 * HAS_GATE], s_ptr, z_ptr, rows, grp, ok, NG,
+                               BIAS)
+                if HAS_GATE:
+                    yg = _mma_scale(yg, acc[4:8], acc[8:12], gs_ptr, gz_ptr, rows, grp, ok, NG, BIAS)
+                acc = (zero,) * (8 + 4 * HAS_GATE) + acc[8 + 4 * HAS_GATE:]  # x's Gram runs on
+        return y, yg, acc
+
+    @triton.jit
+    def _warps_sum(v, SPLIT: tl.constexpr):
+        # each of the tuple v's (32 SPLIT,) sums added over the warps: (32,) a lane
+        return [tl.sum(tl.reshape(a, (SPLIT, 32)), axis=0) for a in v]  # (Triton: a tuple)
+
+    @triton.jit
+    def _mma_rows_rms(q0, q1, t, K: tl.constexpr, EPS: tl.constexpr):
+        # 1/rms of x's rows 2t and 2t + 1 for each lane, from the Gram sums (x x^T's diagonal entry n sits in
+        # lane 4n + n // 2, its sum n % 2)
+        ln = tl.arange(0, 32)
+        r0, r1 = tl.zeros_like(q0), tl.zeros_like(q0)
+        for n in tl.static_range(8):
+            ss = tl.sum(tl.where(ln == 4 * n + n // 2, q0 if n % 2 == 0 else q1, 0.0), axis=0)
+            r = tl.rsqrt(ss / K + EPS)
+            r0, r1 = tl.where(2 * t == n, r, r0), tl.where(2 * t + 1 == n, r, r1)
+        return r0, r1
+
+    @triton.jit
+    def _int4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, gz_ptr, res_ptr, nw_ptr, M, N,
+                         K: tl.constexpr, GROUPSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RMS: tl.constexpr,
+                         EPS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, SPLIT: tl.constexpr,
+                         TPS: tl.constexpr, ASM: tl.constexpr, BIAS: tl.constexpr, PDL: tl.constexpr,
+                         F16: tl.constexpr = False):
+        # y (M <= 8, N) = x (M, K) @ W.T + b, W in quantize.shuffle_int4's layout, on the tensor cores through
+        # mma.sync (ASM, mma_asm): each program one tile row R of W (16 rows), its SPLIT warps K in ranges of SPW
+        # steps of TPS tiles of 64 columns, each step's loads issued a step ahead, two steps a trip (no register
+        # copies). A lane's 16 bytes of a tile become the A operand of four m16n8k16 mma (a mask and an OR a pair
+        # of weights: bfloat16 OFFSET + q), x's 16 columns of its row g its B operand; D over OFFSET + q and X (x's
+        # sums, an mma with ones) add s * D + (z - BIAS s) * X to y where a group ends, BIAS = OFFSET + 8. With
+        # HAS_RMS x is multiplied by the norm's weight in the mma's operands, and x x^T (one more mma) gives each
+        # row's 1/rms at the end. The warps' sums meet at the end; the gate, residual and PDL as in the GEMVs
+        NC: tl.constexpr = K // 64
+        NS: tl.constexpr = NC // TPS
+        NG: tl.constexpr = K // GROUPSIZE
+        MULT: tl.constexpr = max(2, GROUPSIZE // (64 * TPS))  # a warp's steps: whole trips and whole groups
+        SPW: tl.constexpr = (NS + MULT * SPLIT - 1) // (MULT * SPLIT) * MULT
+        N_ACC: tl.constexpr = 8 + 4 * HAS_GATE + 4 * HAS_RMS
+        R = tl.program_id(0)
+        i = tl.arange(0, 32 * SPLIT)
+        lane, warp = i % 32, i // 32
+        g, t = lane >> 2, lane & 3
+        rows = R * 16 + g
+        w64 = w_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
+        g64 = g_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
+        x64 = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
+        n64 = nw_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
+        x_off, n_off, x_ok = g * (K // 4) + 4 * t, 4 * t, g < M  # int64 words of 4 columns
+        first = warp * SPW
+        zero = tl.zeros((32 * SPLIT,), dtype=tl.float32)
+        y, yg, acc = (zero,) * 4, (zero,) * 4, (zero,) * N_ACC
+        if PDL:  # the first step's weights on their way to L2 while the kernel that writes x finishes
+            tl.extra.cuda.gdc_launch_dependents()
+            _mma_prefetch(w64, R, tl.minimum(first, NS - 1), lane, NC, TPS)
+            if HAS_GATE:
+                _mma_prefetch(g64, R, tl.minimum(first, NS - 1), lane, NC, TPS)
+            tl.extra.cuda.gdc_wait()
+        a = _mma_load(w64, g64, x64, n64, R, first, lane, x_off, n_off, first < NS, x_ok, NC, TPS, HAS_GATE, HAS_RMS)
+        for k in range(0, SPW, 2):
+            step = first + k
+            b = _mma_load(w64, g64, x64, n64, R, step + 1, lane, x_off, n_off, step + 1 < NS, x_ok, NC, TPS, HAS_GATE,
+                          HAS_RMS)
+            y, yg, acc = _mma_step(y, yg, acc, a, s_ptr, z_ptr, gs_ptr, gz_ptr, rows, k, step, step < NS, ASM,
+                                   GROUPSIZE, NG, TPS, BIAS, HAS_GATE, HAS_RMS, SPLIT, F16)
+            a = _mma_load(w64, g64, x64, n64, R, step + 2, lane, x_off, n_off, (step + 2 < NS) & (k + 2 < SPW),
+                          x_ok, NC, TPS, HAS_GATE, HAS_RMS)
+            y, yg, acc = _mma_step(y, yg, acc, b, s_ptr, z_ptr, gs_ptr, gz_ptr, rows, k + 1, step + 1,
+                                   step + 1 < NS, ASM, GROUPSIZE, NG, TPS, BIAS, HAS_GATE, HAS_RMS, SPLIT, F16)
+        ln = tl.arange(0, 32)
+        r, n = R * 16 + (ln >> 2), 2 * (ln & 3)  # each lane's weight row (and r + 8) and x rows n, n + 1
+        ys = _warps_sum(y, SPLIT)
+        gs = _warps_sum(yg, SPLIT) if HAS_GATE else ys
+        if HAS_RMS:
+            q = _warps_sum(acc[N_ACC - 4:N_ACC - 2], SPLIT)
+            r0, r1 = _mma_rows_rms(q[0], q[1], ln & 3, K, EPS)
+            ys = (ys[0] * r0, ys[1] * r1, ys[2] * r0, ys[3] * r1)
+            gs = (gs[0] * r0, gs[1] * r1, gs[2] * r0, gs[3] * r1)
+        for j in tl.static_range(4):
+            rj, nj = r + 8 * (j // 2), n + j % 2
+            v = ys[j]
+            if HAS_BIAS:
+                v += tl.load(b_ptr + rj).to(tl.float32)
+            offs, ok = nj * N + rj, nj < M
+            v = _epilogue(v, gs[j], offs, ok, res_ptr, HAS_GATE, HAS_RES)
+            tl.store(y_ptr + offs, v.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def mma_asm(gate: bool = False, rms: bool = False, float16: bool = False) -> tuple:
+    """The PTX of one lane's 64-column tile for _int4_mma_kernel: four k-steps of 16, each W's word j made the A
+    operand (four registers of two 16-bit floats OFFSET + q: the word shifted by 0, 4, 8, 12, masked to one nibble
+    a half, OR'd under OFFSET's exponent byte), x's 4 columns the B operand, and an m16n8k16 mma into D, one for the
+    gate's G into its D, and one with A all ones into X (each of x's rows summed). With rms, first x x^T with A =
+    x's own row (the Gram, raw x), then x times the norm's weight. Operands: outputs D, (G's D), X, (Gram), four
+    floats each; inputs W's words (two int64), (G's), x (four int64), (the norm's weight), then the sums. Returns
+    the code and the operands' constraints."""
+    kind = "f16" if float16 else "bf16"
+    magic, one = ("0x64006400", "0x3C003C00") if float16 else ("0x43004300", "0x3F803F80")
+    mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32"
+    n_out = 8 + 4 * gate + 4 * rms
+    n_in = 6 + 2 * gate + 4 * rms
+    d, dg = [f"${i}" for i in range(4)], [f"${4 + i}" for i in range(4)]
+    e = [f"${4 + 4 * gate + i}" for i in range(4)]
+    q = [f"${8 + 4 * gate + i}" for i in range(4)]
+    inp = iter(range(n_out, n_out + n_in))
+    regs = ", ".join([f"w{i}" for i in range(4)] + [f"h{i}" for i in range(4)] + [f"b{i}" for i in range(8)]
+                     + [f"m{i}" for i in range(8)] + ["a0, a1, a2, a3, t, o, z, nz"])
+    body = [f"{{ .reg .b32 {regs};", f"mov.b64 {{w0, w1}}, ${next(inp)};", f"mov.b64 {{w2, w3}}, ${next(inp)};"]
+    if gate:
+        body += [f"mov.b64 {{h0, h1}}, ${next(inp)};", f"mov.b64 {{h2, h3}}, ${next(inp)};"]
+    body += [f"mov.b64 {{b{2 * i}, b{2 * i + 1}}}, ${next(inp)};" for i in range(4)]
+    if rms:
+        body += [f"mov.b64 {{m{2 * i}, m{2 * i + 1}}}, ${next(inp)};" for i in range(4)]
+    body += [f"mov.b32 ${i}, ${n_out + n_in + i};" for i in range(n_out)]
+    body += [f"mov.b32 o, {one};", "mov.b32 z, 0;", "mov.b32 nz, 0x80008000;"]
+
+    def operand(word):  # the four A registers of a word, 16-bit floats OFFSET + q
+        ops = [f"lop3.b32 a0, {word}, 0x000F000F, {magic}, 0xEA;"]
+        for i in (1, 2, 3):
+            ops.append(f"shr.b32 t, {word}, {4 * i}; lop3.b32 a{i}, t, 0x000F000F, {magic}, 0xEA;")
+        return ops
+
+    def acc(c):
+        return "{" + ", ".join(c) + "}"
+
+    for j in range(4):
+        b = f"{{b{2 * j}, b{2 * j + 1}}}"
+        if rms:  # x x^T: A holds x's row g (rows g + 8 zero), then x times the norm's weight (fma with -0)
+            body.append(f"{mma} {acc(q)}, {{b{2 * j}, z, b{2 * j + 1}, z}}, {b}, {acc(q)};")
+            body += [f"fma.rn.{kind}x2 b{2 * j + i}, b{2 * j + i}, m{2 * j + i}, nz;" for i in (0, 1)]
+        body += operand(f"w{j}") + [f"{mma} {acc(d)}, {{a0, a1, a2, a3}}, {b}, {acc(d)};"]
+        if gate:
+            body += operand(f"h{j}") + [f"{mma} {acc(dg)}, {{a0, a1, a2, a3}}, {b}, {acc(dg)};"]
+        body.append(f"{mma} {acc(e)}, {{o, o, o, o}}, {b}, {acc(e)};")
+    return " ".join(body) + " }", ",".join(["=f"] * n_out + ["l"] * n_in + ["f"] * n_out)
+
 
 def _pdl(x) -> bool:
     """Launch the float kernels with programmatic dependent launch (Hopper and newer): a kernel may then start while
@@ -847,14 +1152,18 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
               gate_scales: Optional[torch.Tensor] = None, gate_zeros: Optional[torch.Tensor] = None,
               residual: Optional[torch.Tensor] = None, norm_weight: Optional[torch.Tensor] = None,
               rms_eps: Optional[float] = None) -> torch.Tensor:
-    """x (M, K_in) contiguous, M <= MAX_ROWS; packed weight (N, K/2) uint8 with scales, zeros (N, K/g), K >= K_in
-    padded to whole groups -> (M, N) in x's dtype, as int8_gemv (the gate another int4 weight with its scales and
-    zeros). Up to INT4_XQ_ROWS rows compute from x rounded to bfloat16, as torch's int4 kernels do (the GEMV in
-    integers; from 2 rows x is rounded onto int16 by a kernel before it); more from float16 x as it is, other x
-    rounded to bfloat16 (the rows kernel on the tensor cores)."""
-    (M, K_in), N, K = x.shape, weight.shape[0], weight.shape[1] * 2
+    """x (M, K_in) contiguous, M <= MAX_ROWS; packed weight (N, K/2) uint8 (or quantize.shuffle_int4's (N, K/8)
+    int32 words, for the tensor cores) with scales, zeros (N, K/g), K >= K_in padded to whole groups -> (M, N) in
+    x's dtype, as int8_gemv (the gate another int4 weight with its scales and zeros, in the same layout). Up to
+    INT4_XQ_ROWS rows compute from x rounded to bfloat16, as torch's int4 kernels do (the GEMV in integers; from 2
+    rows x is rounded onto int16 by a kernel before it); more from float16 x as it is, other x rounded to bfloat16
+    (the rows kernel on the tensor cores). The shuffled layout runs _int4_mma_kernel, 8 rows a launch, from
+    bfloat16 or float16 x as it is (float32 x rounded to bfloat16)."""
+    (M, K_in), N, K = x.shape, weight.shape[0], weight.shape[1] * (8 if weight.dtype == torch.int32 else 2)
     y, b = x.new_empty(M, N), bias if bias is not None else scales
-    xw = x.to(torch.bfloat16) if M <= max(1, INT4_XQ_ROWS) or x.dtype != torch.float16 else x
+    mma = weight.dtype == torch.int32  # quantize.shuffle_int4's layout: the tensor cores, bfloat16 or float16 x
+    xw = x if mma and x.dtype in (torch.bfloat16, torch.float16) else x.to(torch.bfloat16) if (
+        M <= max(1, INT4_XQ_ROWS) or x.dtype != torch.float16) else x
     # the kernels' mean is over the padded K, and float16 x times the norm's weight, before 1/rms, could overflow
     if norm_weight is not None and (K_in != K or xw.dtype == torch.float16):
         xw, norm_weight = _rms_norm(xw, norm_weight, rms_eps), None
@@ -865,6 +1174,18 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
                 nw_ptr=nw, K=K, GROUPSIZE=groupsize, HAS_BIAS=bias is not None, HAS_RMS=norm_weight is not None,
                 EPS=rms_eps or 0.0)
     pdl = _pdl(x)
+    if mma:  # 8 rows of x a launch
+        cfg = int4_mma_config(N, K)
+        asm = mma_asm(gate is not None, norm_weight is not None, xw.dtype == torch.float16)
+        bias_ = 1032.0 if xw.dtype == torch.float16 else 136.0  # OFFSET + 8
+        res = args["res_ptr"].view(M, N) if residual is not None else None  # (the model's is (1, M, N))
+        for m in range(0, M, 8):
+            rows = slice(m, min(m + 8, M))
+            _int4_mma_kernel[(N // 16,)](xw[rows], weight, scales, zeros, b, y[rows], M=rows.stop - m, N=N,
+                                         **dict(args, res_ptr=res[rows] if residual is not None else x),
+                                         ASM=asm, BIAS=bias_, **cfg, PDL=pdl, launch_pdl=pdl,
+                                         F16=xw.dtype == torch.float16)
+        return y
     if 2 <= M <= INT4_XQ_ROWS:
         # x's integers; each group's scale, then each thread's sum of its 32 columns (float32: exact under 2**24)
         q, e = torch.empty(M, K, dtype=torch.int16, device=x.device), x.new_empty(M * (K // groupsize + K // 32),
@@ -888,6 +1209,15 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
     _int4_rows_kernel[(triton.cdiv(N, INT4_ROWS_CONFIG["BLOCK_N"]),)](xw, weight, scales, zeros, b, y, M=M, N=N,
                                                                      **args, **magic, **INT4_ROWS_CONFIG)
     return y
+
+
+def int4_mma_config(N: int, K: int) -> dict:
+    """_int4_mma_kernel's tile for W (N, K): each program a tile row of 16 weight rows, K split over SPLIT warps,
+    TPS tiles of 64 columns a step. Swept at 1 and 6 rows over Llama-2-7B's int4 layers (H100, session 46,
+    scripts/int4_mma_probe.py): 4 warps where there are 512 tile rows or more (wqkv, w1, w3), else 16 for a
+    wide K (w2), 8 for a square W (wo)."""
+    split = 4 if N // 16 >= 512 else 16 if K >= 2 * N else 8
+    return dict(SPLIT=split, TPS=2 if (K // 64) % 2 == 0 else 1, num_warps=split)
 
 
 def xq_blocks(M: int) -> tuple:
@@ -962,7 +1292,7 @@ def norm_inside(layer, norm) -> bool:
     the norm's weight as it loads."""
     if getattr(norm, "folded", False):
         return True
-    return getattr(layer, "use_triton", False) and layer.weight.dtype in (torch.int8, torch.uint8)
+    return getattr(layer, "use_triton", False) and layer.weight.dtype in (torch.int8, torch.uint8, torch.int32)
 
 
 class GemvLinear(nn.Linear):

@@ -95,6 +95,40 @@ def unpack_int4(packed, groupsize: int):
     return torch.cat([b & 15, b >> 4], dim=-1).reshape(packed.shape[0], -1).to(torch.int32)
 
 
+# shuffle_int4's nibbles p = 0..7 of a word: (row g or g + 8 of the tile, column c + e)
+MMA_NIBBLES = ((0, 0), (1, 0), (0, 2), (1, 2), (0, 1), (1, 1), (0, 3), (1, 3))
+
+
+def mma_layout_ok(N: int, K: int, groupsize: int) -> bool:
+    """Whether shuffle_int4 (and gemv.py's tensor-core kernel) can take W (N, K) at this group size."""
+    return N % 16 == 0 and K % 64 == 0 and groupsize % 64 == 0
+
+
+def shuffle_int4(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) integers 0..15 -> (N, K/8) int32 in the order mma.sync's operand fragments sit in a warp's registers
+    (gemv.py's _int4_mma_kernel), so that each lane loads its 16 bytes of a 16 x 64 tile with no shuffles. Tiles in
+    row-major order, 128 words each; lane l = 4g + t holds words 4l..4l+3, word j the weights of rows g and g + 8
+    at columns c..c+3, c = 16t + 4j, nibble p = MMA_NIBBLES[p]: (word >> 4i) & 0x000F000F is then the i-th
+    A register, two weights of one row. The same bytes as pack_int4's layout; a view of other rows' bytes."""
+    N, K = q.shape
+    v = q.to(torch.int32).view(N // 16, 2, 8, K // 64, 4, 4, 4)  # (R, h, g, C, t, j, e): row 16R + 8h + g
+    v = v.permute(0, 3, 2, 4, 5, 1, 6)  # (R, C, g, t, j, h, e)
+    words = torch.zeros(v.shape[:5], dtype=torch.int32, device=q.device)
+    for p, (h, e) in enumerate(MMA_NIBBLES):
+        words |= v[..., h, e] << (4 * p)  # nibble 7 lands in the sign bit: the bits are what matter
+    return words.reshape(N, K // 8)
+
+
+def unshuffle_int4(words: torch.Tensor) -> torch.Tensor:
+    """The inverse of shuffle_int4: (N, K/8) int32 -> (N, K) int32 0..15."""
+    N, K = words.shape[0], words.shape[1] * 8
+    w = words.reshape(N // 16, K // 64, 8, 4, 4)  # (R, C, g, t, j)
+    q = torch.empty(N // 16, K // 64, 8, 4, 4, 2, 4, dtype=torch.int32, device=words.device)  # (..., h, e)
+    for p, (h, e) in enumerate(MMA_NIBBLES):
+        q[..., h, e] = (w >> (4 * p)) & 15
+    return q.permute(0, 5, 2, 1, 3, 4, 6).reshape(N, K)  # (R, h, g, C, t, j, e)
+
+
 def inner_k_tiles(groupsize: int) -> int:
     """torch's CPU int4 layout packs K in tiles of 16 * inner_k_tiles: 8 whenever the group allows."""
     return min(8, groupsize // 16)
@@ -146,7 +180,8 @@ class Int4Linear(nn.Module):
     `prepare` lays the tensors out for the kernel that will run them: by default torch's packed-int4 matmul on
     either device (`_weight_int4pack_mm`, tinygemm, on CUDA; `_weight_int4pack_mm_for_cpu` on the CPU); or, on
     CUDA with kernel="triton", the stored tensors as they are, for our Triton GEMV (up to MAX_ROWS rows) and
-    dequantize-then-F.linear above that.
+    dequantize-then-F.linear above that; or with kernel="mma" the weight shuffled for gemv.py's tensor-core kernel
+    (shuffle_int4: int32 words), where its shape allows (else as "triton").
     """
 
     def __init__(self, in_features, out_features, groupsize, bias=False, device=None, dtype=None):
@@ -169,7 +204,9 @@ class Int4Linear(nn.Module):
             if x2.shape[0] <= MAX_ROWS:
                 y = int4_gemv(x2.contiguous(), self.weight, self.scales, self.zeros, self.groupsize, self.bias)
                 return y.view(*x.shape[:-1], self.out_features)
-            q = unpack_int4(self.weight, self.groupsize).view(self.out_features, -1, self.groupsize)
+            q = unshuffle_int4(self.weight) if self.weight.dtype == torch.int32 else unpack_int4(self.weight,
+                                                                                                   self.groupsize)
+            q = q.view(self.out_features, -1, self.groupsize)
             w = (q.to(x.dtype) - 8) * self.scales[..., None] + self.zeros[..., None]  # (N, K/g, g)
             y = F.linear(x2, w.view(self.out_features, -1)[:, :x2.shape[-1]])
         else:
@@ -193,9 +230,11 @@ class Int4Linear(nn.Module):
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"int4 layers run on CPU and CUDA, not {device.type}; use --mode int8 there")
         self.prepared_for = device.type
-        self.use_triton = kernel == "triton" and device.type == "cuda" and triton is not None
+        self.use_triton = kernel in ("triton", "mma") and device.type == "cuda" and triton is not None
         if self.use_triton:  # the kernels index the stored tensors as dense rows (tensor parallel may slice them)
             self.weight, self.scales, self.zeros = (t.contiguous() for t in (self.weight, self.scales, self.zeros))
+            if kernel == "mma" and mma_layout_ok(self.weight.shape[0], self.weight.shape[1] * 2, self.groupsize):
+                self.weight = shuffle_int4(unpack_int4(self.weight, self.groupsize))
             return
         q = unpack_int4(self.weight, self.groupsize)  # (N, K) 0..15
         self.padded_in = q.shape[1]  # derived from the tensors: tensor parallel may have sliced them
@@ -283,12 +322,13 @@ def prepare_for_device(model, int8_kernel: str = "triton", int4_kernel: str = "t
     """After `model.to(device, dtype)` (and tensor-parallel slicing): lay the quantized tensors out for their
     kernels. On CUDA int8 runs our Triton GEMV for up to MAX_ROWS rows ("triton") or dequantizes in the matmul
     ("torch"); int4 runs our Triton kernels ("triton", CUDA) or torch's packed-int4 matmul ("torch", both devices;
-    the CPU always). The defaults decode fastest on an H100; for int4, "torch" verifies 9..16 rows faster, which
-    is why generate.py asks for it when it verifies more than 8 tokens (BENCHMARKS.md). Without triton installed,
-    torch's are used."""
-    for name, kernel in (("int8_kernel", int8_kernel), ("int4_kernel", int4_kernel)):
-        if kernel not in ("torch", "triton"):
-            raise ValueError(f"{name} must be 'torch' or 'triton', not {kernel!r}")
+    the CPU always), or the tensor cores through a shuffled layout ("mma", CUDA; int4 only). The defaults decode
+    fastest on an H100; for int4, "torch" verifies 9..16 rows faster than "triton", which is why generate.py asks
+    for it when it verifies more than 8 tokens (BENCHMARKS.md). Without triton installed, torch's are used."""
+    for name, kernel, known in (("int8_kernel", int8_kernel, ("torch", "triton")),
+                                ("int4_kernel", int4_kernel, ("torch", "triton", "mma"))):
+        if kernel not in known:
+            raise ValueError(f"{name} must be " + " or ".join(repr(k) for k in known) + f", not {kernel!r}")
     for m in model.modules():
         if isinstance(m, Int8Linear):
             m.prepare(int8_kernel)

@@ -144,8 +144,9 @@ def main(argv=None):
     p.add_argument("--checkpoint_path", default=None, help="a real checkpoint instead (default: embedded SmolLM2)")
     p.add_argument("--quant", default="none", choices=["none", "int8", "int4"], help="quantize random weights first")
     p.add_argument("--groupsize", type=int, default=128, help="int4 group size")
-    p.add_argument("--kernel", default="default", choices=["default", "torch", "triton"],
-                   help="with --quant: torch's kernel or our Triton GEMV (default: quantize.prepare_for_device's)")
+    p.add_argument("--kernel", default="default", choices=["default", "torch", "triton", "mma"],
+                   help="with --quant: torch's kernel, our Triton GEMV, or (int4) the tensor cores through a "
+                        "shuffled layout (default: quantize.prepare_for_device's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--dtype", default=None, help="bfloat16 (CUDA default) or float32 (CPU default)")
     p.add_argument("--prompt_len", type=int, default=16, help="prompt tokens before decoding")

@@ -8,7 +8,7 @@ weights are stored in the order in which mma.sync's operand fragments sit in the
 loads 16 contiguous bytes, makes them bfloat16 with a mask and an OR per pair (no shared memory, no shuffles), and
 one m16n8k16 mma multiplies 16 weight rows by up to 8 rows of x. Its cost a KB does not grow with x's rows.
 
-The layout (`shuffle_int4`): W in tiles of 16 rows by 64 columns, 512 bytes, one a warp step. Lane l = 4 g + t
+The layout (quantize.shuffle_int4): W in tiles of 16 rows by 64 columns, 512 bytes, one a warp step. Lane l = 4 g + t
 holds 4 words; word j holds rows g and g + 8 at columns c..c+3, c = 16 t + 4 j, a nibble each:
 
     nibble  0        1          2          3            4          5            6          7
@@ -24,9 +24,9 @@ program split K and add their sums at the end. Output row n, weight row r: lane 
 Measured (H100, session 46, BENCHMARKS.md "int4 on the bfloat16 tensor cores"): correct (the bfloat16 output's
 rounding) at 1..8 rows and group sizes 64-256; over Llama-2-7B's int4 layers, each matmul at its best tile, 55.5%
 of copy at 6 rows against 32.4% for gemv.py's XQ GEMV, 52.6% against 25.0% at 8, but 62.8% against 65.6% at one
-row (wo and w2, 4096 tile rows' worth of programs, stream at 44% and 60%). STAGES > 0 (Triton's pipeliner, through
-shared memory) was slower at every tile. A version inside gemv.py with the norm, the gate-up pair and the residual
-(branch mma-next) passed its kernel-level tests but hit an illegal memory access in the model, not yet found.
+row (wo and w2, 4096 tile rows' worth of programs, stream at 44% and 60%). STAGES > 0 (Triton's pipeliner,
+through shared memory) was slower at every tile. gemv.py's _int4_mma_kernel is this kernel with the model's norm,
+gate-up pair and residual (quantize.prepare_for_device(int4_kernel="mma"); not yet timed in the model).
 
     python scripts/int4_mma_probe.py [MODEL]       # on CUDA: check, then time over the model's layers
     python scripts/int4_mma_probe.py --emulate     # any machine: the layout checked by a per-lane emulation in torch
@@ -47,19 +47,9 @@ try:
 except ImportError:
     triton = None
 
-NIBBLE_OF = [(0, 0), (1, 0), (0, 2), (1, 2), (0, 1), (1, 1), (0, 3), (1, 3)]  # nibble p: (row g or g + 8, column c + e)
-
-
 def shuffle_int4(q: torch.Tensor) -> torch.Tensor:
-    """Integer weights q (N, K), 0..15, N a multiple of 16 and K of 64 -> the mma layout above, int32 words in the
-    order tile row, tile column, lane, word."""
-    N, K = q.shape
-    v = q.to(torch.int64).view(N // 16, 2, 8, K // 64, 4, 4, 4)  # (R, h, g, C, t, j, e): row 16R + 8h + g
-    v = v.permute(0, 3, 2, 4, 5, 1, 6)  # (R, C, g, t, j, h, e)
-    words = torch.zeros(v.shape[:5], dtype=torch.int64)
-    for p, (h, e) in enumerate(NIBBLE_OF):
-        words |= v[..., h, e] << (4 * p)
-    return words.reshape(-1).to(torch.uint32).view(torch.int32)
+    """quantize.shuffle_int4's words, flat (the layout above)."""
+    return Q.shuffle_int4(q).reshape(-1)
 
 
 def _bf16_pair(bits: torch.Tensor) -> torch.Tensor:

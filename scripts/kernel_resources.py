@@ -104,8 +104,10 @@ def gemv_sum_layouts(K: int, tile: dict, gate=False, residual=False, norm=False,
 
 def weight_bytes_per_step(pointers: dict, consts: dict) -> float:
     """Bytes of weights one program streams per trip of its loop: BLOCK_N rows of a chunk (BLOCK_W int32 words for
-    the int8 and int4 GEMVs, BLOCK_K weights for the float and int8 rows kernels, a group for the int4 one), twice
-    that with the gate-up pair."""
+    the int8 and int4 GEMVs, BLOCK_K weights for the float and int8 rows kernels, a group for the int4 one; the
+    int4 mma kernel's warps two steps each), twice that with the gate-up pair."""
+    if "TPS" in consts:  # the int4 mma kernel: each warp's two steps of TPS tiles of 16 x 64 weights a trip
+        return consts["SPLIT"] * 2 * consts["TPS"] * 512 * (2 if consts.get("HAS_GATE") else 1)
     if "BLOCK_W" in consts:  # int32 words
         chunk = consts["BLOCK_W"] * 4
     elif "BLOCK_K" in consts:
@@ -146,7 +148,10 @@ def variants(K: int):
                   dict(G.int4_config(K, rows=m), MP=G.xq_blocks(m)[0], MP2=G.xq_blocks(m)[1], XQ=True, PDL=True),
                   [{}, gate]) for m in (4, 6, 8)],
                ("int4 rows g128", G._int4_rows_kernel, int4, dict(G.INT4_ROWS_CONFIG, HI=0x43, OFFSET=128.0),
-                [{}, gate, dict(gate, **norm)])]
+                [{}, gate, dict(gate, **norm)]),
+               *[(f"int4 mma g128 N={n}", G._int4_mma_kernel, dict(int4, w_ptr="*i32", g_ptr="*i32"),
+                  dict(G.int4_mma_config(n, K), BIAS=136.0), extras)
+                 for n, extras in ((3 * K, [norm]), (K, [res]), (2 * K, [dict(gate, **norm)]), (K // 2, [res]))]]
     for name, fn, pointers, cfg, extras in kernels:
         cfg = dict(cfg)
         warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages", 3)
@@ -156,6 +161,8 @@ def variants(K: int):
             consts = dict(off, HAS_SCALE=False)
             consts.update(cfg)
             consts.update(extra)
+            if fn is G._int4_mma_kernel:  # its PTX, made for the variant
+                consts["ASM"] = G.mma_asm(consts["HAS_GATE"], consts["HAS_RMS"])
             yield name + label, fn, pointers, consts, warps, stages
 
 

@@ -244,6 +244,29 @@ def test_int4_packing_round_trips_and_pairs_half_groups():
     assert int(packed[2, 32 * 3 + 5]) == int(q[2, 64 * 3 + 5]) | (int(q[2, 64 * 3 + 32 + 5]) << 4)
 
 
+
+def test_mma_layout_round_trips_and_feeds_the_mma_fragments():
+    """quantize.shuffle_int4 (gemv.py's tensor-core layout) inverts, puts row g, column c of a tile where the
+    docstring says, and, emulated lane by lane with mma.sync's m16n8k16 fragment layouts (PTX ISA) in float64,
+    gives x @ W.T exactly (scripts/int4_mma_probe.py --emulate); with two nibbles of a word swapped, it does not."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import int4_mma_probe as P
+    torch.manual_seed(0)
+    q = torch.randint(0, 16, (32, 128), dtype=torch.int32)
+    words = Q.shuffle_int4(q)
+    assert words.shape == (32, 16) and words.dtype == torch.int32 and torch.equal(Q.unshuffle_int4(words), q)
+    # tile (1, 1), lane 4g + t = 4 * 3 + 2, word j = 1: rows 16 + 3 and 16 + 11 at columns 64 + 16t + 4j = 100..103
+    word = int(words.reshape(-1).view(torch.uint32)[(1 * 2 + 1) * 128 + (4 * 3 + 2) * 4 + 1])
+    assert [(word >> 4 * p) & 15 for p in range(8)] == [int(q[16 + 3 + 8 * h, 100 + e]) for h, e in Q.MMA_NIBBLES]
+    assert P.check_emulation() == 0.0
+    nibbles = Q.MMA_NIBBLES
+    try:
+        Q.MMA_NIBBLES = (nibbles[0], nibbles[4], *nibbles[2:4], nibbles[1], *nibbles[5:])
+        assert P.check_emulation() > 0.1
+    finally:
+        Q.MMA_NIBBLES = nibbles
+
+
 _INTERPRETER_SCRIPT = textwrap.dedent("""
     import torch, gemv as G, quantize as Q
     torch.manual_seed(0)
@@ -338,11 +361,13 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 
 
 @gpu
-@pytest.mark.parametrize("kernel", ["torch", "triton"])
+@pytest.mark.parametrize("kernel", ["torch", "triton", "mma"])
 @pytest.mark.parametrize("g", [32, 64, 128, 256])
 def test_cuda_int4_kernels_match_dequantized(g, kernel):
-    """torch's tinygemm repacking, or the Triton GEMV (1 and 5 rows) and dequantize-then-matmul (20 rows) on the
-    stored layout, against the dequantized weights; K = 576 (SmolLM2's width) takes tinygemm's 4-tile layout."""
+    """torch's tinygemm repacking, or the Triton GEMV (1 and 5 rows), the rows kernel (12) and dequantize-then-matmul
+    (20 rows) on the stored layout, or the tensor cores on the shuffled one (1..8 rows a launch: 12 rows two; g = 32
+    keeps the stored layout), against the dequantized weights; K = 576 (SmolLM2's width) takes tinygemm's 4-tile
+    layout, and the mma kernel a tile a step."""
     torch.manual_seed(0)
     for N, K in ((256, 1024), (192, 576)):
         if K % g:
@@ -350,8 +375,10 @@ def test_cuda_int4_kernels_match_dequantized(g, kernel):
         lin = quantized_linear(torch.randn(N, K), "int4", g)
         ref_w = dequantized_weight(lin).cuda()
         lin = Q.prepare_for_device(lin.cuda().to(torch.bfloat16), int4_kernel=kernel)
-        assert lin.use_triton == (kernel == "triton" and Q.triton is not None)
-        for rows in (1, 5, 20):
+        assert lin.use_triton == (kernel != "torch" and Q.triton is not None)
+        if lin.use_triton:
+            assert (lin.weight.dtype == torch.int32) == (kernel == "mma" and g % 64 == 0)
+        for rows in (1, 5, 12, 20):
             x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
             assert rel_err(lin(x).float(), x.float() @ ref_w.T) < 2e-2
 
@@ -387,3 +414,28 @@ def test_unknown_kernel_name_is_refused():
     lin = quantized_linear(torch.randn(32, 64), "int4", 32)
     with pytest.raises(ValueError, match="int4_kernel must be 'torch' or 'triton'"):
         Q.prepare_for_device(lin, int4_kernel="tinygemm")
+
+
+@gpu
+@pytest.mark.skipif(Q.triton is None, reason="needs triton")
+def test_cuda_int4_mma_rows_are_each_rows_decode_bit_for_bit():
+    """The tensor-core kernel computes each row of x the same way whatever the others (an mma's columns do not mix),
+    so a verify over 2..8 rows gives every row's decode result bit for bit: a greedy bfloat16 verify keeps the
+    target's own text. With the norm, the gate-up pair and the residual, as the model runs it."""
+    import gemv as G
+    torch.manual_seed(0)
+    N, K, g = 256, 1024, 128
+    mats = []
+    for _ in range(2):
+        q = torch.randint(0, 16, (N, K), dtype=torch.int32)
+        s, z = torch.rand(N, K // g) / 8, torch.randn(N, K // g) / 8
+        mats += [Q.shuffle_int4(q).cuda(), s.to("cuda", torch.bfloat16), z.to("cuda", torch.bfloat16)]
+    x = torch.randn(8, K, device="cuda", dtype=torch.bfloat16)
+    res = torch.randn(8, N, device="cuda", dtype=torch.bfloat16)
+    nw = torch.rand(K, device="cuda", dtype=torch.bfloat16) + 0.5
+    for kw in ({}, dict(residual=res), dict(gate=mats[3], gate_scales=mats[4], gate_zeros=mats[5], norm_weight=nw,
+                                             rms_eps=1e-5)):
+        y = G.int4_gemv(x, *mats[:3], g, **kw)
+        for i in range(8):
+            one = {k: (v[i:i + 1] if k == "residual" else v) for k, v in kw.items()}
+            assert torch.equal(G.int4_gemv(x[i:i + 1], *mats[:3], g, **one), y[i:i + 1]), (i, list(kw))
