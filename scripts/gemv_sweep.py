@@ -9,6 +9,7 @@ the gate-up pair, the residual add after wo and w2. --sweep also tries a grid of
     python scripts/gemv_sweep.py           # under a minute on an H100
     python scripts/gemv_sweep.py --sweep   # about 6 minutes; the best configs go into gemv.py by hand
     python scripts/gemv_sweep.py --sweep bf16 --model SmolLM2-135M --groupsize 64 --rows 1,4 --kinds bf16,bf16-cublas
+    python scripts/gemv_sweep.py --kinds int4,int4-mma --rows 1,6 --norms --per_layer   # the int4 tensor-core path
 """
 import argparse
 import itertools
@@ -93,10 +94,11 @@ def main():
     w8 = [(torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda"),
            torch.rand(n, device="cuda", dtype=torch.bfloat16)) for n, k in shapes]
     w4 = random_int4(shapes, g)
+    w4m = [(Q.shuffle_int4(Q.unpack_int4(w, g)), s, z) for w, s, z in w4] if "int4-mma" in args.kinds else None
     wb = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for n, k in shapes]
     nbytes = {"bf16": [w.numel() * 2 for w in wb], "int8": [w.numel() + s.numel() * 2 for w, s in w8],
               "int4": [w.numel() + 2 * s.numel() * 2 for w, s, _ in w4]}
-    nbytes["bf16-cublas"], nbytes["int4-tinygemm"] = nbytes["bf16"], nbytes["int4"]
+    nbytes["bf16-cublas"], nbytes["int4-tinygemm"], nbytes["int4-mma"] = nbytes["bf16"], nbytes["int4"], nbytes["int4"]
     copy = copy_bandwidth("cuda")  # the same measurement as bench.py's
     x = torch.randn(max(row_counts), max(k for _, k in shapes), device="cuda", dtype=torch.bfloat16)
     norm_w = 1 + 0.1 * torch.randn(x.shape[-1], device="cuda", dtype=torch.bfloat16)
@@ -134,9 +136,9 @@ def main():
         elif kind == "int8":
             fn = lambda: [G.int8_gemv(xi, w, s, None, *(g or (None, None)), r, nw, 1e-5)  # noqa: E731
                           for xi, (w, s), g, r, nw in plan(xs, w8, rows, part)]
-        elif kind == "int4":
+        elif kind in ("int4", "int4-mma"):  # int4-mma: quantize.shuffle_int4's layout, the tensor cores
             fn = lambda: [G.int4_gemv(xi, w, s, z, g, None, *(gt or (None, None, None)), r, nw, 1e-5)  # noqa: E731
-                          for xi, (w, s, z), gt, r, nw in plan(xs, w4, rows, part)]
+                          for xi, (w, s, z), gt, r, nw in plan(xs, w4 if kind == "int4" else w4m, rows, part)]
         else:
             fn = lambda: [torch.ops.aten._weight_int4pack_mm(xi, w, g, sz)  # noqa: E731
                           for i, (xi, (w, sz)) in enumerate(zip(xs, tiny)) if kept(i, part)]
