@@ -13,6 +13,7 @@ tile once for all of them. Which kernel runs, for M rows of x:
     int8      _int8_gemv_kernel (dp2a)       _rows_kernel (tensor cores)
     int4      _int4_kernel (dp2a)            _int4_x_kernel then _int4_kernel (XQ) up to INT4_XQ_ROWS,
                                              else _int4_rows_kernel (tensor cores)
+    int4, quantize.shuffle_int4's layout     _int4_mma_kernel (mma.sync), 8 rows a launch (opt-in: "mma")
 
 Float GEMV: a (BLOCK_N, BLOCK_K) register tile of float32 products, reduced once at the end; it also takes a few
 rows of x, each weight loaded once for all (a small model's verify). The rows kernel multiplies x, padded to 16
@@ -38,6 +39,11 @@ two (6 = 4 + 2: `xq_blocks`). More rows go to the tensor cores, a group a step, 
 OFFSET + q by a prmt under OFFSET's exponent byte (no int-to-float conversion), D = x . (OFFSET + q) and X from two
 dots each, then s * D + (z - (OFFSET + 8) s) * X. (The int8 tensor cores, x split into two int8 halves and W's
 nibbles int8, lost to the GEMV at every row count from 1 to 8 on an H100: scripts/int4_imma_probe.py.)
+The "mma" layout (quantize.prepare_for_device(int4_kernel="mma")) stores W in the order mma.sync's operand
+fragments sit in a warp's registers (Marlin's way), so each lane turns its 16 bytes of a 16 x 64 tile into bfloat16
+operands with a shift and a LOP3 a register, no shared memory: the same cost for 1 to 8 rows of x (_int4_mma_kernel;
+the interpreter emulates its mma in tensor arithmetic). Bare over the 7B's int4 layers (H100, session 46) it streams
+55.5% of copy at 6 rows against the XQ GEMV's 32.4%, 62.8% at one row against 65.6%; not yet timed in a model.
 On an H100 the GEMV streams Llama-2-7B's int4 layers at about 78% of copy at one row, against 56% for torch's
 tinygemm; with the model's norms and residual adds in, 74.3% (session 41, before wqkv had a tile of its own), 47.1%
 at four rows (tinygemm 40.7%) and 32.6% at six (tinygemm 31.8%); the bfloat16 tensor-core kernel 21% at six
