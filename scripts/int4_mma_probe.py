@@ -26,7 +26,8 @@ rounding) at 1..8 rows and group sizes 64-256; over Llama-2-7B's int4 layers, ea
 of copy at 6 rows against 32.4% for gemv.py's XQ GEMV, 52.6% against 25.0% at 8, but 62.8% against 65.6% at one
 row (wo and w2, 4096 tile rows' worth of programs, stream at 44% and 60%). STAGES > 0 (Triton's pipeliner,
 through shared memory) was slower at every tile. gemv.py's _int4_mma_kernel is this kernel with the model's norm,
-gate-up pair and residual (quantize.prepare_for_device(int4_kernel="mma"); not yet timed in the model).
+gate-up pair and residual (quantize.prepare_for_device(int4_kernel="mma"); not yet timed in the model); the copy
+here stays as it was measured, so that these figures reproduce.
 
     python scripts/int4_mma_probe.py [MODEL]       # on CUDA: check, then time over the model's layers
     python scripts/int4_mma_probe.py --emulate     # any machine: the layout checked by a per-lane emulation in torch
@@ -244,8 +245,15 @@ def mma_gemm(x, words, s, z, groupsize: int, split: int = 8, stages: int = 0):
     return y
 
 
-def _reference(x, q, s, z, groupsize):
-    return x.double() @ Q.dequantize_int4(q, s.float(), z.float(), groupsize).double().T
+def _case(N: int, K: int, gs: int, M: int):
+    """Random W (N, K) quantized at group size gs and x (M, K) in bfloat16: x, q, scales, zeros and x @ W.T in
+    float64 over the dequantized weights."""
+    w = torch.randn(N, K)
+    s, z = Q.int4_qparams(w, gs)
+    q = Q.quantize_int4(w, s, z, gs)
+    x = torch.randn(M, K).to(torch.bfloat16)
+    s, z = s.to(torch.bfloat16), z.to(torch.bfloat16)
+    return x, q, s, z, x.double() @ Q.dequantize_int4(q, s.float(), z.float(), gs).double().T
 
 
 def check_emulation() -> float:
@@ -253,12 +261,7 @@ def check_emulation() -> float:
     torch.manual_seed(0)
     worst = 0.0
     for N, K, gs, M in [(32, 128, 64, 3), (16, 256, 128, 8), (48, 512, 256, 1), (32, 256, 128, 6)]:
-        w = torch.randn(N, K)
-        s, z = Q.int4_qparams(w, gs)
-        q = Q.quantize_int4(w, s, z, gs)
-        x = torch.randn(M, K).to(torch.bfloat16)
-        s, z = s.to(torch.bfloat16), z.to(torch.bfloat16)
-        ref = _reference(x, q, s, z, gs)
+        x, q, s, z, ref = _case(N, K, gs, M)
         y = emulate(x, shuffle_int4(q), s, z, gs)
         worst = max(worst, ((y - ref).norm() / ref.norm()).item())
     return worst
@@ -285,12 +288,7 @@ def check(split: int, stages: int) -> float:
     worst = 0.0
     for N, K, gs, M in [(32, 128, 64, 3), (16, 256, 128, 8), (48, 512, 256, 1), (32, 1280, 128, 6),
                         (64, 4096, 128, 1), (32, 11008, 128, 5), (16, 3072, 256, 2), (48, 2176, 64, 7)]:
-        w = torch.randn(N, K)
-        s, z = Q.int4_qparams(w, gs)
-        q = Q.quantize_int4(w, s, z, gs)
-        x = torch.randn(M, K).to(torch.bfloat16)
-        s, z = s.to(torch.bfloat16), z.to(torch.bfloat16)
-        ref = _reference(x, q, s, z, gs)
+        x, q, s, z, ref = _case(N, K, gs, M)
         y = mma_gemm(x.cuda(), shuffle_int4(q).cuda(), s.cuda(), z.cuda(), gs, split, stages)
         err = ((y.double().cpu() - ref).norm() / ref.norm()).item()
         if err > 0.01:
