@@ -65,6 +65,7 @@ and CUDA graphs capture the GEMVs' launches with programmatic dependent launch (
 loading its weights while the kernel before it finishes. The tiles below were swept on an H100 with
 scripts/gemv_sweep.py, each matmul of a layer timed alone (--per_layer) as well as the whole layer.
 """
+import functools
 import os
 from typing import Optional
 
@@ -985,6 +986,7 @@ if triton is not None:
             tl.store(y_ptr + offs, v.to(y_ptr.dtype.element_ty), mask=ok)
 
 
+@functools.lru_cache(maxsize=None)  # built once a variant, not at every call
 def mma_asm(gate: bool = False, rms: bool = False, float16: bool = False) -> tuple:
     """The PTX of one lane's 64-column tile for _int4_mma_kernel: four k-steps of 16, each W's word j made the A
     operand (four registers of two 16-bit floats OFFSET + q: the word shifted by 0, 4, 8, 12, masked to one nibble

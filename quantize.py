@@ -109,7 +109,8 @@ def shuffle_int4(q: torch.Tensor) -> torch.Tensor:
     (gemv.py's _int4_mma_kernel), so that each lane loads its 16 bytes of a 16 x 64 tile with no shuffles. Tiles in
     row-major order, 128 words each; lane l = 4g + t holds words 4l..4l+3, word j the weights of rows g and g + 8
     at columns c..c+3, c = 16t + 4j, nibble p = MMA_NIBBLES[p]: (word >> 4i) & 0x000F000F is then the i-th
-    A register, two weights of one row. The same bytes as pack_int4's layout; a view of other rows' bytes."""
+    A register, two weights of one row. As many bytes as pack_int4's layout; the (N, K/8) shape only sizes it (row
+    r of the words is not W's row r)."""
     N, K = q.shape
     v = q.to(torch.int32).view(N // 16, 2, 8, K // 64, 4, 4, 4)  # (R, h, g, C, t, j, e): row 16R + 8h + g
     v = v.permute(0, 3, 2, 4, 5, 1, 6)  # (R, C, g, t, j, h, e)
