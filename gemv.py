@@ -134,6 +134,12 @@ INT4_XQ_COLUMNS = 512
 # wqkv 71.2% -> 77.2% of copy, at 6 rows 30.7% -> 38.0%; 7B decode +2.5% tok/s, verify of 6 3.757 -> 3.682 ms).
 # int8's wqkv also swept faster at 16 x 512 (94.4% -> 97.8%), but the 7B decode did not move: one tile there
 WIDE_N = 8192
+# the int4 tensor-core kernel (shuffled layout, int4_mma_config), one tile for 1..8 rows: the best warps a program
+# splitting K of scripts/int4_mma_probe.py's sweep over the 7B's int4 layers (H100, session 46), two 64-column tiles
+# a step (the probe's only size; 4 compiles too, untimed)
+INT4_MMA_CONFIG = dict(SPLIT=8, TPS=2)
+INT4_MMA_WIDE_CONFIG = dict(SPLIT=4, TPS=2)
+INT4_MMA_LONG_CONFIG = dict(SPLIT=16, TPS=2)
 INT4_WIDE_CONFIG = dict(BLOCK_N=16, BLOCK_W=128, num_warps=1, STAGES=1)
 INT4_XQ_WIDE_CONFIG = dict(BLOCK_N=8, BLOCK_W=128, num_warps=1, STAGES=1)
 
@@ -1221,11 +1227,14 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
 
 def int4_mma_config(N: int, K: int) -> dict:
     """_int4_mma_kernel's tile for W (N, K): each program a tile row of 16 weight rows, K split over SPLIT warps,
-    TPS tiles of 64 columns a step. Swept at 1 and 6 rows over Llama-2-7B's int4 layers (H100, session 46,
-    scripts/int4_mma_probe.py): 4 warps where there are 512 tile rows or more (wqkv, w1, w3), else 16 for a
-    wide K (w2), 8 for a square W (wo)."""
-    split = 4 if N // 16 >= 512 else 16 if K >= 2 * N else 8
-    return dict(SPLIT=split, TPS=2 if (K // 64) % 2 == 0 else 1, num_warps=split)
+    TPS tiles of 64 columns a step (fewer where K's tiles do not divide): INT4_MMA_WIDE_CONFIG where there are
+    512 tile rows or more (the 7B's wqkv, w1, w3), INT4_MMA_LONG_CONFIG where K is twice N or more (w2), else
+    INT4_MMA_CONFIG (wo)."""
+    cfg = INT4_MMA_WIDE_CONFIG if N // 16 >= 512 else INT4_MMA_LONG_CONFIG if K >= 2 * N else INT4_MMA_CONFIG
+    tps = cfg["TPS"]
+    while (K // 64) % tps:
+        tps //= 2
+    return dict(SPLIT=cfg["SPLIT"], TPS=tps, num_warps=cfg["SPLIT"])
 
 
 def xq_blocks(M: int) -> tuple:

@@ -9,7 +9,7 @@ the gate-up pair, the residual add after wo and w2. --sweep also tries a grid of
     python scripts/gemv_sweep.py           # under a minute on an H100
     python scripts/gemv_sweep.py --sweep   # about 6 minutes; the best configs go into gemv.py by hand
     python scripts/gemv_sweep.py --sweep bf16 --model SmolLM2-135M --groupsize 64 --rows 1,4 --kinds bf16,bf16-cublas
-    python scripts/gemv_sweep.py --kinds int4,int4-mma --rows 1,6 --norms --per_layer   # the int4 tensor-core path
+    python scripts/gemv_sweep.py --kinds int4,int4-mma --rows 1,6 --norms --per_layer [--sweep int4-mma]  # int4 mma
 """
 import argparse
 import itertools
@@ -68,7 +68,8 @@ def main():
     p.add_argument("--sweep", nargs="*", default=None, metavar="KIND",
                    help="also sweep the Triton kernels' tile configs (all, or the kinds named: bf16 int8 int4; int8 "
                         "and int4 include the gate-up pair's own tiles, int4 the wide matmuls' too; int8-gate, "
-                        "int4-wide and the like alone sweep only that one)")
+                        "int4-wide and the like alone sweep only that one; int4-mma, with it in --kinds, the "
+                        "tensor-core kernel's three tiles)")
     p.add_argument("--model", default="Llama-2-7B", help="whose layer shapes (a model.py preset name)")
     p.add_argument("--groupsize", type=int, default=128, help="int4 group size")
     p.add_argument("--rows", default="1,6", help="input rows to time, comma-separated")
@@ -188,19 +189,28 @@ def main():
              ("int4-xq-wide", G.INT4_XQ_ROWS): configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [8, 4, 16],
                                                        [128, 256], [1], [1]),
              ("int8", 6): configs(rows_tile, [16, 32, 64], [64, 128, 256], [4], [3, 4, 6]),
+             # the int4 tensor-core kernel: one tile serves 1..8 rows; each of its three tiles (wo, wqkv and the
+             # gate-up pair, w2) swept at one row and at the most rows asked for
+             **{(kind, key): configs(["SPLIT", "TPS"], [4, 8, 16], [2, 4, 1])
+                for kind in ("int4-mma", "int4-mma-wide", "int4-mma-long") for key in (1, G.INT4_XQ_ROWS)},
              ("int4", 6): configs(["BLOCK_N", "num_warps", "num_stages"], [32, 16, 64], [4, 2, 8], [6, 4, 3])}
     tiles = {("bf16", 1): "GEMV_CONFIG", ("bf16", 6): "ROWS_CONFIG" if shapes[0][1] >= 4096 else "SMALL_ROWS_CONFIG",
              ("int8", 1): "INT8_CONFIG", ("int8-gate", 1): "INT8_GATE_CONFIG", ("int4", 1): "INT4_CONFIG",
              ("int4-gate", 1): "INT4_GATE_CONFIG", ("int8", 6): "INT8_ROWS_CONFIG", ("int4", 6): "INT4_ROWS_CONFIG",
              ("int4-xq", G.INT4_XQ_ROWS): "INT4_XQ_CONFIG", ("int4-wide", 1): "INT4_WIDE_CONFIG",
-             ("int4-xq-wide", G.INT4_XQ_ROWS): "INT4_XQ_WIDE_CONFIG"}
+             ("int4-xq-wide", G.INT4_XQ_ROWS): "INT4_XQ_WIDE_CONFIG",
+             **{(f"int4-mma{suffix}", key): f"INT4_MMA{suffix.upper().replace('-', '_')}_CONFIG"
+                for suffix in ("", "-wide", "-long") for key in (1, G.INT4_XQ_ROWS)}}
     for (kind, key), grid in grids.items():
-        kind0 = kind.split("-")[0]  # the layers a tile serves: int8-gate's run is all int8 layers
+        kind0 = "int4-mma" if kind.startswith("int4-mma") else kind.split("-")[0]  # the layers a tile serves:
+        # int8-gate's run is all int8 layers
         skip = sweep and kind0 not in sweep and kind not in sweep  # "int8" takes int8-gate too
-        unused = (kind.endswith("-gate") and args.no_pair) or (kind.endswith("-wide") and max(shapes)[0] < G.WIDE_N)
+        unused = (kind.endswith("-gate") and args.no_pair) or (kind.endswith("-wide") and max(shapes)[0] < G.WIDE_N) \
+            or (kind0 == "int4-mma" and w4m is None)  # not in --kinds: no shuffled weights made
         if skip or unused or (key == 1 and 1 not in row_counts) or (key > 1 and max(row_counts) < 2):
             continue
-        rows = 1 if key == 1 else min(max(row_counts), key) if kind.startswith("int4-xq") else max(row_counts)
+        rows = 1 if key == 1 else min(max(row_counts), key) if kind.startswith(("int4-xq", "int4-mma")) else max(
+            row_counts)
         if (kind, key) == ("int4", 6) and rows <= G.INT4_XQ_ROWS:
             continue  # these rows take the int4 GEMV (int4-xq), not the tensor-core rows kernel
         t0, res = time.time(), []
