@@ -878,18 +878,18 @@ if triton is not None:
         return out
 
     @triton.jit
-    def _mma_scale(y, d, e, s_ptr, z_ptr, rows, grp, ok, NG: tl.constexpr, BIAS: tl.constexpr):
-        # y + a group's s * D + (z - BIAS s) * X for the lane's four sums: weight rows g, g, g + 8, g + 8
+    def _mma_scale(y, d, e, s_ptr, z_ptr, rows, grp, ok, NG: tl.constexpr, SHIFT: tl.constexpr):
+        # y + a group's s * D + (z - SHIFT s) * X for the lane's four sums: weight rows g, g, g + 8, g + 8
         sg = tl.load(s_ptr + rows * NG + grp, mask=ok, other=0.0).to(tl.float32)
-        zg = tl.load(z_ptr + rows * NG + grp, mask=ok, other=0.0).to(tl.float32) - BIAS * sg
+        zg = tl.load(z_ptr + rows * NG + grp, mask=ok, other=0.0).to(tl.float32) - SHIFT * sg
         s8 = tl.load(s_ptr + (rows + 8) * NG + grp, mask=ok, other=0.0).to(tl.float32)
-        z8 = tl.load(z_ptr + (rows + 8) * NG + grp, mask=ok, other=0.0).to(tl.float32) - BIAS * s8
+        z8 = tl.load(z_ptr + (rows + 8) * NG + grp, mask=ok, other=0.0).to(tl.float32) - SHIFT * s8
         return (y[0] + sg * d[0] + zg * e[0], y[1] + sg * d[1] + zg * e[1], y[2] + s8 * d[2] + z8 * e[2],
                 y[3] + s8 * d[3] + z8 * e[3])
 
     @triton.jit
     def _mma_step(y, yg, acc, v, s_ptr, z_ptr, gs_ptr, gz_ptr, rows, k, step, ok, ASM: tl.constexpr,
-                  GROUPSIZE: tl.constexpr, NG: tl.constexpr, TPS: tl.constexpr, BIAS: tl.constexpr,
+                  GROUPSIZE: tl.constexpr, NG: tl.constexpr, TPS: tl.constexpr, SHIFT: tl.constexpr,
                   HAS_GATE: tl.constexpr, HAS_RMS: tl.constexpr, SPLIT: tl.constexpr, F16: tl.constexpr):
         # a step's tiles into the group sums acc, and each group's sums into y (and the gate's yg) where it ends
         TPG: tl.constexpr = GROUPSIZE // 64  # tiles a group
@@ -900,9 +900,9 @@ if triton is not None:
                 grp = (TPS * step + ti) // TPG
                 zero = tl.zeros_like(acc[0])
                 y = _mma_scale(y, acc[0:4], acc[4 + 4 * HAS_GATE:8 + 4 * HAS_GATE], s_ptr, z_ptr, rows, grp, ok, NG,
-                               BIAS)
+                               SHIFT)
                 if HAS_GATE:
-                    yg = _mma_scale(yg, acc[4:8], acc[8:12], gs_ptr, gz_ptr, rows, grp, ok, NG, BIAS)
+                    yg = _mma_scale(yg, acc[4:8], acc[8:12], gs_ptr, gz_ptr, rows, grp, ok, NG, SHIFT)
                 acc = (zero,) * (8 + 4 * HAS_GATE) + acc[8 + 4 * HAS_GATE:]  # x's Gram runs on
         return y, yg, acc
 
@@ -927,14 +927,14 @@ if triton is not None:
     def _int4_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, gz_ptr, res_ptr, nw_ptr, M, N,
                          K: tl.constexpr, GROUPSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RMS: tl.constexpr,
                          EPS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, SPLIT: tl.constexpr,
-                         TPS: tl.constexpr, ASM: tl.constexpr, BIAS: tl.constexpr, PDL: tl.constexpr,
+                         TPS: tl.constexpr, ASM: tl.constexpr, SHIFT: tl.constexpr, PDL: tl.constexpr,
                          F16: tl.constexpr = False):
         # y (M <= 8, N) = x (M, K) @ W.T + b, W in quantize.shuffle_int4's layout, on the tensor cores through
         # mma.sync (ASM, mma_asm): each program one tile row R of W (16 rows), its SPLIT warps K in ranges of SPW
         # steps of TPS tiles of 64 columns, each step's loads issued a step ahead, two steps a trip (no register
         # copies). A lane's 16 bytes of a tile become the A operand of four m16n8k16 mma (a mask and an OR a pair
         # of weights: bfloat16 OFFSET + q), x's 16 columns of its row g its B operand; D over OFFSET + q and X (x's
-        # sums, an mma with ones) add s * D + (z - BIAS s) * X to y where a group ends, BIAS = OFFSET + 8. With
+        # sums, an mma with ones) add s * D + (z - SHIFT s) * X to y where a group ends, SHIFT = OFFSET + 8. With
         # HAS_RMS x is multiplied by the norm's weight in the mma's operands, and x x^T (one more mma) gives each
         # row's 1/rms at the end. The warps' sums meet at the end; the gate, residual and PDL as in the GEMVs
         NC: tl.constexpr = K // 64
@@ -968,11 +968,11 @@ if triton is not None:
             b = _mma_load(w64, g64, x64, n64, R, step + 1, lane, x_off, n_off, step + 1 < NS, x_ok, NC, TPS, HAS_GATE,
                           HAS_RMS)
             y, yg, acc = _mma_step(y, yg, acc, a, s_ptr, z_ptr, gs_ptr, gz_ptr, rows, k, step, step < NS, ASM,
-                                   GROUPSIZE, NG, TPS, BIAS, HAS_GATE, HAS_RMS, SPLIT, F16)
+                                   GROUPSIZE, NG, TPS, SHIFT, HAS_GATE, HAS_RMS, SPLIT, F16)
             a = _mma_load(w64, g64, x64, n64, R, step + 2, lane, x_off, n_off, (step + 2 < NS) & (k + 2 < SPW),
                           x_ok, NC, TPS, HAS_GATE, HAS_RMS)
             y, yg, acc = _mma_step(y, yg, acc, b, s_ptr, z_ptr, gs_ptr, gz_ptr, rows, k + 1, step + 1,
-                                   step + 1 < NS, ASM, GROUPSIZE, NG, TPS, BIAS, HAS_GATE, HAS_RMS, SPLIT, F16)
+                                   step + 1 < NS, ASM, GROUPSIZE, NG, TPS, SHIFT, HAS_GATE, HAS_RMS, SPLIT, F16)
         ln = tl.arange(0, 32)
         r, n = R * 16 + (ln >> 2), 2 * (ln & 3)  # each lane's weight row (and r + 8) and x rows n, n + 1
         ys = _warps_sum(y, SPLIT)
@@ -1191,13 +1191,13 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
     if mma:  # 8 rows of x a launch
         cfg = int4_mma_config(N, K)
         asm = mma_asm(gate is not None, norm_weight is not None, xw.dtype == torch.float16)
-        bias_ = 1032.0 if xw.dtype == torch.float16 else 136.0  # OFFSET + 8
+        shift = 1032.0 if xw.dtype == torch.float16 else 136.0  # OFFSET + 8
         res = args["res_ptr"].view(M, N) if residual is not None else None  # (the model's is (1, M, N))
         for m in range(0, M, 8):
             rows = slice(m, min(m + 8, M))
             _int4_mma_kernel[(N // 16,)](xw[rows], weight, scales, zeros, b, y[rows], M=rows.stop - m, N=N,
                                          **dict(args, res_ptr=res[rows] if residual is not None else x),
-                                         ASM=asm, BIAS=bias_, **cfg, PDL=pdl, launch_pdl=pdl,
+                                         ASM=asm, SHIFT=shift, **cfg, PDL=pdl, launch_pdl=pdl,
                                          F16=xw.dtype == torch.float16)
         return y
     if 2 <= M <= INT4_XQ_ROWS:
