@@ -435,7 +435,10 @@ def int4_kernel_for(args) -> str:
     gemv.py hands the rows to a tensor-core kernel slower than torch's tinygemm (Llama-2-7B shape, H100: a verify of
     6 takes 3.77 ms through gemv.py's int4 GEMV, 4.21 through tinygemm, and 5.76 through the tensor-core kernel;
     of 8, 4.61 and 5.03; a decode step 1.84 and 2.53). An MTP head drafts its own k unless told: 3 for the heads
-    mtp.py trains by default, so taken as 3."""
+    mtp.py trains by default, so taken as 3. --int4_kernel names one instead ("mma": quantize.prepare_for_device's
+    tensor-core layout, experimental)."""
+    if args.int4_kernel != "auto":
+        return args.int4_kernel
     if not speculates(args):
         return "triton"
     from gemv import INT4_XQ_ROWS  # the most rows gemv.py's int4 GEMV takes before its tensor-core kernel
@@ -758,6 +761,10 @@ def parse_args(argv=None):
     p.add_argument("--mtp", action="store_true", help="speculative decoding with the MTP head beside the checkpoint "
                                                       "(mtp_head.pth; shipped for the embedded SmolLM2); batch 1")
     p.add_argument("--mtp_checkpoint_path", default=None, help="speculative decoding with this MTP head (mtp.py train)")
+    p.add_argument("--int4_kernel", default="auto", choices=["auto", "triton", "mma", "torch"],
+                   help="an int4 checkpoint's CUDA kernel: gemv.py's GEMV, the tensor cores through a shuffled "
+                        "layout (mma, experimental: one cost for 1..8 rows), or torch's (auto: by how many tokens a "
+                        "verify takes)")
     p.add_argument("--draft_vocab", type=int, default=None,
                    help="MTP head drafts over the N most frequent tokens (default: as trained; 0: all)")
     return p.parse_args(argv)

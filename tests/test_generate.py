@@ -303,10 +303,13 @@ def test_generate_refuses_bad_numbers_before_loading(flags, message):
                                            (["--mtp", "--speculate_k", "7"], "triton"),
                                            (["--mtp", "--speculate_k", "8"], "torch"),
                                            (["--draft_checkpoint_path", "d.pth"], "triton"),
-                                           (["--draft_checkpoint_path", "d.pth", "--speculate_k", "9"], "torch")])
+                                           (["--draft_checkpoint_path", "d.pth", "--speculate_k", "9"], "torch"),
+                                           (["--mtp", "--int4_kernel", "mma"], "mma"),
+                                           (["--int4_kernel", "torch"], "torch")])
 def test_int4_target_takes_torchs_kernel_only_to_verify_many_drafts(flags, kernel, monkeypatch):
     """gemv.py's int4 GEMV decodes fastest and verifies up to 8 tokens faster; above that gemv.py's tensor-core
-    rows kernel is slower than torch's int4 kernel (BENCHMARKS.md): main picks by how many tokens a verify takes."""
+    rows kernel is slower than torch's int4 kernel (BENCHMARKS.md): main picks by how many tokens a verify takes,
+    unless --int4_kernel names one."""
     import generate as gen
 
     asked = {}
