@@ -220,8 +220,9 @@ class Int4Linear(nn.Module):
 
     @torch.no_grad()
     def prepare(self, kernel: str = "torch"):
-        """Lay the tensors out for this device's kernel; for torch's, repack and drop the stored ones (inference
-        only). Both torch kernels compute in bfloat16 (on the CPU ~30x faster than float32), whatever the dtype."""
+        """Lay the tensors out for this device's kernel; for torch's, repack and drop the stored ones, for "mma"
+        shuffle the weight in place (inference only: save no state_dict after it). Both torch kernels compute in
+        bfloat16 (on the CPU ~30x faster than float32), whatever the dtype."""
         device = (self.weight if self.prepared_for is None or self.use_triton else self.packed).device
         if self.prepared_for is not None:
             if self.prepared_for != device.type:
