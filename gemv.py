@@ -736,9 +736,14 @@ if triton is not None:
         _store_rows(acc, acc_g, b_ptr, y_ptr, res_ptr, tl.arange(0, 16), rows, M, N, HAS_BIAS, HAS_GATE, HAS_RES)
 
     @triton.jit
+    def _mma_offset(R, C, lane, NC: tl.constexpr):
+        # where a lane's 16 bytes (two int64) of W's tile C in tile row R start (quantize.shuffle_int4's layout)
+        return ((R * NC + C) * 32 + lane) * 2
+
+    @triton.jit
     def _mma_words(w64, R, C, lane, NC: tl.constexpr):
-        # a lane's 16 bytes (two int64) of W's tile C in tile row R (quantize.shuffle_int4's layout)
-        wo = ((R * NC + C) * 32 + lane) * 2
+        # a lane's two int64 of W's tile C in tile row R
+        wo = _mma_offset(R, C, lane, NC)
         return (tl.load(w64 + wo, eviction_policy="evict_first"),
                 tl.load(w64 + wo + 1, eviction_policy="evict_first"))
 
@@ -760,7 +765,7 @@ if triton is not None:
     def _mma_prefetch(w64, R, step, lane, NC: tl.constexpr, TPS: tl.constexpr):
         # ask L2 for a step's words of W (the lines a later load reads; decode_attention.py has its own copy)
         for ti in tl.static_range(TPS):
-            ptrs = w64 + ((R * NC + TPS * step + ti) * 32 + lane) * 2
+            ptrs = w64 + _mma_offset(R, TPS * step + ti, lane, NC)
             tl.inline_asm_elementwise("{ prefetch.global.L2 [$1]; mov.u32 $0, 0; }", "=r,l", [ptrs],
                                       dtype=tl.int32, is_pure=False, pack=1)
 
