@@ -134,12 +134,15 @@ INT4_XQ_COLUMNS = 512
 # wqkv 71.2% -> 77.2% of copy, at 6 rows 30.7% -> 38.0%; 7B decode +2.5% tok/s, verify of 6 3.757 -> 3.682 ms).
 # int8's wqkv also swept faster at 16 x 512 (94.4% -> 97.8%), but the 7B decode did not move: one tile there
 WIDE_N = 8192
-# the int4 tensor-core kernel (shuffled layout, int4_mma_config), one tile for 1..8 rows: the best warps a program
-# splitting K of scripts/int4_mma_probe.py's sweep over the 7B's int4 layers (H100, session 46), two 64-column tiles
-# a step (the probe's only size; 4 compiles too, untimed)
-INT4_MMA_CONFIG = dict(SPLIT=8, TPS=2)
-INT4_MMA_WIDE_CONFIG = dict(SPLIT=4, TPS=2)
+# the int4 tensor-core kernel (shuffled layout, int4_mma_config), one tile for 1..8 rows: warps a program splitting
+# K and 64-column tiles a step, from gemv_sweep.py's per-matmul sweep of the 7B's int4 layers with their norms (H100,
+# session 47; % of copy at 1 / 6 rows): wo 44.2 / 34.8 at (8, 2) -> 50.4 / 39.8 at (8, 4); wqkv 53.5 / 38.6 at
+# (4, 2) -> 60.4 / 51.8 at (4, 4); the gate-up pair (67.3 / 62.5) and w2 (63.2 / 55.7) keep session 46's tiles
+INT4_MMA_CONFIG = dict(SPLIT=8, TPS=4)
+INT4_MMA_WIDE_CONFIG = dict(SPLIT=4, TPS=4)
+INT4_MMA_GATE_CONFIG = dict(SPLIT=4, TPS=2)
 INT4_MMA_LONG_CONFIG = dict(SPLIT=16, TPS=2)
+INT4_MMA_ROWS = 8  # rows of x a launch: the n of mma.sync's m16n8k16
 INT4_WIDE_CONFIG = dict(BLOCK_N=16, BLOCK_W=128, num_warps=1, STAGES=1)
 INT4_XQ_WIDE_CONFIG = dict(BLOCK_N=8, BLOCK_W=128, num_warps=1, STAGES=1)
 
@@ -1194,12 +1197,12 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
                 EPS=rms_eps or 0.0)
     pdl = _pdl(x)
     if mma:  # 8 rows of x a launch
-        cfg = int4_mma_config(N, K)
+        cfg = int4_mma_config(N, K, gate is not None)
         asm = mma_asm(gate is not None, norm_weight is not None, xw.dtype == torch.float16)
         shift = 1032.0 if xw.dtype == torch.float16 else 136.0  # OFFSET + 8
         res = args["res_ptr"].view(M, N) if residual is not None else None  # (the model's is (1, M, N))
-        for m in range(0, M, 8):
-            rows = slice(m, min(m + 8, M))
+        for m in range(0, M, INT4_MMA_ROWS):
+            rows = slice(m, min(m + INT4_MMA_ROWS, M))
             _int4_mma_kernel[(N // 16,)](xw[rows], weight, scales, zeros, b, y[rows], M=rows.stop - m, N=N,
                                          **dict(args, res_ptr=res[rows] if residual is not None else x),
                                          ASM=asm, SHIFT=shift, **cfg, PDL=pdl, launch_pdl=pdl,
@@ -1230,12 +1233,13 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
     return y
 
 
-def int4_mma_config(N: int, K: int) -> dict:
+def int4_mma_config(N: int, K: int, gate: bool = False) -> dict:
     """_int4_mma_kernel's tile for W (N, K): each program a tile row of 16 weight rows, K split over SPLIT warps,
-    TPS tiles of 64 columns a step (fewer where K's tiles do not divide): INT4_MMA_WIDE_CONFIG where there are
-    512 tile rows or more (the 7B's wqkv, w1, w3), INT4_MMA_LONG_CONFIG where K is twice N or more (w2), else
-    INT4_MMA_CONFIG (wo)."""
-    cfg = INT4_MMA_WIDE_CONFIG if N // 16 >= 512 else INT4_MMA_LONG_CONFIG if K >= 2 * N else INT4_MMA_CONFIG
+    TPS tiles of 64 columns a step (fewer where K's tiles do not divide). Where there are 512 tile rows or more,
+    INT4_MMA_GATE_CONFIG for a gate-up pair (the 7B's w1 and w3), else INT4_MMA_WIDE_CONFIG (wqkv); then
+    INT4_MMA_LONG_CONFIG where K is twice N or more (w2), else INT4_MMA_CONFIG (wo)."""
+    wide = INT4_MMA_GATE_CONFIG if gate else INT4_MMA_WIDE_CONFIG
+    cfg = wide if N // 16 >= 512 else INT4_MMA_LONG_CONFIG if K >= 2 * N else INT4_MMA_CONFIG
     tps = cfg["TPS"]
     while (K // 64) % tps:
         tps //= 2

@@ -431,19 +431,19 @@ def uses_mtp(args) -> bool:
 
 
 def int4_kernel_for(args) -> str:
-    """The kernel an int4 target runs on CUDA: gemv.py's, unless it verifies more than 8 tokens at a time, where
-    gemv.py hands the rows to a tensor-core kernel slower than torch's tinygemm (Llama-2-7B shape, H100: a verify of
-    6 takes 3.77 ms through gemv.py's int4 GEMV, 4.21 through tinygemm, and 5.76 through the tensor-core kernel;
-    of 8, 4.61 and 5.03; a decode step 1.84 and 2.53). An MTP head drafts its own k unless told: 3 for the heads
-    mtp.py trains by default, so taken as 3. --int4_kernel names one instead ("mma": quantize.prepare_for_device's
-    tensor-core layout, experimental)."""
+    """The kernel an int4 target runs on CUDA: gemv.py's GEMV when it only decodes; when it verifies drafts, the
+    tensor cores through quantize.py's shuffled layout ("mma"), which costs nearly the same for 1..8 tokens, and
+    torch's tinygemm above 8 (Llama-2-7B shape, H100, session 47: decode step 1.786 ms through the GEMV, 2.174
+    through mma; a verify of 6 3.680 and 2.499 ms; session 39: of 8, tinygemm 4.61 ms, above it gemv.py's rows
+    kernel slower still). An MTP head drafts its own k unless told: 3 for the heads mtp.py trains by default, so
+    taken as 3. --int4_kernel names one instead."""
     if args.int4_kernel != "auto":
         return args.int4_kernel
     if not speculates(args):
         return "triton"
-    from gemv import INT4_XQ_ROWS  # the most rows gemv.py's int4 GEMV takes before its tensor-core kernel
+    from gemv import INT4_MMA_ROWS  # the rows one launch of the mma kernel takes
     k = args.speculate_k if args.speculate_k is not None else 3 if uses_mtp(args) else 5
-    return "triton" if k + 1 <= INT4_XQ_ROWS else "torch"
+    return "mma" if k + 1 <= INT4_MMA_ROWS else "torch"
 
 
 def load_speculation(args, model: Transformer, tokenizer, target_dir: Path, device: str, dtype):
@@ -494,7 +494,7 @@ def load_model(checkpoint_path, device="cpu", dtype=torch.float32, use_tp=False,
                int4_kernel="triton") -> Transformer:
     """Build on the meta device, swap in quantized modules if the checkpoint says so, load with mmap + assign
     (no copy of the weights), split for tensor parallel, then move only what this process keeps. int4_kernel:
-    quantize.prepare_for_device's, for int4 weights on CUDA ("torch" when the model will verify drafts)."""
+    quantize.prepare_for_device's, for int4 weights on CUDA (int4_kernel_for says which when drafts are verified)."""
     checkpoint_path = Path(checkpoint_path)
     if checkpoint_path.is_dir():
         inside = sorted(p.name for p in checkpoint_path.glob("model*.pth")) or ["model.pth"]
@@ -763,8 +763,8 @@ def parse_args(argv=None):
     p.add_argument("--mtp_checkpoint_path", default=None, help="speculative decoding with this MTP head (mtp.py train)")
     p.add_argument("--int4_kernel", default="auto", choices=["auto", "triton", "mma", "torch"],
                    help="an int4 checkpoint's CUDA kernel: gemv.py's GEMV, the tensor cores through a shuffled "
-                        "layout (mma, experimental: one cost for 1..8 rows), or torch's (auto: by how many tokens a "
-                        "verify takes)")
+                        "layout (mma: nearly one cost for 1..8 rows), or torch's (auto: the GEMV to decode alone, mma "
+                        "to verify up to 8 tokens, torch above)")
     p.add_argument("--draft_vocab", type=int, default=None,
                    help="MTP head drafts over the N most frequent tokens (default: as trained; 0: all)")
     return p.parse_args(argv)

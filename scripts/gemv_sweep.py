@@ -25,6 +25,8 @@ import quantize as Q  # noqa: E402
 from model import ModelArgs  # noqa: E402
 from bench import copy_bandwidth  # noqa: E402  (scripts/ is on the path: this file's folder)
 
+MMA_KINDS = ("int4-mma", "int4-mma-wide", "int4-mma-gate", "int4-mma-long")  # gemv.int4_mma_config's tiles
+
 
 def layer_shapes(model: str) -> list:
     """(N, K) of each linear layer of a model.py preset: wqkv, wo, w1, w3, w2 of every layer in turn."""
@@ -69,7 +71,7 @@ def main():
                    help="also sweep the Triton kernels' tile configs (all, or the kinds named: bf16 int8 int4; int8 "
                         "and int4 include the gate-up pair's own tiles, int4 the wide matmuls' too; int8-gate, "
                         "int4-wide and the like alone sweep only that one; int4-mma, with it in --kinds, the "
-                        "tensor-core kernel's three tiles)")
+                        "tensor-core kernel's four tiles)")
     p.add_argument("--model", default="Llama-2-7B", help="whose layer shapes (a model.py preset name)")
     p.add_argument("--groupsize", type=int, default=128, help="int4 group size")
     p.add_argument("--rows", default="1,6", help="input rows to time, comma-separated")
@@ -189,24 +191,25 @@ def main():
              ("int4-xq-wide", G.INT4_XQ_ROWS): configs(["BLOCK_N", "BLOCK_W", "num_warps", "STAGES"], [8, 4, 16],
                                                        [128, 256], [1], [1]),
              ("int8", 6): configs(rows_tile, [16, 32, 64], [64, 128, 256], [4], [3, 4, 6]),
-             # the int4 tensor-core kernel: one tile serves 1..8 rows; each of its three tiles (wo, wqkv and the
-             # gate-up pair, w2) swept at one row and at the most rows asked for
-             **{(kind, key): configs(["SPLIT", "TPS"], [4, 8, 16], [2, 4, 1])
-                for kind in ("int4-mma", "int4-mma-wide", "int4-mma-long") for key in (1, G.INT4_XQ_ROWS)},
+             # the int4 tensor-core kernel: one tile serves 1..8 rows; each of its four tiles (wo, wqkv, the gate-up
+             # pair, w2) swept at one row and at the most rows asked for
+             **{(kind, key): configs(["SPLIT", "TPS"], [4, 8, 16], [4, 2, 8, 1])
+                for kind in MMA_KINDS for key in (1, G.INT4_XQ_ROWS)},
              ("int4", 6): configs(["BLOCK_N", "num_warps", "num_stages"], [32, 16, 64], [4, 2, 8], [6, 4, 3])}
     tiles = {("bf16", 1): "GEMV_CONFIG", ("bf16", 6): "ROWS_CONFIG" if shapes[0][1] >= 4096 else "SMALL_ROWS_CONFIG",
              ("int8", 1): "INT8_CONFIG", ("int8-gate", 1): "INT8_GATE_CONFIG", ("int4", 1): "INT4_CONFIG",
              ("int4-gate", 1): "INT4_GATE_CONFIG", ("int8", 6): "INT8_ROWS_CONFIG", ("int4", 6): "INT4_ROWS_CONFIG",
              ("int4-xq", G.INT4_XQ_ROWS): "INT4_XQ_CONFIG", ("int4-wide", 1): "INT4_WIDE_CONFIG",
              ("int4-xq-wide", G.INT4_XQ_ROWS): "INT4_XQ_WIDE_CONFIG",
-             **{(f"int4-mma{suffix}", key): f"INT4_MMA{suffix.upper().replace('-', '_')}_CONFIG"
-                for suffix in ("", "-wide", "-long") for key in (1, G.INT4_XQ_ROWS)}}
+             **{(kind, key): f"INT4_MMA{kind[8:].upper().replace('-', '_')}_CONFIG"
+                for kind in MMA_KINDS for key in (1, G.INT4_XQ_ROWS)}}
     for (kind, key), grid in grids.items():
         kind0 = "int4-mma" if kind.startswith("int4-mma") else kind.split("-")[0]  # the layers a tile serves:
         # int8-gate's run is all int8 layers
         skip = sweep and kind0 not in sweep and kind not in sweep  # "int8" takes int8-gate too
-        unused = (kind.endswith("-gate") and args.no_pair) or (kind.endswith("-wide") and max(shapes)[0] < G.WIDE_N) \
-            or (kind0 == "int4-mma" and w4m is None)  # not in --kinds: no shuffled weights made
+        unused = (kind.endswith("-gate") and args.no_pair) or (
+            kind.endswith(("-wide", "-mma-gate")) and max(shapes)[0] < G.WIDE_N) or (
+            kind0 == "int4-mma" and w4m is None)  # not in --kinds: no shuffled weights made
         if skip or unused or (key == 1 and 1 not in row_counts) or (key > 1 and max(row_counts) < 2):
             continue
         rows = 1 if key == 1 else min(max(row_counts), key) if kind.startswith(("int4-xq", "int4-mma")) else max(

@@ -150,7 +150,7 @@ def variants(K: int):
                ("int4 rows g128", G._int4_rows_kernel, int4, dict(G.INT4_ROWS_CONFIG, HI=0x43, OFFSET=128.0),
                 [{}, gate, dict(gate, **norm)]),
                *[(f"int4 mma g128 N={n}", G._int4_mma_kernel, dict(int4, w_ptr="*i32", g_ptr="*i32"),
-                  dict(G.int4_mma_config(n, K), SHIFT=136.0), extras)
+                  dict(G.int4_mma_config(n, K, "HAS_GATE" in extras[0]), SHIFT=136.0), extras)
                  for n, extras in ((3 * K, [norm]), (K, [res]), (2 * K, [dict(gate, **norm)]), (K // 2, [res]))]]
     for name, fn, pointers, cfg, extras in kernels:
         cfg = dict(cfg)

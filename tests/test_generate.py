@@ -299,16 +299,17 @@ def test_generate_refuses_bad_numbers_before_loading(flags, message):
         gen.main(["--checkpoint_path", "/nonexistent/model.pth", *flags])  # checked before the missing file
 
 
-@pytest.mark.parametrize("flags, kernel", [([], "triton"), (["--mtp"], "triton"),
-                                           (["--mtp", "--speculate_k", "7"], "triton"),
+@pytest.mark.parametrize("flags, kernel", [([], "triton"), (["--mtp"], "mma"),
+                                           (["--mtp", "--speculate_k", "7"], "mma"),
                                            (["--mtp", "--speculate_k", "8"], "torch"),
-                                           (["--draft_checkpoint_path", "d.pth"], "triton"),
+                                           (["--draft_checkpoint_path", "d.pth"], "mma"),
                                            (["--draft_checkpoint_path", "d.pth", "--speculate_k", "9"], "torch"),
-                                           (["--mtp", "--int4_kernel", "mma"], "mma"),
+                                           (["--mtp", "--int4_kernel", "triton"], "triton"),
+                                           (["--int4_kernel", "mma"], "mma"),
                                            (["--int4_kernel", "torch"], "torch")])
-def test_int4_target_takes_torchs_kernel_only_to_verify_many_drafts(flags, kernel, monkeypatch):
-    """gemv.py's int4 GEMV decodes fastest and verifies up to 8 tokens faster; above that gemv.py's tensor-core
-    rows kernel is slower than torch's int4 kernel (BENCHMARKS.md): main picks by how many tokens a verify takes,
+def test_int4_target_picks_its_kernel_by_the_tokens_a_verify_takes(flags, kernel, monkeypatch):
+    """gemv.py's int4 GEMV decodes fastest; its tensor-core kernel over the shuffled layout verifies up to 8 tokens
+    fastest, and above that torch's int4 kernel (BENCHMARKS.md): main picks by how many tokens a verify takes,
     unless --int4_kernel names one."""
     import generate as gen
 
