@@ -433,8 +433,8 @@ def uses_mtp(args) -> bool:
 def int4_kernel_for(args) -> str:
     """The kernel an int4 target runs on CUDA: gemv.py's GEMV when it only decodes; when it verifies drafts, the
     tensor cores through quantize.py's shuffled layout ("mma"), which costs nearly the same for 1..8 tokens, and
-    torch's tinygemm above 8 (Llama-2-7B shape, H100, session 47: decode step 1.786 ms through the GEMV, 2.174
-    through mma; a verify of 6 3.680 and 2.499 ms; session 39: of 8, tinygemm 4.61 ms, above it gemv.py's rows
+    torch's tinygemm above 8 (Llama-2-7B shape, H100, session 47: decode step 1.805 ms through the GEMV, 2.142
+    through mma; a verify of 6 3.687 and 2.342 ms; session 39: of 8, tinygemm 4.61 ms, above it gemv.py's rows
     kernel slower still). An MTP head drafts its own k unless told: 3 for the heads mtp.py trains by default, so
     taken as 3. --int4_kernel names one instead."""
     if args.int4_kernel != "auto":
