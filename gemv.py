@@ -13,7 +13,8 @@ tile once for all of them. Which kernel runs, for M rows of x:
     int8      _int8_gemv_kernel (dp2a)       _rows_kernel (tensor cores)
     int4      _int4_kernel (dp2a)            _int4_x_kernel then _int4_kernel (XQ) up to INT4_XQ_ROWS,
                                              else _int4_rows_kernel (tensor cores)
-    int4, quantize.shuffle_int4's layout     _int4_mma_kernel (mma.sync), 8 rows a launch (opt-in: "mma")
+    int4, quantize.shuffle_int4's layout     _int4_mma_kernel (mma.sync), 8 rows a launch ("mma": generate.py's
+                                             choice for an int4 target that verifies drafts)
 
 Float GEMV: a (BLOCK_N, BLOCK_K) register tile of float32 products, reduced once at the end; it also takes a few
 rows of x, each weight loaded once for all (a small model's verify). The rows kernel multiplies x, padded to 16
@@ -42,8 +43,9 @@ nibbles int8, lost to the GEMV at every row count from 1 to 8 on an H100: script
 The "mma" layout (quantize.prepare_for_device(int4_kernel="mma")) stores W in the order mma.sync's operand
 fragments sit in a warp's registers (Marlin's way), so each lane turns its 16 bytes of a 16 x 64 tile into bfloat16
 operands with a shift and a LOP3 a register, no shared memory: the same cost for 1 to 8 rows of x (_int4_mma_kernel;
-the interpreter emulates its mma in tensor arithmetic). Bare over the 7B's int4 layers (H100, session 46) it streams
-55.5% of copy at 6 rows against the XQ GEMV's 32.4%, 62.8% at one row against 65.6%; not yet timed in a model.
+the interpreter emulates its mma in tensor arithmetic). Over the 7B's int4 layers with their norms (H100, session
+47) it streams 55.2% of copy at 6 rows against the XQ GEMV's 33.8%, 62.3% at one row against 78.1%: a 7B verifies
+6 tokens in 2.34 ms against 3.69 but decodes one in 2.14 against 1.81, so it serves verification only.
 On an H100 the GEMV streams Llama-2-7B's int4 layers at about 78% of copy at one row, against 56% for torch's
 tinygemm; with the model's norms and residual adds in, 74.3% (session 41, before wqkv had a tile of its own), 47.1%
 at four rows (tinygemm 40.7%) and 32.6% at six (tinygemm 31.8%); the bfloat16 tensor-core kernel 21% at six
