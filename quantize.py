@@ -20,8 +20,10 @@ CUDA runs gemv.py's Triton kernels on the stored layout (one row in integers: 22
 76% of copy, a 7B decoding at 467 tok/s) and dequantizes into F.linear above MAX_ROWS; or, with int4_kernel="torch",
 is repacked for torch's `_weight_int4pack_mm` (tinygemm: 1661 GB/s at one row, 365 tok/s; a 7B verify of 4 tokens
 2.74 ms through the Triton kernels, 3.43 through tinygemm, of 6 3.77 and 4.21, of 8 4.61 and 5.03; above 8 rows the
-Triton path is a tensor-core kernel that tinygemm beats, so generate.py takes tinygemm when it verifies more than 8).
-On the CPU int4 always runs
+Triton path is a tensor-core kernel that tinygemm beats, so generate.py takes tinygemm when it verifies more than 8);
+or, with int4_kernel="mma", is shuffled (shuffle_int4) for gemv.py's mma.sync kernel, which verifies up to 8 tokens
+at nearly one cost (a 7B verify of 6: 2.34 ms, one-row decode 2.14 ms against the GEMV's 1.81): generate.py's choice
+when it verifies 8 tokens or fewer. On the CPU int4 always runs
 `_weight_int4pack_mm_for_cpu`. torch's kernels compute in bfloat16 (on the CPU ~30x faster than float32).
 Decisions: embeddings, the output head (unless --quantize_output) and the MoE router stay float; MoE experts are
 int8 per channel in every mode (an int4 expert would need one kernel call per chosen expert); int4 layers whose
@@ -325,8 +327,8 @@ def prepare_for_device(model, int8_kernel: str = "triton", int4_kernel: str = "t
     kernels. On CUDA int8 runs our Triton GEMV for up to MAX_ROWS rows ("triton") or dequantizes in the matmul
     ("torch"); int4 runs our Triton kernels ("triton", CUDA) or torch's packed-int4 matmul ("torch", both devices;
     the CPU always), or the tensor cores through a shuffled layout ("mma", CUDA; int4 only). The defaults decode
-    fastest on an H100; for int4, "torch" verifies 9..16 rows faster than "triton", which is why generate.py asks
-    for it when it verifies more than 8 tokens (BENCHMARKS.md). Without triton installed, torch's are used."""
+    fastest on an H100; for int4, "mma" verifies 2..8 rows fastest and "torch" 9..16, which is why generate.py asks
+    for them when it verifies drafts (BENCHMARKS.md). Without triton installed, torch's are used."""
     for name, kernel, known in (("int8_kernel", int8_kernel, ("torch", "triton")),
                                 ("int4_kernel", int4_kernel, ("torch", "triton", "mma"))):
         if kernel not in known:
