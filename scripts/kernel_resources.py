@@ -6,6 +6,7 @@ many of its programs fit on one SM at once.
     python scripts/kernel_resources.py --K 576      # SmolLM2-135M's
     python scripts/kernel_resources.py --attention  # decode_attention.py's kernels, at the tiles it ships
     python scripts/kernel_resources.py --ops        # and what each inner loop spends its instructions on
+    python scripts/kernel_resources.py --loads      # and each kernel's global loads by width (16 bytes a lane?)
 
 A streaming kernel keeps the memory busy only with enough loads in flight, so a variant that needs more registers
 or shared memory (the gate-up pair, deeper pipelines) fits fewer programs on an SM: this shows it before any
@@ -76,8 +77,11 @@ def compile_sm(fn, pointers: dict, consts: dict, num_warps: int, num_stages: int
     ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", op).split()[0].split(".")[0]
                               for at, op in re.findall(r"/\*([0-9a-f]+)\*/\s+([^;]*);", sass)
                               if first <= int(at, 16) <= last)
+    # the global loads by width and cache hint (LDG.E.128: 16 bytes a lane; .EF: evict first), the whole kernel
+    loads = collections.Counter(re.search(r"LDG\S*", op)[0] for op in re.findall(r"/\*[0-9a-f]+\*/\s+([^;]*);", sass)
+                                if "LDG" in op)
     return dict(regs=regs, stack=stack, shared=k.metadata.shared, programs_per_sm=fit, loop_instructions=loop,
-                loop_ops=ops)
+                loop_ops=ops, loads=loads)
 
 
 def register_layout(fn, pointers: dict, consts: dict, num_warps: int, shape: tuple) -> str:
@@ -191,6 +195,7 @@ def main(argv=None):
     p.add_argument("--K", type=int, default=4096, help="input features of the weights (a layer's width)")
     p.add_argument("--attention", action="store_true", help="decode_attention.py's kernels instead")
     p.add_argument("--ops", action="store_true", help="also each loop's most frequent opcodes, warp-instructions a KB")
+    p.add_argument("--loads", action="store_true", help="also each kernel's global load instructions by width")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("error: TRITON_INTERPRET=1 is set, and the interpreter compiles nothing; unset it")
@@ -208,6 +213,8 @@ def main(argv=None):
               flush=True)
         if args.ops:
             print("    " + ", ".join(f"{op} {n * warps / kb:.0f}" for op, n in loop["loop_ops"].most_common(10)))
+        if args.loads:
+            print("    " + ", ".join(f"{op} {n}" for op, n in sorted(r["loads"].items())))
 
 
 if __name__ == "__main__":
