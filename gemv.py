@@ -919,7 +919,7 @@ if triton is not None:
         # without X_AHEAD each tile's x (and norm weight) is loaded here, from L1, as the tile needs it
         TPG: tl.constexpr = GROUPSIZE // 64  # tiles a group
         PW: tl.constexpr = 2 + 2 * HAS_GATE  # W's (and G's) int64 a tile
-        PER: tl.constexpr = PW + 4 + 4 * HAS_RMS if X_AHEAD else PW  # loaded values a tile
+        PER: tl.constexpr = PW + 4 + 4 * HAS_RMS  # loaded values a tile with X_AHEAD
         for ti in tl.static_range(TPS):
             if X_AHEAD:
                 acc = _mma_tile(v, ti * PER, acc, ASM, HAS_GATE, HAS_RMS, SPLIT, F16)

@@ -201,7 +201,7 @@ def main():
              ("int4-gate", 1): "INT4_GATE_CONFIG", ("int8", 6): "INT8_ROWS_CONFIG", ("int4", 6): "INT4_ROWS_CONFIG",
              ("int4-xq", G.INT4_XQ_ROWS): "INT4_XQ_CONFIG", ("int4-wide", 1): "INT4_WIDE_CONFIG",
              ("int4-xq-wide", G.INT4_XQ_ROWS): "INT4_XQ_WIDE_CONFIG",
-             **{(kind, key): f"INT4_MMA{kind[8:].upper().replace('-', '_')}_CONFIG"
+             **{(kind, key): f"INT4_MMA{kind.removeprefix('int4-mma').upper().replace('-', '_')}_CONFIG"
                 for kind in MMA_KINDS for key in (1, G.INT4_XQ_ROWS)}}
     for (kind, key), grid in grids.items():
         kind0 = "int4-mma" if kind.startswith("int4-mma") else kind.split("-")[0]  # the layers a tile serves:

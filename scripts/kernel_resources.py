@@ -73,13 +73,12 @@ def compile_sm(fn, pointers: dict, consts: dict, num_warps: int, num_stages: int
     inner = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
     first, last = max(inner, default=(0, -16))
     loop = (last - first) // 16 + 1
+    instructions = re.findall(r"/\*([0-9a-f]+)\*/\s+([^;]*);", sass)  # (address, instruction)
     # the loop's opcodes (predicates and modifiers dropped: IDP.2A.LO.S16.S8 counts as IDP)
     ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", op).split()[0].split(".")[0]
-                              for at, op in re.findall(r"/\*([0-9a-f]+)\*/\s+([^;]*);", sass)
-                              if first <= int(at, 16) <= last)
+                              for at, op in instructions if first <= int(at, 16) <= last)
     # the global loads by width and cache hint (LDG.E.128: 16 bytes a lane; .EF: evict first), the whole kernel
-    loads = collections.Counter(re.search(r"LDG\S*", op)[0] for op in re.findall(r"/\*[0-9a-f]+\*/\s+([^;]*);", sass)
-                                if "LDG" in op)
+    loads = collections.Counter(re.search(r"LDG\S*", op)[0] for _, op in instructions if "LDG" in op)
     return dict(regs=regs, stack=stack, shared=k.metadata.shared, programs_per_sm=fit, loop_instructions=loop,
                 loop_ops=ops, loads=loads)
 
