@@ -140,27 +140,36 @@ def save_head(path, head: MTPHead, **kw) -> dict:
     return ckpt
 
 
-def load_head(path, model: Transformer, draft_vocab: Optional[int] = None) -> MTPHead:
-    """The head in `path`, on the model's device and dtype, sharing its output rows. draft_vocab: how many of the
-    ranked ids to draft over (None: what it was trained with; 0: all)."""
+def read_head(path, model: Transformer) -> dict:
+    """An MTP head checkpoint's contents (on the CPU, as saved), refused in one line if it is missing, not a head,
+    or made for a model of other shapes."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"MTP head {path} not found; train one with `python mtp.py train` "
                                 f"(README.md, MTP head) or pass --mtp_checkpoint_path")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        config, state, rank = ckpt["config"], ckpt["state_dict"], ckpt.get("vocab_rank")
+        config, mine, _ = ckpt["config"], ckpt["config"]["model_args"], ckpt["state_dict"]
+        ckpt.setdefault("vocab_rank", None)
     except Exception as e:
         raise ValueError(f"{path} is not an MTP head checkpoint ({type(e).__name__}); make it with "
                          f"`python mtp.py train`") from None
-    args = ModelArgs(**config["model_args"])
-    mine, theirs = asdict(args), asdict(model.config)
+    theirs = asdict(model.config)
     diff = [f for f in ("dim", "vocab_size", "n_head", "n_local_heads", "head_dim", "intermediate_size")
             if mine[f] != theirs[f]]
     if diff:
         ours, model_has = (", ".join(f"{f}={d[f]}" for f in diff) for d in (mine, theirs))
         raise ValueError(f"MTP head {path} was made for {config.get('base')} ({ours}), not this model ({model_has}); "
                          f"use the head trained for it")
+    return ckpt
+
+
+def load_head(path, model: Transformer, draft_vocab: Optional[int] = None) -> MTPHead:
+    """The head in `path`, on the model's device and dtype, sharing its output rows. draft_vocab: how many of the
+    ranked ids to draft over (None: what it was trained with; 0: all)."""
+    ckpt = read_head(path, model)
+    config, state, rank = ckpt["config"], ckpt["state_dict"], ckpt["vocab_rank"]
+    args = ModelArgs(**config["model_args"])
     head = MTPHead(args)
     head.load_state_dict(state)
     w = output_weight(model)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from generate import Sampling, check_device, generate, load_model, resolve_checkpoint, synchronize
-from mtp import MTP_HEAD_FILE, MTPHead, loss_weights, new_head, output_weight, save_head
+from mtp import MTP_HEAD_FILE, MTPHead, loss_weights, new_head, output_weight, read_head, save_head
 from model import Transformer, rope_tables
 
 DISTILL_SAMPLING = Sampling(temperature=0.6, top_k=20, top_p=0.95)  # FastMTP's self-distillation sampling
@@ -558,6 +558,9 @@ def parse_args(argv=None):
     t.add_argument("--val_frac", type=float, default=0.05, help="fraction of samples held out")
     t.add_argument("--warm_start", action="store_true",
                    help="start the block from the target's last layer (FastMTP-style) instead of random init")
+    t.add_argument("--init", default=None,
+                   help="start from this trained head's weights (more training, e.g. on new data); the draft "
+                        "vocabulary is chosen as without it")
     t.add_argument("--time_limit", type=float, default=None,
                    help="stop after this many seconds of training, saving the head and a .resume file beside it")
     t.add_argument("--resume", action="store_true", help="continue the run that --out's .resume file holds")
@@ -638,17 +641,22 @@ def main(argv=None):
     cov = coverage(data, rank, [size]) if size else {V: 1.0}
     print(f"draft vocabulary: {size or V} ids, covering {next(iter(cov.values())):.4f} of response tokens")
     head = new_head(model, warm_start=args.warm_start)
+    if args.init:
+        if args.warm_start:
+            raise ValueError("--init and --warm_start both set the starting weights; give one")
+        head.load_state_dict({n: t.float() for n, t in read_head(args.init, model)["state_dict"].items()})
+        print(f"starting from {args.init}")
     out = Path(args.out) if args.out else checkpoint.parent / MTP_HEAD_FILE
     resume_file = out.with_name(out.name + ".resume")
     run = {n: getattr(args, n) for n in ("data", "k", "steps", "batch_size", "lr", "warmup", "draft_vocab", "vocab",
-                                         "targets", "val_frac", "seed")}  # what a resumed run must repeat
+                                         "targets", "val_frac", "seed", "init")}  # what a resumed run must repeat
     state = {}
     if args.resume:
         if not resume_file.is_file():
             raise FileNotFoundError(f"no {resume_file} to resume; start the run without --resume")
         saved = torch.load(resume_file, map_location=device, weights_only=True)
-        if saved["run"] != run:
-            diff = [f"--{n} {saved['run'][n]} (now {run[n]})" for n in run if saved["run"][n] != run[n]]
+        diff = [f"--{n} {saved['run'].get(n)} (now {run[n]})" for n in run if saved["run"].get(n) != run[n]]
+        if diff:
             raise ValueError(f"{resume_file} was started with other settings: {', '.join(diff)}; repeat them")
         head.load_state_dict(saved["head"])
         state = saved["state"]
@@ -659,7 +667,7 @@ def main(argv=None):
     heldout = dict(heldout_agreement=evals[-1][1], heldout_est_accepted_length=evals[-1][2]) if evals else {}
     save_head(out, head, base=base, k=args.k, vocab_rank=rank, draft_vocab=size, targets=args.targets,
               steps=state["step"], data_tokens=len(data["ids"]),
-              prompt_source=data.get("meta", {}).get("prompt_source", "built"), **heldout)
+              prompt_source=data.get("meta", {}).get("prompt_source", "built"), init=args.init, **heldout)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) after {state['step']} of {args.steps} steps")
     if state["step"] < args.steps:
         torch.save({"run": run, "head": head.state_dict(), "state": state}, resume_file)

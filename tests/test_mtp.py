@@ -341,6 +341,28 @@ def test_training_resumes_where_it_stopped(monkeypatch):
         assert torch.equal(a, b), name
 
 
+def test_cli_train_init_continues_from_a_trained_head(tmp_path):
+    """`mtp.py train --init HEAD` starts from that head's weights: with the learning rate near zero it ends where
+    the head began, while a run without --init ends at a fresh head; --init with --warm_start is refused."""
+    model = sharp_tiny()
+    torch.save(model.state_dict(), tmp_path / "model.pth")
+    model.config.to_json(tmp_path / "config.json")
+    torch.save(tiny_corpus(model), tmp_path / "data.pt")
+    trained = tiny_head(model)
+    mtp.save_head(tmp_path / "start.pth", trained, base="tiny", k=3)
+    common = ["train", "--checkpoint_path", str(tmp_path / "model.pth"), "--device", "cpu", "--data",
+              str(tmp_path / "data.pt"), "--steps", "2", "--batch_size", "4", "--lr", "1e-12", "--draft_vocab", "full"]
+    mtp_train.main(common + ["--init", str(tmp_path / "start.pth"), "--out", str(tmp_path / "more.pth")])
+    mtp_train.main(common + ["--out", str(tmp_path / "fresh.pth")])
+    more, fresh = (torch.load(tmp_path / f, weights_only=True) for f in ("more.pth", "fresh.pth"))
+    start = {n: t.bfloat16() for n, t in trained.state_dict().items()}
+    assert all(torch.equal(more["state_dict"][n], t) for n, t in start.items())
+    assert not torch.equal(fresh["state_dict"]["eh_proj.weight"], start["eh_proj.weight"])
+    assert more["config"]["init"] == str(tmp_path / "start.pth") and fresh["config"]["init"] is None
+    with pytest.raises(ValueError, match="give one"):
+        mtp_train.main(common + ["--init", str(tmp_path / "start.pth"), "--warm_start"])
+
+
 def test_vocabulary_sizes_as_the_issue_writes_them():
     assert [mtp_train.parse_size(s, 49152) for s in ("4k", "8K", "16k", "4096", "full", "49152")] == \
         [4096, 8192, 16384, 4096, 0, 0]
