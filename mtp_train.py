@@ -482,14 +482,18 @@ def check_no_dev_overlap(prompts: list, dev_path: Optional[Path]) -> bool:
 
 @torch.no_grad()
 def distill(model: Transformer, prompts: list, max_new_tokens: int, batch_size: int, stop_ids=(),
-            s: Sampling = DISTILL_SAMPLING, decode_fn=None, log=print) -> dict:
+            s: Sampling = DISTILL_SAMPLING, decode_fn=None, log=print, time_limit: Optional[float] = None) -> dict:
     """Generate a response to each prompt (token ids, chat template already applied) with the model itself,
-    batch_size prompts at a time -> {ids (flat int32), offsets (N+1,), prompt_lens (N,)}."""
+    batch_size prompts at a time -> {ids (flat int32), offsets (N+1,), prompt_lens (N,)}. With time_limit, no batch
+    starts after that many seconds (the first always runs): the prompts answered so far make the corpus."""
     from generate import decode_one_token
     max_seq = max(len(p) for p in prompts) + max_new_tokens  # one cache shape for every batch
     seqs, plens, t0, new = [], [], time.perf_counter(), 0
     n_batches = (len(prompts) + batch_size - 1) // batch_size
     for b in range(n_batches):
+        if b and time_limit is not None and time.perf_counter() - t0 > time_limit:
+            log(f"time limit of {time_limit:.0f} s reached: {len(seqs)} of {len(prompts)} prompts answered")
+            break
         batch = prompts[b * batch_size:(b + 1) * batch_size]
         out = generate(model, batch, max_new_tokens, s, stop_ids=stop_ids, max_seq_length=max_seq,
                        decode_fn=decode_fn or decode_one_token)
@@ -533,6 +537,9 @@ def parse_args(argv=None):
                         "greedy run verifies")
     d.add_argument("--exclude", default=None, help="evaluation prompts (jsonl) no distillation prompt may equal "
                                                    "(default: ../shared/prompts/dev.jsonl when present)")
+    d.add_argument("--time_limit", type=float, default=None,
+                   help="stop starting new batches after this many seconds of generating responses; the prompts "
+                        "are shuffled first, so a cut corpus keeps the mix")
 
     v = sub.add_parser("vocab", help="rank tokens by frequency in the distilled responses")
     v.add_argument("--data", required=True, help="output of `mtp.py distill`")
@@ -616,12 +623,14 @@ def main(argv=None):
             print(f"checked: no prompt equals one of {dev_path}")
         else:
             print("warning: no evaluation prompt file found, the overlap check was skipped", file=sys.stderr)
+        random.Random(args.seed).shuffle(texts)  # built and model-written mixed all through, for --time_limit
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": x}], add_generation_prompt=True)
                    for x in texts]
         s = replace(DISTILL_SAMPLING, temperature=args.temperature)
-        data = distill(model, prompts, args.max_new_tokens, args.batch_size, tokenizer.eos_ids, s, decode_fn)
+        data = distill(model, prompts, args.max_new_tokens, args.batch_size, tokenizer.eos_ids, s, decode_fn,
+                       time_limit=args.time_limit)
         data["meta"] = dict(base=base, vocab_size=model.config.vocab_size, max_new_tokens=args.max_new_tokens,
-                            sampling=asdict(s), seed=args.seed, num_prompts=len(prompts),
+                            sampling=asdict(s), seed=args.seed, num_prompts=len(data["prompt_lens"]),
                             prompt_source=args.prompt_source)
         torch.save(data, args.out)
         n = len(data["ids"]) - int(data["prompt_lens"].sum())

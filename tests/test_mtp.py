@@ -288,6 +288,9 @@ def test_distilled_corpus_layout():
         row = ids[offsets[i]:offsets[i + 1]]
         assert plens[i] == len(p) and row[:len(p)] == p
         assert row[len(p):] == generate(model, [p], 12, stop_ids={7})[0]
+    cut = mtp_train.distill(model, prompts, 12, batch_size=4, s=GREEDY, stop_ids={7}, log=lambda *_: None,
+                            time_limit=0)  # past its limit at once: the first batch alone
+    assert len(cut["prompt_lens"]) == 4 and torch.equal(cut["ids"], data["ids"][:int(cut["offsets"][-1])])
     rank = mtp_train.token_ranking(data, 101)
     assert sorted(rank.tolist()) == list(range(101))
     cov = mtp_train.coverage(data, rank, [1, 10, 101])
