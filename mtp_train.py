@@ -634,7 +634,7 @@ def main(argv=None):
                             prompt_source=args.prompt_source)
         torch.save(data, args.out)
         n = len(data["ids"]) - int(data["prompt_lens"].sum())
-        print(f"wrote {args.out}: {len(prompts)} samples, {n:,} response tokens")
+        print(f"wrote {args.out}: {len(data['prompt_lens'])} samples, {n:,} response tokens")
         return
 
     V = model.config.vocab_size
