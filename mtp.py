@@ -149,7 +149,9 @@ def read_head(path, model: Transformer) -> dict:
                                 f"(README.md, MTP head) or pass --mtp_checkpoint_path")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        config, mine, _ = ckpt["config"], ckpt["config"]["model_args"], ckpt["state_dict"]
+        config, mine = ckpt["config"], ckpt["config"]["model_args"]
+        if "state_dict" not in ckpt:
+            raise KeyError("state_dict")
         ckpt.setdefault("vocab_rank", None)
     except Exception as e:
         raise ValueError(f"{path} is not an MTP head checkpoint ({type(e).__name__}); make it with "
