@@ -141,7 +141,7 @@ WIDE_N = 8192
 # session 47; % of copy at 1 / 6 rows): wo 44.2 / 34.8 at (8, 2) -> 50.4 / 39.8 at (8, 4); wqkv 53.5 / 38.6 at
 # (4, 2) -> 60.4 / 51.8 at (4, 4); the gate-up pair (67.3 / 62.5) and w2 (63.2 / 55.7) keep session 46's tiles.
 # X_AHEAD=False (each tile's x and norm weight loaded at its mma instead of a step ahead with W) frees registers for
-# deeper W loads (sm_90: wqkv's 139 a thread -> 104, 78 at 8 tiles a step); built, not yet timed on a GPU
+# deeper W loads (sm_90: wqkv's 166 a thread -> 104, 72 at 8 tiles a step); built, not yet timed on a GPU
 INT4_MMA_CONFIG = dict(SPLIT=8, TPS=4)
 INT4_MMA_WIDE_CONFIG = dict(SPLIT=4, TPS=4)
 INT4_MMA_GATE_CONFIG = dict(SPLIT=4, TPS=2)
@@ -749,11 +749,10 @@ if triton is not None:
 
     @triton.jit
     def _mma_words(w64, R, C, lane, NC: tl.constexpr):
-        # a lane's two int64 of W's tile C in tile row R, one 16-byte load (as two 8-byte loads 16 bytes apart,
-        # each instruction of a warp asked for every sector twice)
+        # a lane's two int64 of W's tile C in tile row R
         wo = _mma_offset(R, C, lane, NC)
-        w = tl.load(w64 + wo[:, None] + tl.arange(0, 2)[None, :], eviction_policy="evict_first")
-        return tl.split(w)
+        return (tl.load(w64 + wo, eviction_policy="evict_first"),
+                tl.load(w64 + wo + 1, eviction_policy="evict_first"))
 
     @triton.jit
     def _mma_load(w64, g64, xs, R, step, lane, ok, NC: tl.constexpr, TPS: tl.constexpr, HAS_GATE: tl.constexpr,
@@ -783,20 +782,13 @@ if triton is not None:
         # a lane's 16 columns of x's row (zeros past M or past K) in tile C, and of the norm's weight; xs: x's and
         # the norm weight's int64 pointers, the lane's offsets into them, whether its row g is one of x's
         x64, n64, x_off, n_off, x_ok = xs
-        v = _words4(x64, x_off + C * 16, ok & x_ok)
+        xo, no, xm = x_off + C * 16, n_off + C * 16, ok & x_ok
+        v = (tl.load(x64 + xo, mask=xm, other=0), tl.load(x64 + xo + 1, mask=xm, other=0),
+             tl.load(x64 + xo + 2, mask=xm, other=0), tl.load(x64 + xo + 3, mask=xm, other=0))
         if HAS_RMS:
-            v = v + _words4(n64, n_off + C * 16, ok)
+            v = v + (tl.load(n64 + no, mask=ok, other=0), tl.load(n64 + no + 1, mask=ok, other=0),
+                     tl.load(n64 + no + 2, mask=ok, other=0), tl.load(n64 + no + 3, mask=ok, other=0))
         return v
-
-    @triton.jit
-    def _words4(p, off, mask):
-        # the four int64 at p + off (zeros where not mask) in two 16-byte loads a lane
-        j = tl.arange(0, 2)
-        v = tl.load(p + off[:, None, None] + 2 * j[None, :, None] + j[None, None, :], mask=mask[:, None, None], other=0)
-        even, odd = tl.split(v)  # words 0 and 2, words 1 and 3
-        w0, w2 = tl.split(even)
-        w1, w3 = tl.split(odd)
-        return w0, w1, w2, w3
 
     @triton.jit
     def _mma_tile(v, i: tl.constexpr, acc, ASM: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RMS: tl.constexpr,
