@@ -139,9 +139,9 @@ WIDE_N = 8192
 # the int4 tensor-core kernel (shuffled layout, int4_mma_config), one tile for 1..8 rows: warps a program splitting
 # K and 64-column tiles a step, from gemv_sweep.py's per-matmul sweep of the 7B's int4 layers with their norms (H100,
 # session 47; % of copy at 1 / 6 rows): wo 44.2 / 34.8 at (8, 2) -> 50.4 / 39.8 at (8, 4); wqkv 53.5 / 38.6 at
-# (4, 2) -> 60.4 / 51.8 at (4, 4); the gate-up pair (67.3 / 62.5) and w2 (63.2 / 55.7) keep session 46's tiles.
-# X_AHEAD=False (each tile's x and norm weight loaded at its mma instead of a step ahead with W) frees registers for
-# deeper W loads (sm_90: wqkv's 166 a thread -> 104, 72 at 8 tiles a step); built, not yet timed on a GPU
+# (4, 2) -> 60.4 / 51.8 at (4, 4); the gate-up pair (67.3 / 62.5) and w2 (63.2 / 55.7) keep session 46's tiles
+# (session 48 timed two variants in the 7B and took both out: one 16-byte load a lane for W's two words, 400.0 tok/s
+# against this kernel's 456.3, and x loaded at its mma instead of a step ahead, 361.1; BENCHMARKS.md)
 INT4_MMA_CONFIG = dict(SPLIT=8, TPS=4)
 INT4_MMA_WIDE_CONFIG = dict(SPLIT=4, TPS=4)
 INT4_MMA_GATE_CONFIG = dict(SPLIT=4, TPS=2)
@@ -755,18 +755,17 @@ if triton is not None:
                 tl.load(w64 + wo + 1, eviction_policy="evict_first"))
 
     @triton.jit
-    def _mma_load(w64, g64, xs, R, step, lane, ok, NC: tl.constexpr, TPS: tl.constexpr, HAS_GATE: tl.constexpr,
-                  HAS_RMS: tl.constexpr, X_AHEAD: tl.constexpr):
-        # a step's TPS tiles: per tile the lane's words of W (and of the gate's G), and with X_AHEAD its 16 columns
-        # of x (and of the norm's weight), four int64; W's address clamped in range where not ok, x's zeros voiding it
+    def _mma_load(w64, g64, x64, n64, R, step, lane, x_off, n_off, ok, x_ok, NC: tl.constexpr, TPS: tl.constexpr,
+                  HAS_GATE: tl.constexpr, HAS_RMS: tl.constexpr):
+        # a step's TPS tiles: per tile the lane's words of W (and of the gate's G) and its 16 columns of x (and of
+        # the norm's weight), four int64; W's address clamped in range where not ok, x's zeros voiding it
         C0 = TPS * tl.minimum(step, NC // TPS - 1)
         v = ()
         for ti in tl.static_range(TPS):
             v = v + _mma_words(w64, R, C0 + ti, lane, NC)
             if HAS_GATE:
                 v = v + _mma_words(g64, R, C0 + ti, lane, NC)
-            if X_AHEAD:
-                v = v + _mma_x(xs, step * TPS + ti, ok, HAS_RMS)
+            v = v + _mma_x(x64, n64, step * TPS + ti, x_off, n_off, ok, x_ok, HAS_RMS)
         return v
 
     @triton.jit
@@ -778,10 +777,8 @@ if triton is not None:
                                       dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
-    def _mma_x(xs, C, ok, HAS_RMS: tl.constexpr):
-        # a lane's 16 columns of x's row (zeros past M or past K) in tile C, and of the norm's weight; xs: x's and
-        # the norm weight's int64 pointers, the lane's offsets into them, whether its row g is one of x's
-        x64, n64, x_off, n_off, x_ok = xs
+    def _mma_x(x64, n64, C, x_off, n_off, ok, x_ok, HAS_RMS: tl.constexpr):
+        # a lane's 16 columns of x's row (zeros past M or past K) in tile C, and of the norm's weight
         xo, no, xm = x_off + C * 16, n_off + C * 16, ok & x_ok
         v = (tl.load(x64 + xo, mask=xm, other=0), tl.load(x64 + xo + 1, mask=xm, other=0),
              tl.load(x64 + xo + 2, mask=xm, other=0), tl.load(x64 + xo + 3, mask=xm, other=0))
@@ -903,21 +900,14 @@ if triton is not None:
                 y[3] + s8 * d[3] + z8 * e[3])
 
     @triton.jit
-    def _mma_step(y, yg, acc, v, xs, s_ptr, z_ptr, gs_ptr, gz_ptr, rows, k, step, ok, ASM: tl.constexpr,
+    def _mma_step(y, yg, acc, v, s_ptr, z_ptr, gs_ptr, gz_ptr, rows, k, step, ok, ASM: tl.constexpr,
                   GROUPSIZE: tl.constexpr, NG: tl.constexpr, TPS: tl.constexpr, SHIFT: tl.constexpr,
-                  HAS_GATE: tl.constexpr, HAS_RMS: tl.constexpr, SPLIT: tl.constexpr, F16: tl.constexpr,
-                  X_AHEAD: tl.constexpr):
-        # a step's tiles into the group sums acc, and each group's sums into y (and the gate's yg) where it ends;
-        # without X_AHEAD each tile's x (and norm weight) is loaded here, from L1, as the tile needs it
+                  HAS_GATE: tl.constexpr, HAS_RMS: tl.constexpr, SPLIT: tl.constexpr, F16: tl.constexpr):
+        # a step's tiles into the group sums acc, and each group's sums into y (and the gate's yg) where it ends
         TPG: tl.constexpr = GROUPSIZE // 64  # tiles a group
-        PW: tl.constexpr = 2 + 2 * HAS_GATE  # W's (and G's) int64 a tile
-        PER: tl.constexpr = PW + 4 + 4 * HAS_RMS  # loaded values a tile with X_AHEAD
+        PER: tl.constexpr = 6 + 2 * HAS_GATE + 4 * HAS_RMS  # loaded values a tile
         for ti in tl.static_range(TPS):
-            if X_AHEAD:
-                acc = _mma_tile(v, ti * PER, acc, ASM, HAS_GATE, HAS_RMS, SPLIT, F16)
-            else:
-                vt = v[ti * PW:ti * PW + PW] + _mma_x(xs, step * TPS + ti, ok, HAS_RMS)
-                acc = _mma_tile(vt, 0, acc, ASM, HAS_GATE, HAS_RMS, SPLIT, F16)
+            acc = _mma_tile(v, ti * PER, acc, ASM, HAS_GATE, HAS_RMS, SPLIT, F16)
             if (TPS * k + ti + 1) % TPG == 0:  # a group ends (k's parity decides where a group spans steps)
                 grp = (TPS * step + ti) // TPG
                 zero = tl.zeros_like(acc[0])
@@ -950,7 +940,7 @@ if triton is not None:
                          K: tl.constexpr, GROUPSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RMS: tl.constexpr,
                          EPS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, SPLIT: tl.constexpr,
                          TPS: tl.constexpr, ASM: tl.constexpr, SHIFT: tl.constexpr, PDL: tl.constexpr,
-                         F16: tl.constexpr = False, X_AHEAD: tl.constexpr = True):
+                         F16: tl.constexpr = False):
         # y (M <= 8, N) = x (M, K) @ W.T + b, W in quantize.shuffle_int4's layout, on the tensor cores through
         # mma.sync (ASM, mma_asm): each program one tile row R of W (16 rows), its SPLIT warps K in ranges of SPW
         # steps of TPS tiles of 64 columns, each step's loads issued a step ahead, two steps a trip (no register
@@ -974,7 +964,7 @@ if triton is not None:
         g64 = g_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
         x64 = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
         n64 = nw_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
-        xs = (x64, n64, g * (K // 4) + 4 * t, 4 * t, g < M)  # (offsets in int64 words of 4 columns)
+        x_off, n_off, x_ok = g * (K // 4) + 4 * t, 4 * t, g < M  # int64 words of 4 columns
         first = warp * SPW
         zero = tl.zeros((32 * SPLIT,), dtype=tl.float32)
         y, yg, acc = (zero,) * 4, (zero,) * 4, (zero,) * N_ACC
@@ -984,17 +974,17 @@ if triton is not None:
             if HAS_GATE:
                 _mma_prefetch(g64, R, tl.minimum(first, NS - 1), lane, NC, TPS)
             tl.extra.cuda.gdc_wait()
-        a = _mma_load(w64, g64, xs, R, first, lane, first < NS, NC, TPS, HAS_GATE, HAS_RMS, X_AHEAD)
+        a = _mma_load(w64, g64, x64, n64, R, first, lane, x_off, n_off, first < NS, x_ok, NC, TPS, HAS_GATE, HAS_RMS)
         for k in range(0, SPW, 2):
             step = first + k
-            b = _mma_load(w64, g64, xs, R, step + 1, lane, step + 1 < NS, NC, TPS, HAS_GATE, HAS_RMS, X_AHEAD)
-            y, yg, acc = _mma_step(y, yg, acc, a, xs, s_ptr, z_ptr, gs_ptr, gz_ptr, rows, k, step, step < NS, ASM,
-                                   GROUPSIZE, NG, TPS, SHIFT, HAS_GATE, HAS_RMS, SPLIT, F16, X_AHEAD)
-            a = _mma_load(w64, g64, xs, R, step + 2, lane, (step + 2 < NS) & (k + 2 < SPW), NC, TPS, HAS_GATE,
-                          HAS_RMS, X_AHEAD)
-            y, yg, acc = _mma_step(y, yg, acc, b, xs, s_ptr, z_ptr, gs_ptr, gz_ptr, rows, k + 1, step + 1,
-                                   step + 1 < NS, ASM, GROUPSIZE, NG, TPS, SHIFT, HAS_GATE, HAS_RMS, SPLIT, F16,
-                                   X_AHEAD)
+            b = _mma_load(w64, g64, x64, n64, R, step + 1, lane, x_off, n_off, step + 1 < NS, x_ok, NC, TPS, HAS_GATE,
+                          HAS_RMS)
+            y, yg, acc = _mma_step(y, yg, acc, a, s_ptr, z_ptr, gs_ptr, gz_ptr, rows, k, step, step < NS, ASM,
+                                   GROUPSIZE, NG, TPS, SHIFT, HAS_GATE, HAS_RMS, SPLIT, F16)
+            a = _mma_load(w64, g64, x64, n64, R, step + 2, lane, x_off, n_off, (step + 2 < NS) & (k + 2 < SPW),
+                          x_ok, NC, TPS, HAS_GATE, HAS_RMS)
+            y, yg, acc = _mma_step(y, yg, acc, b, s_ptr, z_ptr, gs_ptr, gz_ptr, rows, k + 1, step + 1,
+                                   step + 1 < NS, ASM, GROUPSIZE, NG, TPS, SHIFT, HAS_GATE, HAS_RMS, SPLIT, F16)
         ln = tl.arange(0, 32)
         r, n = R * 16 + (ln >> 2), 2 * (ln & 3)  # each lane's weight row (and r + 8) and x rows n, n + 1
         ys = _warps_sum(y, SPLIT)
@@ -1257,7 +1247,7 @@ def int4_mma_config(N: int, K: int, gate: bool = False) -> dict:
     tps = cfg["TPS"]
     while (K // 64) % tps:
         tps //= 2
-    return dict(SPLIT=cfg["SPLIT"], TPS=tps, X_AHEAD=cfg.get("X_AHEAD", True), num_warps=cfg["SPLIT"])
+    return dict(SPLIT=cfg["SPLIT"], TPS=tps, num_warps=cfg["SPLIT"])
 
 
 def xq_blocks(M: int) -> tuple:

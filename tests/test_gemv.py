@@ -551,13 +551,10 @@ _MMA_SCRIPT = textwrap.dedent("""
         return q, (torch.rand(N, K // g) / 8).to(dtype), (torch.randn(N, K // g) / 8).to(dtype)
     worst = 0.0
     bf16, f16, f32 = torch.bfloat16, torch.float16, torch.float32
-    cases = [(32, 256, 64, 3, "plain", bf16), (32, 256, 128, 1, "norm", bf16), (48, 256, 64, 6, "gate+norm", bf16),
-             (32, 704, 64, 5, "res", bf16), (32, 512, 256, 8, "bias", bf16), (32, 576, 64, 12, "res", bf16),
-             (32, 256, 128, 2, "gate+norm", f16), (32, 256, 64, 1, "norm", f32)]
-    tiles = [G.INT4_MMA_CONFIG, G.INT4_MMA_WIDE_CONFIG, G.INT4_MMA_GATE_CONFIG, G.INT4_MMA_LONG_CONFIG]
-    for ahead, (N, K, g, M, kind, dtype) in [(a, c) for a in (True, False) for c in cases]:
-        for tile in tiles:  # x (and the norm's weight) loaded a step ahead with W, or at each tile's mma
-            tile["X_AHEAD"] = ahead
+    for N, K, g, M, kind, dtype in [(32, 256, 64, 3, "plain", bf16), (32, 256, 128, 1, "norm", bf16),
+                                    (48, 256, 64, 6, "gate+norm", bf16), (32, 704, 64, 5, "res", bf16),
+                                    (32, 512, 256, 8, "bias", bf16), (32, 576, 64, 12, "res", bf16),
+                                    (32, 256, 128, 2, "gate+norm", f16), (32, 256, 64, 1, "norm", f32)]:
         q, s, z = mat(N, K, g, dtype)
         x = torch.randn(M, K, dtype=dtype)
         xr, kw = x.float(), {}
@@ -579,7 +576,7 @@ _MMA_SCRIPT = textwrap.dedent("""
             ref = ref * torch.nn.functional.silu(xr @ Q.dequantize_int4(q2, s2.float(), z2.float(), g).T)
         y = G.int4_gemv(x, Q.shuffle_int4(q), s, z, g, **kw)
         err = ((y.float() - ref).norm() / ref.norm()).item()
-        assert err < 2e-2, (N, K, g, M, kind, dtype, ahead, err)
+        assert err < 2e-2, (N, K, g, M, kind, dtype, err)
         worst = max(worst, err)
     x = torch.randn(2, 256, dtype=torch.bfloat16)
     x[1, 7] = float("nan")
@@ -594,8 +591,7 @@ def test_int4_mma_kernel_under_interpreter():
     """gemv.py's int4 tensor-core kernel (quantize.shuffle_int4's layout) under TRITON_INTERPRET=1, each mma
     emulated in tensor arithmetic: against the dequantized weights, with the norm, the gate-up pair, the residual
     as the model passes it (12 rows: two launches, the second from row 8), bias, group sizes 64-256, a tile a step
-    (K = 576, 704) and more, bfloat16, float16 and float32 x, x loaded a step ahead or at use (X_AHEAD); a NaN in
-    one row of x reaches that row only."""
+    (K = 576, 704) and two, bfloat16, float16 and float32 x; a NaN in one row of x reaches that row only."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     root = Path(__file__).resolve().parent.parent
     run = subprocess.run([sys.executable, "-c", _MMA_SCRIPT], capture_output=True, text=True, env=env, cwd=root,
