@@ -585,6 +585,8 @@ def main(argv=None):
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.cmd == "train" and args.lr <= 0:
         raise ValueError(f"--lr must be positive, got {args.lr}")
+    if args.cmd == "train" and args.init and args.warm_start:
+        raise ValueError("--init and --warm_start both set the starting weights; give one")
     if args.cmd == "train" and args.vocab and not Path(args.vocab).is_file():
         raise FileNotFoundError(f"vocabulary file {args.vocab} not found; make it with `python mtp.py vocab --data "
                                 f"{args.data} --out {args.vocab}`, or leave out --vocab")
@@ -651,8 +653,6 @@ def main(argv=None):
     print(f"draft vocabulary: {size or V} ids, covering {next(iter(cov.values())):.4f} of response tokens")
     head = new_head(model, warm_start=args.warm_start)
     if args.init:
-        if args.warm_start:
-            raise ValueError("--init and --warm_start both set the starting weights; give one")
         head.load_state_dict({n: t.float() for n, t in read_head(args.init, model)["state_dict"].items()})
         print(f"starting from {args.init}")
     out = Path(args.out) if args.out else checkpoint.parent / MTP_HEAD_FILE
