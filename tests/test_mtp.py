@@ -265,6 +265,11 @@ def test_head_checkpoint_round_trip(tmp_path):
         mtp.load_head(tmp_path / "mtp_head.pth", tiny(dim=64))
     with pytest.raises(FileNotFoundError, match="mtp.py train"):
         mtp.load_head(tmp_path / "nope.pth", model)
+    torch.save(model.state_dict(), tmp_path / "model.pth")  # a model checkpoint passed as the head
+    torch.save({"config": torch.load(tmp_path / "mtp_head.pth", weights_only=True)["config"]}, tmp_path / "bare.pth")
+    for wrong in ("model.pth", "bare.pth"):
+        with pytest.raises(ValueError, match="is not an MTP head checkpoint"):
+            mtp.read_head(tmp_path / wrong, model)
 
 
 def tiny_prompts(n, prompt_len=6, seed=0):
