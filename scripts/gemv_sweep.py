@@ -25,7 +25,8 @@ import quantize as Q  # noqa: E402
 from model import ModelArgs  # noqa: E402
 from bench import copy_bandwidth  # noqa: E402  (scripts/ is on the path: this file's folder)
 
-MMA_KINDS = ("int4-mma", "int4-mma-wide", "int4-mma-gate", "int4-mma-long")  # gemv.int4_mma_config's tiles
+MMA_TILES = {"int4-mma": "INT4_MMA_CONFIG", "int4-mma-wide": "INT4_MMA_WIDE_CONFIG",  # gemv.int4_mma_config's tiles
+             "int4-mma-gate": "INT4_MMA_GATE_CONFIG", "int4-mma-long": "INT4_MMA_LONG_CONFIG"}
 
 
 def layer_shapes(model: str) -> list:
@@ -194,15 +195,14 @@ def main():
              # the int4 tensor-core kernel: one tile serves 1..8 rows; each of its four tiles (wo, wqkv, the gate-up
              # pair, w2) swept at one row and at the most rows asked for
              **{(kind, key): configs(["SPLIT", "TPS"], [4, 8, 16], [4, 2, 8, 1])
-                for kind in MMA_KINDS for key in (1, G.INT4_XQ_ROWS)},
+                for kind in MMA_TILES for key in (1, G.INT4_XQ_ROWS)},
              ("int4", 6): configs(["BLOCK_N", "num_warps", "num_stages"], [32, 16, 64], [4, 2, 8], [6, 4, 3])}
     tiles = {("bf16", 1): "GEMV_CONFIG", ("bf16", 6): "ROWS_CONFIG" if shapes[0][1] >= 4096 else "SMALL_ROWS_CONFIG",
              ("int8", 1): "INT8_CONFIG", ("int8-gate", 1): "INT8_GATE_CONFIG", ("int4", 1): "INT4_CONFIG",
              ("int4-gate", 1): "INT4_GATE_CONFIG", ("int8", 6): "INT8_ROWS_CONFIG", ("int4", 6): "INT4_ROWS_CONFIG",
              ("int4-xq", G.INT4_XQ_ROWS): "INT4_XQ_CONFIG", ("int4-wide", 1): "INT4_WIDE_CONFIG",
              ("int4-xq-wide", G.INT4_XQ_ROWS): "INT4_XQ_WIDE_CONFIG",
-             **{(kind, key): f"INT4_MMA{kind.removeprefix('int4-mma').upper().replace('-', '_')}_CONFIG"
-                for kind in MMA_KINDS for key in (1, G.INT4_XQ_ROWS)}}
+             **{(kind, key): name for kind, name in MMA_TILES.items() for key in (1, G.INT4_XQ_ROWS)}}
     for (kind, key), grid in grids.items():
         kind0 = "int4-mma" if kind.startswith("int4-mma") else kind.split("-")[0]  # the layers a tile serves:
         # int8-gate's run is all int8 layers
