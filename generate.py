@@ -51,13 +51,16 @@ def logits_to_probs(logits, s: Sampling):
         return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     logits = logits / s.temperature
     if s.top_k is not None:
-        kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        top = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values  # descending
+        logits = logits.masked_fill(logits < top[..., -1:], float("-inf"))
     if s.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)  # mass ranked above each token
-        drop = (before > s.top_p).scatter(-1, order, before > s.top_p)
-        logits = logits.masked_fill(drop, float("-inf"))
+        # The nucleus is a prefix of the tokens ranked by logit; after top-k it lies within those k, so only they
+        # are ranked instead of sorting the whole vocabulary (FastMTP's distillation samples with both).
+        ranked = top if s.top_k is not None else logits.sort(dim=-1, descending=True).values
+        p = (ranked - logits.logsumexp(-1, keepdim=True)).exp()
+        before = p.cumsum(-1) - p  # mass ranked above each token
+        cutoff = ranked.masked_fill(before > s.top_p, float("inf")).amin(-1, keepdim=True)  # the last one kept
+        logits = logits.masked_fill(logits < cutoff, float("-inf"))
     return logits.softmax(-1)
 
 
