@@ -14,7 +14,8 @@ def test_sampling_matches_transformers_warpers():
                                                         TopPLogitsWarper)
     torch.manual_seed(0)
     logits = torch.randn(4, 101) * 3
-    for s in [Sampling(0.7, None, 1.0), Sampling(1.3, 10, 1.0), Sampling(0.8, None, 0.9), Sampling(0.6, 20, 0.95)]:
+    for s in [Sampling(0.7, None, 1.0), Sampling(1.3, 10, 1.0), Sampling(0.8, None, 0.9), Sampling(0.6, 20, 0.95),
+              Sampling(1.0, 5, 0.5), Sampling(0.9, 50, 0.99)]:  # top-p inside top-k: only the k are ranked
         ref = TemperatureLogitsWarper(s.temperature)(None, logits.clone())
         if s.top_k:
             ref = TopKLogitsWarper(s.top_k)(None, ref)
