@@ -95,8 +95,8 @@ def compile_step(fn, device: str, **kw):
     the per-kernel launch cost that dominates batch-1 decode). On the CPU with freezing (inductor treats the weights
     as constants) and max-autotune, which lets inductor pick its own C++ matmul kernels over MKL's where they time
     faster: SmolLM2's float32 decode on 2 cores went from 27 to 49 tok/s (BENCHMARKS.md), for a compile ~30 s longer.
-    Shapes are static: a second shape (a distill's last, smaller batch) compiles a graph of its own rather than
-    turning the step into one with symbolic sizes."""
+    On CUDA shapes are static: a second shape (a distill's model-written prompts, then its responses) compiles a
+    graph of its own rather than turning the step into one with symbolic sizes."""
     if device.startswith("cuda"):
         return torch.compile(fn, mode="reduce-overhead", fullgraph=True, **{"dynamic": False, **kw})
     if device == "cpu":  # a process-wide switch: torch.compile(options={"freezing": True}) does not reach the pass
