@@ -7,6 +7,7 @@ they are.
 """
 import json
 import math
+import platform
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
@@ -293,13 +294,25 @@ ONEDNN = (torch.backends.mkl.is_available() and torch.backends.mkldnn.is_availab
           and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
+def intel_cpu() -> bool:
+    try:
+        return "GenuineIntel" in Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux
+        return "Intel" in platform.processor()
+
+
+# MKL runs its fast code on Intel processors only: there it beat oneDNN at every SmolLM2 shape (BENCHMARKS.md)
+ONEDNN_FASTER = ONEDNN and not intel_cpu()
+
+
 def linear(x, weight, bias=None):
-    """F.linear, except float32 on the CPU, outside torch.compile and autograd: there it runs through oneDNN.
-    torch sends float32 F.linear to MKL, whose matrix-vector product is single-threaded and, on AMD CPUs, far below
-    the memory's speed: SmolLM2's 113 MB output head takes 6.0 ms (19 GB/s) there and 1.8 ms (64 GB/s) through
-    oneDNN on 2 AMD cores, and its eager decode goes from 24 to 40-44 tok/s (BENCHMARKS.md). Compiled, F.linear is
-    traced as usual and inductor picks its own kernels. `torch.backends.mkldnn.enabled = False` turns it off."""
-    if (not torch.compiler.is_compiling() and ONEDNN and torch.backends.mkldnn.enabled
+    """F.linear, except float32 on the CPU, outside torch.compile and autograd, where oneDNN is faster than MKL:
+    there it runs through oneDNN. torch sends float32 F.linear to MKL, whose matrix-vector product on AMD CPUs is
+    far below the memory's speed: SmolLM2's 113 MB output head takes 6.0 ms (19 GB/s) there and 1.8 ms (64 GB/s)
+    through oneDNN on 2 AMD cores, and its eager decode goes from 24 to 40-44 tok/s; on 2 Intel cores MKL's decode
+    step was the faster, 32.6 ms against 43.3 (BENCHMARKS.md). Compiled, F.linear is traced as usual and inductor
+    picks its own kernels. `torch.backends.mkldnn.enabled = False` turns it off."""
+    if (not torch.compiler.is_compiling() and ONEDNN_FASTER and torch.backends.mkldnn.enabled
             and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
