@@ -98,7 +98,8 @@ def compile_step(fn, device: str, **kw):
     On CUDA shapes are static: a second shape (a distill's model-written prompts, then its responses) compiles a
     graph of its own rather than turning the step into one with symbolic sizes."""
     if device.startswith("cuda"):
-        return torch.compile(fn, mode="reduce-overhead", fullgraph=True, **{"dynamic": False, **kw})
+        kw.setdefault("dynamic", False)
+        return torch.compile(fn, mode="reduce-overhead", fullgraph=True, **kw)
     if device == "cpu":  # a process-wide switch: torch.compile(options={"freezing": True}) does not reach the pass
         import torch._inductor.config as inductor_config
         inductor_config.freezing = True

@@ -301,7 +301,8 @@ def intel_cpu() -> bool:
         return "Intel" in platform.processor()
 
 
-# MKL runs its fast code on Intel processors only: there it beat oneDNN at every SmolLM2 shape (BENCHMARKS.md)
+# MKL runs its fast code on Intel processors only: there it beat oneDNN at one row at every SmolLM2 shape and over
+# a whole eager decode step (BENCHMARKS.md)
 ONEDNN_FASTER = ONEDNN and not intel_cpu()
 
 
