@@ -126,16 +126,13 @@ def test_kernel_compiles_for_hopper_with_pdl():
     assert compile_sm(A._merge_kernel, ATTENTION_POINTERS, attention_consts(), 4)["programs_per_sm"]
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@cuda
+@pytest.mark.gpu
 def test_cuda_decode_attention_matches_sdpa():
     check("cuda", torch.float32, 1e-5)
     check("cuda", torch.bfloat16, 2e-2)
 
 
-@cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("pdl", [False, True], ids=["plain launch", "PDL custom op"])
 def test_cuda_model_with_the_kernel_equals_sdpa_compiled(pdl):
     """A tiny float32 model: decode and verify logits with the kernel (RoPE and cache writes included) equal SDPA's,

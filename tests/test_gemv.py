@@ -383,7 +383,7 @@ def test_int4_imma_probe_matches_dequantized_under_the_interpreter():
                     "e = P.check('cpu', torch.bfloat16); assert e < 2 ** -7, e; print('ok', e)")
 
 
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_cuda_gemv_kernels_match_linear():
     """Both kernels in bfloat16 on the GPU against a float64 reference, at 1 row (decode) and 2..16 (verify)."""
     import torch
@@ -402,7 +402,7 @@ def test_cuda_gemv_kernels_match_linear():
             assert y.shape == ref.shape and err < 1e-2, (N, K, M, err)
 
 
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_cuda_float_gemv_rows_are_each_rows_decode_bit_for_bit():
     """A small model's verify sends its rows through the one-row GEMV's tile (gemv_config), so each row's output is
     bit for bit what a decode step computes for it: a greedy bfloat16 verify then never parts from the target alone.
@@ -430,7 +430,7 @@ def test_cuda_float_gemv_rows_are_each_rows_decode_bit_for_bit():
                     assert torch.equal(rows[i:i + 1], one), (N, K, M, i)
 
 
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("quant", ["none", "int8", "int4", "int4-mma"])
 def test_cuda_model_with_gemv_matches_linear(quant):
     """A tiny bf16 model's logits over 1 token (decode: Triton GEMVs) and 5 (verify: rows kernel), fused blocks both,
@@ -488,7 +488,7 @@ def test_cuda_model_with_gemv_matches_linear(quant):
     assert a == generate(fast if quant.startswith("int4") else ref, prompt, 30, max_seq_length=64)
 
 
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_cuda_one_row_kernels_at_every_pipeline_depth(monkeypatch):
     """The float and int8 GEMVs with their K loops pipelined 1-4 chunks deep (STAGES), at 256- and 1024-wide
     chunks (of columns; the int8 GEMV's in words of four), against float64 references; K = 1000 leaves a masked

@@ -608,7 +608,7 @@ def test_smollm2_shipped_head_greedy_text_equals_the_target_alone(smollm2_checkp
     assert sum(accepted) / len(accepted) > 0.5
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.skipif(not SHIPPED_HEAD.is_file(), reason=f"no trained head at {SHIPPED_HEAD}")
 @needs_dev_prompts
 @torch.no_grad()

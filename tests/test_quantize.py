@@ -357,10 +357,7 @@ def test_quantize_py_works_without_gemv_py():
     assert run.returncode == 0, run.stdout[-1000:] + run.stderr[-2000:]
 
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("kernel", ["torch", "triton", "mma"])
 @pytest.mark.parametrize("g", [32, 64, 128, 256])
 def test_cuda_int4_kernels_match_dequantized(g, kernel):
@@ -383,7 +380,7 @@ def test_cuda_int4_kernels_match_dequantized(g, kernel):
             assert rel_err(lin(x).float(), x.float() @ ref_w.T) < 2e-2
 
 
-@gpu
+@pytest.mark.gpu
 def test_cuda_int8_gemv_matches_dequantized():
     torch.manual_seed(0)
     lin = quantized_linear(torch.randn(512, 1024), "int8")
@@ -395,7 +392,7 @@ def test_cuda_int8_gemv_matches_dequantized():
         assert rel_err(lin(x).float(), x.float() @ ref_w.T) < 2e-2
 
 
-@gpu
+@pytest.mark.gpu
 def test_cuda_int4_wide_tiles_match_dequantized(monkeypatch):
     """The int4 GEMV's own tiles for W with gemv.WIDE_N rows or more (the 7B's wqkv), lowered here to 256, at 1 row
     and at 6 (the XQ GEMV)."""
@@ -416,7 +413,7 @@ def test_unknown_kernel_name_is_refused():
         Q.prepare_for_device(lin, int4_kernel="tinygemm")
 
 
-@gpu
+@pytest.mark.gpu
 @pytest.mark.skipif(Q.triton is None, reason="needs triton")
 def test_cuda_int4_mma_rows_are_each_rows_decode_bit_for_bit():
     """The tensor-core kernel computes each row of x the same way whatever the others (an mma's columns do not mix),

@@ -335,7 +335,7 @@ def test_compiled_steps_equal_eager(whole):
     assert out == ref and len(set(accepted)) > 1
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("whole", [True, False], ids=["one graph", "draft and verify compiled apart"])
 @torch.no_grad()
 def test_cuda_graph_speculative_step_gives_the_targets_greedy_text(whole):
