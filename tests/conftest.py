@@ -8,11 +8,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the top-level modules, however pytest is started
 from model import ModelArgs, Transformer  # noqa: E402
 
+
 def pytest_collection_modifyitems(items):
     """Tests marked `gpu` skip cleanly without CUDA; on a GPU machine `pytest -m gpu` runs just them."""
     if not torch.cuda.is_available():
         for item in items:
-            if "gpu" in item.keywords:
+            if item.get_closest_marker("gpu"):
                 item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
