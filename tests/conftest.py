@@ -10,7 +10,11 @@ from model import ModelArgs, Transformer  # noqa: E402
 
 
 def pytest_collection_modifyitems(items):
-    """Tests marked `gpu` skip cleanly without CUDA; on a GPU machine `pytest -m gpu` runs just them."""
+    """Tests marked `gpu` skip cleanly without CUDA; on a GPU machine `pytest -m gpu` runs just them. A test_cuda_*
+    test without the mark is refused, so that `-m gpu` cannot silently miss one."""
+    unmarked = [i.nodeid for i in items if i.name.startswith("test_cuda") and not i.get_closest_marker("gpu")]
+    if unmarked:
+        raise pytest.UsageError(f"mark these CUDA tests @pytest.mark.gpu: {', '.join(unmarked)}")
     if not torch.cuda.is_available():
         for item in items:
             if item.get_closest_marker("gpu"):
