@@ -393,14 +393,14 @@ def _stdlib_docs() -> tuple:
     return tuple(out)
 
 
-def build_prompts(n: int, seed: int = 0) -> list:
-    """n distinct prompts: 35% everyday, 25% technical/code, 20% math, 20% writing."""
+def build_prompts(n: int, seed: int = 0, exclude=frozenset()) -> list:
+    """n distinct prompts, none in exclude: 35% everyday, 25% technical/code, 20% math, 20% writing."""
     rng = random.Random(seed)
     things, docs = _pictograph_names(), _stdlib_docs()
     if len(things) < 50 or len(docs) < 50:
         raise ValueError(f"found only {len(things)} pictograph names and {len(docs)} stdlib docstrings; this Python "
                          f"install lacks its standard library sources")
-    out, seen = [], set()
+    out, seen = [], set(exclude)
     for _ in range(50 * n + 1000):
         if len(out) == n:
             return out
@@ -434,13 +434,14 @@ def user_turn_prefix(tokenizer) -> list:
 
 @torch.no_grad()
 def model_prompts(model: Transformer, tokenizer, n: int, batch_size: int = 64, max_tokens: int = 96,
-                  decode_fn=None, log=print) -> list:
+                  decode_fn=None, log=print, exclude=frozenset()) -> list:
     """n distinct user messages written by the model itself: it continues the template's opening of a user turn
     and stops where the turn ends (Magpie, arXiv 2406.08464). They follow the kind of request the chat model
-    was tuned on, which built templates only approximate; a message that ran past max_tokens is dropped."""
+    was tuned on, which built templates only approximate; a message that ran past max_tokens is dropped, and so
+    is one in exclude (a model that writes thousands of questions writes some evaluation prompt word for word)."""
     from generate import decode_one_token
     prefix, stop = user_turn_prefix(tokenizer), set(tokenizer.eos_ids)
-    out, seen, t0, tries = [], set(), time.perf_counter(), 0
+    out, seen, t0, tries = [], set(exclude), time.perf_counter(), 0
     while len(out) < n:
         if tries > 20 * n:
             raise ValueError(f"the model wrote only {len(out)} distinct usable messages in {tries} tries (a base "
@@ -468,11 +469,18 @@ def dev_prompts_path() -> Optional[Path]:
     return None
 
 
+def eval_prompts(dev_path: Optional[Path]) -> set:
+    """The evaluation prompts' texts, read only so that no distillation prompt equals one."""
+    if dev_path is None:
+        return set()
+    return {json.loads(l)["prompt"].strip() for l in Path(dev_path).read_text().splitlines() if l.strip()}
+
+
 def check_no_dev_overlap(prompts: list, dev_path: Optional[Path]) -> bool:
-    """Raise if any prompt equals an evaluation prompt (the file is read for this check only)."""
+    """Raise if any prompt equals an evaluation prompt; False if there is no file to check against."""
     if dev_path is None:
         return False
-    dev = {json.loads(l)["prompt"].strip() for l in Path(dev_path).read_text().splitlines() if l.strip()}
+    dev = eval_prompts(dev_path)
     same = [p for p in prompts if p.strip() in dev]
     if same:
         raise ValueError(f"{len(same)} distillation prompts equal evaluation prompts in {dev_path}, e.g. {same[0]!r}; "
@@ -590,6 +598,9 @@ def main(argv=None):
     if args.cmd == "train" and args.vocab and not Path(args.vocab).is_file():
         raise FileNotFoundError(f"vocabulary file {args.vocab} not found; make it with `python mtp.py vocab --data "
                                 f"{args.data} --out {args.vocab}`, or leave out --vocab")
+    if args.cmd == "distill" and args.exclude and not Path(args.exclude).is_file():
+        raise FileNotFoundError(f"--exclude {args.exclude} not found; give the evaluation prompts' jsonl, or leave it "
+                                f"out to exclude ../shared/prompts/dev.jsonl where it exists")
     if args.cmd == "vocab":
         data = load_corpus(args.data)
         V = int(data.get("meta", {}).get("vocab_size", int(data["ids"].max()) + 1))
@@ -616,11 +627,12 @@ def main(argv=None):
             from generate import compile_steps
             decode_fn = compile_steps(device, False)[1]
         n_model = {"built": 0, "model": args.num_prompts, "mixed": args.num_prompts // 2}[args.prompt_source]
-        texts = build_prompts(args.num_prompts - n_model, args.seed)
+        dev_path = Path(args.exclude) if args.exclude else dev_prompts_path()
+        dev = eval_prompts(dev_path)
+        texts = build_prompts(args.num_prompts - n_model, args.seed, exclude=dev)
         if n_model:
             torch.manual_seed(args.seed)
-            texts += model_prompts(model, tokenizer, n_model, args.batch_size, decode_fn=decode_fn)
-        dev_path = Path(args.exclude) if args.exclude else dev_prompts_path()
+            texts += model_prompts(model, tokenizer, n_model, args.batch_size, decode_fn=decode_fn, exclude=dev)
         if check_no_dev_overlap(texts, dev_path):
             print(f"checked: no prompt equals one of {dev_path}")
         else:

@@ -528,6 +528,8 @@ def test_distillation_prompts_are_distinct_reproducible_and_not_evaluation_promp
     fake.write_text(json.dumps({"category": "chat", "prompt": prompts[7]}) + "\n")
     with pytest.raises(ValueError, match="equal evaluation prompts"):
         mtp_train.check_no_dev_overlap(prompts, fake)
+    kept = mtp_train.build_prompts(300, seed=0, exclude=mtp_train.eval_prompts(fake))
+    assert prompts[7] not in kept and len(set(kept)) == 300 and mtp_train.check_no_dev_overlap(kept, fake)
     dev = mtp_train.dev_prompts_path()
     if dev is None:
         pytest.skip("no ../shared/prompts/dev.jsonl here: only the negative control ran")
@@ -553,6 +555,10 @@ def test_model_written_prompts_are_finished_distinct_and_reproducible():
     torch.manual_seed(0)
     again = mtp_train.model_prompts(model, tok, 6, batch_size=8, max_tokens=40, log=lambda *_: None)
     assert first == again and len(set(first)) == 6 and all(len(t) >= 10 for t in first)
+    torch.manual_seed(0)  # an evaluation prompt the model writes is dropped, and another message takes its place
+    other = mtp_train.model_prompts(model, tok, 6, batch_size=8, max_tokens=40, log=lambda *_: None,
+                                    exclude={first[2]})
+    assert first[2] not in other and len(set(other)) == 6 and other[:2] == first[:2]
     tok.eos_ids = set()  # negative control: no message ever ends its turn, so none may be kept
     with pytest.raises(ValueError, match="usable messages"):
         mtp_train.model_prompts(model, tok, 2, batch_size=8, max_tokens=8, log=lambda *_: None)
