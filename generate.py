@@ -15,6 +15,7 @@ import re
 import resource
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -98,6 +99,9 @@ def compile_step(fn, device: str, **kw):
     On CUDA shapes are static: a second shape (a distill's model-written prompts, then its responses) compiles a
     graph of its own rather than turning the step into one with symbolic sizes."""
     if device.startswith("cuda"):
+        # torch 2.11's inductor warns in five lines when it splits the sampler's wide softmax rather than computing it
+        # online: expected here, and nothing for a user to act on
+        warnings.filterwarnings("ignore", message=r"\s*Online softmax is disabled")
         kw.setdefault("dynamic", False)
         return torch.compile(fn, mode="reduce-overhead", fullgraph=True, **kw)
     if device == "cpu":  # a process-wide switch: torch.compile(options={"freezing": True}) does not reach the pass

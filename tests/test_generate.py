@@ -323,3 +323,17 @@ def test_int4_target_picks_its_kernel_by_the_tokens_a_verify_takes(flags, kernel
     with pytest.raises(KeyboardInterrupt):
         gen.main(["--checkpoint_path", "/nonexistent/model.pth", *flags])
     assert asked["int4_kernel"] == kernel
+
+
+def test_compile_step_for_a_gpu_silences_only_inductors_online_softmax_note():
+    """torch 2.11's inductor warns in five lines, asking for a PyTorch issue, when it splits the sampler's wide
+    softmax: compile_step hides that note and nothing else (torch.compile is lazy, so no GPU is needed here)."""
+    import warnings
+
+    from generate import compile_step
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        compile_step(lambda x: x, "cuda")
+        warnings.warn("\nOnline softmax is disabled on the fly since Inductor decides to\nsplit the reduction.")
+        warnings.warn("any other warning")
+    assert [str(w.message) for w in seen] == ["any other warning"]
