@@ -434,11 +434,12 @@ def user_turn_prefix(tokenizer) -> list:
 
 @torch.no_grad()
 def model_prompts(model: Transformer, tokenizer, n: int, batch_size: int = 64, max_tokens: int = 96,
-                  decode_fn=None, log=print, exclude=frozenset()) -> list:
+                  decode_fn=None, log=print, exclude=frozenset(), s: Sampling = USER_TURN_SAMPLING) -> list:
     """n distinct user messages written by the model itself: it continues the template's opening of a user turn
     and stops where the turn ends (Magpie, arXiv 2406.08464). They follow the kind of request the chat model
     was tuned on, which built templates only approximate; a message that ran past max_tokens is dropped, and so
-    is one in exclude (a model that writes thousands of questions writes some evaluation prompt word for word)."""
+    is one in exclude (a model that writes thousands of questions writes some evaluation prompt word for word).
+    A small model writes coherent messages only below temperature 1 (SmolLM2-135M at 0.7; BENCHMARKS.md)."""
     from generate import decode_one_token
     prefix, stop = user_turn_prefix(tokenizer), set(tokenizer.eos_ids)
     out, seen, t0, tries = [], set(exclude), time.perf_counter(), 0
@@ -446,7 +447,7 @@ def model_prompts(model: Transformer, tokenizer, n: int, batch_size: int = 64, m
         if tries > 20 * n:
             raise ValueError(f"the model wrote only {len(out)} distinct usable messages in {tries} tries (a base "
                              f"model may never end a user turn); ask for fewer or use --prompt_source built")
-        rows = generate(model, [prefix] * batch_size, max_tokens, USER_TURN_SAMPLING, stop_ids=stop,
+        rows = generate(model, [prefix] * batch_size, max_tokens, s, stop_ids=stop,
                         decode_fn=decode_fn or decode_one_token)
         tries += batch_size
         for r in rows:
@@ -543,6 +544,9 @@ def parse_args(argv=None):
                    help=f"the responses' sampling temperature, with top-k {DISTILL_SAMPLING.top_k} and top-p "
                         f"{DISTILL_SAMPLING.top_p} (FastMTP's {DISTILL_SAMPLING.temperature}); 0: greedy, the text a "
                         "greedy run verifies")
+    d.add_argument("--prompt_temperature", type=float, default=USER_TURN_SAMPLING.temperature,
+                   help=f"sampling temperature of the user messages the model writes, with top-p "
+                        f"{USER_TURN_SAMPLING.top_p} (Magpie's {USER_TURN_SAMPLING.temperature})")
     d.add_argument("--exclude", default=None, help="evaluation prompts (jsonl) no distillation prompt may equal "
                                                    "(default: ../shared/prompts/dev.jsonl when present)")
     d.add_argument("--time_limit", type=float, default=None,
@@ -598,6 +602,8 @@ def main(argv=None):
     if args.cmd == "train" and args.vocab and not Path(args.vocab).is_file():
         raise FileNotFoundError(f"vocabulary file {args.vocab} not found; make it with `python mtp.py vocab --data "
                                 f"{args.data} --out {args.vocab}`, or leave out --vocab")
+    if args.cmd == "distill" and not args.prompt_temperature > 0:  # greedy would write one message over and over
+        raise ValueError(f"--prompt_temperature must be positive, got {args.prompt_temperature}")
     if args.cmd == "distill" and args.exclude and not Path(args.exclude).is_file():
         raise FileNotFoundError(f"--exclude {args.exclude} not found; give the evaluation prompts' jsonl, or leave it "
                                 f"out to exclude ../shared/prompts/dev.jsonl where it exists")
@@ -632,7 +638,8 @@ def main(argv=None):
         texts = build_prompts(args.num_prompts - n_model, args.seed, exclude=dev)
         if n_model:
             torch.manual_seed(args.seed)
-            texts += model_prompts(model, tokenizer, n_model, args.batch_size, decode_fn=decode_fn, exclude=dev)
+            texts += model_prompts(model, tokenizer, n_model, args.batch_size, decode_fn=decode_fn, exclude=dev,
+                                   s=replace(USER_TURN_SAMPLING, temperature=args.prompt_temperature))
         if check_no_dev_overlap(texts, dev_path):
             print(f"checked: no prompt equals one of {dev_path}")
         else:

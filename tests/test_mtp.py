@@ -2,6 +2,7 @@
 training, native weight layouts, the distillation prompt set; plus the real SmolLM2 with the shipped head."""
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -559,6 +560,12 @@ def test_model_written_prompts_are_finished_distinct_and_reproducible():
     other = mtp_train.model_prompts(model, tok, 6, batch_size=8, max_tokens=40, log=lambda *_: None,
                                     exclude={first[2]})
     assert first[2] not in other and len(set(other)) == 6 and other[:2] == first[:2]
+    torch.manual_seed(0)  # the messages' sampling is the caller's (`mtp.py distill --prompt_temperature`)
+    cool = mtp_train.model_prompts(model, tok, 6, batch_size=8, max_tokens=40, log=lambda *_: None,
+                                   s=replace(mtp_train.USER_TURN_SAMPLING, temperature=0.5))
+    assert len(set(cool)) == 6 and cool != first
+    with pytest.raises(ValueError, match="--prompt_temperature must be positive"):  # greedy: one message, repeated
+        mtp_train.main(["distill", "--prompt_source", "model", "--prompt_temperature", "0", "--device", "cpu"])
     tok.eos_ids = set()  # negative control: no message ever ends its turn, so none may be kept
     with pytest.raises(ValueError, match="usable messages"):
         mtp_train.model_prompts(model, tok, 2, batch_size=8, max_tokens=8, log=lambda *_: None)
