@@ -439,7 +439,7 @@ def model_prompts(model: Transformer, tokenizer, n: int, batch_size: int = 64, m
     and stops where the turn ends (Magpie, arXiv 2406.08464). They follow the kind of request the chat model
     was tuned on, which built templates only approximate; a message that ran past max_tokens is dropped, and so
     is one in exclude (a model that writes thousands of questions writes some evaluation prompt word for word).
-    A small model writes coherent messages only below temperature 1 (SmolLM2-135M at 0.7; BENCHMARKS.md)."""
+    SmolLM2-135M's are often incoherent at Magpie's temperature 1.0 and plain requests at 0.7 (BENCHMARKS.md)."""
     from generate import decode_one_token
     prefix, stop = user_turn_prefix(tokenizer), set(tokenizer.eos_ids)
     out, seen, t0, tries = [], set(exclude), time.perf_counter(), 0
@@ -652,7 +652,8 @@ def main(argv=None):
                        time_limit=args.time_limit)
         data["meta"] = dict(base=base, vocab_size=model.config.vocab_size, max_new_tokens=args.max_new_tokens,
                             sampling=asdict(s), seed=args.seed, num_prompts=len(data["prompt_lens"]),
-                            prompt_source=args.prompt_source)
+                            prompt_source=args.prompt_source,
+                            prompt_temperature=args.prompt_temperature if n_model else None)
         torch.save(data, args.out)
         n = len(data["ids"]) - int(data["prompt_lens"].sum())
         print(f"wrote {args.out}: {len(data['prompt_lens'])} samples, {n:,} response tokens")

@@ -587,7 +587,7 @@ def test_cli_distill_at_temperature_0_writes_the_models_greedy_responses(smollm2
                     "--num_prompts", "2", "--max_new_tokens", "32", "--batch_size", "1", "--temperature", "0",
                     "--out", str(out)])
     data = torch.load(out, weights_only=True)
-    assert data["meta"]["sampling"]["temperature"] == 0
+    assert data["meta"]["sampling"]["temperature"] == 0 and data["meta"]["prompt_temperature"] is None
     model, tokenizer = load_model(smollm2_checkpoint / "model.pth"), get_tokenizer(smollm2_checkpoint)
     offsets, plens, ids = data["offsets"], data["prompt_lens"], data["ids"].tolist()
     for i in range(2):
