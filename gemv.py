@@ -116,6 +116,8 @@ FLOAT_GEMV_MAX_K = 2048
 # -> 84.1% of copy). The one-row int4 GEMV gives each thread four words of a chunk for all its rows, so
 # at most BLOCK_W / 4 threads: with more, x went through shared memory to meet the weights (narrow rows: fewer warps)
 INT8_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=8, STAGES=1)  # BLOCK_W int32 words: 2 KB of a row a step
+INT8_LOCAL = False  # x rounded onto int16 per 8 columns inside the one-row int8 GEMV, no pass over x first: off
+# until a GPU times it (BENCHMARKS.md, "The int8 GEMV's x scaled per 8 columns", session 58)
 INT8_GATE_CONFIG = dict(BLOCK_N=8, BLOCK_W=256, num_warps=4, STAGES=1)  # the gate-up pair: two weights a row
 # the one-row int4 GEMV at 4 rows a program, not 8 (H100, session 41, with the norms: wo 51.4% -> 58.0% of copy, w2
 # 68.3% -> 70.8%)
@@ -347,6 +349,24 @@ if triton is not None:
         return w, g
 
     @triton.jit
+    def _int8_local_chunk(acc, acc_g, ss, w, g, x4_ptr, n4_ptr, words, k, KW: tl.constexpr, BLOCK_W: tl.constexpr,
+                          HAS_RMS: tl.constexpr, HAS_GATE: tl.constexpr):
+        # the chunk at word k into the float32 sums acc (and acc_g), x's squares into ss: each thread's pair of words
+        # (8 columns) rounded onto int16 by those columns' own largest |x * nw| (32640, not 32767: that largest
+        # product is rounded to bfloat16 on the way, 2**-9 at most), so that no pass over all of x comes first
+        in_k = (k + words < KW) if KW % BLOCK_W else words >= 0
+        x4 = tl.load(x4_ptr + k + words, mask=in_k, other=0)
+        n4 = tl.load(n4_ptr + k + words, mask=in_k, other=0) if HAS_RMS else x4
+        amax = tl.max(_unpack_max(_pair_max(x4, n4, tl.zeros(x4.shape, tl.int32), HAS_RMS)), axis=1)  # (pairs,)
+        q01, q23, ss = _int16_pairs(x4, n4, (32640.0 / tl.maximum(amax, 1e-30))[:, None], ss, HAS_RMS)
+        zeros = tl.zeros(w.shape, dtype=tl.int32)
+        descale = (amax / 32640.0)[:, None]
+        acc += tl.sum(_dot4(w, q01[:, None, :], q23[:, None, :], zeros), axis=2).to(tl.float32) * descale
+        if HAS_GATE:
+            acc_g += tl.sum(_dot4(g, q01[:, None, :], q23[:, None, :], zeros), axis=2).to(tl.float32) * descale
+        return acc, acc_g, ss
+
+    @triton.jit
     def _int8_gemv_chunk(acc, acc_g, w, g, x4_ptr, n4_ptr, inv, words, k, KW: tl.constexpr, BLOCK_W: tl.constexpr,
                          HAS_RMS: tl.constexpr, HAS_GATE: tl.constexpr):
         # x's four columns of each word at word k, rounded onto int16, into the int32 sums of w (and g)
@@ -363,12 +383,13 @@ if triton is not None:
     def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, res_ptr, nw_ptr, N, K: tl.constexpr,
                           HAS_BIAS: tl.constexpr, HAS_RMS: tl.constexpr, EPS: tl.constexpr, HAS_GATE: tl.constexpr,
                           HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, STAGES: tl.constexpr,
-                          PDL: tl.constexpr):
+                          PDL: tl.constexpr, LOCAL: tl.constexpr = False):
         # y (N,) = (w (N, K) @ x (K,)) * s (N,) + b in integers: x scaled onto int16 by its largest magnitude, each
         # int32 word of w (four int8) times four of those in two dp2a instructions, int32 sums (each over at most
         # K / (4 BLOCK_W) words: _int8_gemv_ok keeps that under overflow) turned to float32 once at the end. The gate,
         # HAS_RMS and PDL as in _gemv_kernel (the first chunk of weights loads before the wait); the norm's weight nw
-        # multiplies x before the rounding
+        # multiplies x before the rounding. LOCAL (INT8_LOCAL): each pair of words' 8 columns of x get their own scale
+        # instead (_int8_local_chunk), summed in float32 a chunk at a time, so that no pass over x comes first
         KW: tl.constexpr = K // 4
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         words = tl.arange(0, BLOCK_W // 2)[:, None] * 2 + tl.arange(0, 2)[None, :]  # (BLOCK_W // 2, 2)
@@ -379,22 +400,36 @@ if triton is not None:
         w, g = _int8_words(w4_ptr, g4_ptr, rows, words, 0, N, KW, BLOCK_W, HAS_GATE)
         if PDL:
             tl.extra.cuda.gdc_wait()
-        amax, ss = _x_range(x_ptr, nw_ptr, K, HAS_RMS)
-        inv = 32766.0 / tl.maximum(amax, 1e-30)
         x4_ptr = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
         n4_ptr = nw_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
-        zeros = tl.zeros((BLOCK_W // 2, BLOCK_N, 2), dtype=tl.int32)
-        acc, acc_g = _int8_gemv_chunk(zeros, zeros, w, g, x4_ptr, n4_ptr, inv, words, 0, KW, BLOCK_W, HAS_RMS, HAS_GATE)
-        for k in tl.range(BLOCK_W, KW, BLOCK_W, num_stages=STAGES):
-            w, g = _int8_words(w4_ptr, g4_ptr, rows, words, k, N, KW, BLOCK_W, HAS_GATE)
-            acc, acc_g = _int8_gemv_chunk(acc, acc_g, w, g, x4_ptr, n4_ptr, inv, words, k, KW, BLOCK_W, HAS_RMS,
+        if LOCAL:
+            zeros = tl.zeros((BLOCK_W // 2, BLOCK_N), dtype=tl.float32)
+            ss = tl.zeros((BLOCK_W // 2, 2), dtype=tl.float32)
+            acc, acc_g, ss = _int8_local_chunk(zeros, zeros, ss, w, g, x4_ptr, n4_ptr, words, 0, KW, BLOCK_W,
+                                               HAS_RMS, HAS_GATE)
+            for k in tl.range(BLOCK_W, KW, BLOCK_W, num_stages=STAGES):
+                w, g = _int8_words(w4_ptr, g4_ptr, rows, words, k, N, KW, BLOCK_W, HAS_GATE)
+                acc, acc_g, ss = _int8_local_chunk(acc, acc_g, ss, w, g, x4_ptr, n4_ptr, words, k, KW, BLOCK_W,
+                                                   HAS_RMS, HAS_GATE)
+            descale = tl.rsqrt(tl.sum(tl.sum(ss, axis=1), axis=0) / K + EPS) if HAS_RMS else 1.0
+            y = tl.sum(acc, axis=0) * descale
+            gate = tl.sum(acc_g, axis=0) * descale
+        else:
+            amax, ss = _x_range(x_ptr, nw_ptr, K, HAS_RMS)
+            inv = 32766.0 / tl.maximum(amax, 1e-30)
+            zeros = tl.zeros((BLOCK_W // 2, BLOCK_N, 2), dtype=tl.int32)
+            acc, acc_g = _int8_gemv_chunk(zeros, zeros, w, g, x4_ptr, n4_ptr, inv, words, 0, KW, BLOCK_W, HAS_RMS,
                                           HAS_GATE)
-        descale = amax / 32766.0
-        if HAS_RMS:
-            descale *= tl.rsqrt(ss / K + EPS)
-        y = tl.sum(tl.sum(acc.to(tl.float32), axis=2), axis=0) * descale
+            for k in tl.range(BLOCK_W, KW, BLOCK_W, num_stages=STAGES):
+                w, g = _int8_words(w4_ptr, g4_ptr, rows, words, k, N, KW, BLOCK_W, HAS_GATE)
+                acc, acc_g = _int8_gemv_chunk(acc, acc_g, w, g, x4_ptr, n4_ptr, inv, words, k, KW, BLOCK_W, HAS_RMS,
+                                              HAS_GATE)
+            descale = amax / 32766.0
+            if HAS_RMS:
+                descale *= tl.rsqrt(ss / K + EPS)
+            y = tl.sum(tl.sum(acc.to(tl.float32), axis=2), axis=0) * descale
+            gate = tl.sum(tl.sum(acc_g.to(tl.float32), axis=2), axis=0) * descale
         y *= tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-        gate = tl.sum(tl.sum(acc_g.to(tl.float32), axis=2), axis=0) * descale
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
         if HAS_GATE:
@@ -1136,7 +1171,8 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias:
         pdl = _pdl(x)
         _int8_gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
             x, weight, scales, b, y, nw_ptr=x if norm_weight is None else norm_weight, N=N, K=K,
-            HAS_RMS=norm_weight is not None, EPS=rms_eps or 0.0, **cfg, **args, PDL=pdl, launch_pdl=pdl)
+            HAS_RMS=norm_weight is not None, EPS=rms_eps or 0.0, **cfg, **args, PDL=pdl, LOCAL=INT8_LOCAL,
+            launch_pdl=pdl)
         return y
     if norm_weight is not None and x.dtype == torch.float16:  # x times the norm's weight, before 1/rms, could overflow
         x, norm_weight = _rms_norm(x, norm_weight, rms_eps), None

@@ -87,27 +87,31 @@ for M, N, K, dtype in [(1, 7, 33, torch.half), (1, 130, 2500, torch.half), (3, 2
         assert y.shape == ref.shape and err < 2e-3, ("int8", M, N, K, dtype, list(extra), err)
         worst["rms"] = max(worst.get("rms", 0), err)
 # the one-row int8 GEMV in integers (bfloat16 x, K a multiple of 4; the float16 rows above took the rows kernel):
-# x rounded onto int16 by its largest magnitude, one large activation here
-for N, K in [(7, 36), (130, 2500)]:
-    x, nw = torch.randn(1, K).bfloat16() * 3, (torch.rand(K) + 0.5).bfloat16()
-    x[0, 1] = 40
-    q8, s8 = torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N).bfloat16() / 100
-    g8, gs8 = torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N).bfloat16() / 1000
-    res = torch.randn(1, N).bfloat16()
-    wd, gd = q8.double() * s8.double()[:, None], g8.double() * gs8.double()[:, None]
-    for extra in [{}, dict(gate=g8, gate_scales=gs8, residual=res), dict(norm_weight=nw, rms_eps=1e-5),
-                  dict(gate=g8, gate_scales=gs8, residual=res, norm_weight=nw, rms_eps=1e-5)]:
-        xn = x.double()
-        if "norm_weight" in extra:
-            xn = xn * torch.rsqrt(xn.pow(2).mean(-1, keepdim=True) + 1e-5) * nw.double()
-        ref = xn @ wd.T
-        ref = ref * torch.nn.functional.silu(xn @ gd.T) + res.double() if "gate" in extra else ref
-        y = int8_gemv(x, q8, s8, None, **extra)
-        err = ((y.double() - ref).norm() / ref.norm()).item()
-        assert y.shape == ref.shape and err < 1e-2, ("int8 integers", N, K, list(extra), err)  # bfloat16 out
-        worst["int8 integers"] = max(worst.get("int8 integers", 0), err)
-    x[0, 5] = float("nan")  # reaches the output, as it would through float products
-    assert not int8_gemv(x, q8, s8).isfinite().any()
+# x rounded onto int16 by its largest magnitude (with G.INT8_LOCAL, each 8 columns by their own largest), one large
+# activation here
+for G.INT8_LOCAL in (False, True):
+    for N, K in [(7, 36), (130, 2500)]:
+        x, nw = torch.randn(1, K).bfloat16() * 3, (torch.rand(K) + 0.5).bfloat16()
+        x[0, 1] = 40
+        q8, s8 = torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N).bfloat16() / 100
+        g8, gs8 = torch.randint(-127, 128, (N, K), dtype=torch.int8), torch.rand(N).bfloat16() / 1000
+        res = torch.randn(1, N).bfloat16()
+        wd, gd = q8.double() * s8.double()[:, None], g8.double() * gs8.double()[:, None]
+        for extra in [{}, dict(gate=g8, gate_scales=gs8, residual=res), dict(norm_weight=nw, rms_eps=1e-5),
+                      dict(gate=g8, gate_scales=gs8, residual=res, norm_weight=nw, rms_eps=1e-5)]:
+            xn = x.double()
+            if "norm_weight" in extra:
+                xn = xn * torch.rsqrt(xn.pow(2).mean(-1, keepdim=True) + 1e-5) * nw.double()
+            ref = xn @ wd.T
+            ref = ref * torch.nn.functional.silu(xn @ gd.T) + res.double() if "gate" in extra else ref
+            y = int8_gemv(x, q8, s8, None, **extra)
+            err = ((y.double() - ref).norm() / ref.norm()).item()
+            err_info = ("int8 integers", G.INT8_LOCAL, N, K, list(extra), err)
+            assert y.shape == ref.shape and err < 1e-2, err_info  # bfloat16 out
+            worst["int8 integers"] = max(worst.get("int8 integers", 0), err)
+        x[0, 5] = float("nan")  # reaches the output, as it would through float products
+        assert not int8_gemv(x, q8, s8).isfinite().any()
+G.INT8_LOCAL = False
 # int4 (pack_int4's layout), the gate another int4 weight: 1, 3, 4 and 6 rows (the GEMV in integers, x rounded to
 # bfloat16; from 2 rows rounded onto int16 first, 3 rows as blocks of 2 + 1 and 6 as 4 + 2), 16 rows in float16
 # (the rows kernel; its bfloat16 tl.dot is wrong under the interpreter); 300 features pad to 320
@@ -196,6 +200,8 @@ def test_kernels_compile_for_hopper():
     for name, fn, pointers, consts, warps, stages in kernel_resources.variants(4096):
         assert kernel_resources.compile_sm(fn, pointers, consts, warps, stages)["programs_per_sm"] >= 1, name
         names.append(name)
+        if fn is kernel_resources.G._int8_gemv_kernel:  # and with x scaled per 8 columns (gemv.INT8_LOCAL)
+            assert kernel_resources.compile_sm(fn, pointers, dict(consts, LOCAL=True), warps, stages)["regs"], name
     assert {"int8 GEMV + gate", "float GEMV + gate + norm", "float rows + gate", "int4 GEMV g128"} <= set(names)
 
 
