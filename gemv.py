@@ -116,6 +116,8 @@ FLOAT_GEMV_MAX_K = 2048
 # -> 84.1% of copy). The one-row int4 GEMV gives each thread four words of a chunk for all its rows, so
 # at most BLOCK_W / 4 threads: with more, x went through shared memory to meet the weights (narrow rows: fewer warps)
 INT8_CONFIG = dict(BLOCK_N=8, BLOCK_W=512, num_warps=8, STAGES=1)  # BLOCK_W int32 words: 2 KB of a row a step
+SCALES_AHEAD = False  # the one-row int8 and int4 GEMVs load their first scales (and int4 zeros) before the PDL wait
+# too, not just their first weights: off until a GPU times it (BENCHMARKS.md, "Scales before the wait", session 58)
 INT8_LOCAL = False  # x rounded onto int16 per 8 columns inside the one-row int8 GEMV, no pass over x first: off
 # until a GPU times it (BENCHMARKS.md, "The int8 GEMV's x scaled per 8 columns", session 58)
 INT8_GATE_CONFIG = dict(BLOCK_N=8, BLOCK_W=256, num_warps=4, STAGES=1)  # the gate-up pair: two weights a row
@@ -383,13 +385,14 @@ if triton is not None:
     def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, res_ptr, nw_ptr, N, K: tl.constexpr,
                           HAS_BIAS: tl.constexpr, HAS_RMS: tl.constexpr, EPS: tl.constexpr, HAS_GATE: tl.constexpr,
                           HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, STAGES: tl.constexpr,
-                          PDL: tl.constexpr, LOCAL: tl.constexpr = False):
+                          PDL: tl.constexpr, LOCAL: tl.constexpr = False, SCALES_AHEAD: tl.constexpr = False):
         # y (N,) = (w (N, K) @ x (K,)) * s (N,) + b in integers: x scaled onto int16 by its largest magnitude, each
         # int32 word of w (four int8) times four of those in two dp2a instructions, int32 sums (each over at most
         # K / (4 BLOCK_W) words: _int8_gemv_ok keeps that under overflow) turned to float32 once at the end. The gate,
         # HAS_RMS and PDL as in _gemv_kernel (the first chunk of weights loads before the wait); the norm's weight nw
         # multiplies x before the rounding. LOCAL (INT8_LOCAL): each pair of words' 8 columns of x get their own scale
-        # instead (_int8_local_chunk), summed in float32 a chunk at a time, so that no pass over x comes first
+        # instead (_int8_local_chunk), summed in float32 a chunk at a time, so that no pass over x comes first.
+        # SCALES_AHEAD: the rows' scales load before the wait, with the first weights
         KW: tl.constexpr = K // 4
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         words = tl.arange(0, BLOCK_W // 2)[:, None] * 2 + tl.arange(0, 2)[None, :]  # (BLOCK_W // 2, 2)
@@ -398,6 +401,9 @@ if triton is not None:
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         w, g = _int8_words(w4_ptr, g4_ptr, rows, words, 0, N, KW, BLOCK_W, HAS_GATE)
+        if SCALES_AHEAD:
+            sc = tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+            gsc = tl.load(gs_ptr + rows, mask=rows < N, other=0.0).to(tl.float32) if HAS_GATE else sc
         if PDL:
             tl.extra.cuda.gdc_wait()
         x4_ptr = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
@@ -429,11 +435,14 @@ if triton is not None:
                 descale *= tl.rsqrt(ss / K + EPS)
             y = tl.sum(tl.sum(acc.to(tl.float32), axis=2), axis=0) * descale
             gate = tl.sum(tl.sum(acc_g.to(tl.float32), axis=2), axis=0) * descale
-        y *= tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        if not SCALES_AHEAD:
+            sc = tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+            gsc = tl.load(gs_ptr + rows, mask=rows < N, other=0.0).to(tl.float32) if HAS_GATE else sc
+        y *= sc
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
         if HAS_GATE:
-            gate *= tl.load(gs_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+            gate *= gsc
         y = _epilogue(y, gate, rows, rows < N, res_ptr, HAS_GATE, HAS_RES)
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
 
@@ -507,10 +516,17 @@ if triton is not None:
                 _int8_words(w4_ptr, w4_ptr, rows, words + WPG // 2, k, N, KW, BLOCK_W, False)[0])
 
     @triton.jit
-    def _int4_group_sums(d, xs, s_ptr, z_ptr, g_offs, g_ok):
-        # (pairs, x rows, rows) float32: s * D + (z - 8 s) * X for each thread's four words
-        s = tl.load(s_ptr + g_offs, mask=g_ok, other=0.0).to(tl.float32)[:, None]
-        z = tl.load(z_ptr + g_offs, mask=g_ok, other=0.0).to(tl.float32)[:, None]
+    def _int4_scales(s_ptr, z_ptr, g_offs, g_ok):
+        # (pairs, rows) float32: the scales and zeros of the groups of a chunk's pairs
+        return (tl.load(s_ptr + g_offs, mask=g_ok, other=0.0).to(tl.float32),
+                tl.load(z_ptr + g_offs, mask=g_ok, other=0.0).to(tl.float32))
+
+    @triton.jit
+    def _int4_group_sums(d, xs, s_ptr, z_ptr, g_offs, g_ok, s=None, z=None):
+        # (pairs, x rows, rows) float32: s * D + (z - 8 s) * X for each thread's four words (s, z: loaded already)
+        if s is None:
+            s, z = _int4_scales(s_ptr, z_ptr, g_offs, g_ok)
+        s, z = s[:, None], z[:, None]
         return tl.sum(d, axis=3).to(tl.float32) * s + xs * (z - 8.0 * s)
 
     @triton.jit
@@ -527,12 +543,13 @@ if triton is not None:
     def _int4_chunk(acc, acc_g, ss, wa, wb, ga, gb, x4_ptr, n4_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr, e_ptr, ms, M, rows,
                     pair, words, k, N, K: tl.constexpr, GROUPSIZE: tl.constexpr, BLOCK_W: tl.constexpr,
                     BLOCK_N: tl.constexpr, MP: tl.constexpr, HAS_RMS: tl.constexpr, HAS_GATE: tl.constexpr,
-                    XQ: tl.constexpr):
+                    XQ: tl.constexpr, s=None, z=None, gs=None, gz=None):
         # the chunk at word k into acc (and the gate's into acc_g), x's squares into ss: per thread, x row and W row
         # 16 dp2a over its four words, then once in float32. The 32 columns of x a thread takes are rounded onto
         # int16 by their own largest magnitude (times the norm's weight nw with HAS_RMS), so that no pass over all
         # of x comes first: 32640, not 32767, because that largest product is rounded to bfloat16 (to nearest, 2**-9
-        # at most). The nibbles are masked out once for all x rows
+        # at most). The nibbles are masked out once for all x rows. s, z, gs, gz: the chunk's scales and zeros
+        # (_int4_scales), when the caller loaded them already
         KW: tl.constexpr = K // 8
         WPG: tl.constexpr = GROUPSIZE // 8
         group = (k + pair) // WPG
@@ -578,9 +595,9 @@ if triton is not None:
             xs = tl.sum(xs, axis=3).to(tl.float32)
         g_offs = rows[None, :] * (K // GROUPSIZE) + group[:, None]  # (BLOCK_W // 4, BLOCK_N)
         g_ok = (rows[None, :] < N) & (k + pair < KW)[:, None]
-        acc += _int4_group_sums(d, xs, s_ptr, z_ptr, g_offs, g_ok) * descale
+        acc += _int4_group_sums(d, xs, s_ptr, z_ptr, g_offs, g_ok, s, z) * descale
         if HAS_GATE:
-            acc_g += _int4_group_sums(dg, xs, gs_ptr, gz_ptr, g_offs, g_ok) * descale
+            acc_g += _int4_group_sums(dg, xs, gs_ptr, gz_ptr, g_offs, g_ok, gs, gz) * descale
         return acc, acc_g, ss
 
     @triton.jit
@@ -588,7 +605,7 @@ if triton is not None:
                      K: tl.constexpr, GROUPSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RMS: tl.constexpr,
                      EPS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_W: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr, M, MP: tl.constexpr,
-                     XQ: tl.constexpr = False, MP2: tl.constexpr = 0):
+                     XQ: tl.constexpr = False, MP2: tl.constexpr = 0, SCALES_AHEAD: tl.constexpr = False):
         # y (M, N) = x (M, K) @ W.T + b for a few rows of x (M <= MP + MP2, powers of two), W (N, K) in pack_int4's
         # layout and dequantized as w = (q - 8) s + z, in integers as the int8 GEMV. One bfloat16 row: each
         # thread's 32 columns of x rounded onto int16 by their own largest magnitude (_int4_chunk), so that there is
@@ -604,7 +621,8 @@ if triton is not None:
         # norm's sum of squares comes on the way. The weights are read and unmasked once for all rows of x; the dp2a
         # and the float work are per row, so rows cost issue slots. The gate (an int4 G with its own scales and
         # zeros), the norm, the residual and PDL as in the int8 GEMV. MP2 > 0 (XQ): x's rows MP to MP + MP2 - 1 are a
-        # second block, its dp2a after the first's, so that 6 rows cost 4 + 2 rows of dp2a, not 8
+        # second block, its dp2a after the first's, so that 6 rows cost 4 + 2 rows of dp2a, not 8. SCALES_AHEAD: the
+        # first chunk's scales and zeros load before the wait too, with its weights (no kernel before writes them)
         KW: tl.constexpr = K // 8
         WPG: tl.constexpr = GROUPSIZE // 8  # words a group
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -619,6 +637,12 @@ if triton is not None:
             tl.extra.cuda.gdc_launch_dependents()
         wa, wb = _int4_words(w4_ptr, rows, words, 0, N, KW, WPG, BLOCK_W)
         ga, gb = _int4_words(g4_ptr, rows, words, 0, N, KW, WPG, BLOCK_W) if HAS_GATE else (wa, wb)
+        s, z, gs, gz = None, None, None, None
+        if SCALES_AHEAD:
+            g_offs = rows[None, :] * (K // GROUPSIZE) + (pair // WPG)[:, None]  # (BLOCK_W // 4, BLOCK_N)
+            g_ok = (rows[None, :] < N) & (pair < KW)[:, None]
+            s, z = _int4_scales(s_ptr, z_ptr, g_offs, g_ok)
+            gs, gz = _int4_scales(gs_ptr, gz_ptr, g_offs, g_ok) if HAS_GATE else (s, z)
         if PDL:
             tl.extra.cuda.gdc_wait()
         MB: tl.constexpr = max(MP2, 1)
@@ -628,12 +652,12 @@ if triton is not None:
         ss = tl.zeros((BLOCK_W // 4, MP, 1, 2), dtype=tl.float32)
         acc, acc_g, ss = _int4_chunk(zeros, zeros, ss, wa, wb, ga, gb, x4_ptr, n4_ptr, s_ptr, z_ptr, gs_ptr, gz_ptr,
                                      e_ptr, ms, M, rows, pair, words, 0, N, K, GROUPSIZE, BLOCK_W, BLOCK_N, MP,
-                                     HAS_RMS, HAS_GATE, XQ)
+                                     HAS_RMS, HAS_GATE, XQ, s, z, gs, gz)
         acc2, acc2_g = zeros2, zeros2
         if MP2 > 0:
             acc2, acc2_g, _ = _int4_chunk(zeros2, zeros2, ss, wa, wb, ga, gb, x4_ptr, n4_ptr, s_ptr, z_ptr, gs_ptr,
                                           gz_ptr, e_ptr, ms2, M, rows, pair, words, 0, N, K, GROUPSIZE, BLOCK_W,
-                                          BLOCK_N, MP2, False, HAS_GATE, XQ)
+                                          BLOCK_N, MP2, False, HAS_GATE, XQ, s, z, gs, gz)
         for k in tl.range(BLOCK_W, KW, BLOCK_W, num_stages=STAGES):
             wa, wb = _int4_words(w4_ptr, rows, words, k, N, KW, WPG, BLOCK_W)
             ga, gb = _int4_words(g4_ptr, rows, words, k, N, KW, WPG, BLOCK_W) if HAS_GATE else (wa, wb)
@@ -1172,7 +1196,7 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias:
         _int8_gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
             x, weight, scales, b, y, nw_ptr=x if norm_weight is None else norm_weight, N=N, K=K,
             HAS_RMS=norm_weight is not None, EPS=rms_eps or 0.0, **cfg, **args, PDL=pdl, LOCAL=INT8_LOCAL,
-            launch_pdl=pdl)
+            SCALES_AHEAD=SCALES_AHEAD, launch_pdl=pdl)
         return y
     if norm_weight is not None and x.dtype == torch.float16:  # x times the norm's weight, before 1/rms, could overflow
         x, norm_weight = _rms_norm(x, norm_weight, rms_eps), None
@@ -1260,12 +1284,13 @@ def int4_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
         cfg, (mp, mp2) = int4_config(K, gate is not None, M, N), xq_blocks(M)
         _int4_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](q, weight, scales, zeros, b, y, N=N, e_ptr=e,
                                                         **dict(args, HAS_RMS=False), **cfg, PDL=pdl, launch_pdl=pdl,
-                                                        M=M, MP=mp, MP2=mp2, XQ=True)
+                                                        M=M, MP=mp, MP2=mp2, XQ=True, SCALES_AHEAD=SCALES_AHEAD)
         return y
     if M == 1:
         cfg = int4_config(K, gate is not None, 1, N)
         _int4_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](xw, weight, scales, zeros, b, y, N=N, e_ptr=scales, **args,
-                                                        **cfg, PDL=pdl, launch_pdl=pdl, M=1, MP=1)
+                                                        **cfg, PDL=pdl, launch_pdl=pdl, M=1, MP=1,
+                                                        SCALES_AHEAD=SCALES_AHEAD)
         return y
     magic = dict(HI=0x43, OFFSET=128.0) if xw.dtype == torch.bfloat16 else dict(HI=0x64, OFFSET=1024.0)
     _int4_rows_kernel[(triton.cdiv(N, INT4_ROWS_CONFIG["BLOCK_N"]),)](xw, weight, scales, zeros, b, y, M=M, N=N,

@@ -127,7 +127,8 @@ def variants(K: int):
                           "nw_ptr"], "*bf16")
     int8, int4 = dict(bf16, w_ptr="*i8", g_ptr="*i8"), dict(bf16, w_ptr="*u8", g_ptr="*u8", e_ptr="*fp32")
     off = dict(K=K, GROUPSIZE=128, HAS_BIAS=False, HAS_GATE=False, HAS_RES=False, HAS_RMS=False, HAS_NW=False,
-               EPS=1e-5, PRECISION="tf32", PDL=True, XQ=False, MP2=0, LOCAL=G.INT8_LOCAL)
+               EPS=1e-5, PRECISION="tf32", PDL=True, XQ=False, MP2=0, LOCAL=G.INT8_LOCAL,
+               SCALES_AHEAD=G.SCALES_AHEAD)
     gate, res, norm = dict(HAS_GATE=True), dict(HAS_RES=True), dict(HAS_RMS=True)
     rows_cfg = G.ROWS_CONFIG if K >= 4096 else G.SMALL_ROWS_CONFIG
     one, pair = G.gemv_config(K, K), G.gemv_config(K, K, gate=True)

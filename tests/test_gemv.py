@@ -105,6 +105,9 @@ for G.INT8_LOCAL in (False, True):
             ref = xn @ wd.T
             ref = ref * torch.nn.functional.silu(xn @ gd.T) + res.double() if "gate" in extra else ref
             y = int8_gemv(x, q8, s8, None, **extra)
+            G.SCALES_AHEAD = True  # the rows' scales loaded before the wait: the same bits
+            assert torch.equal(int8_gemv(x, q8, s8, None, **extra), y), ("int8 scales ahead", list(extra))
+            G.SCALES_AHEAD = False
             err = ((y.double() - ref).norm() / ref.norm()).item()
             err_info = ("int8 integers", G.INT8_LOCAL, N, K, list(extra), err)
             assert y.shape == ref.shape and err < 1e-2, err_info  # bfloat16 out
@@ -141,6 +144,10 @@ for M, N, K, g, dtype in [(1, 24, 256, 64, torch.bfloat16), (1, 130, 2560, 128, 
         y = int4_gemv(x, *packed[0], g, None, **extra)
         err = ((y.double() - ref).norm() / ref.norm()).item()
         assert y.shape == ref.shape and err < 1e-2, ("int4", M, N, K, g, list(extra), err)
+        if M in (1, 6) and "gate" in extra:  # the GEMV with its first scales and zeros loaded before the wait
+            G.SCALES_AHEAD = True
+            assert torch.equal(int4_gemv(x, *packed[0], g, None, **extra), y), ("int4 scales ahead: other bits", M)
+            G.SCALES_AHEAD = False
         worst["int4 fused"] = max(worst.get("int4 fused", 0), err)
     x[0, K // 2] = float("nan")  # reaches every output of its row (the GEMV: through its 32 columns' scale)
     assert not int4_gemv(x, *packed[0], g, None)[0].isfinite().any()
@@ -200,8 +207,11 @@ def test_kernels_compile_for_hopper():
     for name, fn, pointers, consts, warps, stages in kernel_resources.variants(4096):
         assert kernel_resources.compile_sm(fn, pointers, consts, warps, stages)["programs_per_sm"] >= 1, name
         names.append(name)
-        if fn is kernel_resources.G._int8_gemv_kernel:  # and with x scaled per 8 columns (gemv.INT8_LOCAL)
+        G = kernel_resources.G
+        if fn is G._int8_gemv_kernel:  # and with x scaled per 8 columns (gemv.INT8_LOCAL)
             assert kernel_resources.compile_sm(fn, pointers, dict(consts, LOCAL=True), warps, stages)["regs"], name
+        if fn in (G._int8_gemv_kernel, G._int4_kernel):  # and with the first scales before the wait (SCALES_AHEAD)
+            assert kernel_resources.compile_sm(fn, pointers, dict(consts, SCALES_AHEAD=True), warps, stages)["regs"]
     assert {"int8 GEMV + gate", "float GEMV + gate + norm", "float rows + gate", "int4 GEMV g128"} <= set(names)
 
 
@@ -260,7 +270,7 @@ def test_kernels_compile_for_ampere():
 def run_interpreted(code: str, **env):
     """Run a script in a fresh process under Triton's interpreter (set before triton is imported); it prints ok."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).resolve().parent.parent), **env)
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
 
 
