@@ -351,14 +351,19 @@ if triton is not None:
         return w, g
 
     @triton.jit
+    def _int8_x(x4_ptr, n4_ptr, words, k, KW: tl.constexpr, BLOCK_W: tl.constexpr, HAS_RMS: tl.constexpr):
+        # x's four columns of each word at word k (an int64 of four bfloat16), and the norm's weight's (x without)
+        in_k = (k + words < KW) if KW % BLOCK_W else words >= 0
+        x4 = tl.load(x4_ptr + k + words, mask=in_k, other=0)
+        return x4, tl.load(n4_ptr + k + words, mask=in_k, other=0) if HAS_RMS else x4
+
+    @triton.jit
     def _int8_local_chunk(acc, acc_g, ss, w, g, x4_ptr, n4_ptr, words, k, KW: tl.constexpr, BLOCK_W: tl.constexpr,
                           HAS_RMS: tl.constexpr, HAS_GATE: tl.constexpr):
         # the chunk at word k into the float32 sums acc (and acc_g), x's squares into ss: each thread's pair of words
         # (8 columns) rounded onto int16 by those columns' own largest |x * nw| (32640, not 32767: that largest
         # product is rounded to bfloat16 on the way, 2**-9 at most), so that no pass over all of x comes first
-        in_k = (k + words < KW) if KW % BLOCK_W else words >= 0
-        x4 = tl.load(x4_ptr + k + words, mask=in_k, other=0)
-        n4 = tl.load(n4_ptr + k + words, mask=in_k, other=0) if HAS_RMS else x4
+        x4, n4 = _int8_x(x4_ptr, n4_ptr, words, k, KW, BLOCK_W, HAS_RMS)
         amax = tl.max(_unpack_max(_pair_max(x4, n4, tl.zeros(x4.shape, tl.int32), HAS_RMS)), axis=1)  # (pairs,)
         q01, q23, ss = _int16_pairs(x4, n4, (32640.0 / tl.maximum(amax, 1e-30))[:, None], ss, HAS_RMS)
         zeros = tl.zeros(w.shape, dtype=tl.int32)
@@ -372,9 +377,7 @@ if triton is not None:
     def _int8_gemv_chunk(acc, acc_g, w, g, x4_ptr, n4_ptr, inv, words, k, KW: tl.constexpr, BLOCK_W: tl.constexpr,
                          HAS_RMS: tl.constexpr, HAS_GATE: tl.constexpr):
         # x's four columns of each word at word k, rounded onto int16, into the int32 sums of w (and g)
-        in_k = (k + words < KW) if KW % BLOCK_W else words >= 0
-        x4 = tl.load(x4_ptr + k + words, mask=in_k, other=0)
-        n4 = tl.load(n4_ptr + k + words, mask=in_k, other=0) if HAS_RMS else x4
+        x4, n4 = _int8_x(x4_ptr, n4_ptr, words, k, KW, BLOCK_W, HAS_RMS)
         q01, q23, _ = _int16_pairs(x4, n4, inv, inv, HAS_RMS)
         acc = _dot4(w, q01[:, None, :], q23[:, None, :], acc)
         if HAS_GATE:
