@@ -385,6 +385,12 @@ if triton is not None:
         return acc, acc_g
 
     @triton.jit
+    def _row_scales(s_ptr, gs_ptr, rows, N, HAS_GATE: tl.constexpr):
+        # the float32 scales of the rows, and of the gate's (the same without one)
+        sc = tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        return sc, tl.load(gs_ptr + rows, mask=rows < N, other=0.0).to(tl.float32) if HAS_GATE else sc
+
+    @triton.jit
     def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, g_ptr, gs_ptr, res_ptr, nw_ptr, N, K: tl.constexpr,
                           HAS_BIAS: tl.constexpr, HAS_RMS: tl.constexpr, EPS: tl.constexpr, HAS_GATE: tl.constexpr,
                           HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, STAGES: tl.constexpr,
@@ -405,8 +411,7 @@ if triton is not None:
             tl.extra.cuda.gdc_launch_dependents()
         w, g = _int8_words(w4_ptr, g4_ptr, rows, words, 0, N, KW, BLOCK_W, HAS_GATE)
         if SCALES_AHEAD:
-            sc = tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-            gsc = tl.load(gs_ptr + rows, mask=rows < N, other=0.0).to(tl.float32) if HAS_GATE else sc
+            sc, gsc = _row_scales(s_ptr, gs_ptr, rows, N, HAS_GATE)
         if PDL:
             tl.extra.cuda.gdc_wait()
         x4_ptr = x_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
@@ -439,8 +444,7 @@ if triton is not None:
             y = tl.sum(tl.sum(acc.to(tl.float32), axis=2), axis=0) * descale
             gate = tl.sum(tl.sum(acc_g.to(tl.float32), axis=2), axis=0) * descale
         if not SCALES_AHEAD:
-            sc = tl.load(s_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-            gsc = tl.load(gs_ptr + rows, mask=rows < N, other=0.0).to(tl.float32) if HAS_GATE else sc
+            sc, gsc = _row_scales(s_ptr, gs_ptr, rows, N, HAS_GATE)
         y *= sc
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
@@ -517,6 +521,12 @@ if triton is not None:
         # a chunk's two pairs of words a thread: `words` in the first half of a group's words, the same WPG / 2 on
         return (_int8_words(w4_ptr, w4_ptr, rows, words, k, N, KW, BLOCK_W, False)[0],
                 _int8_words(w4_ptr, w4_ptr, rows, words + WPG // 2, k, N, KW, BLOCK_W, False)[0])
+
+    @triton.jit
+    def _int4_group_offsets(rows, pair, k, N, K: tl.constexpr, GROUPSIZE: tl.constexpr):
+        # (pairs, rows): where the scales and zeros of the groups of the chunk at word k are, and which exist
+        group = (k + pair) // (GROUPSIZE // 8)
+        return rows[None, :] * (K // GROUPSIZE) + group[:, None], (rows[None, :] < N) & (k + pair < K // 8)[:, None]
 
     @triton.jit
     def _int4_scales(s_ptr, z_ptr, g_offs, g_ok):
@@ -596,8 +606,7 @@ if triton is not None:
                          + (group * (GROUPSIZE // 32) + (pair % WPG) // 2)[:, None, None], mask=e_ok, other=0.0)
         else:
             xs = tl.sum(xs, axis=3).to(tl.float32)
-        g_offs = rows[None, :] * (K // GROUPSIZE) + group[:, None]  # (BLOCK_W // 4, BLOCK_N)
-        g_ok = (rows[None, :] < N) & (k + pair < KW)[:, None]
+        g_offs, g_ok = _int4_group_offsets(rows, pair, k, N, K, GROUPSIZE)  # (BLOCK_W // 4, BLOCK_N)
         acc += _int4_group_sums(d, xs, s_ptr, z_ptr, g_offs, g_ok, s, z) * descale
         if HAS_GATE:
             acc_g += _int4_group_sums(dg, xs, gs_ptr, gz_ptr, g_offs, g_ok, gs, gz) * descale
@@ -642,8 +651,7 @@ if triton is not None:
         ga, gb = _int4_words(g4_ptr, rows, words, 0, N, KW, WPG, BLOCK_W) if HAS_GATE else (wa, wb)
         s, z, gs, gz = None, None, None, None
         if SCALES_AHEAD:
-            g_offs = rows[None, :] * (K // GROUPSIZE) + (pair // WPG)[:, None]  # (BLOCK_W // 4, BLOCK_N)
-            g_ok = (rows[None, :] < N) & (pair < KW)[:, None]
+            g_offs, g_ok = _int4_group_offsets(rows, pair, 0, N, K, GROUPSIZE)
             s, z = _int4_scales(s_ptr, z_ptr, g_offs, g_ok)
             gs, gz = _int4_scales(gs_ptr, gz_ptr, g_offs, g_ok) if HAS_GATE else (s, z)
         if PDL:
