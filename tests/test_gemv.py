@@ -203,11 +203,10 @@ def test_kernels_compile_for_hopper():
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
     import kernel_resources
 
-    names = []
+    names, G = [], kernel_resources.G
     for name, fn, pointers, consts, warps, stages in kernel_resources.variants(4096):
         assert kernel_resources.compile_sm(fn, pointers, consts, warps, stages)["programs_per_sm"] >= 1, name
         names.append(name)
-        G = kernel_resources.G
         if fn is G._int8_gemv_kernel:  # and with x scaled per 8 columns (gemv.INT8_LOCAL)
             assert kernel_resources.compile_sm(fn, pointers, dict(consts, LOCAL=True), warps, stages)["regs"], name
         if fn in (G._int8_gemv_kernel, G._int4_kernel):  # and with the first scales before the wait (SCALES_AHEAD)
