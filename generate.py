@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from model import ModelArgs, Transformer
+from spec_tree import DraftTree, parse_tree, walk
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints/SmolLM2-135M-Instruct/model.pth"
 DEFAULT_PROMPT = "Hello, my name is"  # raw text, without --prompt or --chat
@@ -285,13 +286,32 @@ def verify(model, x, input_pos, q, s: Sampling):
 
 def spec_step(model, drafter, x, n, token, hidden, input_pos, s: Sampling, verify_fn=verify):
     """One target step: the drafter catches up on what the last verify accepted and drafts k tokens, the target
-    verifies them. The state in and out is the one described above; k is x's width less one."""
+    verifies them. The state in and out is the one described above; k is x's width less one. A drafter with a
+    `tree` drafts and the target verifies a tree instead (tree_step)."""
+    if getattr(drafter, "tree", None) is not None:
+        return tree_step(model, drafter, x, n, token, hidden, input_pos, s)
     k = x.shape[1] - 1
     draft, q = drafter.propose(x, n, token, hidden, input_pos, k, s)
     input_pos = input_pos + n + 1  # `token` is fed at its slot, the drafts after it
     x = torch.cat([token.view(1, 1), draft.view(1, k)], dim=1)
     n, token, hidden = verify_fn(model, x, input_pos, q, s)
     return x, n, token, hidden, input_pos
+
+
+def tree_step(model, drafter, x, n, token, hidden, input_pos, s: Sampling):
+    """spec_step over a draft tree (spec_tree.py): the drafter's tree after `token`, one verify of all its nodes, the
+    walk down the target's picks, and the accepted branch's keys and values moved to the slots after the root. The
+    state out is the chain's for a depth-K chain that accepted the same tokens."""
+    tree = drafter.tree
+    nodes = drafter.propose_tree(x, n, token, hidden, input_pos)  # (N-1,)
+    root = input_pos.index_select(0, n.view(1)) + 1  # (1,): `token`'s slot
+    x = torch.cat([token.view(1), nodes]).view(1, tree.size)
+    slots = root + torch.arange(tree.size, device=x.device)
+    logits, hidden = model(x, slots, return_hidden=True, tree=(root, *tree.tensors(x.device)))
+    choice = logits[0].argmax(-1) if s.temperature == 0 else sample(logits[0], s)[0]  # (N,): the target's picks
+    path, n, token = walk(x[0], choice, tree)
+    model.move_cache(root + path, slots[:tree.depth + 1])
+    return x[:, path], n, token, hidden[:, path], slots[:tree.depth + 1]
 
 
 def compile_spec_steps(device: str, compile_prefill: bool, whole: bool = True):
@@ -344,10 +364,11 @@ def compiled_model_drafter(draft: Transformer, device: str) -> "ModelDrafter":
     return ModelDrafter(draft, compile_step(decode_with_probs, device, dynamic=False))
 
 
-def spec_extra_slots(k: int) -> int:
-    """Cache slots speculative decoding writes past the answer: k - 1 for the last step read, and at most k + 1
-    for each step queued behind it."""
-    return k - 1 + QUEUE_DEPTH * (k + 1)
+def spec_extra_slots(k: int, tree: Optional[DraftTree] = None) -> int:
+    """Cache slots speculative decoding writes past the answer: a step writes k + 1 slots from the one after the
+    last token it read (a tree's size), so k - 1 for the last step read, and k + 1 for each step queued behind it."""
+    width = k + 1 if tree is None else tree.size
+    return width - 2 + QUEUE_DEPTH * width
 
 
 @torch.no_grad()
@@ -368,11 +389,14 @@ def speculative_generate(model: Transformer, drafter, prompts: list, max_new_tok
         raise ValueError(f"--speculate_k must be at least 1, got {k}")
     if getattr(drafter, "model", None) is model:
         raise ValueError("the draft must be its own model object (it keeps its own KV cache); load it separately")
+    tree = getattr(drafter, "tree", None)
+    if tree is not None and k != tree.depth:
+        raise ValueError(f"--speculate_k {k} with a draft tree of depth {tree.depth}: the tree sets k; drop one")
     prompt, device = prompts[0], model.norm.weight.device
     T = len(prompt)
     if T == 0:
         raise ValueError("empty prompt: give at least one token of text")
-    extra = spec_extra_slots(k)
+    extra = spec_extra_slots(k, tree)
     total = T + max_new_tokens + extra
     max_seq_length = max_seq_length or total
     if total > min(max_seq_length, model.config.block_size):
@@ -429,6 +453,16 @@ class Speculation:
     prefill_fn: Callable = prefill_hidden
     step_fn: Callable = spec_step
 
+    @property
+    def tree(self) -> Optional[DraftTree]:
+        return getattr(self.drafter, "tree", None)
+
+    def describe(self) -> str:
+        """What one target step verifies, for the reports."""
+        if self.tree is None:
+            return f"{self.k} drafts + verify of {self.k + 1} tokens"
+        return f"a tree {self.tree.branching} of {self.tree.size - 1} drafts + verify of {self.tree.size} tokens"
+
 
 def speculates(args) -> bool:
     """Whether the run drafts tokens for the target to verify (a draft checkpoint or the MTP head)."""
@@ -453,7 +487,8 @@ def int4_kernel_for(args) -> str:
         return "triton"
     from gemv import INT4_MMA_ROWS  # the rows one launch of the mma kernel takes
     k = args.speculate_k if args.speculate_k is not None else 3 if uses_mtp(args) else 5
-    return "mma" if k + 1 <= INT4_MMA_ROWS else "torch"
+    rows = parse_tree(args.draft_tree).size if args.draft_tree else k + 1
+    return "mma" if rows <= INT4_MMA_ROWS else "torch"
 
 
 def load_speculation(args, model: Transformer, tokenizer, target_dir: Path, device: str, dtype):
@@ -717,7 +752,7 @@ def chat(model, tokenizer, args, s, steps, device, spec=None):
             break
         messages.append({"role": "user", "content": user})
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        if len(ids) + args.max_new_tokens + (spec_extra_slots(spec.k) if spec else 0) > max_seq:
+        if len(ids) + args.max_new_tokens + (spec_extra_slots(spec.k, spec.tree) if spec else 0) > max_seq:
             print(f"error: the conversation is {len(ids)} tokens, too long for a {max_seq}-token cache; "
                   f"start a new chat or raise --max_seq_length", file=sys.stderr)
             messages.pop()
@@ -775,6 +810,10 @@ def parse_args(argv=None):
                    help="an int4 checkpoint's CUDA kernel: gemv.py's GEMV, the tensor cores through a shuffled "
                         "layout (mma: nearly one cost for 1..8 rows), or torch's (auto: the GEMV to decode alone, mma "
                         "to verify up to 8 tokens, torch above)")
+    p.add_argument("--draft_tree", default=None,
+                   help="MTP head drafts a tree: children per node at each depth, e.g. 2,2,1 (its top-2 tokens, the "
+                        "top-2 after each, the top-1 after each of those: 10 drafts, one verify); sets --speculate_k "
+                        "to its depth")
     p.add_argument("--draft_vocab", type=int, default=None,
                    help="MTP head drafts over the N most frequent tokens (default: as trained; 0: all)")
     return p.parse_args(argv)
@@ -800,6 +839,13 @@ def check_args(args):
     if args.draft_vocab is not None and not uses_mtp(args):
         raise ValueError("--draft_vocab picks rows of the MTP head's output: add --mtp (a draft checkpoint drafts over "
                          "its full vocabulary)")
+    if args.draft_tree is not None:
+        tree = parse_tree(args.draft_tree)
+        if not uses_mtp(args):
+            raise ValueError("--draft_tree is drafted by an MTP head: add --mtp or --mtp_checkpoint_path")
+        if args.speculate_k not in (None, tree.depth):
+            raise ValueError(f"--speculate_k {args.speculate_k} with --draft_tree {args.draft_tree} of depth "
+                             f"{tree.depth}: the tree sets k; drop --speculate_k")
     if args.shard_draft and not args.draft_checkpoint_path:
         raise ValueError("--shard_draft splits a draft checkpoint over the processes: add --draft_checkpoint_path PATH")
     check_device(args.device)

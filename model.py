@@ -166,12 +166,13 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, idx, input_pos=None, left_pad=None, return_hidden=False):
+    def forward(self, idx, input_pos=None, left_pad=None, return_hidden=False, tree=None):
         """idx: (B, S) token ids written to cache slots `input_pos` (S,).
 
         `left_pad` (B,) is the number of padding slots at the start of each row of a batch of unequal prompts:
         those slots are masked out and each row's RoPE positions start at 0 after its padding, so every row
-        computes what it would alone. Without caches (training) this is a plain causal forward.
+        computes what it would alone. `tree` makes the S tokens a draft tree's nodes rather than a sequence
+        (tree_inputs). Without caches (training) this is a plain causal forward.
         """
         B, S = idx.shape
         if input_pos is None:  # positions 0..S-1, causal, the cache neither read nor written
@@ -180,7 +181,9 @@ class Transformer(nn.Module):
             slots = torch.arange(cache_window(input_pos, self.max_seq_length), device=idx.device)
             mask = slots[None, :] <= input_pos[:, None]  # (S, n): causal over the cache slots attended to
             pos = input_pos[None, :]  # (1, S)
-            if left_pad is not None:
+            if tree is not None:
+                mask, pos = tree_inputs(slots, *tree)
+            elif left_pad is not None:
                 # padding slots are hidden; a padding query still sees itself so its softmax has no empty row
                 mask = (mask & (slots >= left_pad[:, None, None])) | (slots == input_pos[:, None])  # (B, S, S_max)
                 pos = (input_pos[None, :] - left_pad[:, None]).clamp(min=0)  # (B, S)
@@ -194,6 +197,27 @@ class Transformer(nn.Module):
         h = self.norm(x)
         logits = self.output(h)
         return (logits, h) if return_hidden else logits
+
+
+    def move_cache(self, src, dst):
+        """Copy every layer's cached keys and values from slots src to slots dst (S,) each: a draft tree's accepted
+        branch to the slots right after its root. The source is read whole before anything is written."""
+        for layer in self.layers:
+            cache = layer.attention.kv_cache
+            cache.k_cache[:, :, dst] = cache.k_cache[:, :, src]
+            cache.v_cache[:, :, dst] = cache.v_cache[:, :, src]
+
+
+def tree_inputs(slots, root, depth, visible):
+    """The attention mask and RoPE positions of a draft tree's S nodes (spec_tree.py), the tree's N nodes at cache slots
+    root..root+N-1: slots (n,) the cache slots attended to, root (1,), depth (S,) and visible (S, N), each node's
+    rows of DraftTree.tensors. A node sees every slot before the root and the slots of its ancestors and itself;
+    it sits at position root + depth. -> mask (1, 1, S, n): 4-D, which decode_attention reads (a 2-D mask it takes
+    for the causal one and recomputes); positions (1, S)."""
+    rel = slots - root  # (n,)
+    n_tree = visible.shape[1]
+    seen = visible[:, rel.clamp(0, n_tree - 1)] & (rel < n_tree)[None, :]  # (S, n)
+    return (seen | (rel < 0)[None, :])[None, None], (root + depth)[None, :]
 
 
 class TransformerBlock(nn.Module):

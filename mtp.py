@@ -32,7 +32,9 @@ import torch
 import torch.nn as nn
 
 from generate import Sampling, sample
-from model import KVCache, Linear, ModelArgs, RMSNorm, Transformer, TransformerBlock, cache_window, linear, rope_tables
+from model import (KVCache, Linear, ModelArgs, RMSNorm, Transformer, TransformerBlock, cache_window, linear,
+                   rope_tables, tree_inputs)
+from spec_tree import DraftTree, parse_tree
 
 MTP_HEAD_FILE = "mtp_head.pth"  # beside model.pth; `generate.py --mtp` loads it for the embedded default
 LOSS_DECAY = 0.6  # alpha_k proportional to 0.6^(k-1), FastMTP's weighting
@@ -76,16 +78,24 @@ class MTPHead(nn.Module):
         # (B, S, D) twice -> (B, S, 2D) -> (B, S, D); hidden first
         return self.eh_proj(torch.cat([self.hnorm(hidden), self.enorm(emb)], dim=-1))
 
-    def forward(self, hidden, emb, input_pos):
-        """hidden, emb (B, S, D) written to cache slots input_pos (S,) -> block output (B, S, D), before the norm."""
+    def forward(self, hidden, emb, input_pos, tree=None):
+        """hidden, emb (B, S, D) written to cache slots input_pos (S,) -> block output (B, S, D), before the norm.
+        `tree`: the S entries are nodes of a draft tree, as for Transformer.forward (model.tree_inputs)."""
         x = self.fuse(hidden, emb)
         slots = torch.arange(cache_window(input_pos, self.max_seq_length), device=x.device)
         mask = slots[None, :] <= input_pos[:, None]  # (S, n): causal over the cache slots attended to
-        rope = (self.rope_cos, self.rope_sin, input_pos[None])  # the tables and the rows (1, S): model.apply_rope
-        return self.block(x, rope, mask, input_pos)
+        pos = input_pos[None]  # (1, S)
+        if tree is not None:
+            mask, pos = tree_inputs(slots, *tree)
+        return self.block(x, (self.rope_cos, self.rope_sin, pos), mask, input_pos)  # tables, rows: model.apply_rope
 
     def logits(self, y):
         return linear(self.norm(y), self.draft_weight)  # (..., N)
+
+    def top(self, y, b: int):
+        """y (B, S, D) -> the b most likely tokens after each entry (B, S, b), full-vocabulary ids."""
+        top = self.logits(y).topk(b, dim=-1).indices
+        return top if self.vocab_ids is None else self.vocab_ids[top]
 
     def sample(self, y, s: Sampling):
         """y (B, D) -> drafted full-vocabulary id (B,) and its distribution over the FULL vocabulary (B, V), zero
@@ -209,6 +219,24 @@ def draft(head: MTPHead, model: Transformer, hidden, tokens, input_pos, last, k:
     return torch.stack(drafts, 1), torch.stack(probs, 1)
 
 
+def draft_tree(head: MTPHead, model: Transformer, hidden, tokens, input_pos, last, tree: DraftTree):
+    """Catch up as `draft` does, then grow the tree (spec_tree.py) one depth a head forward: the head's top b_d tokens
+    after every node of depth d-1. Node j of the tree goes to the head's cache slot root + j (root: the slot of
+    entry `last`), where the next catch-up writes over it. -> the tree's nodes past the root (B, N-1), level order."""
+    y = head(hidden, model.tok_embeddings(tokens), input_pos).index_select(1, last)  # (B, 1, D): the root's output
+    root = input_pos.index_select(0, last)  # (1,)
+    depth, visible = tree.tensors(hidden.device)
+    levels = []
+    for d, b in enumerate(tree.branching, 1):
+        top = head.top(y, b).flatten(1)  # (B, w_d): the children of depth d-1's nodes, each parent's together
+        levels.append(top)
+        if d < tree.depth:
+            nodes = torch.tensor(list(tree.level(d)), device=hidden.device)
+            y = head(y.repeat_interleave(b, 1), model.tok_embeddings(top), root + nodes,
+                     tree=(root, depth[nodes], visible[nodes]))
+    return torch.cat(levels, 1)
+
+
 class MTPDrafter:
     """generate.py's drafter interface (setup / prefill / propose) over an MTP head and the target itself.
 
@@ -218,8 +246,9 @@ class MTPDrafter:
     the k drafts. One shape whatever n is, so the proposal traces into the target's step.
     """
 
-    def __init__(self, head: MTPHead, target: Transformer, step=draft):
+    def __init__(self, head: MTPHead, target: Transformer, step=draft, tree: Optional[DraftTree] = None):
         self.head, self.target, self.step = head, target, step  # the target itself: its embedding and output rows
+        self.tree = tree  # a DraftTree: generate.spec_step verifies a tree that propose_tree drafts
 
     def setup(self, max_seq_length: int):
         if self.head.max_seq_length != max_seq_length:
@@ -232,10 +261,20 @@ class MTPDrafter:
                       torch.arange(T - 1, device=prompt.device))
 
     def propose(self, x, n, token, hidden, input_pos, k: int, s: Sampling):
-        predicted = torch.cat([x[0, 1:], token.view(1)])  # (k+1,): what each state predicted, if n were k
-        predicted = torch.where(torch.arange(k + 1, device=x.device) == n, token, predicted)
-        drafts, q = self.step(self.head, self.target, hidden, predicted.view(1, k + 1), input_pos, n.view(1), k, s)
+        drafts, q = self.step(self.head, self.target, hidden, predicted(x, n, token), input_pos, n.view(1), k, s)
         return drafts[0], q[0]  # (k,), (k, V)
+
+    def propose_tree(self, x, n, token, hidden, input_pos):
+        """The same state -> the tree's nodes after `token` (N-1,), level order; no distributions (spec_tree.py)."""
+        return draft_tree(self.head, self.target, hidden, predicted(x, n, token), input_pos, n.view(1), self.tree)[0]
+
+
+def predicted(x, n, token):
+    """The token each of the verify's k+1 states predicted: x[0, j+1] for the accepted drafts, `token` at n, and
+    rejected drafts past it (garbage the drafting overwrites) -> (1, k+1)."""
+    k = x.shape[1] - 1
+    out = torch.cat([x[0, 1:], token.view(1)])
+    return torch.where(torch.arange(k + 1, device=x.device) == n, token, out).view(1, k + 1)
 
 
 def load_speculation(args, model: Transformer, target_dir, device: str):
@@ -247,12 +286,14 @@ def load_speculation(args, model: Transformer, target_dir, device: str):
     path = Path(args.mtp_checkpoint_path) if args.mtp_checkpoint_path else Path(target_dir) / MTP_HEAD_FILE
     t = time.perf_counter()
     head = load_head(path, model, args.draft_vocab)
-    k = head.k if args.speculate_k is None else args.speculate_k
+    tree = parse_tree(args.draft_tree) if getattr(args, "draft_tree", None) else None
+    k = tree.depth if tree else head.k if args.speculate_k is None else args.speculate_k
     steps = compile_spec_steps(device, args.compile_prefill) if args.compile else (prefill_hidden, spec_step)
     n = head.vocab_size if head.vocab_ids is None else len(head.vocab_ids)
+    spec = Speculation(MTPDrafter(head, model, tree=tree), k, *steps)
     print(f"loaded MTP head {path} in {time.perf_counter() - t:.1f} s (trained for k={head.k}, drafting over {n} "
-          f"of {head.vocab_size} tokens), speculating k={k}", file=sys.stderr)
-    return Speculation(MTPDrafter(head, model), k, *steps)
+          f"of {head.vocab_size} tokens), speculating {spec.describe()}", file=sys.stderr)
+    return spec
 
 
 # ------------------------------------------------------------------------------------------------ native MTP weights

@@ -147,6 +147,7 @@ def parse_args(argv=None):
     p.add_argument("--mtp", action="store_true", help="draft with the MTP head beside the target instead")
     p.add_argument("--mtp_checkpoint_path", default=None, help="draft with this MTP head instead")
     p.add_argument("--draft_vocab", type=int, default=None, help="MTP: draft over the N most frequent tokens")
+    p.add_argument("--draft_tree", default=None, help="MTP: draft a tree, e.g. 2,2,1 (generate.py --draft_tree)")
     p.add_argument("--speculate_k", type=int, default=None, help="drafts per target step (default: 5, or the MTP k)")
     p.add_argument("--prompts", type=Path, default=DEV_PROMPTS, help="JSON lines with category and prompt")
     p.add_argument("--categories", default=None, help="comma-separated categories to run (default: all)")
@@ -177,6 +178,8 @@ def main(argv=None):
             raise ValueError(f"--{name} must be at least {least}, got {getattr(args, name)}")
     if not (speculates(args) or args.recheck):
         raise ValueError("nothing to draft with: pass --draft_checkpoint_path, --mtp or --mtp_checkpoint_path")
+    if args.draft_tree and not (args.mtp or args.mtp_checkpoint_path):
+        raise ValueError("--draft_tree is drafted by an MTP head: add --mtp or --mtp_checkpoint_path")
     if not args.prompts.is_file():
         raise FileNotFoundError(f"prompts file {args.prompts} not found; pass --prompts")
     check_device(args.device)
@@ -192,7 +195,8 @@ def main(argv=None):
     if args.recheck:
         return recheck(args.recheck, model, tokenizer)
     drafting = generate_args([])  # generate.py's defaults for every flag load_speculation reads, then ours
-    for name in ("draft_checkpoint_path", "mtp", "mtp_checkpoint_path", "draft_vocab", "speculate_k", "compile"):
+    for name in ("draft_checkpoint_path", "mtp", "mtp_checkpoint_path", "draft_vocab", "draft_tree", "speculate_k",
+                 "compile"):
         setattr(drafting, name, getattr(args, name))
     spec = load_speculation(drafting, model, tokenizer, checkpoint.parent, device, dtype)
     steps = compile_steps(device, False) if args.compile else (prefill, decode_one_token)
@@ -208,8 +212,8 @@ def main(argv=None):
         raise ValueError(f"no prompts left in {args.prompts}; check --categories/--limit")
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)
                for r in rows]
-    L = max(map(len, prompts)) + args.max_new_tokens + spec_extra_slots(spec.k)  # one cache length for both runs
-    log(f"{len(rows)} prompts, {args.max_new_tokens} new tokens at most, k={spec.k}, {s}, {dtype}, {device}"
+    L = max(map(len, prompts)) + args.max_new_tokens + spec_extra_slots(spec.k, spec.tree)  # one length, both runs
+    log(f"{len(rows)} prompts, {args.max_new_tokens} new tokens at most, {spec.describe()}, {s}, {dtype}, {device}"
         f"{', compiled' if args.compile else ''}; warming up")
     run_pair(model, prompts[0], args, s, steps, spec, L, device, args.seed, min(3 * (spec.k + 1), args.max_new_tokens))
 
@@ -238,8 +242,8 @@ def main(argv=None):
         c_t, c_s = step_costs(model, spec, steps, L, s, device, args.cost_reps)
         ref_rate = sum(len(r["ref"]) - 1 for r in results) / sum(r["t_ref"] for r in results)
         spec_rate = sum(len(r["out"]) - 1 for r in results) / sum(r["t_spec"] for r in results)
-        print(f"\nstep costs: target decode {c_t * 1e3:.3f} ms, speculative step ({spec.k} drafts + verify of "
-              f"{spec.k + 1} tokens) {c_s * 1e3:.3f} ms ({c_s / c_t:.2f}x)")
+        print(f"\nstep costs: target decode {c_t * 1e3:.3f} ms, speculative step ({spec.describe()}) "
+              f"{c_s * 1e3:.3f} ms ({c_s / c_t:.2f}x)")
         print(f"predicted speed-up E[tokens/step] / c_step * c_target = {tok_step:.2f} / {c_s / c_t:.2f} = "
               f"{tok_step * c_t / c_s:.2f}x; measured {spec_rate / ref_rate:.2f}x")
         per_step = sum(r["t_spec"] for r in results) / len(all_accepted)
