@@ -226,6 +226,10 @@ def trim_at_stop(ids: list, stop_ids) -> list:
 #                                       q (k, V), the drafter's distributions after the same Sampling `s` as the
 #                                       target's. No host syncs and no Python ints of n: it may be traced into the
 #                                       step's graph (an MTP head's is).
+# A drafter whose `tree` is a spec_tree.DraftTree (an MTP head's, with --draft_tree) drafts a tree instead:
+#   propose_tree(x, n, token, hidden, input_pos)
+#                                       the state above -> the tree's nodes after `token` (N-1,), level order; the
+#                                       state keeps a chain's shape (k = the tree's depth), as tree_step leaves it.
 
 
 def accept_draft(draft, q, p, u=None, greedy: bool = False):

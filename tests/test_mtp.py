@@ -602,16 +602,20 @@ needs_dev_prompts = pytest.mark.skipif(not DEV_PROMPTS.is_file(), reason=f"no ev
 
 @pytest.mark.skipif(not SHIPPED_HEAD.is_file(), reason=f"no trained head at {SHIPPED_HEAD}")
 @needs_dev_prompts
+@pytest.mark.parametrize("tree", [None, (2, 2, 1)])
 @torch.no_grad()
-def test_smollm2_shipped_head_greedy_text_equals_the_target_alone(smollm2_checkpoint):
-    """The shipped head on a few evaluation prompts (one per category), float32 on CPU: the greedy text is the
-    target's own, and the head really drafts (more than one token accepted per step on average)."""
+def test_smollm2_shipped_head_greedy_text_equals_the_target_alone(tree, smollm2_checkpoint):
+    """The shipped head on a few evaluation prompts (one per category), float32 on CPU, as a chain of 3 and as a
+    draft tree: the greedy text is the target's own, and the head really drafts (more than one token accepted per
+    step on average)."""
+    from spec_tree import DraftTree
     from tokenizer import get_tokenizer
     model = load_model(smollm2_checkpoint / "model.pth")
     tokenizer = get_tokenizer(smollm2_checkpoint)
     rows = [json.loads(line) for line in DEV_PROMPTS.read_text().splitlines() if line.strip()]
     prompts = list({r["category"]: r["prompt"] for r in reversed(rows)}.values())
-    drafter, accepted = mtp.MTPDrafter(mtp.load_head(SHIPPED_HEAD, model), model), []
+    tree = tree and DraftTree(tree)
+    drafter, accepted = mtp.MTPDrafter(mtp.load_head(SHIPPED_HEAD, model), model, tree=tree), []
     for text in prompts:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
         want = generate(model, [ids], 48, stop_ids=tokenizer.eos_ids)
