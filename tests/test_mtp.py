@@ -76,16 +76,17 @@ def test_greedy_output_equals_the_target_alone(k, sharp_and_trained):
 
 
 @torch.no_grad()
-def mtp_loop_pvalue(n_runs):
-    """The whole loop with an MTP drafter over a 12-token list (q is zero on the other 4): the third new token of
-    many sampled runs against its exact marginal, summed over the first two tokens."""
+def mtp_loop_pvalue(n_runs, tree=None):
+    """The whole loop with an MTP drafter over a 12-token list (q is zero on the other 4), drafting a chain of 2 or
+    `tree` (of depth 2): the third new token of many sampled runs against its exact marginal, summed over the first
+    two tokens."""
     V, s, ctx = 16, Sampling(0.9, top_k=12), [3, 1, 4]
     target = tiny(1, vocab_size=V, n_layer=1)
     p0 = next_probs(target, [ctx], s)[0]
     p1 = next_probs(target, [[*ctx, a] for a in range(V)], s)
     p2 = next_probs(target, [[*ctx, a, b] for a in range(V) for b in range(V)], s).view(V, V, V)
     exact = torch.einsum("a,ab,abc->c", p0, p1, p2)
-    drafter = mtp.MTPDrafter(tiny_head(target, vocab_ids=torch.arange(12)), target)
+    drafter = mtp.MTPDrafter(tiny_head(target, vocab_ids=torch.arange(12)), target, tree=tree)
     torch.manual_seed(0)
     third = [speculative_generate(target, drafter, [ctx], 3, s, 2)[0][2] for _ in range(n_runs)]
     return chi2_pvalue(*chi2(torch.bincount(torch.tensor(third), minlength=V), n_runs * exact))

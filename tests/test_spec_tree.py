@@ -7,9 +7,8 @@ import torch
 import generate as gen
 import mtp
 from conftest import tiny
-from generate import Sampling, generate, speculative_generate
-from test_mtp import GREEDY, WARM, sharp_and_trained, tiny_head  # noqa: F401, F811 (a fixture)
-from test_speculative import chi2, chi2_pvalue, next_probs
+from generate import generate, speculative_generate
+from test_mtp import GREEDY, WARM, mtp_loop_pvalue, sharp_and_trained, tiny_head  # noqa: F401, F811 (a fixture)
 from spec_tree import DraftTree, parse_tree, walk
 
 TREES = [(1, 1, 1), (2, 2, 1), (3, 1), (1, 2, 2, 1)]
@@ -115,24 +114,8 @@ def test_greedy_output_equals_the_target_alone(branching, sharp_and_trained):  #
     assert 0 in accepted and t.depth in accepted  # rejections and full acceptances both happened
 
 
-@torch.no_grad()
-def tree_loop_pvalue(n_runs):
-    """mtp_loop_pvalue of tests/test_mtp.py with a tree (2, 1): the third new token of many sampled runs against its
-    exact marginal."""
-    V, s, ctx = 16, Sampling(0.9, top_k=12), [3, 1, 4]
-    target = tiny(1, vocab_size=V, n_layer=1)
-    p0 = next_probs(target, [ctx], s)[0]
-    p1 = next_probs(target, [[*ctx, a] for a in range(V)], s)
-    p2 = next_probs(target, [[*ctx, a, b] for a in range(V) for b in range(V)], s).view(V, V, V)
-    exact = torch.einsum("a,ab,abc->c", p0, p1, p2)
-    drafter = mtp.MTPDrafter(tiny_head(target, vocab_ids=torch.arange(12)), target, tree=DraftTree((2, 1)))
-    torch.manual_seed(0)
-    third = [speculative_generate(target, drafter, [ctx], 3, s, 2)[0][2] for _ in range(n_runs)]
-    return chi2_pvalue(*chi2(torch.bincount(torch.tensor(third), minlength=V), n_runs * exact))
-
-
 def test_sampling_with_a_tree_follows_the_target_distribution():
-    assert tree_loop_pvalue(2000) > 1e-3
+    assert mtp_loop_pvalue(2000, DraftTree((2, 1))) > 1e-3
 
 
 def test_negative_control_accepting_the_first_branch_is_detected(monkeypatch):
@@ -140,7 +123,7 @@ def test_negative_control_accepting_the_first_branch_is_detected(monkeypatch):
         path = torch.tensor([sum(tree.widths[:d]) for d in range(tree.depth + 1)])
         return path, torch.tensor(tree.depth), choice[path[-1]]
     monkeypatch.setattr(gen, "walk", first_branch)
-    assert tree_loop_pvalue(600) < 1e-6
+    assert mtp_loop_pvalue(600, DraftTree((2, 1))) < 1e-6
 
 
 @torch.no_grad()
