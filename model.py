@@ -198,7 +198,6 @@ class Transformer(nn.Module):
         logits = self.output(h)
         return (logits, h) if return_hidden else logits
 
-
     def move_cache(self, src, dst):
         """Copy every layer's cached keys and values from slots src to slots dst (S,) each: a draft tree's accepted
         branch to the slots right after its root. The source is read whole before anything is written."""
@@ -209,8 +208,8 @@ class Transformer(nn.Module):
 
 
 def tree_inputs(slots, root, depth, visible):
-    """The attention mask and RoPE positions of a draft tree's S nodes (spec_tree.py), the tree's N nodes at cache slots
-    root..root+N-1: slots (n,) the cache slots attended to, root (1,), depth (S,) and visible (S, N), each node's
+    """The attention mask and RoPE positions of S nodes of a draft tree (spec_tree.py) whose N nodes sit at cache
+    slots root..root+N-1: slots (n,) the cache slots attended to, root (1,), depth (S,) and visible (S, N), each node's
     rows of DraftTree.tensors. A node sees every slot before the root and the slots of its ancestors and itself;
     it sits at position root + depth. -> mask (1, 1, S, n): 4-D, which decode_attention reads (a 2-D mask it takes
     for the causal one and recomputes); positions (1, S)."""
