@@ -12,13 +12,14 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-CASES = [  # B, H, H_kv, S, D, S_max, first position, left padding per row
+CASES = [  # B, H, H_kv, S, D, S_max, first position, left padding per row (or a draft tree)
     (1, 4, 4, 1, 32, 100, 37, None),  # decode, one query head per KV head
     (1, 6, 2, 4, 64, 90, 80, None),  # verification of 4 positions, 3 query heads per KV head
     (2, 8, 2, 6, 16, 40, 20, [0, 7]),  # a left-padded batch, 24 rows per program
     (1, 2, 1, 3, 32, 600, 300, None),  # a cache of 3 chunks, the last one past every query: merged
     (1, 4, 2, 4, 16, 300, 254, None),  # new positions in two chunks: each chunk's program writes its own
     (2, 4, 2, 1, 16, 700, 5, [3, 0]),  # 3 chunks, only the first one used
+    (1, 6, 2, 11, 32, 300, 250, "tree"),  # a draft tree (2, 2, 1): its 4-D mask and RoPE rows apart from the slots
 ]
 
 
@@ -39,7 +40,11 @@ def check(device, dtype, bound):
         mask = slots[None, :] <= input_pos[:, None]  # (S, S_max), as model.py builds it
         cos, sin = rope_tables(S_max, D, 10000.0, device=device)
         pos = input_pos[None, :]
-        if left_pad is not None:
+        if left_pad == "tree":
+            from model import tree_inputs
+            from spec_tree import DraftTree
+            mask, pos = tree_inputs(slots, input_pos[:1], *DraftTree((2, 2, 1)).tensors(device))
+        elif left_pad is not None:
             pad = torch.tensor(left_pad, device=device)
             mask = ((mask & (slots >= pad[:, None, None])) | (slots == input_pos[:, None]))[:, None]
             pos = (input_pos[None, :] - pad[:, None]).clamp(min=0)

@@ -46,17 +46,22 @@ def test_walk_follows_the_targets_picks():
     assert walk(tokens, choice, t)[1].item() == 3
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @torch.no_grad()
-def test_tree_verify_computes_every_branch_as_a_plain_forward():
+def test_tree_verify_computes_every_branch_as_a_plain_forward(device):
     """Each node's logits are those of a causal forward over the prompt and its branch, and after move_cache the
-    accepted branch's slots serve the next decode as if it had been decoded one token at a time."""
-    model, t = tiny(), DraftTree((2, 2, 1))
-    prompt = torch.tensor([[5, 17, 3, 44, 9]])
+    accepted branch's slots serve the next decode as if it had been decoded one token at a time. On CUDA the tree
+    verify runs decode_attention.py's kernel, which reads the tree's 4-D mask; the plain forwards run SDPA."""
+    model, t = tiny(dim=64, intermediate_size=128).to(device), DraftTree((2, 2, 1))
+    if device == "cuda":
+        from decode_attention import use_decode_attention
+        use_decode_attention(model)
+    prompt = torch.tensor([[5, 17, 3, 44, 9]], device=device)
     model.setup_caches(1, 32)
-    model(prompt, torch.arange(5))
-    x = torch.randint(0, 101, (1, t.size), generator=torch.Generator().manual_seed(0))
-    root = torch.tensor([5])
-    logits = model(x, root + torch.arange(t.size), tree=(root, *t.tensors("cpu")))[0]
+    model(prompt, torch.arange(5, device=device))
+    x = torch.randint(0, 101, (1, t.size), generator=torch.Generator().manual_seed(0)).to(device)
+    root = torch.tensor([5], device=device)
+    logits = model(x, root + torch.arange(t.size, device=device), tree=(root, *t.tensors(device)))[0]
     parent = t.parents()
     for j in range(t.size):
         branch = [j]
@@ -64,10 +69,10 @@ def test_tree_verify_computes_every_branch_as_a_plain_forward():
             branch.append(parent[branch[-1]])
         seq = torch.cat([prompt[0], x[0, branch[::-1]]])
         torch.testing.assert_close(logits[j], model(seq[None])[0, -1], atol=1e-4, rtol=1e-4)
-    path = torch.tensor([0, 2, 5, 9])
-    model.move_cache(root + path, root + torch.arange(4))
-    after = model(torch.tensor([[7]]), torch.tensor([9]))[0, -1]
-    seq = torch.cat([prompt[0], x[0, path], torch.tensor([7])])
+    path = torch.tensor([0, 2, 5, 9], device=device)
+    model.move_cache(root + path, root + torch.arange(4, device=device))
+    after = model(torch.tensor([[7]], device=device), torch.tensor([9], device=device))[0, -1]
+    seq = torch.cat([prompt[0], x[0, path], torch.tensor([7], device=device)])
     torch.testing.assert_close(after, model(seq[None])[0, -1], atol=1e-4, rtol=1e-4)
 
 
