@@ -64,13 +64,16 @@ class DraftTree:
         return out
 
     def tensors(self, device):
-        """(depth (N,), visible (N, N) bool: visible[i, j] when j is i or one of its ancestors), N = size."""
+        """(depth (N,), visible (N, N) bool: visible[i, j] when j is i or one of its ancestors), N = size. Built
+        as Python lists and made on `device` at once, so that a compiled step holds them as constants there: no
+        CPU work in the step's CUDA graph."""
         parent = self.parents()
-        depth, visible = [0] * self.size, torch.eye(self.size, dtype=torch.bool)
+        depth, branch = [0], [{0}]
         for j in range(1, self.size):
-            depth[j] = depth[parent[j]] + 1
-            visible[j] |= visible[parent[j]]
-        return torch.tensor(depth, device=device), visible.to(device)
+            depth.append(depth[parent[j]] + 1)
+            branch.append(branch[parent[j]] | {j})
+        visible = [[i in b for i in range(self.size)] for b in branch]
+        return torch.tensor(depth, device=device), torch.tensor(visible, device=device)
 
 
 def parse_tree(text: str) -> DraftTree:
