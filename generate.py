@@ -843,16 +843,23 @@ def check_args(args):
     if args.draft_vocab is not None and not uses_mtp(args):
         raise ValueError("--draft_vocab picks rows of the MTP head's output: add --mtp (a draft checkpoint drafts over "
                          "its full vocabulary)")
-    if args.draft_tree is not None:
-        tree = parse_tree(args.draft_tree)
-        if not uses_mtp(args):
-            raise ValueError("--draft_tree is drafted by an MTP head: add --mtp or --mtp_checkpoint_path")
-        if args.speculate_k not in (None, tree.depth):
-            raise ValueError(f"--speculate_k {args.speculate_k} with --draft_tree {args.draft_tree} of depth "
-                             f"{tree.depth}: the tree sets k; drop --speculate_k")
+    check_draft_tree(args)
     if args.shard_draft and not args.draft_checkpoint_path:
         raise ValueError("--shard_draft splits a draft checkpoint over the processes: add --draft_checkpoint_path PATH")
     check_device(args.device)
+
+
+def check_draft_tree(args):
+    """--draft_tree: a valid branching, an MTP head to draft it, and no --speculate_k other than its depth
+    (scripts/spec_eval.py checks its flags with this too)."""
+    if args.draft_tree is None:
+        return
+    tree = parse_tree(args.draft_tree)
+    if not uses_mtp(args):
+        raise ValueError("--draft_tree is drafted by an MTP head: add --mtp or --mtp_checkpoint_path")
+    if args.speculate_k not in (None, tree.depth):
+        raise ValueError(f"--speculate_k {args.speculate_k} with --draft_tree {args.draft_tree} of depth "
+                         f"{tree.depth}: the tree sets k; drop --speculate_k")
 
 
 def check_device(device: str):

@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench import time_steps  # noqa: E402  (scripts/, beside this file)
-from generate import (Sampling, check_device, compile_steps, decode_one_token, generate,  # noqa: E402
+from generate import (Sampling, check_device, check_draft_tree, compile_steps, decode_one_token, generate,  # noqa: E402
                       load_model, load_speculation, parse_args as generate_args, prefill, resolve_checkpoint,
                       spec_extra_slots, speculates, speculative_generate, synchronize)
 
@@ -178,8 +178,7 @@ def main(argv=None):
             raise ValueError(f"--{name} must be at least {least}, got {getattr(args, name)}")
     if not (speculates(args) or args.recheck):
         raise ValueError("nothing to draft with: pass --draft_checkpoint_path, --mtp or --mtp_checkpoint_path")
-    if args.draft_tree and not (args.mtp or args.mtp_checkpoint_path):
-        raise ValueError("--draft_tree is drafted by an MTP head: add --mtp or --mtp_checkpoint_path")
+    check_draft_tree(args)
     if not args.prompts.is_file():
         raise FileNotFoundError(f"prompts file {args.prompts} not found; pass --prompts")
     check_device(args.device)
