@@ -111,6 +111,7 @@ SMALL_ROWS_CONFIG = dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=6)  # 
 # the rows kernel, but 1.55 against 1.11 over the 7B's (K = 4096, 11008); compiled for sm_90, the GEMV at 4 rows
 # takes the same registers at K = 2048 as at 1536, and at 3072 up to 228 (scripts/kernel_resources.py --K)
 FLOAT_GEMV_ROWS = 4
+GEMV_TILE_ROWS = 4  # rows of x a pass of the float GEMV over W: more spill its registers (above)
 FLOAT_GEMV_MAX_K = 2048
 # quantized weights: the tiles swept on an H100 (BENCHMARKS.md; the one-row int8 pair in session 40: 7B decode 82.8%
 # -> 84.1% of copy). The one-row int4 GEMV gives each thread four words of a chunk for all its rows, so
@@ -203,8 +204,10 @@ if triton is not None:
     def _gemv_kernel(w_ptr, x_ptr, b_ptr, y_ptr, g_ptr, res_ptr, N, K: tl.constexpr, HAS_BIAS: tl.constexpr,
                      HAS_RMS: tl.constexpr, EPS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr, M,
-                     MP: tl.constexpr):
-        # y (M, N) = x (M, K) @ W.T + b for a few rows of x (M <= MP, a power of two; decode: one). Each program owns
+                     MP: tl.constexpr, CHUNKS: tl.constexpr = 1):
+        # y (M, N) = x (M, K) @ W.T + b for a few rows of x (M <= MP * CHUNKS, MP a power of two; decode: one), MP rows
+        # at a time, one pass over the program's rows of W each, so that every row's sums are the same whatever M is
+        # (a verify's rows get the decode step's bits; a draft tree's 11 rows as three passes). Each program owns
         # BLOCK_N rows of W (N, K), and of the gate's G (N, K) when there is one, and walks K in wide, coalesced
         # chunks, each weight loaded once for all rows of x; fp32 accumulation in a (x rows, BLOCK_N, BLOCK_K) tile
         # whose operands are loaded 3-D, so that at one row it compiles as the 2-D GEMV did. K is a compile-time
@@ -221,22 +224,26 @@ if triton is not None:
         w, g = _weight_chunk(w_ptr, g_ptr, rows, cols, 0, N, K, HAS_GATE)
         if PDL:
             tl.extra.cuda.gdc_wait()
-        x_ok = (ms < M)[:, None, None] if MP > 1 else (ms >= 0)[:, None, None]  # one row: no mask to compute
-        x = tl.load(x_ptr + ms[:, None, None] * K + cols[None, None, :], mask=x_ok & (cols < K)[None, None, :],
-                    other=0.0)
-        zeros = tl.zeros((MP, BLOCK_N, BLOCK_K), dtype=tl.float32)
-        acc, acc_g, ss = _gemv_chunk(zeros, zeros, tl.zeros((MP, 1, BLOCK_K), dtype=tl.float32), w, g,
-                                     x.to(tl.float32), HAS_GATE, HAS_RMS)
-        for k in tl.range(BLOCK_K, K, BLOCK_K, num_stages=STAGES):
-            w, g = _weight_chunk(w_ptr, g_ptr, rows, cols, k, N, K, HAS_GATE)
-            x = tl.load(x_ptr + ms[:, None, None] * K + (k + cols)[None, None, :],
-                        mask=x_ok & (k + cols < K)[None, None, :], other=0.0)
-            acc, acc_g, ss = _gemv_chunk(acc, acc_g, ss, w, g, x.to(tl.float32), HAS_GATE, HAS_RMS)
-        y, gate = tl.sum(acc, axis=2), tl.sum(acc_g, axis=2)  # (MP, BLOCK_N)
-        if HAS_RMS:
-            r = tl.rsqrt(tl.sum(tl.sum(ss, axis=2), axis=1) / K + EPS)[:, None]
-            y, gate = y * r, gate * r
-        _store_rows(y, gate, b_ptr, y_ptr, res_ptr, ms, rows, M, N, HAS_BIAS, HAS_GATE, HAS_RES)
+        for c in tl.static_range(CHUNKS):
+            if c > 0:
+                ms += MP
+                w, g = _weight_chunk(w_ptr, g_ptr, rows, cols, 0, N, K, HAS_GATE)
+            x_ok = (ms < M)[:, None, None] if MP > 1 else (ms >= 0)[:, None, None]  # one row: no mask to compute
+            x = tl.load(x_ptr + ms[:, None, None] * K + cols[None, None, :], mask=x_ok & (cols < K)[None, None, :],
+                        other=0.0)
+            zeros = tl.zeros((MP, BLOCK_N, BLOCK_K), dtype=tl.float32)
+            acc, acc_g, ss = _gemv_chunk(zeros, zeros, tl.zeros((MP, 1, BLOCK_K), dtype=tl.float32), w, g,
+                                         x.to(tl.float32), HAS_GATE, HAS_RMS)
+            for k in tl.range(BLOCK_K, K, BLOCK_K, num_stages=STAGES):
+                w, g = _weight_chunk(w_ptr, g_ptr, rows, cols, k, N, K, HAS_GATE)
+                x = tl.load(x_ptr + ms[:, None, None] * K + (k + cols)[None, None, :],
+                            mask=x_ok & (k + cols < K)[None, None, :], other=0.0)
+                acc, acc_g, ss = _gemv_chunk(acc, acc_g, ss, w, g, x.to(tl.float32), HAS_GATE, HAS_RMS)
+            y, gate = tl.sum(acc, axis=2), tl.sum(acc_g, axis=2)  # (MP, BLOCK_N)
+            if HAS_RMS:
+                r = tl.rsqrt(tl.sum(tl.sum(ss, axis=2), axis=1) / K + EPS)[:, None]
+                y, gate = y * r, gate * r
+            _store_rows(y, gate, b_ptr, y_ptr, res_ptr, ms, rows, M, N, HAS_BIAS, HAS_GATE, HAS_RES)
 
     @triton.jit
     def _x_range(x_ptr, nw_ptr, K: tl.constexpr, HAS_RMS: tl.constexpr):
@@ -1161,12 +1168,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
 def _gemv_launch(x, weight, bias, y, gate, residual, rms_eps, M: int):
     """The GEMV kernel over M rows of x (contiguous), into y."""
     N, K = weight.shape
-    pdl, cfg = _pdl(x), gemv_config(N, K, gate is not None)
+    pdl, cfg, mp = _pdl(x), gemv_config(N, K, gate is not None), min(triton.next_power_of_2(M), GEMV_TILE_ROWS)
     _gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
         weight, x, bias if bias is not None else weight, y, N=N, K=K, HAS_BIAS=bias is not None,
         HAS_RMS=rms_eps is not None, EPS=rms_eps or 0.0, **cfg,
-        **_epilogue_args(x, gate, residual, scales=False), PDL=pdl, launch_pdl=pdl, M=M,
-        MP=triton.next_power_of_2(M))
+        **_epilogue_args(x, gate, residual, scales=False), PDL=pdl, launch_pdl=pdl, M=M, MP=mp,
+        CHUNKS=triton.cdiv(M, mp))
     return y
 
 

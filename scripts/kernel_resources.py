@@ -97,7 +97,7 @@ def gemv_sum_layouts(K: int, tile: dict, gate=False, residual=False, norm=False,
     """register_layout of the float GEMV's products under `tile` (a gemv.py tile dict) at each count of x's rows
     (rounded up to a power of two, as the kernel does): one layout for all means each row's sums add up in the
     same order whatever the count, so a verify's rows are a decode step's bit for bit."""
-    consts = dict(K=K, HAS_BIAS=False, HAS_GATE=gate, HAS_RES=residual, HAS_RMS=norm, EPS=1e-5, PDL=True,
+    consts = dict(K=K, HAS_BIAS=False, HAS_GATE=gate, HAS_RES=residual, HAS_RMS=norm, EPS=1e-5, PDL=True, CHUNKS=1,
                   **{k: v for k, v in tile.items() if k != "num_warps"})
     pointers = dict.fromkeys(["x_ptr", "w_ptr", "b_ptr", "y_ptr", "g_ptr", "res_ptr"], "*bf16")
     mps = [triton.next_power_of_2(m) for m in rows]
@@ -127,7 +127,7 @@ def variants(K: int):
                           "nw_ptr"], "*bf16")
     int8, int4 = dict(bf16, w_ptr="*i8", g_ptr="*i8"), dict(bf16, w_ptr="*u8", g_ptr="*u8", e_ptr="*fp32")
     off = dict(K=K, GROUPSIZE=128, HAS_BIAS=False, HAS_GATE=False, HAS_RES=False, HAS_RMS=False, HAS_NW=False,
-               EPS=1e-5, PRECISION="tf32", PDL=True, XQ=False, MP2=0, LOCAL=G.INT8_LOCAL,
+               EPS=1e-5, PRECISION="tf32", PDL=True, XQ=False, MP2=0, CHUNKS=1, LOCAL=G.INT8_LOCAL,
                SCALES_AHEAD=G.SCALES_AHEAD)
     gate, res, norm = dict(HAS_GATE=True), dict(HAS_RES=True), dict(HAS_RMS=True)
     rows_cfg = G.ROWS_CONFIG if K >= 4096 else G.SMALL_ROWS_CONFIG
